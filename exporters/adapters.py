@@ -1,0 +1,55 @@
+"""One small config per model family: where its encoder blocks are and how to run one."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from merging.plan import ArchSpec
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """The pieces of one pre-norm encoder block that the Turbo forward needs."""
+
+    norm1: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
+    out_proj: nn.Module
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (B,N,C) -> 3×(B,H,N,d)
+    scale: float
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """What turbo knows of one transformers model family."""
+
+    family: str
+    architectures: tuple[str, ...]  # transformers class names this adapter supports
+    layer_class: Callable[[], type[nn.Module]]
+    vision_config: Callable[[object], object]
+    encoder_layers: Callable[[nn.Module], nn.ModuleList]
+    block_parts: Callable[[nn.Module], BlockParts]
+    prepare_random_config: Callable[[object], None]
+
+    def arch_spec(self, config: object) -> ArchSpec:
+        vision = self.vision_config(config)
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return ArchSpec(
+            num_layers=vision.num_hidden_layers,
+            num_tokens=patches + 1,
+            hidden_size=vision.hidden_size,
+            mlp_size=vision.intermediate_size,
+            patch_size=vision.patch_size,
+            channels=getattr(vision, "num_channels", 3),
+        )
+
+    def image_size(self, config: object) -> int:
+        return int(self.vision_config(config).image_size)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H*d) -> (B, H, N, d)."""
+    batch, tokens, width = x.shape
+    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)

@@ -1,0 +1,64 @@
+"""From user choices to a plan and a patched model: the one path export, bench and plan share."""
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from exporters.errors import UsageError
+from exporters.loading import ModelSource, load_model, resolve_source
+from exporters.patch import TurboState, apply_turbo
+from merging.matching import MergeConfig
+from merging.plan import TokenPlan, make_plan
+from merging.schedule import parse_schedule
+
+
+@dataclass
+class BuiltPlan:
+    source: ModelSource
+    plan: TokenPlan
+    merge_config: MergeConfig
+    schedule: str | list[int]
+    r_requested: int
+
+    @property
+    def r_text(self) -> str:
+        """How the user asked for r: `16`, `8 (decreasing)` or the explicit list."""
+        if isinstance(self.schedule, list):
+            return ",".join(map(str, self.schedule))
+        return str(self.r_requested) if self.schedule == "constant" else f"{self.r_requested} ({self.schedule})"
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.source.name,
+            "hf_id": self.source.location,
+            "architecture": self.source.architecture,
+            "alpha": self.merge_config.alpha,
+            "fusion": self.merge_config.fusion,
+            "schedule": self.schedule,
+            "r_requested": self.r_requested,
+            **self.plan.to_dict(),
+        }
+
+
+def build_plan(model: str, r: int | None = None, method: str = "turbo", alpha: float | None = None,
+               schedule: str = "constant", threshold: int | None = None, fusion: str = "s1",
+               tiny: bool = False) -> BuiltPlan:
+    """Resolve the model and the user's choices into a plan; bad choices raise UsageError."""
+    source = resolve_source(model, tiny=tiny)
+    r = source.default_r if r is None else r
+    try:
+        config = MergeConfig(method, source.alpha if alpha is None else alpha, fusion)
+        parsed = parse_schedule(schedule)
+        plan = make_plan(source.adapter.arch_spec(source.config), r, parsed,
+                         source.threshold if threshold is None else threshold, method)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return BuiltPlan(source, plan, config, parsed, r)
+
+
+def build_merged_model(built: BuiltPlan, random_weights: bool = False, kernel: str = "matmul",
+                       seed: int = 0) -> tuple[nn.Module, TurboState]:
+    """Load (or randomly initialise) the model and patch it with the plan."""
+    model = load_model(built.source, random_weights=random_weights, seed=seed)
+    state = apply_turbo(model, built.source.adapter, built.plan, built.merge_config, kernel)
+    return model, state

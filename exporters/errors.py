@@ -1,0 +1,26 @@
+"""Errors meant for the user: one line, and the exit code the CLI returns for them."""
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_VALIDATION = 3
+EXIT_MISSING_RUNTIME = 4
+
+
+class TurboError(Exception):
+    """A problem the user can fix; its message is the whole story."""
+
+    exit_code = EXIT_ERROR
+
+
+class UsageError(TurboError):
+    """Bad arguments: unknown model, impossible r, malformed schedule."""
+
+    exit_code = EXIT_USAGE
+
+
+class ModelLoadError(TurboError):
+    """Weights or config could not be loaded."""
+
+
+class PatchError(TurboError):
+    """The Turbo patch did not apply to every encoder block."""

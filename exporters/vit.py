@@ -1,0 +1,36 @@
+"""ViT adapter (transformers 5.x `ViTModel` / `ViTForImageClassification`)."""
+
+from torch import nn
+
+from exporters.adapters import BlockParts, FamilyAdapter, split_heads
+
+
+def _layer_class() -> type[nn.Module]:
+    from transformers.models.vit.modeling_vit import ViTLayer
+
+    return ViTLayer
+
+
+def _encoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.vit.layers if hasattr(model, "vit") else model.layers
+
+
+def _block_parts(layer: nn.Module) -> BlockParts:
+    attn = layer.attention
+    heads = attn.num_attention_heads
+
+    def qkv(x):
+        return split_heads(attn.q_proj(x), heads), split_heads(attn.k_proj(x), heads), split_heads(attn.v_proj(x), heads)
+
+    return BlockParts(layer.layernorm_before, layer.layernorm_after, layer.mlp, attn.o_proj, qkv, attn.scaling)
+
+
+VIT = FamilyAdapter(
+    family="vit",
+    architectures=("ViTForImageClassification", "ViTModel"),
+    layer_class=_layer_class,
+    vision_config=lambda config: config,
+    encoder_layers=_encoder_layers,
+    block_parts=_block_parts,
+    prepare_random_config=lambda config: None,
+)

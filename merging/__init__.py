@@ -1,0 +1,1 @@
+"""Turbo token merging: the algorithm only, pure torch, no model knowledge."""

@@ -1,0 +1,1 @@
+"""One runner interface over torch, ONNX Runtime and TensorRT (issue 7)."""

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny variants of every registered model, built from the registry."""
+
+import pytest
+import torch
+
+from exporters.build import BuiltPlan, build_merged_model, build_plan
+from exporters.loading import load_model, resolve_source
+from exporters.registry import list_models
+
+
+def tiny_plan(name: str, r: int | None = 4, **kwargs) -> BuiltPlan:
+    return build_plan(name, r=r, tiny=True, **kwargs)
+
+
+def tiny_pair(name: str, r: int | None = 4, kernel: str = "matmul", **kwargs):
+    """(merged model, its state, unpatched reference with the same weights, plan)."""
+    built = tiny_plan(name, r, **kwargs)
+    merged, state = build_merged_model(built, random_weights=True, kernel=kernel)
+    reference = load_model(resolve_source(name, tiny=True), random_weights=True)
+    return merged, state, reference, built
+
+
+def encoder_output(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The output a deployment uses: ViT logits, BLIP image embeddings."""
+    with torch.no_grad():
+        if hasattr(model, "vision_model"):
+            return model.vision_model(pixel_values=pixel_values).last_hidden_state
+        return model(pixel_values=pixel_values).logits
+
+
+def pixels(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    size = tiny_plan(name).source.adapter.image_size(tiny_plan(name).source.config)
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=list_models())
+def model_name(request) -> str:
+    return request.param

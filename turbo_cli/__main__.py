@@ -1,0 +1,3 @@
+from turbo_cli.app import main
+
+main()

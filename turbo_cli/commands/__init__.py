@@ -1,0 +1,1 @@
+"""Command bodies: called by app.py after parsing."""
