@@ -1,6 +1,8 @@
 """Resolve a model name, HF id or local directory to a config, and load it (weights or random)."""
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +61,9 @@ def resolve_source(model: str, tiny: bool = False) -> ModelSource:
     if model in REGISTRY:
         spec = REGISTRY[model]
         values = _merge(spec.config, spec.tiny_overrides) if tiny else spec.config
-        return ModelSource(model, spec.hf_id, spec.architecture, _config_from_dict(values), spec)
+        config = _config_from_dict(values)
+        config.architectures = [spec.architecture]
+        return ModelSource(model, spec.hf_id, spec.architecture, config, spec)
     path = Path(model)
     if path.exists():
         config_file = path / "config.json"
@@ -76,9 +80,10 @@ def resolve_source(model: str, tiny: bool = False) -> ModelSource:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = _from_cache_or_hub(AutoConfig.from_pretrained, model)
     except Exception as exc:  # hub, cache and parse errors all mean the same to the user
-        raise ModelLoadError(f"{model}: cannot get its config ({exc.__class__.__name__}); {_cache_hint(model)}") from None
+        raise ModelLoadError(f"{model}: cannot get its config ({_reason(exc)}); {_cache_hint(model, False)}; "
+                              f"registry names work offline: {', '.join(list_models())}") from None
     architecture = _check_architecture(model, (config.architectures or [None])[0])
     return ModelSource(model, model, architecture, config, None)
 
@@ -90,10 +95,35 @@ def _merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def _cache_hint(hf_id: str) -> str:
-    return (f"download it on a connected machine (`hf download {hf_id}`) into the Hugging Face cache "
-            "(HF_HOME, default ~/.cache/huggingface) or pass a local directory; "
-            "or use --random-weights for export and speed work (never for accuracy)")
+def _from_cache_or_hub(load: Callable, location: str):
+    """The local cache first (instant); the hub only when not offline, without its retry chatter."""
+    try:
+        return load(location, local_files_only=True)
+    except Exception:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        return load(location)
+    finally:
+        hub_logging.set_verbosity(level)
+
+
+def _reason(exc: Exception) -> str:
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{exc.__class__.__name__}: {first_line[:160]}" if first_line else exc.__class__.__name__
+
+
+def _cache_hint(hf_id: str, random_weights_help: bool = True) -> str:
+    hint = (f"download it on a connected machine (`hf download {hf_id}`) into the Hugging Face cache "
+            "(HF_HOME, default ~/.cache/huggingface; set HF_HUB_OFFLINE=1 to use only the cache) "
+            "or pass a local directory")
+    if random_weights_help:
+        hint += "; or pass --random-weights for export and speed work (never for accuracy)"
+    return hint
 
 
 def load_model(source: ModelSource, random_weights: bool = False, seed: int = 0) -> nn.Module:
@@ -108,10 +138,10 @@ def load_model(source: ModelSource, random_weights: bool = False, seed: int = 0)
         model = model_class(source.config)
     else:
         try:
-            model = model_class.from_pretrained(source.location)
+            model = _from_cache_or_hub(model_class.from_pretrained, source.location)
         except Exception as exc:  # missing files, no network, corrupt weights
             raise ModelLoadError(
-                f"cannot load weights for {source.name} from {source.location} ({exc.__class__.__name__}); "
+                f"cannot load weights for {source.name} from {source.location} ({_reason(exc)}); "
                 + _cache_hint(source.location)
             ) from None
     return model.eval()
