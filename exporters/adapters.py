@@ -19,6 +19,7 @@ class BlockParts:
     out_proj: nn.Module
     qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (B,N,C) -> 3×(B,H,N,d)
     scale: float
+    fused_attention: bool  # the upstream block uses a fused kernel (SDPA and kin), not eager softmax
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ def _block_parts(layer: nn.Module) -> BlockParts:
         q, k, v = mixed.permute(2, 0, 3, 1, 4)  # 3×(B, H, N, d)
         return q, k, v
 
-    return BlockParts(layer.layer_norm1, layer.layer_norm2, layer.mlp, attn.projection, qkv, attn.scale)
+    return BlockParts(layer.layer_norm1, layer.layer_norm2, layer.mlp, attn.projection, qkv, attn.scale, False)  # eager
 
 
 def _prepare_random_config(config) -> None:

@@ -22,7 +22,8 @@ def _block_parts(layer: nn.Module) -> BlockParts:
     def qkv(x):
         return split_heads(attn.q_proj(x), heads), split_heads(attn.k_proj(x), heads), split_heads(attn.v_proj(x), heads)
 
-    return BlockParts(layer.layernorm_before, layer.layernorm_after, layer.mlp, attn.o_proj, qkv, attn.scaling)
+    fused = attn.config._attn_implementation != "eager"
+    return BlockParts(layer.layernorm_before, layer.layernorm_after, layer.mlp, attn.o_proj, qkv, attn.scaling, fused)
 
 
 VIT = FamilyAdapter(

@@ -109,11 +109,12 @@ def test_r_beyond_cap_is_an_error():
         TokenMerge(5, MergeConfig())(x, size, metric, cls_attn)
 
 
-def test_proportional_attention_matches_explicit_softmax():
+@pytest.mark.parametrize("fused", [True, False])
+def test_proportional_attention_matches_explicit_softmax(fused):
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(2, 3, 11, 4, generator=g) for _ in range(3))
     size = torch.randint(1, 5, (2, 11, 1), generator=g).float()
-    context, cls_attn = proportional_attention(q, k, v, size, scale=0.5)
+    context, cls_attn = proportional_attention(q, k, v, size, scale=0.5, fused=fused)
     attn = (q @ k.transpose(-1, -2) * 0.5 + size.log()[:, None, None, :, 0]).softmax(-1)
     torch.testing.assert_close(context, (attn @ v).transpose(1, 2).reshape(2, 11, 12), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cls_attn, attn[:, :, 0].mean(1), rtol=1e-5, atol=1e-7)
