@@ -12,10 +12,10 @@ from torch import nn
 
 from exporters.adapters import FamilyAdapter
 from exporters.errors import PatchError
+from merging.attention import proportional_attention
 from merging.matching import MergeConfig
 from merging.module import TokenMerge
 from merging.plan import TokenPlan
-from merging.attention import proportional_attention
 
 
 @dataclass

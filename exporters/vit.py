@@ -20,7 +20,7 @@ def _block_parts(layer: nn.Module) -> BlockParts:
     heads = attn.num_attention_heads
 
     def qkv(x):
-        return split_heads(attn.q_proj(x), heads), split_heads(attn.k_proj(x), heads), split_heads(attn.v_proj(x), heads)
+        return tuple(split_heads(proj(x), heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
 
     fused = attn.config._attn_implementation != "eager"
     return BlockParts(layer.layernorm_before, layer.layernorm_after, layer.mlp, attn.o_proj, qkv, attn.scaling, fused)

@@ -1,8 +1,6 @@
 """Shared fixtures: tiny variants of every registered model, built from the registry."""
 
 import pytest
-
-
 import torch
 
 from exporters.build import BuiltPlan, build_merged_model, build_plan

@@ -11,7 +11,12 @@ BLIP_B = ArchSpec(num_layers=12, num_tokens=577, hidden_size=768, mlp_size=3072,
 
 @pytest.mark.parametrize(
     "arch, r, final_tokens, gflops, bound",
-    [(VIT_B, 0, 197, 35.1, 1.00), (VIT_B, 8, 101, 26.2, 1.34), (VIT_B, 16, 11, 17.6, 2.00), (BLIP_B, 30, 217, 74.0, 1.50)],
+    [
+        (VIT_B, 0, 197, 35.1, 1.00),
+        (VIT_B, 8, 101, 26.2, 1.34),
+        (VIT_B, 16, 11, 17.6, 2.00),
+        (BLIP_B, 30, 217, 74.0, 1.50),
+    ],
 )
 def test_plan_matches_reference_table(arch, r, final_tokens, gflops, bound):
     plan = make_plan(arch, r)

@@ -28,7 +28,9 @@ def _root(
 
 @app.command("models")
 @user_errors
-def models_command(json_output: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout.")) -> None:
+def models_command(
+    json_output: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
+) -> None:
     """List the model registry: name, HF id, image size, tokens, layers, default r and alpha."""
     from turbo_cli.commands.models import run_models
 
@@ -41,9 +43,9 @@ def plan_command(
     model: str = typer.Option("blip-caption", "--model", "-m", help="Registry name, HF id or local model directory."),
     r: int | None = typer.Option(None, "--r", help="Tokens merged per layer (default: the model's)."),
     method: str = typer.Option("turbo", "--method", help="turbo | tome | semantic | none."),
-    alpha: float | None = typer.Option(None, "--alpha", help="Weight of semantic value, authors' scale (default: the model's)."),
+    alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
     schedule: str = typer.Option("constant", "--schedule", help="constant | decreasing | per-layer list like 8,8,4,4."),
-    threshold: int | None = typer.Option(None, "--threshold", help="Stop merging below this many tokens (default: the model's)."),
+    threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
     json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
 ) -> None:
     """Per-layer tokens and FLOPs, final tokens and the FLOPs speedup bound. Needs no weights."""
