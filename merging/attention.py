@@ -31,4 +31,7 @@ def proportional_attention(
         context = attn @ v
         cls_attn = attn[:, :, 0].mean(dim=1)  # (B, N)
     batch, heads, tokens, dim = q.shape
-    return context.transpose(1, 2).reshape(batch, tokens, heads * dim), cls_attn
+    # An explicit clone, not .contiguous(): the latter is elided when tracing sees a contiguous SDPA
+    # output, and the ONNX exporter's re-trace of a masked SDPA then fails on the reshape (view).
+    context = context.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (B, N, H, d)
+    return context.reshape(batch, tokens, heads * dim), cls_attn
