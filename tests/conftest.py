@@ -30,7 +30,8 @@ def encoder_output(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def pixels(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    size = tiny_plan(name).source.adapter.image_size(tiny_plan(name).source.config)
+    source = tiny_plan(name).source
+    size = source.adapter.image_size(source.config)
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
