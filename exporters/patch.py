@@ -58,9 +58,12 @@ def _turbo_block(layer: nn.Module, adapter: FamilyAdapter, hidden: torch.Tensor,
     """Pre-norm block: x + attn(norm1(x)) → merge → x + mlp(norm2(x))."""
     parts = adapter.block_parts(layer)
     q, k, v = parts.qkv(parts.norm1(hidden))  # 3×(B, H, N, d)
-    context, cls_attn = proportional_attention(q, k, v, state.size, parts.scale, parts.fused_attention)
+    merge = layer.turbo_merge
+    context, cls_attn = proportional_attention(
+        q, k, v, state.size, parts.scale, parts.fused_attention, cls_row=merge.needs_cls_attention
+    )
     hidden = hidden + parts.out_proj(context)
-    hidden, state.size = layer.turbo_merge(hidden, state.size, k.mean(dim=1), cls_attn)  # (B, N - r, C)
+    hidden, state.size = merge(hidden, state.size, k, cls_attn)  # (B, N - r, C)
     return hidden + parts.mlp(parts.norm2(hidden))
 
 

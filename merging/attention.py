@@ -5,8 +5,14 @@ import torch.nn.functional as F
 
 
 def proportional_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None, scale: float, fused: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    size: torch.Tensor | None,
+    scale: float,
+    fused: bool = True,
+    cls_row: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention with +log(size) on the key axis; also the CLS row's attention.
 
     q, k, v: (B, H, N, d); size: (B, N, 1) or None (every token stands for one patch).
@@ -14,24 +20,30 @@ def proportional_attention(
     the full map is never materialised for it); otherwise the explicit softmax map, as eager
     upstream models do, whose CLS row is then free. Use the form the upstream model uses, so a
     merged-vs-unmerged comparison measures merging and not an attention kernel change.
-    Returns the context (B, N, H*d) and the CLS query's attention averaged over heads (B, N).
+    Returns the context (B, N, H*d) and the CLS query's attention averaged over heads (B, N),
+    or None for it when cls_row is false (the fused path then skips its extra row).
     """
     bias = None if size is None else size.log().to(q.dtype)[:, None, None, :, 0]  # (B, 1, 1, N)
     if fused:
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # (B, H, N, d)
-        cls_logits = (q[:, :, :1] @ k.transpose(-1, -2)).float() * scale  # (B, H, 1, N)
-        if bias is not None:
-            cls_logits = cls_logits + bias.float()
-        cls_attn = cls_logits.softmax(dim=-1)[:, :, 0].mean(dim=1).to(q.dtype)  # (B, N)
+        cls_attn = _cls_row_attention(q, k, bias, scale) if cls_row else None
     else:
         logits = (q @ k.transpose(-1, -2)) * scale  # (B, H, N, N)
         if bias is not None:
             logits = logits + bias
         attn = logits.softmax(dim=-1)
         context = attn @ v
-        cls_attn = attn[:, :, 0].mean(dim=1)  # (B, N)
+        cls_attn = attn[:, :, 0].mean(dim=1) if cls_row else None  # (B, N)
     batch, heads, tokens, dim = q.shape
     # An explicit clone, not .contiguous(): the latter is elided when tracing sees a contiguous SDPA
     # output, and the ONNX exporter's re-trace of a masked SDPA then fails on the reshape (view).
     context = context.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (B, N, H, d)
     return context.reshape(batch, tokens, heads * dim), cls_attn
+
+
+def _cls_row_attention(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Softmax of the CLS query row alone, averaged over heads: (B, N)."""
+    logits = (q[:, :, :1] @ k.transpose(-1, -2)).float() * scale  # (B, H, 1, N)
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1)[:, :, 0].mean(dim=1).to(q.dtype)

@@ -34,19 +34,19 @@ class MergeConfig:
 
 
 def information_degree(
-    metric: torch.Tensor, cls_attn: torch.Tensor, config: MergeConfig
+    metric: torch.Tensor, cls_attn: torch.Tensor | None, config: MergeConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score every A-side token and find its best B-side match.
 
-    metric: (B, N, d) head-averaged keys; cls_attn: (B, N) CLS-row attention.
+    metric: (B, N, d) head-averaged keys; cls_attn: (B, N) CLS-row attention (unused by tome).
     Returns E (B, Na), larger merges first, and the best match's B-side index (B, Na).
     """
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, 2::2], metric[:, 1::2]  # (B, Na, d), (B, Nb, d)
     redundancy, dst_idx = (a @ b.transpose(-1, -2)).max(dim=-1)  # (B, Na)
-    semantic = cls_attn[:, 2::2].to(redundancy.dtype)  # (B, Na)
     if config.method == "tome":
         return redundancy, dst_idx
+    semantic = cls_attn[:, 2::2].to(redundancy.dtype)  # (B, Na)
     if config.method == "semantic":
         return -semantic, dst_idx
     if config.fusion == "s2":

@@ -18,10 +18,16 @@ class TokenMerge(nn.Module):
         self.config = config
         self.kernel = kernel
 
+    @property
+    def needs_cls_attention(self) -> bool:
+        """Whether forward reads cls_attn (callers may skip computing it otherwise)."""
+        return self.r > 0 and self.config.method in ("turbo", "semantic")
+
     def forward(
-        self, x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, cls_attn: torch.Tensor
+        self, x: torch.Tensor, size: torch.Tensor | None, keys: torch.Tensor, cls_attn: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, N, C), size: (B, N, 1) or None, metric: (B, N, d), cls_attn: (B, N)."""
+        """x: (B, N, C), size: (B, N, 1) or None, keys: (B, H, N, d) or head-averaged (B, N, d),
+        cls_attn: (B, N), or None when `needs_cls_attention` is false."""
         if size is None:
             size = torch.ones_like(x[..., :1])
         cap = (x.shape[1] - 1) // 2
@@ -29,6 +35,7 @@ class TokenMerge(nn.Module):
             raise ValueError(f"r={self.r} outside 0..{cap} for {x.shape[1]} tokens")
         if self.r == 0:
             return x, size
+        metric = keys.mean(dim=1) if keys.dim() == 4 else keys  # (B, N, d)
         degree, best = information_degree(metric, cls_attn, self.config)
         src_idx, dst_idx, unm_idx = select_merges(degree, best, self.r)
         return merge_tokens(x, size, src_idx, dst_idx, unm_idx, self.kernel)  # (B, N - r, C)
