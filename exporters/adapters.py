@@ -33,10 +33,13 @@ class FamilyAdapter:
     encoder_layers: Callable[[nn.Module], nn.ModuleList]
     block_parts: Callable[[nn.Module], BlockParts]
     prepare_random_config: Callable[[object], None]
+    # (model, pixel_values, interpolate_pos_encoding) -> named outputs, the deployed ones first
+    export_outputs: Callable[[nn.Module, torch.Tensor, bool], dict[str, torch.Tensor]]
+    image_processor: Callable[[int], object]  # image size -> the family's default (PIL) image processor
 
-    def arch_spec(self, config: object) -> ArchSpec:
+    def arch_spec(self, config: object, image_size: int | None = None) -> ArchSpec:
         vision = self.vision_config(config)
-        patches = (vision.image_size // vision.patch_size) ** 2
+        patches = ((image_size or vision.image_size) // vision.patch_size) ** 2
         return ArchSpec(
             num_layers=vision.num_hidden_layers,
             num_tokens=patches + 1,
@@ -48,6 +51,9 @@ class FamilyAdapter:
 
     def image_size(self, config: object) -> int:
         return int(self.vision_config(config).image_size)
+
+    def patch_size(self, config: object) -> int:
+        return int(self.vision_config(config).patch_size)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

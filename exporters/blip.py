@@ -1,6 +1,7 @@
 """BLIP adapter (transformers 5.x `BlipForConditionalGeneration`): only the vision encoder merges;
 the text decoder cross-attends to the fewer image tokens unchanged."""
 
+import torch
 from torch import nn
 
 from exporters.adapters import BlockParts, FamilyAdapter
@@ -30,6 +31,18 @@ def _prepare_random_config(config) -> None:
     config.vision_config.initializer_range = RANDOM_INIT_RANGE
 
 
+def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> dict[str, torch.Tensor]:
+    """The image embeddings the text decoder cross-attends to: (B, N_final, C)."""
+    out = model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate)
+    return {"image_embeds": out.last_hidden_state}
+
+
+def _image_processor(image_size: int) -> object:
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    return BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+
+
 BLIP = FamilyAdapter(
     family="blip",
     architectures=("BlipForConditionalGeneration",),
@@ -38,4 +51,6 @@ BLIP = FamilyAdapter(
     encoder_layers=lambda model: model.vision_model.encoder.layers,
     block_parts=_block_parts,
     prepare_random_config=_prepare_random_config,
+    export_outputs=_export_outputs,
+    image_processor=_image_processor,
 )

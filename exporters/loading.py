@@ -145,3 +145,22 @@ def load_model(source: ModelSource, random_weights: bool = False, seed: int = 0)
                 + _cache_hint(source.location)
             ) from None
     return model.eval()
+
+
+def load_image_processor(source: ModelSource, image_size: int, random_weights: bool) -> tuple[object, str]:
+    """The model's own image processor (cache or hub) resized to `image_size`, and where it came from.
+
+    Random weights, or a model that ships none, get the family's default processor (which
+    matches the registry models' hub configs); the origin says which.
+    """
+    if not random_weights:
+        from transformers import AutoImageProcessor
+
+        try:
+            processor = _from_cache_or_hub(AutoImageProcessor.from_pretrained, source.location)
+        except Exception:  # no processor files: the default below, reported through the origin
+            pass
+        else:
+            processor.size = {"height": image_size, "width": image_size}
+            return processor, source.location
+    return source.adapter.image_processor(image_size), f"{source.adapter.family} default"

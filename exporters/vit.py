@@ -1,5 +1,6 @@
 """ViT adapter (transformers 5.x `ViTModel` / `ViTForImageClassification`)."""
 
+import torch
 from torch import nn
 
 from exporters.adapters import BlockParts, FamilyAdapter, split_heads
@@ -26,6 +27,24 @@ def _block_parts(layer: nn.Module) -> BlockParts:
     return BlockParts(layer.layernorm_before, layer.layernorm_after, layer.mlp, attn.o_proj, qkv, attn.scaling, fused)
 
 
+def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> dict[str, torch.Tensor]:
+    """The classifier's logits and the final hidden states, computed as upstream's forward does."""
+    backbone = model.vit if hasattr(model, "vit") else model
+    out = backbone(pixel_values, interpolate_pos_encoding=interpolate)
+    hidden = out.last_hidden_state  # (B, N_final, C)
+    if hasattr(model, "classifier"):
+        return {"logits": model.classifier(hidden[:, 0, :]), "last_hidden_state": hidden}
+    if out.pooler_output is not None:
+        return {"pooler_output": out.pooler_output, "last_hidden_state": hidden}
+    return {"last_hidden_state": hidden}
+
+
+def _image_processor(image_size: int) -> object:
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(size={"height": image_size, "width": image_size})
+
+
 VIT = FamilyAdapter(
     family="vit",
     architectures=("ViTForImageClassification", "ViTModel"),
@@ -34,4 +53,6 @@ VIT = FamilyAdapter(
     encoder_layers=_encoder_layers,
     block_parts=_block_parts,
     prepare_random_config=lambda config: None,
+    export_outputs=_export_outputs,
+    image_processor=_image_processor,
 )

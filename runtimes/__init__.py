@@ -1,1 +1,1 @@
-"""One runner interface over torch, ONNX Runtime and TensorRT (issue 7)."""
+"""One runner interface over PyTorch, ONNX Runtime and TensorRT (used by export validation, bench, eval, check)."""

@@ -16,7 +16,7 @@ def invoke(*args: str):
     return runner.invoke(app, list(args))
 
 
-@pytest.mark.parametrize("command", [[], ["models"], ["plan"]])
+@pytest.mark.parametrize("command", [[], ["models"], ["plan"], ["export"]])
 def test_help(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output

@@ -1,0 +1,154 @@
+"""`turbo export` as a library call: plan, load, patch, export, validate, write the manifest,
+all inside a staging directory that replaces the output only when complete."""
+
+import contextlib
+import copy
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exporters.build import BuiltPlan, build_plan
+from exporters.loading import load_image_processor, load_model
+from exporters.manifest import now, versions, write_manifest
+from exporters.onnx_export import PRECISIONS, ExportModule, check_export_options, export_onnx
+from exporters.patch import apply_turbo
+from exporters.staging import check_target, staged_directory
+from exporters.validate import ValidationReport, validate_export
+from graph_passes.summary import GraphSummary, summarize
+
+MODEL_FILE = "model.onnx"
+Stage = Callable[[str], AbstractContextManager]
+
+
+@dataclass
+class ExportOptions:
+    model: str = "blip-caption"
+    r: int | None = None  # None: the model's default
+    method: str = "turbo"
+    alpha: float | None = None
+    threshold: int | None = None
+    schedule: str = "constant"
+    fusion: str = "s1"
+    kernel: str = "matmul"
+    opset: int = 20
+    batch: int | None = None  # None: dynamic batch axis
+    image_size: int | None = None
+    precision: str = "fp32"
+    random_weights: bool = False
+    validate: bool = True
+    seed: int = 0
+    external_data: bool | None = None  # None: only for weights of 1 GiB or more
+    tiny: bool = False  # the registry's tiny variant (tests)
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    manifest: dict
+    report: ValidationReport | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when validated and passed, or when validation was switched off."""
+        return self.report is None or self.report.passed
+
+
+@contextlib.contextmanager
+def _no_stage(name: str) -> Iterator[None]:
+    yield
+
+
+def run_export(options: ExportOptions, output: str | Path, force: bool = False, stage: Stage = _no_stage,
+               command_line: str | None = None) -> ExportResult:
+    """Export into `output`. Bad options raise UsageError before anything is written; a failed
+    validation still writes the directory, with the manifest saying failed."""
+    started = now()
+    check_export_options(options.opset, options.precision, options.batch, options.kernel)
+    built = build_plan(options.model, options.r, options.method, options.alpha, options.schedule,
+                       options.threshold, options.fusion, options.tiny, options.image_size)
+    check_target(Path(output), force)
+    seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(name: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        with stage(name):
+            yield
+        seconds[name] = round(time.perf_counter() - begin, 2)
+
+    with staged_directory(output, force) as staging:
+        with timed("load"):
+            model = load_model(built.source, options.random_weights, options.seed)
+        with timed("patch"):
+            apply_turbo(model, built.source.adapter, built.plan, built.merge_config, options.kernel)
+            module = ExportModule(model, built)
+        with timed("export"):
+            dtype = PRECISIONS[options.precision]
+            exported = module if options.precision == "fp32" else copy.deepcopy(module).to(dtype)
+            names = export_onnx(exported, staging / MODEL_FILE, built.image_size, options.opset, options.batch,
+                                options.external_data)
+            del exported
+            processor, processor_origin = load_image_processor(built.source, built.image_size, options.random_weights)
+            processor.save_pretrained(staging)
+        summary = summarize(staging / MODEL_FILE)
+        report = None
+        if options.validate:
+            with timed("validate"):
+                report = validate_export(module, names, staging / MODEL_FILE, summary, built.plan, options.kernel,
+                                         options.batch, options.precision, built.image_size, options.seed)
+        warnings = []
+        if not options.random_weights and processor_origin.endswith("default"):
+            warnings.append(f"{built.source.location} has no image processor config; wrote the "
+                            f"{processor_origin} (check its mean/std and resize before serving)")
+        manifest = json.loads(json.dumps(_manifest(  # exactly what turbo.json holds
+            built, options, model, summary, report, staging, processor_origin, seconds, started, command_line)))
+        write_manifest(staging, manifest)
+    return ExportResult(Path(output), manifest, report, warnings)
+
+
+def _manifest(built: BuiltPlan, options: ExportOptions, model, summary: GraphSummary,
+              report: ValidationReport | None, staging: Path, processor_origin: str, seconds: dict[str, float],
+              started: str, command_line: str | None) -> dict:
+    status = "not validated" if report is None else "passed" if report.passed else "failed"
+    data_files = sorted(p.name for p in staging.iterdir() if p.name.startswith(MODEL_FILE) and p.name != MODEL_FILE)
+    return {
+        "status": status,
+        "model": {
+            "name": built.source.name,
+            "source": built.source.location,
+            "architecture": built.source.architecture,
+            "revision": None if options.random_weights else getattr(model.config, "_commit_hash", None),
+            "random_weights": options.random_weights,
+            **({"seed": options.seed} if options.random_weights else {}),
+        },
+        "turbo": {
+            "method": built.merge_config.method,
+            "alpha": built.merge_config.alpha,
+            "fusion": built.merge_config.fusion,
+            "threshold": built.plan.threshold,
+            "schedule": built.schedule,
+            "r_requested": built.r_requested,
+            "merge_kernel": options.kernel,
+        },
+        "plan": built.plan.to_dict(),
+        "onnx": {
+            "file": MODEL_FILE,
+            "external_data": data_files,
+            "opset": options.opset,
+            "precision": options.precision,
+            "batch": options.batch or "dynamic",
+            "image_size": built.image_size,
+            **summary.to_dict(),
+        },
+        "image_processor": {"file": "preprocessor_config.json", "origin": processor_origin},
+        "validation": report.to_dict() if report else {"skipped": True},
+        "versions": versions(),
+        "command": command_line or "python API (exporters.export.run_export)",
+        "started": started,
+        "finished": now(),
+        "stage_seconds": seconds,
+    }

@@ -1,0 +1,106 @@
+"""Export a patched model to static-shape ONNX with torch's dynamo exporter.
+
+Only the batch axis may be dynamic; token counts are fixed by the plan, so every token
+dimension is static and every TopK K is a constant.
+"""
+
+import contextlib
+import io
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from exporters.build import BuiltPlan
+from exporters.errors import TurboError
+
+INPUT_NAME = "pixel_values"
+TOKEN_SIZES = "token_sizes"  # (B, N_final): patches each output token stands for, the merge fingerprint
+MIN_OPSET, MAX_OPSET = 18, 23
+EXTERNAL_DATA_BYTES = 1 << 30  # weights at or above this size go to model.onnx.data
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class ExportError(TurboError):
+    """torch.onnx could not export the model."""
+
+
+class ExportModule(nn.Module):
+    """pixel_values (B, 3, S, S) -> the family's outputs, plus token_sizes when the plan merges."""
+
+    def __init__(self, model: nn.Module, built: BuiltPlan) -> None:
+        super().__init__()
+        self.model = model
+        self.adapter = built.source.adapter
+        self.interpolate = built.interpolate_pos_encoding
+        self.merges = any(built.plan.r)
+
+    def named_outputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.adapter.export_outputs(self.model, pixel_values, self.interpolate)
+        if self.merges:
+            outputs[TOKEN_SIZES] = self.model.turbo_state.size.squeeze(-1)  # (B, N_final)
+        return outputs
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.named_outputs(pixel_values).values())
+
+    def output_names(self, image_size: int) -> list[str]:
+        """The names forward's outputs get (found with one small dry run)."""
+        dtype = next(self.model.parameters()).dtype
+        with torch.inference_mode():
+            return list(self.named_outputs(torch.zeros(1, 3, image_size, image_size, dtype=dtype)))
+
+
+def check_export_options(opset: int, precision: str, batch: int | None, kernel: str) -> None:
+    from exporters.errors import UsageError
+    from merging.merge import KERNELS
+
+    if kernel not in KERNELS:
+        raise UsageError(f"unknown merge kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UsageError(f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} (default 20)")
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if batch is not None and batch < 1:
+        raise UsageError(f"--batch must be a positive integer or 'dynamic', not {batch}")
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_onnx(module: ExportModule, path: Path, image_size: int, opset: int = 20,
+                batch: int | None = None, external_data: bool | None = None) -> list[str]:
+    """Write `path` (+ `path.data` for external weights); returns the output names.
+
+    batch None exports a dynamic batch axis (traced at batch 2: a size-1 example would be
+    specialised); an int fixes the batch.
+    """
+    dtype = next(module.parameters()).dtype
+    names = module.output_names(image_size)
+    example = torch.randn(batch or 2, 3, image_size, image_size, dtype=dtype)
+    dynamic = None if batch else {INPUT_NAME: {0: torch.export.Dim("batch")}}
+    if external_data is None:
+        external_data = parameter_bytes(module) >= EXTERNAL_DATA_BYTES
+    chatter = io.StringIO()
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module.eval(), (example,), input_names=[INPUT_NAME], output_names=names,
+                opset_version=opset, dynamic_shapes=dynamic, verbose=False,
+            )
+            program.save(str(path), external_data=external_data)
+    except Exception as exc:  # the exporter's errors are long; the first line says what failed
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
+        sys.stderr.write(chatter.getvalue())
+        raise ExportError(f"torch.onnx.export failed: {exc.__class__.__name__}: {first}") from exc
+    finally:
+        exporter_log.setLevel(level)
+    return names

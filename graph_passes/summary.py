@@ -1,0 +1,129 @@
+"""Read back what an exported graph does: op counts, merge blocks (from TopK constants), I/O shapes.
+
+Each Turbo merge block exports TopK nodes with constant K, in this order: K = r (the tokens
+merged) and K = Na - r (the kept A-side tokens, put back in order; dropped by the exporter
+when it is 0), Na = (N - 1) // 2. The exporter records each node's module scope in its
+metadata, which tells the blocks apart.
+"""
+
+import ast
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, numpy_helper
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int | str, ...]  # ints for static dims, names for symbolic ones
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+MERGE_CLASS = "merging.module.TokenMerge"
+
+
+@dataclass(frozen=True)
+class MergeBlock:
+    scope: str  # module path, e.g. model.vit.layers.3.turbo_merge
+    r: int  # tokens merged
+    kept: int  # A-side tokens kept
+
+    @property
+    def a_side(self) -> int:
+        return self.r + self.kept
+
+
+@dataclass(frozen=True)
+class GraphSummary:
+    op_counts: dict[str, int]
+    merge_blocks: tuple[MergeBlock, ...]
+    unscoped_topk: int  # constant-K TopK nodes outside any merge block (or without scope metadata)
+    dynamic_topk: int  # TopK nodes whose K is computed at run time
+    scatter_reductions: tuple[str, ...]  # the reduction of every ScatterElements node
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "nodes": sum(self.op_counts.values()),
+            "merge_blocks": len(self.merge_blocks),
+            "merge_r": [block.r for block in self.merge_blocks],
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "op_counts": dict(sorted(self.op_counts.items())),
+        }
+
+
+def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
+    tensor = value.type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim)
+    return TensorInfo(value.name, dims, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name)
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    found = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                found[node.output[0]] = value
+    return found
+
+
+def _scalar(tensor: onnx.TensorProto, base_dir: Path) -> int:
+    if external_data_helper.uses_external_data(tensor):
+        external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+    return int(np.asarray(numpy_helper.to_array(tensor)).reshape(-1)[0])
+
+
+def _merge_scope(node: onnx.NodeProto) -> str | None:
+    """The module path of the TokenMerge that emitted `node`, from the exporter's metadata."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
+        classes = ast.literal_eval(meta["pkg.torch.onnx.class_hierarchy"])
+    except (KeyError, ValueError, SyntaxError):
+        return None
+    return next((scope for scope, cls in zip(scopes, classes) if cls == MERGE_CLASS), None)
+
+
+def summarize(path: str | Path) -> GraphSummary:
+    """Summarise the ONNX file at `path` (external data is read only for the TopK constants)."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    constants = _constants(model)
+    ks_by_scope: dict[str, list[int]] = {}
+    unscoped = dynamic = 0
+    for node in graph.node:
+        if node.op_type != "TopK":
+            continue
+        if node.input[1] not in constants:
+            dynamic += 1
+            continue
+        scope = _merge_scope(node)
+        if scope is None:
+            unscoped += 1
+        else:
+            ks_by_scope.setdefault(scope, []).append(_scalar(constants[node.input[1]], path.parent))
+    blocks = tuple(MergeBlock(scope, ks[0], ks[1] if len(ks) > 1 else 0) for scope, ks in ks_by_scope.items())
+    reductions = tuple(
+        next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
+        for node in graph.node if node.op_type == "ScatterElements"
+    )
+    return GraphSummary(
+        op_counts=dict(Counter(node.op_type for node in graph.node)),
+        merge_blocks=blocks,
+        unscoped_topk=unscoped,
+        dynamic_topk=dynamic,
+        scatter_reductions=reductions,
+        inputs=tuple(_tensor_info(v) for v in graph.input),
+        outputs=tuple(_tensor_info(v) for v in graph.output),
+    )

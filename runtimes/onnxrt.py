@@ -1,0 +1,35 @@
+"""ONNX Runtime runner (CPU by default; any installed execution provider by name)."""
+
+from pathlib import Path
+
+import numpy as np
+
+from runtimes.base import Runner
+
+
+class OnnxRuntimeRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only; warnings would interleave with our output
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+        self.input_dtypes = {i.name: np.dtype(kinds.get(i.type, np.float32)) for i in self.session.get_inputs()}
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {name: np.asarray(value, dtype=self.input_dtypes[name]) for name, value in feeds.items()}
+        return dict(zip(self.output_names, self.session.run(None, feeds)))

@@ -1,0 +1,153 @@
+"""`turbo export` on the tiny registry models: ONNX Runtime equals PyTorch (independently of the
+exporter's own validation), the graph agrees with the plan, the manifest records it."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from exporters.export import MODEL_FILE, ExportOptions, run_export
+from exporters.manifest import read_manifest
+from exporters.validate import graph_problems
+from graph_passes.summary import summarize
+from merging.plan import make_plan
+from tests.conftest import encoder_output, pixels, tiny_pair
+
+FAMILIES = ["vit-b16", "blip-caption"]
+CASES = [(0, "matmul"), (4, "matmul"), (4, "scatter")]
+_cache: dict = {}
+
+
+def tiny_export(tmp_path_factory, name: str, r: int, kernel: str = "matmul", **options):
+    """One export per distinct setting for the whole session (exports take seconds each)."""
+    key = (name, r, kernel, tuple(sorted(options.items())))
+    if key not in _cache:
+        out = tmp_path_factory.mktemp("export") / "out"
+        result = run_export(ExportOptions(model=name, r=r, kernel=kernel, threshold=0, tiny=True,
+                                          random_weights=True, **options), out)
+        _cache[key] = result
+    return _cache[key]
+
+
+def ort_outputs(directory: Path, x: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(directory / MODEL_FILE), providers=["CPUExecutionProvider"])
+    return session.run(None, {"pixel_values": x})
+
+
+@pytest.mark.parametrize("r, kernel", CASES)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_ort_equals_torch_at_batch_1_and_3(tmp_path_factory, name, r, kernel):
+    result = tiny_export(tmp_path_factory, name, r, kernel, external_data=kernel == "scatter")
+    assert result.passed and result.manifest["status"] == "passed"
+    merged, _, upstream, built = tiny_pair(name, r=r, kernel=kernel)
+    reference = upstream if r == 0 else merged  # r=0 must equal upstream transformers
+    for batch in (1, 3):
+        x = pixels(name, batch=batch, seed=10 + batch)
+        got = ort_outputs(result.directory, x.numpy())[0]  # logits / image embeds
+        expected = encoder_output(reference, x).numpy()
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert not list(result.directory.parent.glob(".*partial"))  # the staging directory is gone
+
+
+@pytest.mark.parametrize("r, kernel", CASES)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_graph_agrees_with_the_plan(tmp_path_factory, name, r, kernel):
+    result = tiny_export(tmp_path_factory, name, r, kernel, external_data=kernel == "scatter")
+    plan = tiny_pair(name, r=r)[3].plan
+    graph = onnx.load(str(result.directory / MODEL_FILE), load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    merging = [layer for layer in plan.layers if layer.r > 0]
+    assert ops.count("TopK") == 2 * len(merging)
+    assert "ScatterND" not in ops
+    scatters = [node for node in graph.node if node.op_type == "ScatterElements"]
+    if kernel == "matmul":
+        assert not scatters
+    else:
+        assert scatters and all(attr.s == b"add" for node in scatters for attr in node.attribute
+                                if attr.name == "reduction")
+    for output in graph.output:
+        dims = output.type.tensor_type.shape.dim
+        assert dims[0].dim_param and not dims[0].HasField("dim_value")  # only the batch axis is dynamic
+        assert all(d.HasField("dim_value") for d in dims[1:])
+        if len(dims) == 3 or output.name == "token_sizes":
+            assert dims[1].dim_value == plan.final_tokens
+    onnx_manifest = result.manifest["onnx"]
+    assert onnx_manifest["merge_r"] == [layer.r for layer in merging]
+    assert [(layer["tokens_in"], layer["r"]) for layer in result.manifest["plan"]["layers"]] == [
+        (layer.tokens_in, layer.r) for layer in plan.layers]
+    assert ("token_sizes" in [o.name for o in graph.output]) == bool(merging)
+    assert (onnx_manifest["external_data"] != []) == (kernel == "scatter")
+
+
+def test_graph_check_catches_a_plan_that_differs(tmp_path_factory):
+    result = tiny_export(tmp_path_factory, "vit-b16", 4)
+    summary = summarize(result.directory / MODEL_FILE)
+    built = tiny_pair("vit-b16", r=4)[3]
+    assert graph_problems(summary, built.plan, "matmul", None) == []
+    other = make_plan(built.source.adapter.arch_spec(built.source.config), 3, "constant")
+    problems = graph_problems(summary, other, "matmul", None)
+    assert any("r=4 over 18 A-side tokens, but the plan has r=3" in p for p in problems)
+    assert any("token dim 21 but the plan ends with 25" in p for p in problems)
+    assert any("expected 2" in p for p in graph_problems(summary, built.plan, "matmul", 2))
+
+
+def test_clamped_layers_export_their_clamped_r(tmp_path_factory):
+    """r=8 on 37 tokens is clamped to 6 in the last layer, where the kept-token TopK has K=0."""
+    result = tiny_export(tmp_path_factory, "vit-b16", 8)
+    assert result.passed
+    assert result.manifest["onnx"]["merge_r"] == [8, 8, 8, 6]
+    assert result.manifest["plan"]["final_tokens"] == 7
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fp16_export_is_half_precision_and_validates(tmp_path_factory, name):
+    result = tiny_export(tmp_path_factory, name, 4, precision="fp16")
+    assert result.passed, result.manifest["validation"]
+    model = onnx.load(str(result.directory / MODEL_FILE))
+    weights = [init for init in model.graph.initializer if init.data_type in (onnx.TensorProto.FLOAT,
+                                                                              onnx.TensorProto.FLOAT16)]
+    assert sum(w.data_type == onnx.TensorProto.FLOAT16 for w in weights) > 0.9 * len(weights)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    checks = result.manifest["validation"]["outputs"]
+    exact = [c for c in checks if c["run"] == "fp16 graph in fp32"]
+    half = [c for c in checks if c["run"] == "fp16"]
+    assert exact and half and len(exact) == len(half)
+    assert {c["atol"] for c in exact} == {1e-3} and {c["atol"] for c in half} == {1e-2}
+    assert max(c["max_abs_diff"] for c in half) > 1e-4  # really computed in half precision
+    decisions = result.manifest["validation"]["merge_decisions"]
+    assert all(d["tokens_differing"] == 0 for d in decisions if d["run"] == "fp16 graph in fp32")
+
+
+def test_static_batch_and_image_size(tmp_path_factory):
+    result = tiny_export(tmp_path_factory, "vit-b16", 4, batch=2, image_size=64)
+    assert result.passed
+    manifest = result.manifest
+    assert manifest["plan"]["tokens_in"] == 65 and manifest["onnx"]["image_size"] == 64
+    assert manifest["onnx"]["inputs"][0]["shape"] == [2, 3, 64, 64]
+    assert {c["batch"] for c in manifest["validation"]["outputs"]} == {2}
+    processor = (result.directory / "preprocessor_config.json").read_text()
+    assert '"height": 64' in processor
+
+
+def test_manifest_records_the_export(tmp_path_factory):
+    result = tiny_export(tmp_path_factory, "blip-caption", 4)
+    manifest = read_manifest(result.directory)
+    assert manifest == result.manifest
+    assert manifest["model"]["random_weights"] is True and manifest["model"]["revision"] is None
+    assert manifest["turbo"] == {"method": "turbo", "alpha": 5.0, "fusion": "s1", "threshold": 0,
+                                 "schedule": "constant", "r_requested": 4, "merge_kernel": "matmul"}
+    plan = manifest["plan"]
+    assert plan["final_tokens"] == 21 and plan["speedup_bound"] > 1
+    assert plan["flops"] < plan["baseline_flops"]
+    assert (manifest["onnx"]["opset"], manifest["onnx"]["precision"], manifest["onnx"]["batch"]) == (20, "fp32",
+                                                                                                  "dynamic")
+    assert set(manifest["versions"]) >= {"turbo", "torch", "transformers", "onnx", "onnxruntime"}
+    assert all(manifest["versions"][k] for k in ("torch", "transformers", "onnx", "onnxruntime"))
+    assert manifest["started"] <= manifest["finished"]
+    assert set(manifest["stage_seconds"]) == {"load", "patch", "export", "validate"}
+    assert manifest["image_processor"]["origin"] == "blip default"
+    processor = (result.directory / "preprocessor_config.json").read_text()
+    assert "BlipImageProcessor" in processor and '"height": 48' in processor

@@ -1,0 +1,83 @@
+"""`turbo export`: stages with progress on stderr, the validation table, the manifest as JSON."""
+
+import contextlib
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+
+from rich.table import Table
+
+from turbo_cli.output import fail, print_json, stderr
+
+
+def parse_batch(text: str) -> int | None:
+    """'dynamic' -> None (dynamic batch axis); a positive integer -> a static batch."""
+    from exporters.errors import UsageError
+
+    if text == "dynamic":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"--batch takes a positive integer or 'dynamic', not {text!r}")
+    return int(text)
+
+
+@contextlib.contextmanager
+def _stage(name: str) -> Iterator[None]:
+    begin = time.perf_counter()
+    with stderr.status(f"[bold]{name}[/] …"):
+        yield
+    stderr.print(f"[green]✓[/] {name} ({time.perf_counter() - begin:.1f} s)", highlight=False)
+
+
+def _validation_table(validation: dict) -> Table:
+    table = Table(title=f"validation: {validation['candidate']} vs {validation['reference']}")
+    for column in ("run", "check", "batch", "shape", "max abs diff", "atol", "result"):
+        table.add_column(column, justify="right" if column in ("batch", "max abs diff", "atol") else "left")
+
+    def verdict(passed: bool) -> str:
+        return "[green]PASSED[/]" if passed else "[bold red]FAILED[/]"
+
+    for check in validation["outputs"]:
+        shape = "×".join(map(str, check["actual_shape"]))
+        if check["actual_shape"] != check["expected_shape"]:
+            shape += f" (expected {'×'.join(map(str, check['expected_shape']))})"
+        name = check["name"]
+        if check["flipped_samples"]:
+            name += f" ({check['flipped_samples']} flipped: {check['flipped_max_abs_diff']:.1e}, not gated)"
+        table.add_row(check["run"], name, str(check["batch"]), shape, f"{check['max_abs_diff']:.2e}",
+                      f"{check['atol']:.0e}", verdict(check["passed"]))
+    for check in validation["merge_decisions"]:
+        gate = "0" if check["gated"] else "not gated"
+        table.add_row(check["run"], "merge decisions", str(check["batch"]), "",
+                      f"{check['tokens_differing']} of {check['tokens']} sizes differ", gate, verdict(check["passed"]))
+    table.add_row("", "output names", "", "", "", "", verdict(validation["names_match"]))
+    table.add_row("", "onnx.checker (full)", "", "", "", "", verdict(validation["onnx_checker"] == "passed"))
+    table.add_row("", "graph vs plan", "", "", "", "", verdict(not validation["graph_problems"]))
+    return table
+
+
+def run_export_command(options, output: str, force: bool, json_output: bool) -> None:
+    from exporters.errors import EXIT_VALIDATION
+    from exporters.export import run_export
+
+    result = run_export(options, output, force, _stage, shlex.join(["turbo", *sys.argv[1:]]))
+    manifest = result.manifest
+    for warning in result.warnings:
+        stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    validation = manifest["validation"]
+    if not validation.get("skipped"):
+        stderr.print(_validation_table(validation))
+        for problem in [validation["onnx_checker"], validation["runtime_error"], *validation["graph_problems"]]:
+            if problem and problem != "passed":
+                stderr.print(f"[red]•[/] {problem}", highlight=False)
+    plan = manifest["plan"]
+    status = {"passed": "validation PASSED", "failed": "validation FAILED"}.get(
+        manifest["status"], "not validated (--no-validate)")
+    stderr.print(f"wrote {result.directory}: {manifest['onnx']['precision']}, opset {manifest['onnx']['opset']}, "
+                 f"{plan['final_tokens']} of {plan['tokens_in']} tokens, FLOPs bound {plan['speedup_bound']:.2f}x, "
+                 f"{status}", highlight=False)
+    if json_output:
+        print_json(manifest)
+    if not result.passed:
+        fail(f"validation failed; {result.directory}/turbo.json records the failure", EXIT_VALIDATION)
