@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from exporters.build import BuiltPlan
-from exporters.errors import TurboError
+from exporters.errors import TurboError, UsageError
+from merging.merge import KERNELS
 
 INPUT_NAME = "pixel_values"
 TOKEN_SIZES = "token_sizes"  # (B, N_final): patches each output token stands for, the merge fingerprint
@@ -55,9 +56,7 @@ class ExportModule(nn.Module):
 
 
 def check_export_options(opset: int, precision: str, batch: int | None, kernel: str) -> None:
-    from exporters.errors import UsageError
-    from merging.merge import KERNELS
-
+    """Bad export options raise UsageError before anything is loaded or written."""
     if kernel not in KERNELS:
         raise UsageError(f"unknown merge kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if not MIN_OPSET <= opset <= MAX_OPSET:

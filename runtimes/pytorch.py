@@ -11,12 +11,10 @@ from runtimes.base import Runner
 class TorchRunner(Runner):
     name = "pytorch"
 
-    def __init__(self, module: nn.Module, input_names: list[str], output_names: list[str],
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, module: nn.Module, input_names: list[str], output_names: list[str]) -> None:
         self.module = module.eval()
         self._inputs = list(input_names)
         self._outputs = list(output_names)
-        self.dtype = dtype  # floating inputs are cast to it (None: as fed)
 
     @property
     def input_names(self) -> list[str]:
@@ -28,8 +26,6 @@ class TorchRunner(Runner):
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in self._inputs]
-        if self.dtype is not None:
-            args = [a.to(self.dtype) if a.is_floating_point() else a for a in args]
         with torch.inference_mode():
             outputs = self.module(*args)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
