@@ -1,6 +1,8 @@
 """One interface over every backend: named numpy arrays in, named numpy arrays out."""
 
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 
@@ -21,3 +23,25 @@ class Runner(ABC):
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One inference; returns every output, in `output_names` order."""
+
+    def timer(self, feeds: dict[str, np.ndarray], include_transfers: bool = False) -> Callable[[], float]:
+        """A callable running one inference on `feeds` and returning its seconds.
+
+        Backends override it to keep inputs on the device and to time with device events.
+        """
+
+        def timed() -> float:
+            begin = time.perf_counter()
+            self.run(feeds)
+            return time.perf_counter() - begin
+
+        return timed
+
+    def memory_probe(self) -> "Runner":
+        """A runner whose single inference shows the memory one inference needs (default: this one;
+        backends that keep memory pools between runs return one without them)."""
+        return self
+
+    def describe(self) -> dict:
+        """What the timing ran on: backend, device, threads."""
+        return {"runtime": self.name}

@@ -8,15 +8,18 @@ from runtimes.base import Runner
 
 
 class OnnxRuntimeRunner(Runner):
-    name = "onnxruntime"
+    name = "ort"
 
     def __init__(self, path: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, memory_arena: bool = True) -> None:
         import onnxruntime as ort
 
+        self.path, self.providers = Path(path), tuple(providers)
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = memory_arena
         if threads:
             options.intra_op_num_threads = threads
+        self.threads = threads or 0  # 0: onnxruntime's default (one per physical core)
         options.log_severity_level = 3  # errors only; warnings would interleave with our output
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -33,3 +36,11 @@ class OnnxRuntimeRunner(Runner):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {name: np.asarray(value, dtype=self.input_dtypes[name]) for name, value in feeds.items()}
         return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+    def memory_probe(self) -> "OnnxRuntimeRunner":
+        """Without the CPU arena, which otherwise keeps a run's memory allocated between runs."""
+        return OnnxRuntimeRunner(self.path, self.providers, self.threads or None, memory_arena=False)
+
+    def describe(self) -> dict:
+        return {"runtime": self.name, "device": "cuda" if "CUDAExecutionProvider" in self.session.get_providers()
+                else "cpu", "providers": self.session.get_providers(), "threads": self.threads}

@@ -1,6 +1,9 @@
 """PyTorch runner: an eval-mode module whose forward takes the inputs by position and returns
 a tuple of outputs in `output_names` order."""
 
+import time
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -9,10 +12,13 @@ from runtimes.base import Runner
 
 
 class TorchRunner(Runner):
-    name = "pytorch"
+    name = "torch"
 
-    def __init__(self, module: nn.Module, input_names: list[str], output_names: list[str]) -> None:
-        self.module = module.eval()
+    def __init__(self, module: nn.Module, input_names: list[str], output_names: list[str],
+                 device: str = "cpu", dtype: torch.dtype | None = None) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype  # floating inputs and the module are cast to it (None: as they are)
+        self.module = module.eval().to(self.device, dtype) if dtype else module.eval().to(self.device)
         self._inputs = list(input_names)
         self._outputs = list(output_names)
 
@@ -24,11 +30,46 @@ class TorchRunner(Runner):
     def output_names(self) -> list[str]:
         return self._outputs
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in self._inputs]
+    def _tensors(self, feeds: dict[str, np.ndarray]) -> list[torch.Tensor]:
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device) for name in self._inputs]
+        return [a.to(self.dtype) if self.dtype and a.is_floating_point() else a for a in args]
+
+    def _forward(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode():
             outputs = self.module(*args)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return outputs if isinstance(outputs, tuple) else (outputs,)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self._forward(self._tensors(feeds))
         if len(outputs) != len(self._outputs):
             raise RuntimeError(f"{self.name}: module returned {len(outputs)} outputs, expected {len(self._outputs)}")
-        return {name: out.detach().cpu().numpy() for name, out in zip(self._outputs, outputs)}
+        return {name: out.detach().float().cpu().numpy() if out.dtype == torch.bfloat16 else out.detach().cpu().numpy()
+                for name, out in zip(self._outputs, outputs)}
+
+    def timer(self, feeds: dict[str, np.ndarray], include_transfers: bool = False) -> Callable[[], float]:
+        """CUDA: events on the current stream, inputs already on the device unless asked."""
+        args = self._tensors(feeds)
+        if self.device.type != "cuda":
+            def timed() -> float:
+                begin = time.perf_counter()
+                self._forward(self._tensors(feeds) if include_transfers else args)
+                return time.perf_counter() - begin
+
+            return timed
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def timed_cuda() -> float:
+            start.record()
+            self._forward(self._tensors(feeds) if include_transfers else args)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+        return timed_cuda
+
+    def describe(self) -> dict:
+        info = {"runtime": self.name, "device": str(self.device), "threads": torch.get_num_threads()}
+        if self.device.type == "cuda":
+            info["device_name"] = torch.cuda.get_device_name(self.device)
+        return info

@@ -87,5 +87,48 @@ def export_command(
     run_export_command(options, output, force, json_output)
 
 
+@app.command("bench")
+@user_errors
+def bench_command(
+    dirs: list[str] | None = typer.Argument(None, help="Exported directories to bench (ONNX Runtime)."),
+    model: str = typer.Option("blip-caption", "--model", "-m", help="Registry name, HF id or local model directory."),
+    r: str | None = typer.Option(None, "--r", help="Comma-separated r values; 0 is always added (default: 0,model's)."),
+    runtime: str = typer.Option("all", "--runtime", help="torch | ort | trt | all (comma-separated works too)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
+    batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes, e.g. 1,8,64."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 (bf16: torch only)."),
+    warmup: float = typer.Option(1.0, "--warmup", help="Warm-up seconds per model before timing."),
+    iters: int | None = typer.Option(None, "--iters", help="Timed rounds (default 20 unless --duration)."),
+    duration: float | None = typer.Option(None, "--duration", help="Time for this many seconds instead of --iters."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random weights from the config."),
+    include_transfers: bool = typer.Option(False, "--include-transfers", help="Time host-to-device input copies."),
+    caption: bool = typer.Option(True, "--caption/--no-caption", help="BLIP: also time greedy caption generation."),
+    caption_tokens: int = typer.Option(20, "--caption-tokens", help="Fixed caption length for the caption workload."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch and ORT (default: all)."),
+    baseline: str | None = typer.Option(None, "--baseline", help="r=0 export to compare DIRs against."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report on stdout (docs/bench.schema.json)."),
+    plot: str | None = typer.Option(None, "--plot", help="Write speedup and efficiency vs r to this PNG."),
+) -> None:
+    """Latency, throughput, speedup vs r=0, FLOPs bound and efficiency, merged and baseline interleaved.
+
+    Exit code 4 when none of the requested runtimes can run here.
+    """
+    from pathlib import Path
+
+    from runtimes.bench import BenchOptions
+    from turbo_cli.commands.bench import parse_ints, parse_runtimes, run_bench_command
+
+    options = BenchOptions(
+        model=model, rs=parse_ints(r, "--r") if r else None,
+        runtimes=("ort",) if dirs and runtime == "all" else parse_runtimes(runtime), device=device,
+        batches=tuple(parse_ints(batch, "--batch")), precision=precision, warmup_s=warmup,
+        iters=iters if iters is not None or duration is not None else 20, duration_s=duration,
+        random_weights=random_weights, include_transfers=include_transfers, caption=caption,
+        caption_tokens=caption_tokens, threads=threads, export_dirs=[Path(d) for d in dirs or []],
+        baseline_dir=Path(baseline) if baseline else None,
+    )
+    run_bench_command(options, json_output, plot)
+
+
 def main() -> None:
     app(prog_name="turbo")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
@@ -16,7 +17,7 @@ def print_json(payload: dict) -> None:
 
 
 def fail(message: str, exit_code: int) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(exit_code)
 
 

@@ -6,6 +6,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+from rich.markup import escape
 from rich.table import Table
 
 from turbo_cli.output import fail, print_json, stderr
@@ -64,13 +65,13 @@ def run_export_command(options, output: str, force: bool, json_output: bool) -> 
     result = run_export(options, output, force, _stage, shlex.join(["turbo", *sys.argv[1:]]))
     manifest = result.manifest
     for warning in result.warnings:
-        stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        stderr.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     validation = manifest["validation"]
     if not validation.get("skipped"):
         stderr.print(_validation_table(validation))
         for problem in [validation["onnx_checker"], validation["runtime_error"], *validation["graph_problems"]]:
             if problem and problem != "passed":
-                stderr.print(f"[red]•[/] {problem}", highlight=False)
+                stderr.print(f"[red]•[/] {escape(problem)}", highlight=False)
     plan = manifest["plan"]
     status = {"passed": "validation PASSED", "failed": "validation FAILED"}.get(
         manifest["status"], "not validated (--no-validate)")
