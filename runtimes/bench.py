@@ -93,8 +93,8 @@ def _seeded_pixels(batch: int, image_size: int, seed: int) -> np.ndarray:
 
 
 def _peak_memory(runner: Runner, feeds: dict, device: str) -> dict:
-    """CUDA: torch's max allocated during one run. CPU: peak RSS growth during one run, so pass a
-    runner without memory pools (`Runner.memory_probe`)."""
+    """CUDA: torch's max allocated during one run. CPU: peak RSS growth during one warm run, so
+    pass a runner without memory pools (`Runner.memory_probe`)."""
     if device == "cuda":
         import torch
 
@@ -111,6 +111,7 @@ def _peak_memory(runner: Runner, feeds: dict, device: str) -> dict:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * page
 
+    runner.run(feeds)  # lazy initialisation is not the run's memory
     _release_freed_memory()
     before, peak, done = rss(), [0], threading.Event()
 
