@@ -41,7 +41,7 @@ class ExportOptions:
     validate: bool = True
     seed: int = 0
     external_data: bool | None = None  # None: only for weights of 1 GiB or more
-    tiny: bool = False  # the registry's tiny variant (tests)
+    tiny: bool = False  # the registry's 4-layer tiny variant (tests, CI smoke checks)
 
 
 @dataclass
@@ -123,6 +123,7 @@ def _manifest(built: BuiltPlan, options: ExportOptions, model, summary: GraphSum
             "architecture": built.source.architecture,
             "revision": None if options.random_weights else getattr(model.config, "_commit_hash", None),
             "random_weights": options.random_weights,
+            "tiny": options.tiny,
             **({"seed": options.seed} if options.random_weights else {}),
         },
         "turbo": {

@@ -58,6 +58,8 @@ def _check_architecture(name: str, architecture: str | None) -> str:
 
 def resolve_source(model: str, tiny: bool = False) -> ModelSource:
     """A registry name, a local directory with config.json, or a Hugging Face id (cached config)."""
+    if tiny and model not in REGISTRY:
+        raise UsageError(f"--tiny needs a registry model ({', '.join(list_models())}), not {model!r}")
     if model in REGISTRY:
         spec = REGISTRY[model]
         values = _merge(spec.config, spec.tiny_overrides) if tiny else spec.config

@@ -275,7 +275,8 @@ def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, li
         baseline_dir = _cached_export(ExportOptions(
             model=first["model"]["name"], r=0, precision=onnx["precision"], opset=onnx["opset"],
             batch=None if onnx["batch"] == "dynamic" else onnx["batch"], image_size=onnx["image_size"],
-            random_weights=first["model"]["random_weights"], seed=first["model"].get("seed", 0)), progress)
+            random_weights=first["model"]["random_weights"], seed=first["model"].get("seed", 0),
+            tiny=first["model"].get("tiny", False)), progress)
         manifests.insert(0, (baseline_dir, read_manifest(baseline_dir)))
     if manifests[0][1]["plan"]["tokens_in"] != first["plan"]["tokens_in"]:
         raise UsageError(f"the baseline has {manifests[0][1]['plan']['tokens_in']} tokens but the exports "

@@ -70,6 +70,7 @@ def export_command(
     image_size: int | None = typer.Option(None, "--image-size", help="Input resolution (default: the model's)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 (half-precision graph for GPU runtimes)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Random weights from the config (speed work)."),
+    tiny: bool = typer.Option(False, "--tiny", help="The registry model's 4-layer tiny variant (CI smoke checks)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Compare ONNX Runtime with PyTorch."),
     json_output: bool = typer.Option(False, "--json", help="Print the manifest (turbo.json) on stdout."),
@@ -83,7 +84,7 @@ def export_command(
 
     options = ExportOptions(model=model, r=r, method=method, alpha=alpha, threshold=threshold, schedule=schedule,
                             kernel=merge_kernel, opset=opset, batch=parse_batch(batch), image_size=image_size,
-                            precision=precision, random_weights=random_weights, validate=validate)
+                            precision=precision, random_weights=random_weights, validate=validate, tiny=tiny)
     run_export_command(options, output, force, json_output)
 
 
@@ -128,6 +129,26 @@ def bench_command(
         baseline_dir=Path(baseline) if baseline else None,
     )
     run_bench_command(options, json_output, plot)
+
+
+@app.command("check")
+@user_errors
+def check_command(
+    directory: str = typer.Argument(..., help="A `turbo export` output directory."),
+    max_diff: float | None = typer.Option(None, "--max-diff", help="Gate: ORT vs PyTorch max abs diff at most D."),
+    min_agreement: float | None = typer.Option(
+        None, "--min-agreement", help="Gate: fidelity to the unmerged model (ViT top-1, BLIP mean-token cosine)."),
+    min_speedup: float | None = typer.Option(None, "--min-speedup", help="Gate: ORT CPU speedup vs r=0 at least S."),
+    iters: int = typer.Option(10, "--iters", help="Timed rounds for --min-speedup."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report on stdout."),
+) -> None:
+    """CI gate for an export: manifest vs graph vs plan, onnx.checker, TensorRT lint, re-validation.
+
+    Exit code 3 when any check fails.
+    """
+    from turbo_cli.commands.check import run_check_command
+
+    run_check_command(directory, max_diff, min_agreement, min_speedup, iters, json_output)
 
 
 def main() -> None:
