@@ -42,6 +42,7 @@ class ExportOptions:
     seed: int = 0
     external_data: bool | None = None  # None: only for weights of 1 GiB or more
     tiny: bool = False  # the registry's 4-layer tiny variant (tests, CI smoke checks)
+    r_auto: dict | None = None  # how `--r auto` chose r (recorded in the manifest)
 
 
 @dataclass
@@ -133,6 +134,7 @@ def _manifest(built: BuiltPlan, options: ExportOptions, model, summary: GraphSum
             "threshold": built.plan.threshold,
             "schedule": built.schedule,
             "r_requested": built.r_requested,
+            "r_auto": options.r_auto,
             "merge_kernel": options.kernel,
         },
         "plan": built.plan.to_dict(),

@@ -138,7 +138,8 @@ def test_manifest_records_the_export(tmp_path_factory):
     assert manifest == result.manifest
     assert manifest["model"]["random_weights"] is True and manifest["model"]["revision"] is None
     assert manifest["turbo"] == {"method": "turbo", "alpha": 5.0, "fusion": "s1", "threshold": 0,
-                                 "schedule": "constant", "r_requested": 4, "merge_kernel": "matmul"}
+                                 "schedule": "constant", "r_requested": 4, "merge_kernel": "matmul",
+                                 "r_auto": None}
     plan = manifest["plan"]
     assert plan["final_tokens"] == 21 and plan["speedup_bound"] > 1
     assert plan["flops"] < plan["baseline_flops"]

@@ -59,7 +59,10 @@ def plan_command(
 def export_command(
     output: str = typer.Option(..., "--output", "-o", help="Output directory (refused if not empty, unless --force)."),
     model: str = typer.Option("blip-caption", "--model", "-m", help="Registry name, HF id or local model directory."),
-    r: int | None = typer.Option(None, "--r", help="Tokens merged per layer (default: the model's)."),
+    r: str | None = typer.Option(None, "--r", help="Tokens merged per layer (default: the model's), or 'auto'."),
+    data: str | None = typer.Option(None, "--data", help="--r auto: images to evaluate on (see turbo eval)."),
+    max_drop: float | None = typer.Option(None, "--max-drop", help="--r auto: the largest drop allowed."),
+    metric: str = typer.Option("fidelity", "--metric", help="--r auto: accuracy | fidelity."),
     method: str = typer.Option("turbo", "--method", help="turbo | tome | semantic | none."),
     alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
     threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
@@ -80,11 +83,13 @@ def export_command(
     Exit code 3 when validation fails (the directory is still written, its manifest says failed).
     """
     from exporters.export import ExportOptions
-    from turbo_cli.commands.export import parse_batch, run_export_command
+    from turbo_cli.commands.export import choose_r, parse_batch, run_export_command
 
-    options = ExportOptions(model=model, r=r, method=method, alpha=alpha, threshold=threshold, schedule=schedule,
+    chosen, r_auto = choose_r(r, model, data, max_drop, metric, method, alpha, threshold, tiny, random_weights)
+    options = ExportOptions(model=model, r=chosen, method=method, alpha=alpha, threshold=threshold, schedule=schedule,
                             kernel=merge_kernel, opset=opset, batch=parse_batch(batch), image_size=image_size,
-                            precision=precision, random_weights=random_weights, validate=validate, tiny=tiny)
+                            precision=precision, random_weights=random_weights, validate=validate, tiny=tiny,
+                            r_auto=r_auto)
     run_export_command(options, output, force, json_output)
 
 
@@ -129,6 +134,44 @@ def bench_command(
         baseline_dir=Path(baseline) if baseline else None,
     )
     run_bench_command(options, json_output, plot)
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    data: str = typer.Option(..., "--data", help="Image folder: class folders (labels) or loose images."),
+    model: str = typer.Option("vit-b16", "--model", "-m", help="Registry name, HF id or local model directory."),
+    r: str | None = typer.Option(None, "--r", help="Comma-separated r values, or 'auto' with --max-drop."),
+    max_drop: float | None = typer.Option(None, "--max-drop", help="--r auto: the largest drop allowed."),
+    metric: str = typer.Option("fidelity", "--metric", help="What --r auto bounds: accuracy | fidelity."),
+    labels: str | None = typer.Option(None, "--labels", help="Class folder names in label order, one per line."),
+    captions: str | None = typer.Option(None, "--captions", help="BLIP: COCO-format caption annotations JSON."),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate the first N images only."),
+    batch: int = typer.Option(16, "--batch", help="Images per forward."),
+    beams: int = typer.Option(1, "--beams", help="BLIP: beam search width (1 = greedy)."),
+    max_tokens: int = typer.Option(20, "--max-tokens", help="BLIP: caption length limit."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random weights (pipeline checks only)."),
+    tiny: bool = typer.Option(False, "--tiny", help="The registry model's tiny variant (tests)."),
+    threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report on stdout."),
+) -> None:
+    """Task metrics and fidelity of merged models vs r=0 on the same images; --r auto picks r."""
+    from pathlib import Path
+
+    from exporters.errors import UsageError
+    from runtimes.eval import EvalOptions
+    from turbo_cli.commands.bench import parse_ints
+    from turbo_cli.commands.eval import run_eval_command
+
+    if (r == "auto") != (max_drop is not None):
+        raise UsageError("--r auto and --max-drop go together")
+    options = EvalOptions(
+        model=model, data=Path(data), rs=None if r in (None, "auto") else parse_ints(r, "--r"), max_drop=max_drop,
+        metric=metric, labels_file=Path(labels) if labels else None, captions=Path(captions) if captions else None,
+        limit=limit, batch=batch, beams=beams, max_tokens=max_tokens, random_weights=random_weights, tiny=tiny,
+        threshold=threshold,
+    )
+    run_eval_command(options, json_output)
 
 
 @app.command("check")

@@ -23,6 +23,33 @@ def parse_batch(text: str) -> int | None:
     return int(text)
 
 
+def choose_r(r: str | None, model: str, data: str | None, max_drop: float | None, metric: str, method: str,
+             alpha: float | None, threshold: int | None, tiny: bool,
+             random_weights: bool) -> tuple[int | None, dict | None]:
+    """`--r N` as given, or `--r auto`: the eval search's choice and its curve (for the manifest)."""
+    from pathlib import Path
+
+    from exporters.errors import UsageError
+
+    if r != "auto":
+        if data is not None or max_drop is not None:
+            raise UsageError("--data and --max-drop belong to --r auto")
+        if r is not None and not r.isdigit():
+            raise UsageError(f"--r takes a non-negative integer or 'auto', not {r!r}")
+        return (None if r is None else int(r)), None
+    if data is None or max_drop is None:
+        raise UsageError("--r auto needs --data IMAGES and --max-drop X")
+    from runtimes.eval import EvalOptions, run_eval
+
+    report = run_eval(EvalOptions(model=model, data=Path(data), max_drop=max_drop, metric=metric, method=method,
+                                  alpha=alpha, threshold=threshold, tiny=tiny, random_weights=random_weights),
+                      lambda message: stderr.print(f"[dim]{escape(message)}[/]", highlight=False))
+    auto = {**report["auto"], "data": report["data"], "samples": report["samples"]}
+    stderr.print(f"--r auto chose r={auto['chosen_r']} ({metric} drop ≤ {max_drop:g} on {auto['samples']} images)",
+                 highlight=False)
+    return auto["chosen_r"], auto
+
+
 @contextlib.contextmanager
 def _stage(name: str) -> Iterator[None]:
     begin = time.perf_counter()

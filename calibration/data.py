@@ -1,0 +1,89 @@
+"""Image data sources for eval (and later calibration): class folders, plain image folders,
+COCO-format caption annotations. Images are read with PIL and preprocessed by the model's
+image processor."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from exporters.errors import UsageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int | None = None  # class index (class folders)
+    references: tuple[str, ...] = ()  # reference captions (COCO annotations)
+
+
+def _images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def image_folder(root: str | Path, labels_file: str | Path | None = None) -> tuple[list[Sample], list[str] | None]:
+    """Class folders (`root/<class>/<image>`): sorted folder names, or the order of `labels_file`
+    (one class folder name per line), give the labels. A folder of loose images gives unlabeled
+    samples (label-free fidelity only)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"--data {root} is not a directory")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _images(p))
+    if labels_file is not None:
+        order = [line.strip() for line in Path(labels_file).read_text().splitlines() if line.strip()]
+        unknown = sorted(set(classes) - set(order))
+        if unknown:
+            raise UsageError(f"class folders {', '.join(unknown[:5])} are not in {labels_file}")
+        classes = order
+    if classes:
+        index = {name: i for i, name in enumerate(classes)}
+        samples = [Sample(path, index[path.relative_to(root).parts[0]]) for path in _images(root)
+                   if path.relative_to(root).parts[0] in index and len(path.relative_to(root).parts) > 1]
+        return samples, classes
+    samples = [Sample(path) for path in _images(root)]
+    if not samples:
+        raise UsageError(f"--data {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return samples, None
+
+
+def coco_captions(annotations: str | Path, image_root: str | Path) -> list[Sample]:
+    """COCO captions JSON (`images` with `id`/`file_name`, `annotations` with `image_id`/`caption`)
+    or Karpathy-style (`images` with `filepath`?/`filename` and `sentences[].raw`)."""
+    try:
+        data = json.loads(Path(annotations).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read captions {annotations} ({exc.__class__.__name__})") from None
+    root = Path(image_root)
+    samples = []
+    if "annotations" in data:
+        captions: dict[int, list[str]] = {}
+        for ann in data["annotations"]:
+            captions.setdefault(ann["image_id"], []).append(ann["caption"])
+        for image in data["images"]:
+            samples.append(Sample(root / image["file_name"], None, tuple(captions.get(image["id"], ()))))
+    else:
+        for image in data.get("images", []):
+            path = root / image.get("filepath", "") / image["filename"]
+            samples.append(Sample(path, None, tuple(s["raw"] for s in image.get("sentences", []))))
+    missing = [s.path for s in samples if not s.path.is_file()]
+    if not samples or missing:
+        raise UsageError(f"{annotations}: {len(missing)} of {len(samples)} images missing under {root}"
+                         + (f" (first: {missing[0]})" if missing else ""))
+    return samples
+
+
+def pixel_batch(samples: list[Sample], processor) -> np.ndarray:
+    """Preprocessed (B, 3, S, S) float32 pixels; unreadable images are a one-line error."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for sample in samples:
+        try:
+            with Image.open(sample.path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError):
+            raise UsageError(f"{sample.path} is not a readable image") from None
+    return np.asarray(processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)

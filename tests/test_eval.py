@@ -1,0 +1,124 @@
+"""`turbo eval`: metrics on synthetic outputs, the --r auto search, and the command on generated
+images (class folders, loose images, a bad image, missing data)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from exporters.build import build_plan
+from runtimes.eval import EvalOptions, EvalRun, _search, blip_metrics, caption_scores, vit_metrics
+from turbo_cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def class_folders(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "eel"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / name / f"{i}.png")
+    return tmp_path / "imgs"
+
+
+def test_vit_metrics_on_known_logits():
+    base = np.array([[5.0, 0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0, 0], [0, 0, 5.0, 0, 0, 0]])
+    merged = np.array([[5.0, 0, 0, 0, 0, 0], [0, 0, 5.0, 0, 0, 0], [0, 0, 4.0, 0, 0, 0]])
+    metrics = vit_metrics(merged, [0, 1, 3], base)
+    assert metrics["agreement"] == pytest.approx(2 / 3)
+    assert metrics["top1"] == pytest.approx(1 / 3)  # only the first is right
+    assert metrics["top5"] == pytest.approx(1.0)  # ties rank the rest; every label is within five of six
+    same = vit_metrics(base, None, base)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-9) and metrics["kl"] > 0.1 and "top1" not in same
+
+
+def test_caption_metrics():
+    refs = [["a dog runs on the grass", "a dog running outside"], ["two cats sleep on a bed", "cats asleep"]]
+    perfect = caption_scores(["a dog runs on the grass", "two cats sleep on a bed"], refs)
+    worse = caption_scores(["a car on a road", "a plate of food"], refs)
+    assert perfect["bleu4"] > 0.9 and perfect["cider"] > worse["cider"] and worse["bleu4"] < 0.1
+    ids = blip_metrics([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 7]], None, None, None)
+    assert ids["exact_match"] == 0.5 and 0 < ids["bleu4_vs_r0"] < 1
+
+
+def test_auto_search_finds_the_largest_r_within_the_drop():
+    options = EvalOptions(model="vit-b16", tiny=True, threshold=0, max_drop=0.25, metric="fidelity")
+    base_plan = build_plan("vit-b16", 0, tiny=True, threshold=0)
+    evaluated = []
+
+    def evaluate(r):  # a fidelity that falls by 0.05 per merged token per layer
+        evaluated.append(r)
+        return EvalRun(r, 0, 1.0, 1.0, {"agreement": 1.0 - 0.05 * r})
+
+    auto = _search(options, "vit", base_plan, evaluate, cap=18)
+    assert auto["chosen_r"] == 5  # 0.25 drop at r=5, 0.30 at r=6
+    assert len(evaluated) <= 6 and auto["candidates"] <= 18  # bisection, not a sweep
+    assert all(point["within"] == (point["drop"] <= 0.25) for point in auto["curve"])
+
+
+def test_eval_command_on_class_folders(class_folders, tmp_path):
+    (tmp_path / "labels.txt").write_text("eel\ncat\ndog\n")
+    result = runner.invoke(app, ["eval", "--data", str(class_folders), "-m", "vit-b16", "--tiny", "--random-weights",
+                                 "--threshold", "0", "--r", "4", "--labels", str(tmp_path / "labels.txt"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["samples"], report["classes"]) == (6, 3)
+    assert [row["r"] for row in report["results"]] == [0, 4]
+    assert [row["final_tokens"] for row in report["results"]] == [37, 21]
+    assert report["results"][0]["metrics"]["agreement"] == 1.0
+    assert {"top1", "agreement", "kl"} <= set(report["results"][1]["metrics"])
+    assert "random weights" in result.stderr
+
+
+def test_blip_fidelity_on_loose_images(class_folders):
+    result = runner.invoke(app, ["eval", "--data", str(class_folders / "cat"), "-m", "blip-caption", "--tiny",
+                                 "--random-weights", "--threshold", "0", "--r", "4", "--max-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["captions_compared_as"] == "token ids" and report["classes"] is None
+    merged = report["results"][1]["metrics"]
+    assert set(merged) == {"exact_match", "bleu4_vs_r0"} and 0 <= merged["exact_match"] <= 1
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "is not a directory"),
+    ("bad_image", "is not a readable image"),
+    ("auto_without_drop", "--r auto and --max-drop go together"),
+    ("captions_without_tokenizer", "need the tokenizer"),
+])
+def test_eval_bad_input(class_folders, tmp_path, case, message):
+    args = ["eval", "--data", str(class_folders), "-m", "vit-b16", "--tiny", "--random-weights", "--threshold", "0"]
+    if case == "missing":
+        args[2] = str(tmp_path / "nowhere")
+    elif case == "bad_image":
+        (class_folders / "cat" / "broken.png").write_text("not an image")
+    elif case == "auto_without_drop":
+        args += ["--r", "auto"]
+    else:
+        (tmp_path / "caps.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "cat/0.png"}],
+                                                        "annotations": [{"image_id": 1, "caption": "a cat"}]}))
+        args[4] = "blip-caption"
+        args += ["--captions", str(tmp_path / "caps.json")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_export_with_r_auto_records_the_choice(class_folders, tmp_path):
+    out = tmp_path / "auto"
+    result = runner.invoke(app, ["export", "-m", "vit-b16", "--tiny", "--random-weights", "--threshold", "0",
+                                 "--r", "auto", "--data", str(class_folders), "--max-drop", "0.5", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "turbo.json").read_text())
+    auto = manifest["turbo"]["r_auto"]
+    assert manifest["turbo"]["r_requested"] == auto["chosen_r"] and auto["samples"] == 6
+    assert all(point["within"] for point in auto["curve"] if point["r"] <= auto["chosen_r"])
+    assert "--r auto chose r=" in result.stderr
+    bad = runner.invoke(app, ["export", "-m", "vit-b16", "--tiny", "--r", "auto", "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--r auto needs --data IMAGES and --max-drop X" in bad.output
