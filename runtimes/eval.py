@@ -38,6 +38,7 @@ class EvalOptions:
     alpha: float | None = None
     threshold: int | None = None
     seed: int = 0
+    export_dir: Path | None = None  # evaluate this ONNX export (ONNX Runtime) against r=0 in PyTorch
 
 
 @dataclass
@@ -47,7 +48,8 @@ class EvalRun:
     flops_bound: float
     images_per_s: float
     metrics: dict = field(default_factory=dict)
-    outputs: object = None  # logits (N, K) or caption id lists, for fidelity against r=0
+    outputs: object = None
+    runtime: str = "torch"  # logits (N, K) or caption id lists, for fidelity against r=0
 
 
 def _tokenized(captions: dict[int, list[str]]) -> dict[int, list[str]]:
@@ -166,6 +168,45 @@ def _evaluate(built, options: EvalOptions, pixels: np.ndarray) -> EvalRun:
                    outputs=outputs)
 
 
+def _evaluate_onnx(directory: Path, manifest: dict, pixels: np.ndarray, batch: int) -> EvalRun:
+    """Logits of a ViT export on ONNX Runtime (a static batch is filled up to its size)."""
+    from runtimes.onnxrt import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(directory / manifest["onnx"]["file"])
+    static = manifest["onnx"]["batch"] if manifest["onnx"]["batch"] != "dynamic" else None
+    size = static or batch
+    runner.run({"pixel_values": pixels[:size]})  # warm-up
+    logits = []
+    begin = time.perf_counter()
+    for start in range(0, len(pixels), size):
+        chunk = pixels[start:start + size]
+        filled = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)]) if static else chunk
+        logits.append(runner.run({"pixel_values": filled})["logits"][: len(chunk)])
+    seconds = time.perf_counter() - begin
+    plan = manifest["plan"]
+    return EvalRun(manifest["turbo"]["r_requested"], plan["final_tokens"], plan["speedup_bound"],
+                   len(pixels) / seconds, outputs=np.concatenate(logits), runtime="ort")
+
+
+def _from_export(options: EvalOptions) -> tuple[EvalOptions, dict]:
+    """The model, weights and merge settings an export was made with (its r=0 is the baseline)."""
+    from dataclasses import replace
+
+    from exporters.manifest import MANIFEST_FILE, read_manifest
+
+    if not (Path(options.export_dir) / MANIFEST_FILE).is_file():
+        raise UsageError(f"{options.export_dir} has no turbo.json: not a turbo export directory")
+    if options.max_drop is not None:
+        raise UsageError("--r auto searches over models; use --model, not an export directory")
+    manifest = read_manifest(options.export_dir)
+    if not manifest["model"]["architecture"].startswith("ViT"):
+        raise UsageError("evaluating a BLIP export needs its decoder export (issue 4); use --model for BLIP")
+    model, turbo = manifest["model"], manifest["turbo"]
+    return replace(options, model=model["name"], tiny=model.get("tiny", False), random_weights=model["random_weights"],
+                   seed=model.get("seed", 0), method=turbo["method"], alpha=turbo["alpha"],
+                   threshold=turbo["threshold"], rs=[turbo["r_requested"]]), manifest
+
+
 def _drop(metric: str, base: dict, run: dict, family: str) -> float:
     if metric == "fidelity":
         return 1.0 - (run["agreement"] if family == "vit" else run["exact_match"])
@@ -186,6 +227,9 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         raise UsageError(f"unknown metric {options.metric!r}; choose accuracy or fidelity")
     if options.max_drop is not None and options.max_drop < 0:
         raise UsageError("--max-drop must be >= 0")
+    manifest = None
+    if options.export_dir is not None:
+        options, manifest = _from_export(options)
     source = resolve_source(options.model, tiny=options.tiny)
     family = source.adapter.family
     samples, classes = _load_samples(options, family)
@@ -193,7 +237,12 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         raise UsageError(f"--data {options.data}: no images to evaluate")
     base_plan = build_plan(options.model, 0, options.method, options.alpha, "constant", options.threshold,
                            tiny=options.tiny)
-    processor, _ = load_image_processor(source, base_plan.image_size, options.random_weights)
+    if manifest is not None:  # the export's own preprocessing, as deployed
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(options.export_dir)
+    else:
+        processor, _ = load_image_processor(source, base_plan.image_size, options.random_weights)
     from calibration.data import pixel_batch
 
     pixels = pixel_batch(samples, processor)
@@ -214,7 +263,8 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
             progress(f"evaluating r={r} on {len(samples)} images")
             built = build_plan(options.model, r, options.method, options.alpha, "constant", options.threshold,
                                tiny=options.tiny)
-            run = _evaluate(built, options, pixels)
+            run = (_evaluate_onnx(options.export_dir, manifest, pixels, options.batch) if manifest and r
+                   else _evaluate(built, options, pixels))
             base = runs[0] if r else run
             if family == "blip":
                 run.metrics = blip_metrics(run.outputs, base.outputs, decode(run.outputs), decode(base.outputs),
@@ -233,11 +283,12 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
             evaluate(r)
     return {
         "model": source.name, "source": source.location, "random_weights": options.random_weights,
+        "export": str(options.export_dir) if manifest else None,
         "data": str(options.data), "samples": len(samples), "classes": len(classes) if classes else None,
         "caption_tokenizer": caption_tokenizer_name() if references is not None else None,
         "captions_compared_as": None if family != "blip" else ("text" if tokenizer else "token ids"),
-        "results": [{"r": run.r, "final_tokens": run.final_tokens, "flops_bound": run.flops_bound,
-                     "images_per_s": run.images_per_s, "metrics": run.metrics}
+        "results": [{"r": run.r, "runtime": run.runtime, "final_tokens": run.final_tokens,
+                     "flops_bound": run.flops_bound, "images_per_s": run.images_per_s, "metrics": run.metrics}
                     for _, run in sorted(runs.items())],
         "auto": auto,
     }

@@ -122,3 +122,19 @@ def test_export_with_r_auto_records_the_choice(class_folders, tmp_path):
     assert "--r auto chose r=" in result.stderr
     bad = runner.invoke(app, ["export", "-m", "vit-b16", "--tiny", "--r", "auto", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--r auto needs --data IMAGES and --max-drop X" in bad.output
+
+
+def test_eval_of_an_export_directory(class_folders, tmp_path):
+    """The ONNX export on ONNX Runtime against the unmerged PyTorch model, with the export's
+    own preprocessing; a static batch is filled up for the last, smaller chunk."""
+    from exporters.export import ExportOptions, run_export
+
+    out = run_export(ExportOptions(model="vit-b16", r=4, tiny=True, threshold=0, random_weights=True, batch=4),
+                     tmp_path / "export").directory
+    result = runner.invoke(app, ["eval", str(out), "--data", str(class_folders), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(row["r"], row["runtime"]) for row in report["results"]] == [(0, "torch"), (4, "ort")]
+    assert report["samples"] == 6 and report["export"] == str(out)
+    blip = runner.invoke(app, ["eval", str(class_folders), "--data", str(class_folders)])
+    assert blip.exit_code == 2 and "has no turbo.json" in blip.output

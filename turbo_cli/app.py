@@ -139,6 +139,7 @@ def bench_command(
 @app.command("eval")
 @user_errors
 def eval_command(
+    directory: str | None = typer.Argument(None, help="A ViT export directory (run on ONNX Runtime), not --model."),
     data: str = typer.Option(..., "--data", help="Image folder: class folders (labels) or loose images."),
     model: str = typer.Option("vit-b16", "--model", "-m", help="Registry name, HF id or local model directory."),
     r: str | None = typer.Option(None, "--r", help="Comma-separated r values, or 'auto' with --max-drop."),
@@ -169,7 +170,7 @@ def eval_command(
         model=model, data=Path(data), rs=None if r in (None, "auto") else parse_ints(r, "--r"), max_drop=max_drop,
         metric=metric, labels_file=Path(labels) if labels else None, captions=Path(captions) if captions else None,
         limit=limit, batch=batch, beams=beams, max_tokens=max_tokens, random_weights=random_weights, tiny=tiny,
-        threshold=threshold,
+        threshold=threshold, export_dir=Path(directory) if directory else None,
     )
     run_eval_command(options, json_output)
 

@@ -12,10 +12,10 @@ def run_eval_command(options, json_output: bool) -> None:
     report = run_eval(options, lambda message: stderr.print(f"[dim]{escape(message)}[/]", highlight=False))
     keys = sorted({key for row in report["results"] for key in row["metrics"]})
     table = Table(title=f"{report['model']} on {report['data']} ({report['samples']} images)")
-    for column in ("r", "tokens", "FLOPs bound", "images/s", *keys):
+    for column in ("r", "runtime", "tokens", "FLOPs bound", "images/s", *keys):
         table.add_column(column, justify="right")
     for row in report["results"]:
-        table.add_row(str(row["r"]), str(row["final_tokens"]), f"{row['flops_bound']:.2f}x",
+        table.add_row(str(row["r"]), row["runtime"], str(row["final_tokens"]), f"{row['flops_bound']:.2f}x",
                       f"{row['images_per_s']:.1f}", *(f"{row['metrics'][k]:.4f}" if k in row["metrics"] else "—"
                                                       for k in keys))
     stderr.print(table)
