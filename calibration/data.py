@@ -15,9 +15,36 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 @dataclass(frozen=True)
 class Sample:
-    path: Path
-    label: int | None = None  # class index (class folders)
+    path: Path | None  # None for images held in memory (HF datasets)
+    label: int | None = None  # class index (class folders, ClassLabel column)
     references: tuple[str, ...] = ()  # reference captions (COCO annotations)
+    image: object = None  # a PIL image, when not read from `path`
+
+
+def is_hf_dataset(root: Path) -> bool:
+    """A directory written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return any((root / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def hf_dataset(root: str | Path) -> tuple[list[Sample], list[str] | None]:
+    """An HF datasets directory with an image column and, optionally, a ClassLabel column. Of a
+    DatasetDict, the test split is used, else validation, else the first."""
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("HF datasets directories need `datasets`: pip install -e '.[eval]'") from None
+    data = datasets.load_from_disk(str(root))
+    if isinstance(data, datasets.DatasetDict):
+        split = next((name for name in ("test", "validation") if name in data), next(iter(data)))
+        data = data[split]
+    features = data.features
+    image_column = next((name for name, kind in features.items() if isinstance(kind, datasets.Image)), None)
+    if image_column is None:
+        raise UsageError(f"{root}: no image column (a datasets.Image feature) among {', '.join(features)}")
+    label_column = next((name for name, kind in features.items() if isinstance(kind, datasets.ClassLabel)), None)
+    classes = features[label_column].names if label_column else None
+    samples = [Sample(None, row[label_column] if label_column else None, (), row[image_column]) for row in data]
+    return samples, classes
 
 
 def _images(root: Path) -> list[Path]:
@@ -27,10 +54,12 @@ def _images(root: Path) -> list[Path]:
 def image_folder(root: str | Path, labels_file: str | Path | None = None) -> tuple[list[Sample], list[str] | None]:
     """Class folders (`root/<class>/<image>`): sorted folder names, or the order of `labels_file`
     (one class folder name per line), give the labels. A folder of loose images gives unlabeled
-    samples (label-free fidelity only)."""
+    samples (label-free fidelity only). An HF datasets directory is read with `hf_dataset`."""
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"--data {root} is not a directory")
+    if is_hf_dataset(root):
+        return hf_dataset(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _images(p))
     if labels_file is not None:
         order = [line.strip() for line in Path(labels_file).read_text().splitlines() if line.strip()]
@@ -81,6 +110,9 @@ def pixel_batch(samples: list[Sample], processor) -> np.ndarray:
 
     images = []
     for sample in samples:
+        if sample.image is not None:
+            images.append(sample.image.convert("RGB"))
+            continue
         try:
             with Image.open(sample.path) as image:
                 images.append(image.convert("RGB"))

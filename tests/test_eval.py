@@ -138,3 +138,66 @@ def test_eval_of_an_export_directory(class_folders, tmp_path):
     assert report["samples"] == 6 and report["export"] == str(out)
     blip = runner.invoke(app, ["eval", str(class_folders), "--data", str(class_folders)])
     assert blip.exit_code == 2 and "has no turbo.json" in blip.output
+
+
+def test_eval_on_an_hf_datasets_directory(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)) for _ in range(5)]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    data = datasets.Dataset.from_dict({"img": images, "label": [0, 1, 2, 0, 1]}, features=features)
+    datasets.DatasetDict({"train": data.select(range(2)), "test": data}).save_to_disk(str(tmp_path / "hf"))
+    result = runner.invoke(app, ["eval", "--data", str(tmp_path / "hf"), "-m", "vit-b16", "--tiny", "--random-weights",
+                                 "--threshold", "0", "--r", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["samples"], report["classes"]) == (5, 3)  # the test split, with its ClassLabel names
+    assert "top1" in report["results"][0]["metrics"]
+
+
+def test_blip_caption_metrics_with_a_local_tokenizer(class_folders, tmp_path):
+    """A local BLIP directory with weights and a (made-up) BERT vocabulary: captions are decoded
+    and scored against COCO-format references."""
+    from transformers import BertTokenizer
+
+    from exporters.loading import load_model, resolve_source
+
+    local = tmp_path / "blip"
+    load_model(resolve_source("blip-caption", tiny=True), random_weights=True).save_pretrained(local)
+    vocab = [f"w{i}" for i in range(30524)]
+    for index, token in {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]", 30522: "[DEC]"}.items():
+        vocab[index] = token
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt"), bos_token="[DEC]").save_pretrained(local)
+    images = [{"id": i, "file_name": f"{name}/{i % 2}.png"} for i, name in enumerate(["cat", "dog", "eel"])]
+    annotations = [{"image_id": i, "caption": f"a small {name} in a picture"} for i, name in
+                   enumerate(["cat", "dog", "eel"])]
+    (tmp_path / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    result = runner.invoke(app, ["eval", "--data", str(class_folders), "-m", str(local), "--captions",
+                                 str(tmp_path / "captions.json"), "--r", "4", "--threshold", "0", "--max-tokens", "5",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["captions_compared_as"] == "text" and report["samples"] == 3
+    assert ("PTB" in report["caption_tokenizer"]) or ("lower-case" in report["caption_tokenizer"])
+    for row in report["results"]:
+        assert {"bleu4", "cider", "exact_match", "bleu4_vs_r0"} <= set(row["metrics"])
+    assert report["results"][0]["metrics"]["exact_match"] == 1.0
+
+
+def test_karpathy_and_coco_caption_files(class_folders, tmp_path):
+    from calibration.data import coco_captions
+
+    karpathy = {"images": [{"filepath": "cat", "filename": "0.png", "sentences": [{"raw": "A cat."}, {"raw": "Cat"}]},
+                           {"filepath": "dog", "filename": "1.png", "sentences": [{"raw": "A dog."}]}]}
+    (tmp_path / "k.json").write_text(json.dumps(karpathy))
+    samples = coco_captions(tmp_path / "k.json", class_folders)
+    assert [(s.path.relative_to(class_folders).as_posix(), s.references) for s in samples] == [
+        ("cat/0.png", ("A cat.", "Cat")), ("dog/1.png", ("A dog.",))]
+    (tmp_path / "missing.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "nope.png"}],
+                                                       "annotations": []}))
+    from exporters.errors import UsageError
+
+    with pytest.raises(UsageError, match="1 of 1 images missing"):
+        coco_captions(tmp_path / "missing.json", class_folders)
