@@ -13,7 +13,7 @@ from pathlib import Path
 from exporters.build import BuiltPlan, build_plan
 from exporters.loading import load_image_processor, load_model
 from exporters.manifest import now, versions, write_manifest
-from exporters.onnx_export import PRECISIONS, ExportModule, check_export_options, export_onnx
+from exporters.onnx_export import PRECISIONS, ExportModule, check_export_options, export_onnx, fold_merge_ops
 from exporters.patch import apply_turbo
 from exporters.staging import check_target, staged_directory
 from exporters.validate import ValidationReport, validate_export
@@ -43,6 +43,7 @@ class ExportOptions:
     external_data: bool | None = None  # None: only for weights of 1 GiB or more
     tiny: bool = False  # the registry's 4-layer tiny variant (tests, CI smoke checks)
     r_auto: dict | None = None  # how `--r auto` chose r (recorded in the manifest)
+    merge_op: str = "function"  # one turbo::TurboMerge function node per merge block, or "inline" plain ops
 
 
 @dataclass
@@ -68,7 +69,7 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
     """Export into `output`. Bad options raise UsageError before anything is written; a failed
     validation still writes the directory, with the manifest saying failed."""
     started = now()
-    check_export_options(options.opset, options.precision, options.batch, options.kernel)
+    check_export_options(options.opset, options.precision, options.batch, options.kernel, options.merge_op)
     built = build_plan(options.model, options.r, options.method, options.alpha, options.schedule,
                        options.threshold, options.fusion, options.tiny, options.image_size)
     check_target(Path(output), force)
@@ -92,6 +93,8 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
             exported = module if options.precision == "fp32" else copy.deepcopy(module).to(dtype)
             names = export_onnx(exported, staging / MODEL_FILE, built.image_size, options.opset, options.batch,
                                 options.external_data)
+            if options.merge_op == "function":
+                fold_merge_ops(staging / MODEL_FILE, options.kernel)
             del exported
             processor, processor_origin = load_image_processor(built.source, built.image_size, options.random_weights)
             processor.save_pretrained(staging)
@@ -143,6 +146,7 @@ def _manifest(built: BuiltPlan, options: ExportOptions, model, summary: GraphSum
             "external_data": data_files,
             "opset": options.opset,
             "precision": options.precision,
+            "merge_op": options.merge_op,
             "batch": options.batch or "dynamic",
             "image_size": built.image_size,
             **summary.to_dict(),

@@ -55,8 +55,11 @@ class ExportModule(nn.Module):
             return list(self.named_outputs(torch.zeros(1, 3, image_size, image_size, dtype=dtype)))
 
 
-def check_export_options(opset: int, precision: str, batch: int | None, kernel: str) -> None:
+def check_export_options(opset: int, precision: str, batch: int | None, kernel: str,
+                         merge_op: str = "function") -> None:
     """Bad export options raise UsageError before anything is loaded or written."""
+    if merge_op not in ("function", "inline"):
+        raise UsageError(f"unknown --merge-op {merge_op!r}; choose function or inline")
     if kernel not in KERNELS:
         raise UsageError(f"unknown merge kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -103,3 +106,18 @@ def export_onnx(module: ExportModule, path: Path, image_size: int, opset: int = 
     finally:
         exporter_log.setLevel(level)
     return names
+
+
+def fold_merge_ops(path: Path, kernel: str) -> None:
+    """Rewrite `path` with one `turbo::TurboMerge` function node per merge block (in place;
+    external weights stay external)."""
+    import onnx
+
+    from graph_passes.merge_functions import fold_merge_blocks
+
+    data = path.with_name(path.name + ".data")
+    folded = fold_merge_blocks(onnx.load(str(path)), kernel)
+    external = data.exists()
+    if external:
+        data.unlink()  # onnx appends to an existing data file
+    onnx.save(folded, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data.name)

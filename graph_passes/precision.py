@@ -16,7 +16,11 @@ def _upcast_graph(graph: onnx.GraphProto) -> None:
     for index, init in enumerate(graph.initializer):
         if init.data_type == TensorProto.FLOAT16:
             graph.initializer[index].CopyFrom(_upcast_tensor(init))
-    for node in graph.node:
+    _upcast_nodes(graph.node)
+
+
+def _upcast_nodes(nodes) -> None:
+    for node in nodes:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT16:
                 attr.t.CopyFrom(_upcast_tensor(attr.t))
@@ -35,9 +39,6 @@ def upcast_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     upcast = onnx.ModelProto()
     upcast.CopyFrom(model)
     _upcast_graph(upcast.graph)
-    for function in upcast.functions:
-        for node in function.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.INT and attr.name == "to" and attr.i == TensorProto.FLOAT16:
-                    attr.i = TensorProto.FLOAT
+    for function in upcast.functions:  # folded merge blocks
+        _upcast_nodes(function.node)
     return upcast

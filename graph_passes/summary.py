@@ -55,6 +55,7 @@ class GraphSummary:
             "nodes": sum(self.op_counts.values()),
             "merge_blocks": len(self.merge_blocks),
             "merge_r": [block.r for block in self.merge_blocks],
+            "turbo_merge_nodes": self.op_counts.get("TurboMerge", 0),
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "op_counts": dict(sorted(self.op_counts.items())),
@@ -67,14 +68,23 @@ def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
     return TensorInfo(value.name, dims, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name)
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    found = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                found[node.output[0]] = value
-    return found
+def all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The graph's nodes and those of its model-local functions (folded merge blocks)."""
+    return [*model.graph.node, *(node for function in model.functions for node in function.node)]
+
+
+def node_scopes(model: onnx.ModelProto) -> list[tuple[list[onnx.NodeProto], dict[str, onnx.TensorProto]]]:
+    """(nodes, the constants they can see) for the graph and for each model-local function:
+    a function sees only its own Constant nodes, the graph its initializers and Constants."""
+    def local(nodes, found: dict) -> dict:
+        for node in nodes:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                found[node.output[0]] = node.attribute[0].t
+        return found
+
+    graph = model.graph
+    scopes = [(list(graph.node), local(graph.node, {init.name: init for init in graph.initializer}))]
+    return scopes + [(list(f.node), local(f.node, {})) for f in model.functions]
 
 
 def _scalar(tensor: onnx.TensorProto, base_dir: Path) -> int:
@@ -83,7 +93,7 @@ def _scalar(tensor: onnx.TensorProto, base_dir: Path) -> int:
     return int(np.asarray(numpy_helper.to_array(tensor)).reshape(-1)[0])
 
 
-def _merge_scope(node: onnx.NodeProto) -> str | None:
+def merge_scope(node: onnx.NodeProto) -> str | None:
     """The module path of the TokenMerge that emitted `node`, from the exporter's metadata."""
     meta = {p.key: p.value for p in node.metadata_props}
     try:
@@ -99,27 +109,27 @@ def summarize(path: str | Path) -> GraphSummary:
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
-    constants = _constants(model)
     ks_by_scope: dict[str, list[int]] = {}
     unscoped = dynamic = 0
-    for node in graph.node:
-        if node.op_type != "TopK":
-            continue
-        if node.input[1] not in constants:
-            dynamic += 1
-            continue
-        scope = _merge_scope(node)
-        if scope is None:
-            unscoped += 1
-        else:
-            ks_by_scope.setdefault(scope, []).append(_scalar(constants[node.input[1]], path.parent))
+    for nodes, constants in node_scopes(model):
+        for node in nodes:
+            if node.op_type != "TopK":
+                continue
+            if node.input[1] not in constants:
+                dynamic += 1
+                continue
+            scope = merge_scope(node)
+            if scope is None:
+                unscoped += 1
+            else:
+                ks_by_scope.setdefault(scope, []).append(_scalar(constants[node.input[1]], path.parent))
     blocks = tuple(MergeBlock(scope, ks[0], ks[1] if len(ks) > 1 else 0) for scope, ks in ks_by_scope.items())
     reductions = tuple(
         next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
-        for node in graph.node if node.op_type == "ScatterElements"
+        for node in all_nodes(model) if node.op_type == "ScatterElements"
     )
     return GraphSummary(
-        op_counts=dict(Counter(node.op_type for node in graph.node)),
+        op_counts=dict(Counter(node.op_type for node in all_nodes(model))),
         merge_blocks=blocks,
         unscoped_topk=unscoped,
         dynamic_topk=dynamic,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import onnx
 
+from graph_passes.summary import node_scopes
+
 MAX_TOPK = 3840
 MAX_OPSET = 20  # the newest opset the 10.x parser documents
 REDUCE_OPS = {"ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
@@ -30,30 +32,22 @@ def _attribute(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    found = {init.name: init for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            found[node.output[0]] = node.attribute[0].t
-    return found
-
-
 def lint(path: str | Path) -> list[Finding]:
     """Every TensorRT-relevant problem in the graph at `path`, errors first."""
     model = onnx.load(str(path), load_external_data=False)
-    graph = model.graph
-    constants = _constants(graph)
     findings = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset > MAX_OPSET:
         findings.append(Finding("warning", "", "", f"opset {opset} is newer than TensorRT 10's parser documents "
                                                     f"({MAX_OPSET}); export with --opset {MAX_OPSET} if parsing fails"))
-    for node in graph.node:
+    local_functions = {(f.domain, f.name) for f in model.functions}
+    for node, constants in ((node, constants) for nodes, constants in node_scopes(model) for node in nodes):
         def add(severity: str, message: str, node=node) -> None:
             findings.append(Finding(severity, node.name, node.op_type, message))
 
         if node.domain not in ("", "ai.onnx"):
-            add("warning", f"custom op {node.domain}::{node.op_type} needs its plugin registered (or a local function)")
+            if (node.domain, node.op_type) not in local_functions:  # with one, TensorRT imports its body
+                add("warning", f"custom op {node.domain}::{node.op_type} has no local function: it needs its plugin")
         elif node.op_type == "TopK":
             if node.input[1] not in constants:
                 add("error", "TopK K is computed at run time; TensorRT needs a constant K")

@@ -89,13 +89,10 @@ def test_a_graph_edited_after_export(exported, tmp_path):
     """A merge block's K changed from r=4 to r=3: the graph no longer matches manifest or plan."""
     directory = copy_of(exported, tmp_path)
     model = onnx.load(str(directory / "model.onnx"))
-    topk = next(node for node in model.graph.node if node.op_type == "TopK")
-    init = next((i for i in model.graph.initializer if i.name == topk.input[1]), None)
-    if init is not None:
-        init.CopyFrom(numpy_helper.from_array(np.array([3], np.int64), init.name))
-    else:
-        constant = next(n for n in model.graph.node if n.op_type == "Constant" and n.output[0] == topk.input[1])
-        constant.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array([3], np.int64)))
+    body = model.functions[0].node  # the first layer's turbo::TurboMerge function
+    topk = next(node for node in body if node.op_type == "TopK")
+    constant = next(node for node in body if node.op_type == "Constant" and node.output[0] == topk.input[1])
+    constant.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array([3], np.int64)))
     onnx.save(model, str(directory / "model.onnx"))
     result = check(directory, "--json")
     assert result.exit_code == 3

@@ -57,12 +57,18 @@ def test_ort_equals_torch_at_batch_1_and_3(tmp_path_factory, name, r, kernel):
 def test_graph_agrees_with_the_plan(tmp_path_factory, name, r, kernel):
     result = tiny_export(tmp_path_factory, name, r, kernel, external_data=kernel == "scatter")
     plan = tiny_pair(name, r=r)[3].plan
-    graph = onnx.load(str(result.directory / MODEL_FILE), load_external_data=False).graph
-    ops = [node.op_type for node in graph.node]
+    model = onnx.load(str(result.directory / MODEL_FILE), load_external_data=False)
+    graph = model.graph
+    nodes = [*graph.node, *(node for function in model.functions for node in function.node)]
+    ops = [node.op_type for node in nodes]
     merging = [layer for layer in plan.layers if layer.r > 0]
+    merge_nodes = [node for node in graph.node if node.op_type == "TurboMerge"]
+    assert [onnx.helper.get_attribute_value(a) for n in merge_nodes for a in n.attribute if a.name == "r"] == [
+        layer.r for layer in merging]  # one turbo::TurboMerge node per merging layer, carrying its r
+    assert all(n.domain == "turbo" for n in merge_nodes) and len(model.functions) == len(merging)
     assert ops.count("TopK") == 2 * len(merging)
     assert "ScatterND" not in ops
-    scatters = [node for node in graph.node if node.op_type == "ScatterElements"]
+    scatters = [node for node in nodes if node.op_type == "ScatterElements"]
     if kernel == "matmul":
         assert not scatters
     else:
@@ -152,3 +158,13 @@ def test_manifest_records_the_export(tmp_path_factory):
     assert manifest["image_processor"]["origin"] == "blip default"
     processor = (result.directory / "preprocessor_config.json").read_text()
     assert "BlipImageProcessor" in processor and '"height": 48' in processor
+
+
+def test_function_nodes_compute_exactly_what_plain_ops_do(tmp_path_factory):
+    folded = tiny_export(tmp_path_factory, "vit-b16", 4)
+    inline = tiny_export(tmp_path_factory, "vit-b16", 4, merge_op="inline")
+    assert inline.manifest["onnx"]["turbo_merge_nodes"] == 0 and folded.manifest["onnx"]["turbo_merge_nodes"] == 4
+    assert inline.manifest["onnx"]["merge_r"] == folded.manifest["onnx"]["merge_r"] == [4, 4, 4, 4]
+    x = pixels("vit-b16", batch=3, seed=5).numpy()
+    for got, want in zip(ort_outputs(folded.directory, x), ort_outputs(inline.directory, x)):
+        np.testing.assert_array_equal(got, want)

@@ -46,7 +46,8 @@ def lint_graph(tmp_path, nodes, initializers=(), opset=20):
                               [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)],
                               list(initializers))
     path = tmp_path / "g.onnx"
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10), str(path))
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("turbo", 1)]
+    save(helper.make_model(graph, opset_imports=opsets, ir_version=10), str(path))
     from graph_passes.trt_lint import lint
 
     return lint(path)
@@ -80,3 +81,10 @@ def test_trt_lint_flags_what_the_parser_rejects(tmp_path):
 def test_trt_lint_passes_a_clean_graph(tmp_path):
     nodes = [helper.make_node("TopK", ["x", "k"], ["v", "i"]), helper.make_node("Relu", ["v"], ["y"])]
     assert lint_graph(tmp_path, nodes, [numpy_helper.from_array(np.array([4], np.int64), "k")]) == []
+
+
+def test_trt_lint_wants_a_plugin_or_a_local_function_for_custom_ops(tmp_path):
+    nodes = [helper.make_node("TurboMerge", ["x"], ["y"], domain="turbo")]
+    findings = lint_graph(tmp_path, nodes)
+    assert [(f.severity, f.op_type) for f in findings] == [("warning", "TurboMerge")]
+    assert "no local function" in findings[0].message

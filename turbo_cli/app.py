@@ -68,6 +68,8 @@ def export_command(
     threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
     schedule: str = typer.Option("constant", "--schedule", help="constant | decreasing | per-layer list like 8,8,4,4."),
     merge_kernel: str = typer.Option("matmul", "--merge-kernel", help="matmul (no scatter ops) | scatter."),
+    merge_op: str = typer.Option(
+        "function", "--merge-op", help="function: one turbo::TurboMerge node per layer (a local function) | inline."),
     opset: int = typer.Option(20, "--opset", help="ONNX opset, 18..23."),
     batch: str = typer.Option("dynamic", "--batch", help="Static batch size, or 'dynamic' for a dynamic batch axis."),
     image_size: int | None = typer.Option(None, "--image-size", help="Input resolution (default: the model's)."),
@@ -89,7 +91,7 @@ def export_command(
     options = ExportOptions(model=model, r=chosen, method=method, alpha=alpha, threshold=threshold, schedule=schedule,
                             kernel=merge_kernel, opset=opset, batch=parse_batch(batch), image_size=image_size,
                             precision=precision, random_weights=random_weights, validate=validate, tiny=tiny,
-                            r_auto=r_auto)
+                            r_auto=r_auto, merge_op=merge_op)
     run_export_command(options, output, force, json_output)
 
 
