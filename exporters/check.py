@@ -53,16 +53,6 @@ def _read_manifest(directory: Path, report: CheckReport) -> dict | None:
     return manifest
 
 
-def _replan(manifest: dict):
-    from exporters.build import build_plan
-
-    turbo, onnx_info, model = manifest["turbo"], manifest["onnx"], manifest["model"]
-    schedule = turbo["schedule"]
-    return build_plan(model["name"], turbo["r_requested"], turbo["method"], turbo["alpha"],
-                      ",".join(map(str, schedule)) if isinstance(schedule, list) else schedule, turbo["threshold"],
-                      turbo["fusion"], model.get("tiny", False), onnx_info["image_size"])
-
-
 def _graph_checks(directory: Path, manifest: dict, built, report: CheckReport):
     import onnx
 
@@ -84,8 +74,7 @@ def _graph_checks(directory: Path, manifest: dict, built, report: CheckReport):
         report.add("onnx.checker (full)", False, f"{exc.__class__.__name__}: {str(exc).strip()[:200]}")
     summary = summarize(model_path)
     graph = summary.to_dict()
-    opset = next(o.version for o in onnx.load(str(model_path), load_external_data=False).opset_import
-                 if o.domain in ("", "ai.onnx"))
+    opset = summary.opset
     differing = [key for key in ("merge_r", "inputs", "outputs") if graph[key] != onnx_info.get(key)]
     if opset != onnx_info.get("opset"):
         differing.append("opset")
@@ -115,7 +104,9 @@ def run_check(directory: str | Path, max_diff: float | None = None, min_agreemen
     if manifest is None:
         return report
     try:
-        built = _replan(manifest)
+        from exporters.export import ExportOptions
+
+        built = ExportOptions.from_manifest(manifest).plan()
     except Exception as exc:  # a manifest whose settings no longer plan is a failed check, not a crash
         report.add("plan vs manifest", False, f"cannot re-plan: {exc}")
         built = None

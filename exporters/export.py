@@ -45,6 +45,25 @@ class ExportOptions:
     r_auto: dict | None = None  # how `--r auto` chose r (recorded in the manifest)
     merge_op: str = "function"  # one turbo::TurboMerge function node per merge block, or "inline" plain ops
 
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "ExportOptions":
+        """The options an export was made with, read back from its turbo.json."""
+        model, turbo, onnx_info = manifest["model"], manifest["turbo"], manifest["onnx"]
+        schedule = turbo["schedule"]
+        return cls(
+            model=model["name"], r=turbo["r_requested"], method=turbo["method"], alpha=turbo["alpha"],
+            threshold=turbo["threshold"], fusion=turbo["fusion"], kernel=turbo["merge_kernel"],
+            schedule=",".join(map(str, schedule)) if isinstance(schedule, list) else schedule,
+            opset=onnx_info["opset"], batch=None if onnx_info["batch"] == "dynamic" else onnx_info["batch"],
+            image_size=onnx_info["image_size"], precision=onnx_info["precision"],
+            random_weights=model["random_weights"], seed=model.get("seed", 0), tiny=model.get("tiny", False),
+            merge_op=onnx_info.get("merge_op", "inline"),
+        )
+
+    def plan(self) -> BuiltPlan:
+        return build_plan(self.model, self.r, self.method, self.alpha, self.schedule, self.threshold, self.fusion,
+                          self.tiny, self.image_size)
+
 
 @dataclass
 class ExportResult:
@@ -70,8 +89,7 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
     validation still writes the directory, with the manifest saying failed."""
     started = now()
     check_export_options(options.opset, options.precision, options.batch, options.kernel, options.merge_op)
-    built = build_plan(options.model, options.r, options.method, options.alpha, options.schedule,
-                       options.threshold, options.fusion, options.tiny, options.image_size)
+    built = options.plan()
     check_target(Path(output), force)
     seconds: dict[str, float] = {}
 

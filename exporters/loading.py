@@ -82,7 +82,7 @@ def resolve_source(model: str, tiny: bool = False) -> ModelSource:
     from transformers import AutoConfig
 
     try:
-        config = _from_cache_or_hub(AutoConfig.from_pretrained, model)
+        config = from_cache_or_hub(AutoConfig.from_pretrained, model)
     except Exception as exc:  # hub, cache and parse errors all mean the same to the user
         raise ModelLoadError(f"{model}: cannot get its config ({_reason(exc)}); {_cache_hint(model, False)}; "
                               f"registry names work offline: {', '.join(list_models())}") from None
@@ -97,7 +97,7 @@ def _merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def _from_cache_or_hub(load: Callable, location: str):
+def from_cache_or_hub(load: Callable, location: str):
     """The local cache first (instant); the hub only when not offline, without its retry chatter."""
     try:
         return load(location, local_files_only=True)
@@ -140,7 +140,7 @@ def load_model(source: ModelSource, random_weights: bool = False, seed: int = 0)
         model = model_class(source.config)
     else:
         try:
-            model = _from_cache_or_hub(model_class.from_pretrained, source.location)
+            model = from_cache_or_hub(model_class.from_pretrained, source.location)
         except Exception as exc:  # missing files, no network, corrupt weights
             raise ModelLoadError(
                 f"cannot load weights for {source.name} from {source.location} ({_reason(exc)}); "
@@ -159,7 +159,7 @@ def load_image_processor(source: ModelSource, image_size: int, random_weights: b
         from transformers import AutoImageProcessor
 
         try:
-            processor = _from_cache_or_hub(AutoImageProcessor.from_pretrained, source.location)
+            processor = from_cache_or_hub(AutoImageProcessor.from_pretrained, source.location)
         except Exception:  # no processor files: the default below, reported through the origin
             pass
         else:

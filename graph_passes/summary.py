@@ -49,6 +49,7 @@ class GraphSummary:
     scatter_reductions: tuple[str, ...]  # the reduction of every ScatterElements node
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
+    opset: int  # of the default ONNX domain
 
     def to_dict(self) -> dict:
         return {
@@ -136,4 +137,5 @@ def summarize(path: str | Path) -> GraphSummary:
         scatter_reductions=reductions,
         inputs=tuple(_tensor_info(v) for v in graph.input),
         outputs=tuple(_tensor_info(v) for v in graph.output),
+        opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0),
     )

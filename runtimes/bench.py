@@ -8,12 +8,11 @@ import platform
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
 from exporters.errors import EXIT_MISSING_RUNTIME, TurboError, UsageError
+from exporters.validate import seeded_pixels
 from runtimes.availability import DEVICES, RUNTIMES, unavailable_reason
 from runtimes.base import Runner
 from runtimes.timing import TimingStats, interleaved
@@ -88,10 +87,6 @@ def _threads(options: BenchOptions) -> int:
     return options.threads or os.cpu_count() or 1
 
 
-def _seeded_pixels(batch: int, image_size: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, 3, image_size, image_size), np.float32)
-
-
 def _peak_memory(runner: Runner, feeds: dict, device: str) -> dict:
     """CUDA: torch's max allocated during one run. CPU: peak RSS growth during one warm run, so
     pass a runner without memory pools (`Runner.memory_probe`)."""
@@ -146,7 +141,7 @@ def _time_candidates(candidates: list[Candidate], runtime: str, workload: str, o
     rows = []
     runners = {c.r: c.make_runner() for c in candidates}
     for batch in options.batches:
-        feeds = {"pixel_values": _seeded_pixels(batch, image_size, options.seed)}
+        feeds = {"pixel_values": seeded_pixels(batch, image_size, options.seed)}
         progress(f"timing {runtime} {workload} batch {batch}: r={','.join(str(c.r) for c in candidates)}")
         timers = {r: runner.timer(feeds, options.include_transfers) for r, runner in runners.items()}
         samples = interleaved(timers, options.warmup_s, options.iters, options.duration_s)
@@ -271,12 +266,8 @@ def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, li
                              "it must be an r=0 export")
         manifests.insert(0, (Path(options.baseline_dir), baseline))
     elif all(any(m["plan"]["r"]) for _, m in manifests):  # no r=0 export given: build one alike
-        onnx = first["onnx"]
-        baseline_dir = _cached_export(ExportOptions(
-            model=first["model"]["name"], r=0, precision=onnx["precision"], opset=onnx["opset"],
-            batch=None if onnx["batch"] == "dynamic" else onnx["batch"], image_size=onnx["image_size"],
-            random_weights=first["model"]["random_weights"], seed=first["model"].get("seed", 0),
-            tiny=first["model"].get("tiny", False)), progress)
+        baseline = replace(ExportOptions.from_manifest(first), r=0, schedule="constant")
+        baseline_dir = _cached_export(baseline, progress)
         manifests.insert(0, (baseline_dir, read_manifest(baseline_dir)))
     if manifests[0][1]["plan"]["tokens_in"] != first["plan"]["tokens_in"]:
         raise UsageError(f"the baseline has {manifests[0][1]['plan']['tokens_in']} tokens but the exports "

@@ -126,14 +126,14 @@ def _load_samples(options: EvalOptions, family: str):
 
 def _tokenizer(source, random_weights: bool):
     """The BLIP tokenizer from the cache, or None (captions are then compared as token ids)."""
-    from exporters.loading import _from_cache_or_hub
+    from exporters.loading import from_cache_or_hub
 
     if random_weights and source.spec is not None:
         return None
     from transformers import AutoTokenizer
 
     try:
-        return _from_cache_or_hub(AutoTokenizer.from_pretrained, source.location)
+        return from_cache_or_hub(AutoTokenizer.from_pretrained, source.location)
     except Exception:  # no tokenizer files: ids are compared instead, and the report says so
         return None
 
@@ -192,6 +192,7 @@ def _from_export(options: EvalOptions) -> tuple[EvalOptions, dict]:
     """The model, weights and merge settings an export was made with (its r=0 is the baseline)."""
     from dataclasses import replace
 
+    from exporters.export import ExportOptions
     from exporters.manifest import MANIFEST_FILE, read_manifest
 
     if not (Path(options.export_dir) / MANIFEST_FILE).is_file():
@@ -201,10 +202,9 @@ def _from_export(options: EvalOptions) -> tuple[EvalOptions, dict]:
     manifest = read_manifest(options.export_dir)
     if not manifest["model"]["architecture"].startswith("ViT"):
         raise UsageError("evaluating a BLIP export needs its decoder export (issue 4); use --model for BLIP")
-    model, turbo = manifest["model"], manifest["turbo"]
-    return replace(options, model=model["name"], tiny=model.get("tiny", False), random_weights=model["random_weights"],
-                   seed=model.get("seed", 0), method=turbo["method"], alpha=turbo["alpha"],
-                   threshold=turbo["threshold"], rs=[turbo["r_requested"]]), manifest
+    made = ExportOptions.from_manifest(manifest)
+    return replace(options, model=made.model, tiny=made.tiny, random_weights=made.random_weights, seed=made.seed,
+                   method=made.method, alpha=made.alpha, threshold=made.threshold, rs=[made.r]), manifest
 
 
 def _drop(metric: str, base: dict, run: dict, family: str) -> float:
