@@ -23,6 +23,15 @@ class BlockParts:
 
 
 @dataclass(frozen=True)
+class CaptionDecoder:
+    """A family's text decoder, for captioning exports."""
+
+    module: Callable[[nn.Module], nn.Module]  # model -> its language-model-head decoder
+    generation_ids: Callable[[object], dict[str, int]]  # config -> bos/eos/pad token ids as generate uses them
+    placeholder_tokenizer: Callable[[object], object]  # config -> a made-up vocabulary (random weights only)
+
+
+@dataclass(frozen=True)
 class FamilyAdapter:
     """What turbo knows of one transformers model family."""
 
@@ -36,6 +45,7 @@ class FamilyAdapter:
     # (model, pixel_values, interpolate_pos_encoding) -> named outputs, the deployed ones first
     export_outputs: Callable[[nn.Module, torch.Tensor, bool], dict[str, torch.Tensor]]
     image_processor: Callable[[int], object]  # image size -> the family's default (PIL) image processor
+    caption_decoder: CaptionDecoder | None = None
 
     def arch_spec(self, config: object, image_size: int | None = None) -> ArchSpec:
         vision = self.vision_config(config)

@@ -4,7 +4,7 @@ the text decoder cross-attends to the fewer image tokens unchanged."""
 import torch
 from torch import nn
 
-from exporters.adapters import BlockParts, FamilyAdapter
+from exporters.adapters import BlockParts, CaptionDecoder, FamilyAdapter
 
 RANDOM_INIT_RANGE = 0.02  # BLIP's vision default (1e-10) makes every random token identical
 
@@ -43,6 +43,36 @@ def _image_processor(image_size: int) -> object:
     return BlipImageProcessorPil(size={"height": image_size, "width": image_size})
 
 
+def _generation_ids(config) -> dict[str, int]:
+    """As BlipForConditionalGeneration.generate sets them: [DEC] starts, [SEP] ends, [PAD] pads."""
+    text = config.text_config
+    return {"bos_token_id": text.bos_token_id, "eos_token_id": text.sep_token_id, "pad_token_id": text.pad_token_id}
+
+
+# bert-base-uncased ids of the prompt words, so the placeholder tokenizer encodes BLIP's prompt as the real one does
+_PROMPT_WORDS = {1037: "a", 3861: "picture", 1997: "of"}
+
+
+def _placeholder_tokenizer(config) -> object:
+    """A BERT word-piece tokenizer with BLIP's special-token ids and made-up words ("w123") for
+    the rest: decodes random-weight captions, which are noise whatever the vocabulary."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import BertTokenizer
+
+    text = config.text_config
+    vocab = [f"w{i}" for i in range(text.vocab_size)]
+    specials = {text.pad_token_id: "[PAD]", 100: "[UNK]", 101: "[CLS]", text.sep_token_id: "[SEP]", 103: "[MASK]",
+                text.bos_token_id: "[DEC]"}
+    for index, token in {**_PROMPT_WORDS, **specials}.items():
+        vocab[index] = token
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "vocab.txt"
+        path.write_text("\n".join(vocab) + "\n")
+        return BertTokenizer(str(path), bos_token="[DEC]", model_max_length=512)
+
+
 BLIP = FamilyAdapter(
     family="blip",
     architectures=("BlipForConditionalGeneration",),
@@ -53,4 +83,5 @@ BLIP = FamilyAdapter(
     prepare_random_config=_prepare_random_config,
     export_outputs=_export_outputs,
     image_processor=_image_processor,
+    caption_decoder=CaptionDecoder(lambda model: model.text_decoder, _generation_ids, _placeholder_tokenizer),
 )

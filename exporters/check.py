@@ -115,11 +115,48 @@ def run_check(directory: str | Path, max_diff: float | None = None, min_agreemen
         report.add("plan vs manifest", same, "re-planned from the manifest's settings" + ("" if same else
                                                                                             ": the plans differ"))
     summary = _graph_checks(directory, manifest, built, report)
+    if "decoder" in manifest:
+        _decoder_checks(directory, manifest, built, report)
     if summary is not None and built is not None:
         _revalidate(directory, manifest, built, report, max_diff, min_agreement)
     if min_speedup is not None:
         _speed_gate(directory, manifest, report, min_speedup, iters)
     return report
+
+
+def _decoder_checks(directory: Path, manifest: dict, built, report: CheckReport) -> None:
+    """A captioning export's decoder: files, onnx.checker, and image tokens that match the plan
+    and the encoder (an encoder and decoder exported for different r do not fit)."""
+    import onnx
+
+    from runtimes.caption import GENERATION_FILE
+
+    decoder = manifest["decoder"]
+    names = [decoder["first_step"], decoder["with_past"], decoder["weights"], GENERATION_FILE, "tokenizer_config.json"]
+    missing = [name for name in names if not (directory / name).is_file()]
+    if report.add("decoder files", not missing, f"missing {', '.join(missing)}" if missing else
+                  "first-step and with-past graphs, shared weights, tokenizer, generation config") is False:
+        return
+    problems = []
+    for name in names[:2]:
+        try:
+            onnx.checker.check_model(str(directory / name), full_check=True)
+        except Exception as exc:  # checker and protobuf errors alike
+            problems.append(f"{name}: {exc.__class__.__name__}: {str(exc).strip()[:160]}")
+    report.add("decoder onnx.checker (full)", not problems, "; ".join(problems))
+    encoder = onnx.load(str(directory / manifest["onnx"]["file"]), load_external_data=False).graph.output[0]
+    produced = encoder.type.tensor_type.shape.dim[1].dim_value
+    tokens = {}
+    for name in names[:2]:
+        graph = onnx.load(str(directory / name), load_external_data=False).graph
+        cross = next(i for i in graph.input if i.name in ("image_embeds", "past.0.cross.key"))
+        dims = cross.type.tensor_type.shape.dim
+        tokens[name] = dims[1].dim_value if cross.name == "image_embeds" else dims[2].dim_value
+    planned = built.plan.final_tokens if built is not None else produced
+    fits = set(tokens.values()) == {produced} == {planned}
+    report.add("decoder image tokens", fits, f"encoder gives {produced}, plan {planned}, decoder graphs expect "
+               + ", ".join(f"{count} ({name})" for name, count in tokens.items())
+               + ("" if fits else ": exported for different r; re-export"))
 
 
 def _revalidate(directory: Path, manifest: dict, built, report: CheckReport, max_diff: float | None,
@@ -153,11 +190,35 @@ def _revalidate(directory: Path, manifest: dict, built, report: CheckReport, max
     decisions = sum(max(d.tokens_differing, 0) for d in validation.decisions if d.gated)
     report.add("ORT vs PyTorch", validation.passed,
                validation.runtime_error or f"max abs diff {worst:.2e}, {decisions} gated merge decisions differ")
+    if "decoder" in manifest:
+        _revalidate_decoder(directory, manifest, built, model, report)
     if max_diff is not None:
         report.add("gate: max diff", worst <= max_diff, f"{worst:.2e} (limit {max_diff:g})")
     if min_agreement is not None:
         value, what = _agreement(path, unmerged, built, batch)
         report.add("gate: agreement", value >= min_agreement, f"{what} {value:.4f} (limit {min_agreement:g})")
+
+
+def _revalidate_decoder(directory: Path, manifest: dict, built, model, report: CheckReport) -> None:
+    from exporters.decoder_validate import validate_decoder
+    from exporters.errors import TurboError
+    from exporters.validate import ValidationReport
+    from runtimes.caption import CaptionPipeline
+
+    try:
+        pipeline = CaptionPipeline.open(directory)
+    except TurboError as exc:
+        report.add("decoder vs PyTorch", False, str(exc))
+        return
+    validation = ValidationReport("pytorch", "onnxruntime")
+    validate_decoder(model, built.source.adapter.caption_decoder.module(model), pipeline, validation,
+                     built.image_size, built.interpolate_pos_encoding, manifest["decoder"]["prompt"],
+                     manifest["onnx"]["precision"], manifest["model"].get("seed", 0))
+    worst = max((c.max_abs_diff for c in validation.outputs), default=float("inf"))
+    differing = sum(c.sequences_differing for c in validation.captions)
+    passed = validation.runtime_error is None and all(c.passed for c in validation.outputs + validation.captions)
+    report.add("decoder vs PyTorch", passed and bool(validation.outputs),
+               validation.runtime_error or f"logits max abs diff {worst:.2e}, {differing} greedy captions differ")
 
 
 def _agreement(path: Path, unmerged, built, batch: int | None) -> tuple[float, str]:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporters.build import BuiltPlan, build_plan
-from exporters.loading import load_image_processor, load_model
+from exporters.decoder_export import export_captioner
+from exporters.loading import load_image_processor, load_model, load_tokenizer
 from exporters.manifest import now, versions, write_manifest
 from exporters.onnx_export import PRECISIONS, ExportModule, check_export_options, export_onnx, fold_merge_ops
 from exporters.patch import apply_turbo
@@ -101,8 +102,10 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
         seconds[name] = round(time.perf_counter() - begin, 2)
 
     with staged_directory(output, force) as staging:
+        captioning = built.source.adapter.caption_decoder is not None
         with timed("load"):
             model = load_model(built.source, options.random_weights, options.seed)
+            tokenizer = load_tokenizer(built.source, options.random_weights) if captioning else None
         with timed("patch"):
             apply_turbo(model, built.source.adapter, built.plan, built.merge_config, options.kernel)
             module = ExportModule(model, built)
@@ -116,20 +119,46 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
             del exported
             processor, processor_origin = load_image_processor(built.source, built.image_size, options.random_weights)
             processor.save_pretrained(staging)
+        decoder = None
+        if captioning:
+            with timed("decoder"):
+                decoder = export_captioner(model, built.source, tokenizer, staging, built.plan.final_tokens,
+                                           options.opset)
         summary = summarize(staging / MODEL_FILE)
         report = None
         if options.validate:
             with timed("validate"):
                 report = validate_export(module, names, staging / MODEL_FILE, summary, built.plan, options.kernel,
                                          options.batch, options.precision, built.image_size, options.seed)
+                if decoder is not None:
+                    _validate_captioner(model, built, options, staging, decoder, report)
         warnings = []
         if not options.random_weights and processor_origin.endswith("default"):
             warnings.append(f"{built.source.location} has no image processor config; wrote the "
                             f"{processor_origin} (check its mean/std and resize before serving)")
         manifest = json.loads(json.dumps(_manifest(  # exactly what turbo.json holds
             built, options, model, summary, report, staging, processor_origin, seconds, started, command_line)))
+        if decoder is not None:
+            manifest["decoder"] = decoder
         write_manifest(staging, manifest)
     return ExportResult(Path(output), manifest, report, warnings)
+
+
+def _validate_captioner(model, built: BuiltPlan, options: ExportOptions, staging: Path, decoder: dict,
+                        report: ValidationReport) -> None:
+    """The decoder graphs and the whole ONNX captioner against upstream generate."""
+    from exporters.decoder_validate import validate_decoder
+    from runtimes.caption import CaptionPipeline, OrtDecoder, settings_from_config
+    from runtimes.onnxrt import OnnxRuntimeRunner
+
+    config = json.loads((staging / decoder["generation_config"]).read_text())
+    from transformers import AutoTokenizer
+
+    pipeline = CaptionPipeline(OnnxRuntimeRunner(staging / MODEL_FILE), OrtDecoder(staging, decoder),
+                               AutoTokenizer.from_pretrained(staging), settings_from_config(config),
+                               config["bos_token_id"], options.batch)
+    validate_decoder(model, built.source.adapter.caption_decoder.module(model), pipeline, report, built.image_size,
+                     built.interpolate_pos_encoding, decoder["prompt"], options.precision, options.seed)
 
 
 def _manifest(built: BuiltPlan, options: ExportOptions, model, summary: GraphSummary,

@@ -32,3 +32,16 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
 
 def read_manifest(directory: str | Path) -> dict:
     return json.loads((Path(directory) / MANIFEST_FILE).read_text())
+
+
+def read_export_manifest(directory: str | Path) -> dict:
+    """An export directory's turbo.json; a UsageError when DIR is not an export."""
+    from exporters.errors import UsageError
+
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise UsageError(f"{directory} has no {MANIFEST_FILE}: not a turbo export directory")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}); re-export the directory") from None

@@ -87,6 +87,14 @@ def export_onnx(module: ExportModule, path: Path, image_size: int, opset: int = 
     dynamic = None if batch else {INPUT_NAME: {0: torch.export.Dim("batch")}}
     if external_data is None:
         external_data = parameter_bytes(module) >= EXTERNAL_DATA_BYTES
+    program = run_exporter(module, (example,), [INPUT_NAME], names, dynamic, opset)
+    program.save(str(path), external_data=external_data)
+    return names
+
+
+def run_exporter(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+                 dynamic_shapes: dict | tuple | None, opset: int):
+    """torch.onnx.export (dynamo) without its chatter; an ONNXProgram, or ExportError in one line."""
     chatter = io.StringIO()
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
@@ -94,18 +102,16 @@ def export_onnx(module: ExportModule, path: Path, image_size: int, opset: int = 
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module.eval(), (example,), input_names=[INPUT_NAME], output_names=names,
-                opset_version=opset, dynamic_shapes=dynamic, verbose=False,
+            return torch.onnx.export(
+                module.eval(), args, input_names=input_names, output_names=output_names,
+                opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False,
             )
-            program.save(str(path), external_data=external_data)
     except Exception as exc:  # the exporter's errors are long; the first line says what failed
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
         sys.stderr.write(chatter.getvalue())
         raise ExportError(f"torch.onnx.export failed: {exc.__class__.__name__}: {first}") from exc
     finally:
         exporter_log.setLevel(level)
-    return names
 
 
 def fold_merge_ops(path: Path, kernel: str) -> None:

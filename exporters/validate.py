@@ -81,12 +81,13 @@ class ValidationReport:
     outputs: list[OutputCheck] = field(default_factory=list)
     decisions: list[DecisionCheck] = field(default_factory=list)
     graph_problems: list[str] = field(default_factory=list)
+    captions: list = field(default_factory=list)  # decoder_validate.CaptionCheck, for captioning exports
 
     @property
     def passed(self) -> bool:
         return (self.checker_error is None and self.runtime_error is None and self.names_match
                 and not self.graph_problems and bool(self.outputs)
-                and all(c.passed for c in self.outputs) and all(c.passed for c in self.decisions))
+                and all(c.passed for c in self.outputs + self.decisions + self.captions))
 
     def to_dict(self) -> dict:
         return {
@@ -99,6 +100,7 @@ class ValidationReport:
             "outputs": [{**asdict(c), "passed": c.passed} for c in self.outputs],
             "merge_decisions": [{**asdict(c), "passed": c.passed} for c in self.decisions],
             "graph_problems": self.graph_problems,
+            **({"captions": [{**asdict(c), "passed": c.passed} for c in self.captions]} if self.captions else {}),
         }
 
 

@@ -19,7 +19,8 @@ from runtimes.timing import TimingStats, interleaved
 
 SCHEMA = "turbo-bench/1"
 PRECISIONS = ("fp32", "fp16", "bf16")
-CAPTION_ON_ORT = "caption generation on ONNX Runtime needs the BLIP decoder export (issue 4)"
+NO_DECODER = "the export has no text decoder (re-export it with this turbo version)"
+EXPORT_FORMAT = 2  # bumped when exports gain files (2: BLIP text decoder), so cached exports are rebuilt
 Progress = Callable[[str], None]
 
 
@@ -206,7 +207,7 @@ def _cached_export(export_options, progress: Progress) -> Path:
     from exporters.export import run_export
     from exporters.manifest import read_manifest, versions
 
-    key = hashlib.sha256(json.dumps([asdict(export_options), versions()["turbo"]], sort_keys=True,
+    key = hashlib.sha256(json.dumps([asdict(export_options), versions()["turbo"], EXPORT_FORMAT], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
     out = cache_root() / "exports" / f"{Path(export_options.model).name}-r{export_options.r}-{key}"
     if (out / "turbo.json").exists() and read_manifest(out)["status"] == "passed":
@@ -219,14 +220,18 @@ def _cached_export(export_options, progress: Progress) -> Path:
     return out
 
 
-def _ort_runner(directory: Path, options: BenchOptions) -> Runner:
+def _ort_runner(directory: Path, options: BenchOptions, workload: str = "encoder") -> Runner:
+    """The export's encoder, or (caption) its whole captioner at a fixed caption length."""
+    from runtimes.caption import CaptionPipeline, CaptionRunner
     from runtimes.onnxrt import OnnxRuntimeRunner
 
     providers = ("CUDAExecutionProvider",) if options.device == "cuda" else ("CPUExecutionProvider",)
+    if workload == "caption":
+        return CaptionRunner(CaptionPipeline.open(directory, _threads(options), providers), options.caption_tokens)
     return OnnxRuntimeRunner(directory / "model.onnx", providers, threads=_threads(options))
 
 
-def _ort_candidates(plans: dict, options: BenchOptions, progress: Progress) -> list[Candidate]:
+def _ort_candidates(plans: dict, options: BenchOptions, progress: Progress, workload: str) -> list[Candidate]:
     from exporters.export import ExportOptions
 
     candidates = []
@@ -236,20 +241,18 @@ def _ort_candidates(plans: dict, options: BenchOptions, progress: Progress) -> l
             kernel=options.kernel, precision=options.precision, random_weights=options.random_weights,
             seed=options.seed, tiny=options.tiny), progress)
         candidates.append(Candidate(r, built.plan.final_tokens, built.plan.speedup_bound,
-                                    lambda d=directory: _ort_runner(d, options)))
+                                    lambda d=directory: _ort_runner(d, options, workload)))
     return candidates
 
 
-def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, list[Candidate]]:
+def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, list[Candidate], list[Candidate]]:
     """Candidates from exported directories; the baseline is --baseline or an r=0 export built alike."""
     from exporters.export import ExportOptions
-    from exporters.manifest import read_manifest
+    from exporters.manifest import read_export_manifest, read_manifest
 
     manifests = []
     for directory in options.export_dirs:
-        if not (Path(directory) / "turbo.json").is_file():
-            raise UsageError(f"{directory} has no turbo.json: not a turbo export directory")
-        manifest = read_manifest(directory)
+        manifest = read_export_manifest(directory)
         if manifest["status"] == "failed":
             raise TurboError(f"{directory} failed validation at export; not benchmarking an unfaithful export")
         manifests.append((Path(directory), manifest))
@@ -272,7 +275,7 @@ def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, li
     if manifests[0][1]["plan"]["tokens_in"] != first["plan"]["tokens_in"]:
         raise UsageError(f"the baseline has {manifests[0][1]['plan']['tokens_in']} tokens but the exports "
                          f"{first['plan']['tokens_in']}; pass --baseline with an r=0 export of the same model")
-    candidates, seen = [], set()
+    candidates, captioners, seen = [], [], set()
     for directory, manifest in manifests:
         r = 0 if not any(manifest["plan"]["r"]) else manifest["turbo"]["r_requested"]
         if r in seen:
@@ -281,7 +284,10 @@ def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, li
         plan = manifest["plan"]
         candidates.append(Candidate(r, plan["final_tokens"], plan["speedup_bound"],
                                     lambda d=directory: _ort_runner(d, options)))
-    return first, sorted(candidates, key=lambda c: c.r)
+        captioners.append(Candidate(r, plan["final_tokens"], plan["speedup_bound"],
+                                    lambda d=directory: _ort_runner(d, options, "caption")))
+    captioners = captioners if all("decoder" in m for _, m in manifests) else []
+    return first, sorted(candidates, key=lambda c: c.r), sorted(captioners, key=lambda c: c.r)
 
 
 def run_bench(options: BenchOptions, progress: Progress = lambda message: None) -> dict:
@@ -311,11 +317,14 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
         raise MissingRuntimeError("; ".join(f"{s['runtime']}: {s['reason']}" for s in skipped))
     rows = []
     if options.export_dirs:
-        first, candidates = _dir_candidates(options, progress)
+        first, candidates, captioners = _dir_candidates(options, progress)
         name, source, random_weights = (first["model"][k] for k in ("name", "source", "random_weights"))
         rows += _time_candidates(candidates, "ort", "encoder", options, first["onnx"]["image_size"], progress)
         if first["model"]["architecture"].startswith("Blip") and options.caption:
-            skipped.append({"runtime": "ort", "workload": "caption", "reason": CAPTION_ON_ORT})
+            if captioners:
+                rows += _time_candidates(captioners, "ort", "caption", options, first["onnx"]["image_size"], progress)
+            else:
+                skipped.append({"runtime": "ort", "workload": "caption", "reason": NO_DECODER})
     else:
         rs = sorted({0, *(options.rs if options.rs is not None
                           else [resolve_source(options.model, tiny=options.tiny).default_r])})
@@ -327,11 +336,8 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
         image_size = plans[0].image_size
         for runtime in runnable:
             for workload in workloads:
-                if runtime == "ort" and workload == "caption":
-                    skipped.append({"runtime": "ort", "workload": "caption", "reason": CAPTION_ON_ORT})
-                    continue
                 candidates = (_torch_candidates(plans, workload, options) if runtime == "torch"
-                              else _ort_candidates(plans, options, progress))
+                              else _ort_candidates(plans, options, progress, workload))
                 rows += _time_candidates(candidates, runtime, workload, options, image_size, progress)
     return {
         "schema": SCHEMA,

@@ -193,13 +193,11 @@ def _from_export(options: EvalOptions) -> tuple[EvalOptions, dict]:
     from dataclasses import replace
 
     from exporters.export import ExportOptions
-    from exporters.manifest import MANIFEST_FILE, read_manifest
+    from exporters.manifest import read_export_manifest
 
-    if not (Path(options.export_dir) / MANIFEST_FILE).is_file():
-        raise UsageError(f"{options.export_dir} has no turbo.json: not a turbo export directory")
     if options.max_drop is not None:
         raise UsageError("--r auto searches over models; use --model, not an export directory")
-    manifest = read_manifest(options.export_dir)
+    manifest = read_export_manifest(options.export_dir)
     if not manifest["model"]["architecture"].startswith("ViT"):
         raise UsageError("evaluating a BLIP export needs its decoder export (issue 4); use --model for BLIP")
     made = ExportOptions.from_manifest(manifest)

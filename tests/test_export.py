@@ -154,7 +154,7 @@ def test_manifest_records_the_export(tmp_path_factory):
     assert set(manifest["versions"]) >= {"turbo", "torch", "transformers", "onnx", "onnxruntime"}
     assert all(manifest["versions"][k] for k in ("torch", "transformers", "onnx", "onnxruntime"))
     assert manifest["started"] <= manifest["finished"]
-    assert set(manifest["stage_seconds"]) == {"load", "patch", "export", "validate"}
+    assert set(manifest["stage_seconds"]) == {"load", "patch", "export", "decoder", "validate"}
     assert manifest["image_processor"]["origin"] == "blip default"
     processor = (result.directory / "preprocessor_config.json").read_text()
     assert "BlipImageProcessor" in processor and '"height": 48' in processor

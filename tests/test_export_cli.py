@@ -168,6 +168,7 @@ def test_a_local_model_with_weights_and_processor(tmp_path):
     processor = source.adapter.image_processor(48)
     processor.image_mean = [0.1, 0.2, 0.3]
     processor.save_pretrained(local)
+    source.adapter.caption_decoder.placeholder_tokenizer(source.config).save_pretrained(local)
     out = tmp_path / "out"
     result = runner.invoke(app, ["export", "-m", str(local), "--r", "4", "-o", str(out)])
     assert result.exit_code == 0, result.output

@@ -177,6 +177,26 @@ def eval_command(
     run_eval_command(options, json_output)
 
 
+@app.command("caption")
+@user_errors
+def caption_command(
+    directory: str = typer.Argument(..., help="A BLIP `turbo export` output directory."),
+    images: list[str] = typer.Argument(..., help="Image files to caption."),
+    beams: int | None = typer.Option(None, "--beams", help="Beam search width (1: greedy; BLIP's COCO setting is 3). "
+                                     "Default: the export's generation_config.json (greedy)."),
+    max_length: int | None = typer.Option(None, "--max-length", help="At most this many tokens after the prompt "
+                                          "(default 20)."),
+    min_length: int | None = typer.Option(None, "--min-length", help="At least this many tokens after the prompt."),
+    prompt: str = typer.Option("a picture of", "--prompt", help="Text the caption continues ('' for none)."),
+    batch: int = typer.Option(8, "--batch", help="Images per encoder/decoder run."),
+    json_output: bool = typer.Option(False, "--json", help="Print captions, token ids and settings as JSON."),
+) -> None:
+    """Caption images with an export's vision encoder and text decoder on ONNX Runtime (one line each)."""
+    from turbo_cli.commands.caption import run_caption_command
+
+    run_caption_command(directory, images, beams, max_length, min_length, prompt, batch, json_output)
+
+
 @app.command("check")
 @user_errors
 def check_command(

@@ -79,6 +79,11 @@ def _validation_table(validation: dict) -> Table:
         gate = "0" if check["gated"] else "not gated"
         table.add_row(check["run"], "merge decisions", str(check["batch"]), "",
                       f"{check['tokens_differing']} of {check['tokens']} sizes differ", gate, verdict(check["passed"]))
+    for check in validation.get("captions", []):
+        gate = "0" if check["gated"] else "not gated"
+        table.add_row(check["run"], "caption tokens", str(check["batch"]), "",
+                      f"{check['sequences_differing']} of {check['batch']} captions differ", gate,
+                      verdict(check["passed"]))
     table.add_row("", "output names", "", "", "", "", verdict(validation["names_match"]))
     table.add_row("", "onnx.checker (full)", "", "", "", "", verdict(validation["onnx_checker"] == "passed"))
     table.add_row("", "graph vs plan", "", "", "", "", verdict(not validation["graph_problems"]))
@@ -102,7 +107,9 @@ def run_export_command(options, output: str, force: bool, json_output: bool) -> 
     plan = manifest["plan"]
     status = {"passed": "validation PASSED", "failed": "validation FAILED"}.get(
         manifest["status"], "not validated (--no-validate)")
-    stderr.print(f"wrote {result.directory}: {manifest['onnx']['precision']}, opset {manifest['onnx']['opset']}, "
+    decoder = " + text decoder (fp32, with past)" if "decoder" in manifest else ""
+    onnx_info = manifest["onnx"]
+    stderr.print(f"wrote {result.directory}{decoder}: {onnx_info['precision']}, opset {onnx_info['opset']}, "
                  f"{plan['final_tokens']} of {plan['tokens_in']} tokens, FLOPs bound {plan['speedup_bound']:.2f}x, "
                  f"{status}", highlight=False)
     if json_output:

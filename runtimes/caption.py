@@ -1,0 +1,167 @@
+"""BLIP captioning from an export directory on ONNX Runtime: the (merged) vision encoder, the
+two decoder graphs stepping with a key/value cache, and greedy or beam search."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from exporters.errors import TurboError, UsageError
+from exporters.manifest import read_export_manifest
+from runtimes.base import Runner
+from runtimes.generation import GenerationSettings, generate
+from runtimes.onnxrt import OnnxRuntimeRunner
+
+GENERATION_FILE = "generation_config.json"
+DEFAULT_PROMPT = "a picture of"  # BLIP's COCO captioning prompt
+
+
+class ExportMismatchError(TurboError):
+    """The files of an export do not belong together."""
+
+
+class OrtDecoder:
+    """The first-step and with-past decoder graphs as a `StepDecoder`, for one batch of image
+    embeddings at a time (`image_embeds` is set before each search)."""
+
+    def __init__(self, directory: Path, decoder: dict, threads: int | None = None,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+        self.first = OnnxRuntimeRunner(directory / decoder["first_step"], providers, threads)
+        self.with_past = OnnxRuntimeRunner(directory / decoder["with_past"], providers, threads)
+        self.past_names = self.with_past.input_names[1:]  # per layer: self K, V, cross K, V
+        self.image_embeds: np.ndarray | None = None
+
+    @property
+    def image_tokens(self) -> int:
+        return self.first.session.get_inputs()[1].shape[1]
+
+    def start(self, input_ids: np.ndarray, rows_per_input: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        outputs = list(self.first.run({"input_ids": input_ids, "image_embeds": self.image_embeds}).values())
+        logits, cache = outputs[0][:, -1], outputs[1:]
+        if rows_per_input > 1:  # every beam of an input starts from the same prompt
+            logits, cache = np.repeat(logits, rows_per_input, 0), [np.repeat(c, rows_per_input, 0) for c in cache]
+        return logits, cache
+
+    def step(self, tokens: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        outputs = list(self.with_past.run({"input_ids": tokens[:, None], **dict(zip(self.past_names, cache))}).values())
+        grown = outputs[1:]  # per layer self K, V one position longer; cross K, V never change
+        cache = [grown[2 * (i // 4) + i % 4] if i % 4 < 2 else cache[i] for i in range(len(cache))]
+        return outputs[0][:, -1], cache
+
+    def reorder(self, cache: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
+        """Beams only move within their input, whose rows share one cross K/V: only self K/V move."""
+        return [c[rows] if i % 4 < 2 else c for i, c in enumerate(cache)]
+
+
+class CaptionPipeline:
+    """`turbo caption`'s engine: pixels -> (merged) image embeddings -> token ids -> text."""
+
+    def __init__(self, encoder: OnnxRuntimeRunner, decoder: OrtDecoder, tokenizer, settings: GenerationSettings,
+                 bos_token_id: int, static_batch: int | None = None, manifest: dict | None = None,
+                 processor=None) -> None:
+        self.encoder, self.decoder, self.tokenizer, self.processor = encoder, decoder, tokenizer, processor
+        self.settings, self.bos_token_id, self.static_batch = settings, bos_token_id, static_batch
+        self.manifest = manifest or {}
+        produced, expected = encoder.session.get_outputs()[0].shape[1], decoder.image_tokens
+        if produced != expected:
+            raise ExportMismatchError(
+                f"the vision encoder gives {produced} image tokens but the decoder graphs expect {expected} "
+                "(exported for another r); re-export the directory")
+
+    @classmethod
+    def open(cls, directory: str | Path, threads: int | None = None,
+             providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> "CaptionPipeline":
+        """The pipeline of an export directory, checked for completeness."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        directory = Path(directory)
+        manifest = read_export_manifest(directory)
+        decoder = manifest.get("decoder")
+        if decoder is None:
+            raise UsageError(f"{directory} has no text decoder (a {manifest['model']['architecture']} vision "
+                             "export); captioning needs a BLIP export: turbo export --model blip-caption")
+        missing = [name for name in (manifest["onnx"]["file"], decoder["first_step"], decoder["with_past"],
+                                     decoder["weights"], GENERATION_FILE) if not (directory / name).is_file()]
+        if missing:
+            raise ExportMismatchError(f"{directory} is missing {', '.join(missing)}; re-export it")
+        config = json.loads((directory / GENERATION_FILE).read_text())
+        static = manifest["onnx"]["batch"]
+        try:
+            return cls(OnnxRuntimeRunner(directory / manifest["onnx"]["file"], providers, threads),
+                       OrtDecoder(directory, decoder, threads, providers), AutoTokenizer.from_pretrained(directory),
+                       settings_from_config(config), config["bos_token_id"],
+                       static if isinstance(static, int) else None, manifest,
+                       AutoImageProcessor.from_pretrained(directory))
+        except ExportMismatchError as exc:
+            raise ExportMismatchError(f"{directory}: {exc}") from None
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.manifest.get("model", {}).get("random_weights"))
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """BLIP's decoder prompt: its BOS ([DEC]) then the prompt's word pieces."""
+        return [self.bos_token_id, *self.tokenizer(prompt, add_special_tokens=False)["input_ids"]] if prompt \
+            else [self.bos_token_id]
+
+    def generate(self, pixel_values: np.ndarray, prompt_ids: list[int], settings: GenerationSettings) -> np.ndarray:
+        """(B, 3, S, S) -> ids (B, T) including the prompt."""
+        embeds = self.encoder.run({self.encoder.input_names[0]: pixel_values})
+        self.decoder.image_embeds = next(iter(embeds.values()))  # image_embeds (B, N, C)
+        prompt = np.tile(np.asarray(prompt_ids, dtype=np.int64), (len(pixel_values), 1))
+        return generate(self.decoder, prompt, settings)
+
+    def caption(self, pixel_values: np.ndarray, prompt: str = DEFAULT_PROMPT, batch: int = 8,
+                **overrides) -> list[dict]:
+        """One {caption, ids} per image; `overrides` replace generation settings (num_beams, ...)."""
+        settings = replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
+        prompt_ids = self.prompt_ids(prompt)
+        static = self.static_batch
+        batch = static or batch
+        results = []
+        for start in range(0, len(pixel_values), batch):
+            chunk = pixel_values[start:start + batch]
+            count = len(chunk)
+            if static:  # a fixed-batch encoder: fill up with the last image
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static - count, 0)])
+            for row in self.generate(chunk, prompt_ids, settings)[:count]:
+                generated = row[len(prompt_ids):]
+                results.append({"caption": self.tokenizer.decode(generated, skip_special_tokens=True).strip(),
+                                "ids": row.tolist()})
+        return results
+
+
+def settings_from_config(config: dict) -> GenerationSettings:
+    """Search settings from a generation_config.json (transformers' keys)."""
+    return GenerationSettings(
+        eos_token_id=config["eos_token_id"], pad_token_id=config["pad_token_id"],
+        max_new_tokens=config.get("max_new_tokens") or 20, min_new_tokens=config.get("min_new_tokens") or 0,
+        num_beams=config.get("num_beams", 1), length_penalty=config.get("length_penalty", 1.0),
+        early_stopping=config.get("early_stopping", False))
+
+
+class CaptionRunner(Runner):
+    """Fixed-length greedy captioning (min = max new tokens) behind the Runner interface, for bench:
+    pixel_values -> sequences."""
+
+    name = "ort"
+
+    def __init__(self, pipeline: CaptionPipeline, tokens: int, prompt: str = DEFAULT_PROMPT) -> None:
+        self.pipeline, self.prompt_ids = pipeline, pipeline.prompt_ids(prompt)
+        self.settings = replace(pipeline.settings, num_beams=1, max_new_tokens=tokens, min_new_tokens=tokens)
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.pipeline.encoder.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["sequences"]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"sequences": self.pipeline.generate(feeds[self.input_names[0]], self.prompt_ids, self.settings)}
+
+    def describe(self) -> dict:
+        return {**self.pipeline.encoder.describe(), "decoder": "onnxruntime, with past key/values",
+                "caption_tokens": self.settings.max_new_tokens}
