@@ -1,6 +1,7 @@
 """BLIP captioning from an export directory on ONNX Runtime: the (merged) vision encoder, the
 two decoder graphs stepping with a key/value cache, and greedy or beam search."""
 
+import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -161,6 +162,15 @@ class CaptionRunner(Runner):
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"sequences": self.pipeline.generate(feeds[self.input_names[0]], self.prompt_ids, self.settings)}
+
+    def memory_probe(self) -> "CaptionRunner":
+        """The same captioner over sessions without ONNX Runtime's memory arena."""
+        pipeline, decoder = copy.copy(self.pipeline), copy.copy(self.pipeline.decoder)
+        decoder.first, decoder.with_past = decoder.first.memory_probe(), decoder.with_past.memory_probe()
+        pipeline.encoder, pipeline.decoder = pipeline.encoder.memory_probe(), decoder
+        probe = copy.copy(self)
+        probe.pipeline = pipeline
+        return probe
 
     def describe(self) -> dict:
         return {**self.pipeline.encoder.describe(), "decoder": "onnxruntime, with past key/values",

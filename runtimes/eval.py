@@ -168,10 +168,22 @@ def _evaluate(built, options: EvalOptions, pixels: np.ndarray) -> EvalRun:
                    outputs=outputs)
 
 
-def _evaluate_onnx(directory: Path, manifest: dict, pixels: np.ndarray, batch: int) -> EvalRun:
-    """Logits of a ViT export on ONNX Runtime (a static batch is filled up to its size)."""
+def _evaluate_onnx(directory: Path, manifest: dict, pixels: np.ndarray, options: EvalOptions) -> EvalRun:
+    """A ViT export's logits, or a BLIP export's caption ids (no prompt, as upstream `generate`
+    without input_ids), on ONNX Runtime; a static batch is filled up to its size."""
     from runtimes.onnxrt import OnnxRuntimeRunner
 
+    plan = manifest["plan"]
+    if "decoder" in manifest:
+        from runtimes.caption import CaptionPipeline
+
+        pipeline = CaptionPipeline.open(directory)
+        begin = time.perf_counter()
+        results = pipeline.caption(pixels, "", options.batch, num_beams=options.beams,
+                                   max_new_tokens=options.max_tokens)
+        return EvalRun(manifest["turbo"]["r_requested"], plan["final_tokens"], plan["speedup_bound"],
+                       len(pixels) / (time.perf_counter() - begin), outputs=[r["ids"] for r in results], runtime="ort")
+    batch = options.batch
     runner = OnnxRuntimeRunner(directory / manifest["onnx"]["file"])
     static = manifest["onnx"]["batch"] if manifest["onnx"]["batch"] != "dynamic" else None
     size = static or batch
@@ -183,7 +195,6 @@ def _evaluate_onnx(directory: Path, manifest: dict, pixels: np.ndarray, batch: i
         filled = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)]) if static else chunk
         logits.append(runner.run({"pixel_values": filled})["logits"][: len(chunk)])
     seconds = time.perf_counter() - begin
-    plan = manifest["plan"]
     return EvalRun(manifest["turbo"]["r_requested"], plan["final_tokens"], plan["speedup_bound"],
                    len(pixels) / seconds, outputs=np.concatenate(logits), runtime="ort")
 
@@ -198,8 +209,8 @@ def _from_export(options: EvalOptions) -> tuple[EvalOptions, dict]:
     if options.max_drop is not None:
         raise UsageError("--r auto searches over models; use --model, not an export directory")
     manifest = read_export_manifest(options.export_dir)
-    if not manifest["model"]["architecture"].startswith("ViT"):
-        raise UsageError("evaluating a BLIP export needs its decoder export (issue 4); use --model for BLIP")
+    if not manifest["model"]["architecture"].startswith("ViT") and "decoder" not in manifest:
+        raise UsageError(f"{options.export_dir} has no text decoder (exported by an older turbo); re-export it")
     made = ExportOptions.from_manifest(manifest)
     return replace(options, model=made.model, tiny=made.tiny, random_weights=made.random_weights, seed=made.seed,
                    method=made.method, alpha=made.alpha, threshold=made.threshold, rs=[made.r]), manifest
@@ -261,7 +272,7 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
             progress(f"evaluating r={r} on {len(samples)} images")
             built = build_plan(options.model, r, options.method, options.alpha, "constant", options.threshold,
                                tiny=options.tiny)
-            run = (_evaluate_onnx(options.export_dir, manifest, pixels, options.batch) if manifest and r
+            run = (_evaluate_onnx(options.export_dir, manifest, pixels, options) if manifest and r
                    else _evaluate(built, options, pixels))
             base = runs[0] if r else run
             if family == "blip":

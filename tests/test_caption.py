@@ -208,3 +208,21 @@ def test_real_weights_without_a_tokenizer_are_refused(tmp_path):
     result = runner.invoke(app, ["export", "-m", str(local), "--r", "4", "-o", str(out)])
     assert result.exit_code == 1 and "cannot load the tokenizer" in result.stderr
     assert not out.exists()
+
+
+def test_eval_of_a_blip_export_matches_pytorch(exports, tmp_path):
+    """`turbo eval DIR` captions on ONNX Runtime; `--model` with the same r captions in PyTorch:
+    the same captions, so the same fidelity to r=0."""
+    data = tmp_path / "images"
+    data.mkdir()
+    for image in _images(tmp_path, 4):
+        shutil.move(image, data)
+    on_ort = runner.invoke(app, ["eval", str(exports["r4"].directory), "--data", str(data), "--max-tokens", "12",
+                                 "--json"])
+    assert on_ort.exit_code == 0, on_ort.output
+    in_torch = runner.invoke(app, ["eval", "-m", str(exports["local"]), "--r", "4", "--data", str(data),
+                                   "--max-tokens", "12", "--json"])
+    assert in_torch.exit_code == 0, in_torch.output
+    ort_rows, torch_rows = json.loads(on_ort.stdout)["results"], json.loads(in_torch.stdout)["results"]
+    assert [row["runtime"] for row in ort_rows] == ["torch", "ort"]
+    assert ort_rows[1]["metrics"] == torch_rows[1]["metrics"] and ort_rows[1]["final_tokens"] == 21

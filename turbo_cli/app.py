@@ -141,7 +141,7 @@ def bench_command(
 @app.command("eval")
 @user_errors
 def eval_command(
-    directory: str | None = typer.Argument(None, help="A ViT export directory (run on ONNX Runtime), not --model."),
+    directory: str | None = typer.Argument(None, help="An export directory (run on ONNX Runtime), not --model."),
     data: str = typer.Option(..., "--data", help="Image folder: class folders (labels) or loose images."),
     model: str = typer.Option("vit-b16", "--model", "-m", help="Registry name, HF id or local model directory."),
     r: str | None = typer.Option(None, "--r", help="Comma-separated r values, or 'auto' with --max-drop."),
