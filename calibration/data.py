@@ -119,3 +119,44 @@ def pixel_batch(samples: list[Sample], processor) -> np.ndarray:
         except (OSError, UnidentifiedImageError):
             raise UsageError(f"{sample.path} is not a readable image") from None
     return np.asarray(processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
+
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class Calibration:
+    pixels: np.ndarray  # (n, 3, S, S), preprocessed
+    texts: list[str] | None  # one reference caption per image (COCO-format sources), else None
+    info: dict  # what the manifest records
+
+
+def calibration_set(source: str, count: int, seed: int, processor, image_size: int,
+                    image_root: str | None = None) -> Calibration:
+    """`count` calibration images (with their first caption for a COCO-format file), sampled
+    without replacement by `seed` (sorted, so the choice is deterministic), preprocessed.
+    `synthetic` gives seeded noise for smoke tests only."""
+    if count < 1:
+        raise UsageError(f"--calib-size must be at least 1, not {count}")
+    rng = np.random.default_rng(seed)
+    if source == SYNTHETIC:
+        pixels = rng.standard_normal((count, 3, image_size, image_size)).astype(np.float32)
+        return Calibration(pixels, None, {"source": SYNTHETIC, "count": count, "seed": seed, "synthetic": True})
+    root = Path(source)
+    images = None
+    if root.is_file() and root.suffix == ".json":
+        images = str(image_root or root.parent)
+        samples = coco_captions(root, images)
+    elif not root.is_dir():
+        raise UsageError(f"--calib {source} is neither a folder of images nor a COCO-format captions .json (or "
+                         "'synthetic' for smoke tests only)")
+    else:
+        samples = hf_dataset(root)[0] if is_hf_dataset(root) else [Sample(path) for path in _images(root)]
+    if not samples:
+        raise UsageError(f"--calib {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}, searched "
+                         "recursively)")
+    chosen = [samples[i] for i in sorted(rng.choice(len(samples), size=min(count, len(samples)), replace=False))]
+    texts = [s.references[0] for s in chosen] if all(s.references for s in chosen) else None
+    return Calibration(pixel_batch(chosen, processor), texts,
+                       {"source": str(root), "count": len(chosen), "available": len(samples), "seed": seed,
+                        "synthetic": False, "captions": texts is not None, "images": images})

@@ -29,6 +29,7 @@ class CaptionDecoder:
     module: Callable[[nn.Module], nn.Module]  # model -> its language-model-head decoder
     generation_ids: Callable[[object], dict[str, int]]  # config -> bos/eos/pad token ids as generate uses them
     placeholder_tokenizer: Callable[[object], object]  # config -> a made-up vocabulary (random weights only)
+    lm_head: Callable[[nn.Module], nn.Linear]  # decoder -> its vocabulary projection
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class FamilyAdapter:
     export_outputs: Callable[[nn.Module, torch.Tensor, bool], dict[str, torch.Tensor]]
     image_processor: Callable[[int], object]  # image size -> the family's default (PIL) image processor
     caption_decoder: CaptionDecoder | None = None
+    classifier: Callable[[nn.Module], nn.Module | None] = lambda model: None  # model -> its class head, if any
 
     def arch_spec(self, config: object, image_size: int | None = None) -> ArchSpec:
         vision = self.vision_config(config)

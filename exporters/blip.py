@@ -83,5 +83,6 @@ BLIP = FamilyAdapter(
     prepare_random_config=_prepare_random_config,
     export_outputs=_export_outputs,
     image_processor=_image_processor,
-    caption_decoder=CaptionDecoder(lambda model: model.text_decoder, _generation_ids, _placeholder_tokenizer),
+    caption_decoder=CaptionDecoder(lambda model: model.text_decoder, _generation_ids, _placeholder_tokenizer,
+                                   lambda decoder: decoder.cls.predictions.decoder),
 )

@@ -181,15 +181,38 @@ def _revalidate(directory: Path, manifest: dict, built, report: CheckReport, max
     unmerged = copy.deepcopy(model) if min_agreement is not None else None
     kernel = manifest["turbo"]["merge_kernel"]
     apply_turbo(model, built.source.adapter, built.plan, built.merge_config, kernel)
+    quantized = None
+    if manifest.get("quantization"):  # quantize again, from the manifest's calibration source and seed
+        from exporters.export import ExportOptions
+        from exporters.quant_export import quantize_model
+
+        try:
+            tokenizer = None
+            if "decoder" in manifest:  # the decoder calibrates on captions tokenized as at export
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(directory)
+            quantized = quantize_model(model, built, ExportOptions.from_manifest(manifest), tokenizer)
+        except TurboError as exc:
+            report.add("ORT vs PyTorch", False if gated else None, f"skipped, cannot re-quantize: {exc}")
+            return
+    int8 = quantized is not None and quantized.mode == "int8"
     module = ExportModule(model, built)
     path = directory / onnx_info.get("file", "model.onnx")
     batch = None if onnx_info["batch"] == "dynamic" else onnx_info["batch"]
     validation = validate_export(module, module.output_names(built.image_size), path, summarize(path), built.plan,
-                                 kernel, batch, onnx_info["precision"], built.image_size, static_checks=False)
+                                 kernel, batch, onnx_info["precision"], built.image_size, static_checks=False,
+                                 compare=not int8)
     worst = max((c.max_abs_diff for c in validation.outputs), default=float("inf"))
     decisions = sum(max(d.tokens_differing, 0) for d in validation.decisions if d.gated)
-    report.add("ORT vs PyTorch", validation.passed,
-               validation.runtime_error or f"max abs diff {worst:.2e}, {decisions} gated merge decisions differ")
+    if int8:  # activations are quantized: no PyTorch model computes this graph; quality vs fp32 instead
+        quantized.check_quality(module, validation, path, built.image_size)
+        report.add("quantized vs fp32", validation.passed,
+                   "; ".join(f"{q.name} {q.value:.4f} (min {q.minimum:g}{'' if q.gated else ', not gated'})"
+                             for q in validation.quality))
+    else:
+        report.add("ORT vs PyTorch", validation.passed,
+                   validation.runtime_error or f"max abs diff {worst:.2e}, {decisions} gated merge decisions differ")
     if "decoder" in manifest:
         _revalidate_decoder(directory, manifest, built, model, report)
     if max_diff is not None:
@@ -206,19 +229,24 @@ def _revalidate_decoder(directory: Path, manifest: dict, built, model, report: C
     from runtimes.caption import CaptionPipeline
 
     try:
-        pipeline = CaptionPipeline.open(directory)
+        pipeline = CaptionPipeline.open(directory, exact=True)
     except TurboError as exc:
         report.add("decoder vs PyTorch", False, str(exc))
         return
     validation = ValidationReport("pytorch", "onnxruntime")
     validate_decoder(model, built.source.adapter.caption_decoder.module(model), pipeline, validation,
                      built.image_size, built.interpolate_pos_encoding, manifest["decoder"]["prompt"],
-                     manifest["onnx"]["precision"], manifest["model"].get("seed", 0))
+                     _decoder_precision(manifest), manifest["model"].get("seed", 0))
     worst = max((c.max_abs_diff for c in validation.outputs), default=float("inf"))
     differing = sum(c.sequences_differing for c in validation.captions)
     passed = validation.runtime_error is None and all(c.passed for c in validation.outputs + validation.captions)
     report.add("decoder vs PyTorch", passed and bool(validation.outputs),
                validation.runtime_error or f"logits max abs diff {worst:.2e}, {differing} greedy captions differ")
+
+
+def _decoder_precision(manifest: dict) -> str:
+    """What the captioner check gates on: exact tokens for fp32 and weight-only exports only."""
+    return "int8" if (manifest.get("quantization") or {}).get("mode") == "int8" else manifest["onnx"]["precision"]
 
 
 def _agreement(path: Path, unmerged, built, batch: int | None) -> tuple[float, str]:

@@ -44,9 +44,10 @@ class DecoderGraphs:
 
 
 def export_decoder(text_decoder: nn.Module, directory: Path, image_tokens: int, opset: int,
-                   dtype: torch.dtype = torch.float32) -> dict:
+                   dtype: torch.dtype = torch.float32, quantized: dict | None = None) -> dict:
     """Write FIRST_STEP_FILE, WITH_PAST_FILE and their shared WEIGHTS_FILE into `directory`;
-    returns what the manifest records of them."""
+    returns what the manifest records of them. `quantized` (name -> QuantizedWeight, already
+    fake-quantized in `text_decoder`) become integer weights + DequantizeLinear in both graphs."""
     import onnx
 
     config = text_decoder.config
@@ -70,6 +71,8 @@ def export_decoder(text_decoder: nn.Module, directory: Path, image_tokens: int, 
             program = run_exporter(module, args, inputs, outputs, dynamic, opset)
             program.save(str(Path(scratch) / name), external_data=True)
             protos[directory / name] = onnx.load(str(Path(scratch) / name))
+        if quantized:
+            _dequantize_weights(protos, quantized)
         stats = save_with_shared_weights(protos, directory / WEIGHTS_FILE)
     return {
         "first_step": FIRST_STEP_FILE,
@@ -84,6 +87,21 @@ def export_decoder(text_decoder: nn.Module, directory: Path, image_tokens: int, 
     }
 
 
+def _dequantize_weights(protos: dict, quantized: dict) -> None:
+    """Integer weights in both graphs; every quantized Linear must appear in one of them (the
+    with-past graph has no cross-attention key/value projections: they are cached)."""
+    from exporters.errors import TurboError
+    from graph_passes.weight_quant import insert_dequantize
+
+    missing = set(quantized)
+    for path, proto in protos.items():
+        protos[path], absent = insert_dequantize(proto, quantized)
+        missing &= set(absent)
+    if missing:
+        raise TurboError(f"{len(missing)} quantized decoder Linears were not found in the decoder graphs "
+                         f"(first: {sorted(missing)[0]})")
+
+
 def write_generation_config(directory: Path, ids: dict[str, int], max_new_tokens: int = 20) -> dict:
     """generation_config.json (transformers' format) with the ids BLIP's generate uses; its contents."""
     from transformers import GenerationConfig
@@ -93,13 +111,14 @@ def write_generation_config(directory: Path, ids: dict[str, int], max_new_tokens
 
 
 def export_captioner(model: nn.Module, source: ModelSource, tokenizer: tuple[object, str], directory: Path,
-                     image_tokens: int, opset: int) -> dict:
+                     image_tokens: int, opset: int, quantized: dict | None = None) -> dict:
     """The decoder graphs, tokenizer (and its origin) and generation config of a captioning model;
     the manifest's `decoder` section. The decoder stays fp32 whatever the encoder's precision."""
     caption = source.adapter.caption_decoder
     tokenizer, origin = tokenizer
-    info = export_decoder(caption.module(model), directory, image_tokens, opset)
+    info = export_decoder(caption.module(model), directory, image_tokens, opset, quantized=quantized)
     tokenizer.save_pretrained(directory)
     write_generation_config(directory, caption.generation_ids(source.config))
-    return {**info, "precision": "fp32", "prompt": DEFAULT_PROMPT, "generation_config": GENERATION_FILE,
+    precision = "fp32" if not quantized else "fp32 with quantized weights"
+    return {**info, "precision": precision, "prompt": DEFAULT_PROMPT, "generation_config": GENERATION_FILE,
             "tokenizer": {"origin": origin}}

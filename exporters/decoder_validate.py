@@ -23,7 +23,7 @@ class CaptionCheck:
     batch: int
     beams: int
     sequences_differing: int
-    gated: bool  # False for a half-precision encoder, whose near-tie merge flips change image tokens
+    gated: bool  # False for fp16 or INT8 encoders: near-tie merge flips and rounding change image tokens
 
     @property
     def passed(self) -> bool:

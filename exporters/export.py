@@ -16,6 +16,7 @@ from exporters.loading import load_image_processor, load_model, load_tokenizer
 from exporters.manifest import now, versions, write_manifest
 from exporters.onnx_export import PRECISIONS, ExportModule, check_export_options, export_onnx, fold_merge_ops
 from exporters.patch import apply_turbo
+from exporters.quant_export import check_quant_options, quantize_model
 from exporters.staging import check_target, staged_directory
 from exporters.validate import ValidationReport, validate_export
 from graph_passes.summary import GraphSummary, summarize
@@ -45,6 +46,15 @@ class ExportOptions:
     tiny: bool = False  # the registry's 4-layer tiny variant (tests, CI smoke checks)
     r_auto: dict | None = None  # how `--r auto` chose r (recorded in the manifest)
     merge_op: str = "function"  # one turbo::TurboMerge function node per merge block, or "inline" plain ops
+    quant: str | None = None  # weight-only: gptq-int4 | gptq-int8 | rtn-int4
+    group_size: int = 128
+    act_order: bool = False
+    calib: str | None = None  # image folder, HF datasets directory, or "synthetic" (smoke tests)
+    calib_size: int = 128
+    calib_seed: int = 0
+    calib_images: str | None = None  # image root of a COCO-format --calib file (default: the file's folder)
+    quant_heads: bool = False  # also the classifier (ViT) and the LM head (BLIP), excluded by default
+    decoder: bool = True  # captioning models: also the text decoder (False: the vision encoder only)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "ExportOptions":
@@ -58,12 +68,23 @@ class ExportOptions:
             opset=onnx_info["opset"], batch=None if onnx_info["batch"] == "dynamic" else onnx_info["batch"],
             image_size=onnx_info["image_size"], precision=onnx_info["precision"],
             random_weights=model["random_weights"], seed=model.get("seed", 0), tiny=model.get("tiny", False),
-            merge_op=onnx_info.get("merge_op", "inline"),
+            merge_op=onnx_info.get("merge_op", "inline"), **_quant_options(manifest.get("quantization")),
+            decoder="decoder" in manifest,
         )
 
     def plan(self) -> BuiltPlan:
         return build_plan(self.model, self.r, self.method, self.alpha, self.schedule, self.threshold, self.fusion,
                           self.tiny, self.image_size)
+
+
+def _quant_options(quantization: dict | None) -> dict:
+    if not quantization:
+        return {}
+    calibration = quantization["calibration"]
+    return {"quant": quantization["mode"], "group_size": quantization["group_size"],
+            "act_order": quantization["act_order"], "calib": calibration["source"],
+            "calib_size": calibration["count"], "calib_seed": calibration["seed"],
+            "calib_images": calibration.get("images"), "quant_heads": quantization.get("heads", False)}
 
 
 @dataclass
@@ -90,6 +111,7 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
     validation still writes the directory, with the manifest saying failed."""
     started = now()
     check_export_options(options.opset, options.precision, options.batch, options.kernel, options.merge_op)
+    check_quant_options(options.quant, options.calib, options.opset, options.precision, options.group_size)
     built = options.plan()
     check_target(Path(output), force)
     seconds: dict[str, float] = {}
@@ -102,13 +124,17 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
         seconds[name] = round(time.perf_counter() - begin, 2)
 
     with staged_directory(output, force) as staging:
-        captioning = built.source.adapter.caption_decoder is not None
+        captioning = built.source.adapter.caption_decoder is not None and options.decoder
         with timed("load"):
             model = load_model(built.source, options.random_weights, options.seed)
             tokenizer = load_tokenizer(built.source, options.random_weights) if captioning else None
         with timed("patch"):
             apply_turbo(model, built.source.adapter, built.plan, built.merge_config, options.kernel)
             module = ExportModule(model, built)
+        quantized = None
+        if options.quant:
+            with timed("quantize"):
+                quantized = quantize_model(model, built, options, tokenizer[0] if tokenizer else None)
         with timed("export"):
             dtype = PRECISIONS[options.precision]
             exported = module if options.precision == "fp32" else copy.deepcopy(module).to(dtype)
@@ -116,6 +142,8 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
                                 options.external_data)
             if options.merge_op == "function":
                 fold_merge_ops(staging / MODEL_FILE, options.kernel)
+            if quantized is not None:
+                quantized.write(staging / MODEL_FILE)
             del exported
             processor, processor_origin = load_image_processor(built.source, built.image_size, options.random_weights)
             processor.save_pretrained(staging)
@@ -123,15 +151,23 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
         if captioning:
             with timed("decoder"):
                 decoder = export_captioner(model, built.source, tokenizer, staging, built.plan.final_tokens,
-                                           options.opset)
+                                           options.opset, quantized.decoder_weights if quantized else None)
         summary = summarize(staging / MODEL_FILE)
         report = None
         if options.validate:
             with timed("validate"):
                 report = validate_export(module, names, staging / MODEL_FILE, summary, built.plan, options.kernel,
-                                         options.batch, options.precision, built.image_size, options.seed)
+                                         options.batch, options.precision, built.image_size, options.seed,
+                                         compare=options.quant != "int8")
                 if decoder is not None:
                     _validate_captioner(model, built, options, staging, decoder, report)
+                if quantized is not None:
+                    quantized.check_quality(module, report, staging / MODEL_FILE, built.image_size)
+                if quantized is not None and decoder is not None:
+                    from runtimes.caption import CaptionPipeline
+
+                    quantized.check_captions(CaptionPipeline.load(staging, MODEL_FILE, decoder, options.batch), report,
+                                             built.image_size, built.interpolate_pos_encoding, decoder["prompt"])
         warnings = []
         if not options.random_weights and processor_origin.endswith("default"):
             warnings.append(f"{built.source.location} has no image processor config; wrote the "
@@ -140,6 +176,8 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
             built, options, model, summary, report, staging, processor_origin, seconds, started, command_line)))
         if decoder is not None:
             manifest["decoder"] = decoder
+        if quantized is not None:
+            manifest["quantization"] = quantized.to_dict()
         write_manifest(staging, manifest)
     return ExportResult(Path(output), manifest, report, warnings)
 
@@ -148,17 +186,12 @@ def _validate_captioner(model, built: BuiltPlan, options: ExportOptions, staging
                         report: ValidationReport) -> None:
     """The decoder graphs and the whole ONNX captioner against upstream generate."""
     from exporters.decoder_validate import validate_decoder
-    from runtimes.caption import CaptionPipeline, OrtDecoder, settings_from_config
-    from runtimes.onnxrt import OnnxRuntimeRunner
+    from runtimes.caption import CaptionPipeline
 
-    config = json.loads((staging / decoder["generation_config"]).read_text())
-    from transformers import AutoTokenizer
-
-    pipeline = CaptionPipeline(OnnxRuntimeRunner(staging / MODEL_FILE), OrtDecoder(staging, decoder),
-                               AutoTokenizer.from_pretrained(staging), settings_from_config(config),
-                               config["bos_token_id"], options.batch)
+    pipeline = CaptionPipeline.load(staging, MODEL_FILE, decoder, options.batch, exact=True)
     validate_decoder(model, built.source.adapter.caption_decoder.module(model), pipeline, report, built.image_size,
-                     built.interpolate_pos_encoding, decoder["prompt"], options.precision, options.seed)
+                     built.interpolate_pos_encoding, decoder["prompt"],
+                     "int8" if options.quant == "int8" else options.precision, options.seed)
 
 
 def _manifest(built: BuiltPlan, options: ExportOptions, model, summary: GraphSummary,

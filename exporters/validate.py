@@ -82,12 +82,13 @@ class ValidationReport:
     decisions: list[DecisionCheck] = field(default_factory=list)
     graph_problems: list[str] = field(default_factory=list)
     captions: list = field(default_factory=list)  # decoder_validate.CaptionCheck, for captioning exports
+    quality: list = field(default_factory=list)  # quant_export.QualityCheck, for quantized exports
 
     @property
     def passed(self) -> bool:
         return (self.checker_error is None and self.runtime_error is None and self.names_match
-                and not self.graph_problems and bool(self.outputs)
-                and all(c.passed for c in self.outputs + self.decisions + self.captions))
+                and not self.graph_problems and bool(self.outputs or self.quality)
+                and all(c.passed for c in self.outputs + self.decisions + self.captions + self.quality))
 
     def to_dict(self) -> dict:
         return {
@@ -101,6 +102,7 @@ class ValidationReport:
             "merge_decisions": [{**asdict(c), "passed": c.passed} for c in self.decisions],
             "graph_problems": self.graph_problems,
             **({"captions": [{**asdict(c), "passed": c.passed} for c in self.captions]} if self.captions else {}),
+            **({"quality": [{**asdict(c), "passed": c.passed} for c in self.quality]} if self.quality else {}),
         }
 
 
@@ -201,13 +203,15 @@ def graph_problems(summary: GraphSummary, plan: TokenPlan, kernel: str, batch: i
 
 def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path, summary: GraphSummary,
                     plan: TokenPlan, kernel: str, batch: int | None, precision: str, image_size: int,
-                    seed: int = 0, static_checks: bool = True) -> ValidationReport:
+                    seed: int = 0, static_checks: bool = True, compare: bool = True) -> ValidationReport:
     """The full check of one export: onnx.checker, graph vs plan, ONNX Runtime (CPU) vs PyTorch.
 
     `module` is the fp32 PyTorch model. An fp16 export is checked twice: upcast to fp32, it must
     equal the model with fp16-rounded weights exactly (decisions included); run in fp16, it is
     compared with the fp32 model at the half-precision tolerance. static_checks=False skips
-    onnx.checker and the graph-vs-plan check (for callers that ran them already).
+    onnx.checker and the graph-vs-plan check (for callers that ran them already). compare=False
+    skips the comparison with `module` (INT8 QDQ graphs quantize activations, so no PyTorch model
+    computes what they compute; their caller gates them on quality against fp32 instead).
     """
     import onnx
     import onnxruntime
@@ -220,6 +224,8 @@ def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path,
         except Exception as exc:  # ValidationError and shape-inference errors alike
             report.checker_error = _first_line(exc)
         report.graph_problems = graph_problems(summary, plan, kernel, batch)
+    if not compare:
+        return report
     batches = BATCHES if batch is None else (batch,)
     reference = TorchRunner(module, [INPUT_NAME], output_names)
     try:
@@ -228,11 +234,13 @@ def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path,
             with tempfile.TemporaryDirectory() as scratch:
                 upcast_path = Path(scratch) / "upcast.onnx"
                 onnx.save(upcast_fp16(onnx.load(str(onnx_path))), str(upcast_path), save_as_external_data=True)
-                compare_runners("fp16 graph in fp32", rounded, OnnxRuntimeRunner(upcast_path), report, image_size,
-                                batches, UPCAST, seed, np.float16)
-            compare_runners("fp16", reference, OnnxRuntimeRunner(onnx_path), report, image_size, batches, HALF, seed)
+                compare_runners("fp16 graph in fp32", rounded, OnnxRuntimeRunner(upcast_path, exact=True), report,
+                                image_size, batches, UPCAST, seed, np.float16)
+            compare_runners("fp16", reference, OnnxRuntimeRunner(onnx_path, exact=True), report, image_size, batches,
+                            HALF, seed)
         else:
-            compare_runners("fp32", reference, OnnxRuntimeRunner(onnx_path), report, image_size, batches, EXACT, seed)
+            compare_runners("fp32", reference, OnnxRuntimeRunner(onnx_path, exact=True), report, image_size, batches,
+                            EXACT, seed)
     except Exception as exc:  # ORT load or run failures are validation failures, reported as such
         report.runtime_error = _first_line(exc)
     return report

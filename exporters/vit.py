@@ -55,4 +55,5 @@ VIT = FamilyAdapter(
     prepare_random_config=lambda config: None,
     export_outputs=_export_outputs,
     image_processor=_image_processor,
+    classifier=lambda model: getattr(model, "classifier", None),  # ViTModel has none
 )

@@ -27,9 +27,9 @@ class OrtDecoder:
     embeddings at a time (`image_embeds` is set before each search)."""
 
     def __init__(self, directory: Path, decoder: dict, threads: int | None = None,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
-        self.first = OnnxRuntimeRunner(directory / decoder["first_step"], providers, threads)
-        self.with_past = OnnxRuntimeRunner(directory / decoder["with_past"], providers, threads)
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), exact: bool = False) -> None:
+        self.first = OnnxRuntimeRunner(directory / decoder["first_step"], providers, threads, exact=exact)
+        self.with_past = OnnxRuntimeRunner(directory / decoder["with_past"], providers, threads, exact=exact)
         self.past_names = self.with_past.input_names[1:]  # per layer: self K, V, cross K, V
         self.image_embeds: np.ndarray | None = None
 
@@ -72,10 +72,9 @@ class CaptionPipeline:
 
     @classmethod
     def open(cls, directory: str | Path, threads: int | None = None,
-             providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> "CaptionPipeline":
-        """The pipeline of an export directory, checked for completeness."""
-        from transformers import AutoImageProcessor, AutoTokenizer
-
+             providers: tuple[str, ...] = ("CPUExecutionProvider",), exact: bool = False) -> "CaptionPipeline":
+        """The pipeline of an export directory, checked for completeness (exact: INT4 weight
+        MatMuls in fp32, for validation; see OnnxRuntimeRunner)."""
         directory = Path(directory)
         manifest = read_export_manifest(directory)
         decoder = manifest.get("decoder")
@@ -86,16 +85,25 @@ class CaptionPipeline:
                                      decoder["weights"], GENERATION_FILE) if not (directory / name).is_file()]
         if missing:
             raise ExportMismatchError(f"{directory} is missing {', '.join(missing)}; re-export it")
-        config = json.loads((directory / GENERATION_FILE).read_text())
         static = manifest["onnx"]["batch"]
         try:
-            return cls(OnnxRuntimeRunner(directory / manifest["onnx"]["file"], providers, threads),
-                       OrtDecoder(directory, decoder, threads, providers), AutoTokenizer.from_pretrained(directory),
-                       settings_from_config(config), config["bos_token_id"],
-                       static if isinstance(static, int) else None, manifest,
-                       AutoImageProcessor.from_pretrained(directory))
+            return cls.load(directory, manifest["onnx"]["file"], decoder, static if isinstance(static, int) else None,
+                            threads, providers, exact, manifest)
         except ExportMismatchError as exc:
             raise ExportMismatchError(f"{directory}: {exc}") from None
+
+    @classmethod
+    def load(cls, directory: Path, encoder_file: str, decoder: dict, static_batch: int | None = None,
+             threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",), exact: bool = False,
+             manifest: dict | None = None) -> "CaptionPipeline":
+        """The pipeline from the files themselves (an export being validated has no turbo.json yet)."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        config = json.loads((directory / GENERATION_FILE).read_text())
+        return cls(OnnxRuntimeRunner(directory / encoder_file, providers, threads, exact=exact),
+                   OrtDecoder(directory, decoder, threads, providers, exact), AutoTokenizer.from_pretrained(directory),
+                   settings_from_config(config), config["bos_token_id"], static_batch, manifest,
+                   AutoImageProcessor.from_pretrained(directory))
 
     @property
     def random_weights(self) -> bool:

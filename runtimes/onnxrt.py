@@ -11,7 +11,9 @@ class OnnxRuntimeRunner(Runner):
     name = "ort"
 
     def __init__(self, path: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 threads: int | None = None, memory_arena: bool = True) -> None:
+                 threads: int | None = None, memory_arena: bool = True, exact: bool = False) -> None:
+        """exact: INT4 weight MatMuls in fp32 (ORT's default fuses them into MatMulNBits with int8
+        activations, ~4e-3 off the float model); for validation, not speed."""
         import onnxruntime as ort
 
         self.path, self.providers = Path(path), tuple(providers)
@@ -21,6 +23,8 @@ class OnnxRuntimeRunner(Runner):
             options.intra_op_num_threads = threads
         self.threads = threads or 0  # 0: onnxruntime's default (one per physical core)
         options.log_severity_level = 3  # errors only; warnings would interleave with our output
+        if exact:
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
         self.input_dtypes = {i.name: np.dtype(kinds.get(i.type, np.float32)) for i in self.session.get_inputs()}

@@ -3,6 +3,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,61 @@ def test_eval_of_a_blip_export_matches_pytorch(exports, tmp_path):
     ort_rows, torch_rows = json.loads(on_ort.stdout)["results"], json.loads(in_torch.stdout)["results"]
     assert [row["runtime"] for row in ort_rows] == ["torch", "ort"]
     assert ort_rows[1]["metrics"] == torch_rows[1]["metrics"] and ort_rows[1]["final_tokens"] == 21
+
+
+def _coco_file(tmp_path) -> Path:
+    images = _images(tmp_path, 4)
+    coco = {"images": [{"id": i, "file_name": Path(p).name} for i, p in enumerate(images)],
+            "annotations": [{"image_id": i, "caption": f"a small thing number {i}"} for i in range(4)]}
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps(coco))
+    return captions
+
+
+def test_quantized_captioner_calibrates_the_decoder_on_captions(tmp_path):
+    """gptq-int4 on a captioning model: encoder and decoder Linears, the decoder calibrated on a
+    COCO-format caption file; the ONNX captioner equals the fake-quantized PyTorch model."""
+    import onnx
+
+    captions = _coco_file(tmp_path)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "-m", "blip-caption", "--tiny", "--random-weights", "--r", "4",
+                                 "--threshold", "0", "--quant", "gptq-int4", "--group-size", "16", "--calib",
+                                 str(captions), "--quant-heads", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    quantization = manifest["quantization"]
+    assert quantization["calibration"]["captions"] is True and quantization["calibration"]["count"] == 4
+    assert quantization["heads"] is True  # --quant-heads: the LM head too
+    assert quantization["decoder"] == {"quantized_linears": 2 * 10 + 1, "calibration_text": "calibration captions"}
+    assert len(quantization["layers"]) == 4 * 4 + 2 * 10 + 1  # vision: qkv, projection, fc1, fc2
+    validation = manifest["validation"]
+    assert validation["captions"][0]["passed"] and validation["captions"][0]["gated"]  # exact vs fake-quant torch
+    agreement = next(q for q in validation["quality"] if q["name"] == "caption next-token agreement with fp32")
+    assert agreement["gated"] is False  # random weights: reported only
+    int4 = {name: sum(t.data_type == onnx.TensorProto.INT4 for t in onnx.load(str(out / name)).graph.initializer)
+            for name in ("decoder_model.onnx", "decoder_with_past_model.onnx")}
+    assert int4 == {"decoder_model.onnx": 21, "decoder_with_past_model.onnx": 17}  # cross K/V are cached
+    embeddings = [t for t in onnx.load(str(out / "decoder_model.onnx")).graph.initializer
+                  if list(t.dims) == [30524, 32]]
+    assert embeddings and all(t.data_type == onnx.TensorProto.FLOAT for t in embeddings)  # untied, fp32
+    assert manifest["decoder"]["shared_bytes"] > 0
+    caption = runner.invoke(app, ["caption", str(out), str(tmp_path / "image0.png"), "--json"])
+    assert caption.exit_code == 0, caption.output
+    check = runner.invoke(app, ["check", str(out), "--json"])
+    assert check.exit_code == 0, check.output
+    assert {c["name"]: c["passed"] for c in json.loads(check.stdout)["checks"]}["decoder vs PyTorch"] is True
+
+
+def test_a_quantized_captioner_below_the_quality_gate_exits_3(exports, tmp_path):
+    """The EOS-biased test decoder has large weights and near-tied logits: 4-bit rounding changes
+    many of its next tokens, and with real (not random) weights the gate says so."""
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "-m", str(exports["local"]), "--r", "4", "--quant", "rtn-int4",
+                                 "--group-size", "16", "--calib", str(_coco_file(tmp_path)), "-o", str(out),
+                                 "--json"])
+    assert result.exit_code == 3
+    manifest = json.loads(result.stdout)
+    assert manifest["status"] == "failed" and manifest["quantization"]["decoder"]["quantized_linears"] == 20
+    failed = [q for q in manifest["validation"]["quality"] if not q["passed"]]
+    assert [q["name"] for q in failed] == ["caption next-token agreement with fp32"] and failed[0]["gated"]

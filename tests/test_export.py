@@ -22,6 +22,7 @@ _cache: dict = {}
 
 def tiny_export(tmp_path_factory, name: str, r: int, kernel: str = "matmul", **options):
     """One export per distinct setting for the whole session (exports take seconds each)."""
+    options.setdefault("decoder", False)  # BLIP's text decoder is tested in tests/test_caption.py
     key = (name, r, kernel, tuple(sorted(options.items())))
     if key not in _cache:
         out = tmp_path_factory.mktemp("export") / "out"
@@ -139,7 +140,7 @@ def test_static_batch_and_image_size(tmp_path_factory):
 
 
 def test_manifest_records_the_export(tmp_path_factory):
-    result = tiny_export(tmp_path_factory, "blip-caption", 4)
+    result = tiny_export(tmp_path_factory, "blip-caption", 4, decoder=True)
     manifest = read_manifest(result.directory)
     assert manifest == result.manifest
     assert manifest["model"]["random_weights"] is True and manifest["model"]["revision"] is None

@@ -70,7 +70,7 @@ def export_command(
     merge_kernel: str = typer.Option("matmul", "--merge-kernel", help="matmul (no scatter ops) | scatter."),
     merge_op: str = typer.Option(
         "function", "--merge-op", help="function: one turbo::TurboMerge node per layer (a local function) | inline."),
-    opset: int = typer.Option(20, "--opset", help="ONNX opset, 18..23."),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset, 18..23 (default 20; 21 with --quant)."),
     batch: str = typer.Option("dynamic", "--batch", help="Static batch size, or 'dynamic' for a dynamic batch axis."),
     image_size: int | None = typer.Option(None, "--image-size", help="Input resolution (default: the model's)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 (half-precision graph for GPU runtimes)."),
@@ -78,7 +78,23 @@ def export_command(
     tiny: bool = typer.Option(False, "--tiny", help="The registry model's 4-layer tiny variant (CI smoke checks)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Compare ONNX Runtime with PyTorch."),
+    decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="BLIP: also export the text decoder "
+                                 "(--no-decoder: the vision encoder only)."),
     json_output: bool = typer.Option(False, "--json", help="Print the manifest (turbo.json) on stdout."),
+    quant: str | None = typer.Option(None, "--quant", help="Weight-only quantization of the encoder Linears: "
+                                     "gptq-int4 | gptq-int8 | rtn-int4 (needs --calib)."),
+    group_size: int = typer.Option(128, "--group-size", help="--quant: input columns per weight scale."),
+    act_order: bool = typer.Option(False, "--act-order", help="--quant gptq-*: columns by decreasing Hessian "
+                                   "diagonal (static groups)."),
+    calib: str | None = typer.Option(None, "--calib", help="--quant: calibration images (folder, searched "
+                                     "recursively, or HF datasets directory), or a COCO-format captions .json "
+                                     "(BLIP's decoder calibrates on its captions); 'synthetic' for smoke tests only."),
+    calib_images: str | None = typer.Option(None, "--calib-images", help="--calib FILE.json: its image root "
+                                            "(default: the file's folder)."),
+    calib_size: int = typer.Option(128, "--calib-size", help="--quant: calibration images used."),
+    quant_heads: bool = typer.Option(False, "--quant-heads", help="--quant gptq-*/rtn-*: also the ViT classifier "
+                                     "and BLIP's LM head (left fp32 by default, as the patch embedding always is)."),
+    calib_seed: int = typer.Option(0, "--calib-seed", help="--quant: seed of the calibration sample."),
 ) -> None:
     """Export the merged model to validated, static-shape ONNX with a turbo.json manifest.
 
@@ -89,9 +105,12 @@ def export_command(
 
     chosen, r_auto = choose_r(r, model, data, max_drop, metric, method, alpha, threshold, tiny, random_weights)
     options = ExportOptions(model=model, r=chosen, method=method, alpha=alpha, threshold=threshold, schedule=schedule,
-                            kernel=merge_kernel, opset=opset, batch=parse_batch(batch), image_size=image_size,
-                            precision=precision, random_weights=random_weights, validate=validate, tiny=tiny,
-                            r_auto=r_auto, merge_op=merge_op)
+                            kernel=merge_kernel, opset=opset or (21 if quant else 20), batch=parse_batch(batch),
+                            image_size=image_size, precision=precision, random_weights=random_weights,
+                            validate=validate, tiny=tiny, r_auto=r_auto, merge_op=merge_op, quant=quant,
+                            group_size=group_size, act_order=act_order, calib=calib, calib_size=calib_size,
+                            calib_seed=calib_seed, calib_images=calib_images, quant_heads=quant_heads,
+                            decoder=decoder)
     run_export_command(options, output, force, json_output)
 
 

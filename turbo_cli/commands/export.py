@@ -84,6 +84,10 @@ def _validation_table(validation: dict) -> Table:
         table.add_row(check["run"], "caption tokens", str(check["batch"]), "",
                       f"{check['sequences_differing']} of {check['batch']} captions differ", gate,
                       verdict(check["passed"]))
+    for check in validation.get("quality", []):
+        gate = f"≥ {check['minimum']:g}" if check["gated"] else "not gated (random weights)"
+        table.add_row("quantized vs fp32", check["name"], "", "", f"{check['value']:.4f}", gate,
+                      verdict(check["passed"]))
     table.add_row("", "output names", "", "", "", "", verdict(validation["names_match"]))
     table.add_row("", "onnx.checker (full)", "", "", "", "", verdict(validation["onnx_checker"] == "passed"))
     table.add_row("", "graph vs plan", "", "", "", "", verdict(not validation["graph_problems"]))
