@@ -117,13 +117,19 @@ def run_exporter(module: nn.Module, args: tuple, input_names: list[str], output_
 def fold_merge_ops(path: Path, kernel: str) -> None:
     """Rewrite `path` with one `turbo::TurboMerge` function node per merge block (in place;
     external weights stay external)."""
-    import onnx
-
     from graph_passes.merge_functions import fold_merge_blocks
 
+    rewrite_onnx(path, lambda model: fold_merge_blocks(model, kernel))
+
+
+def rewrite_onnx(path: Path, transform) -> None:
+    """Apply `transform` (ModelProto -> ModelProto) to the model at `path`, in place; weights that
+    were external stay external."""
+    import onnx
+
     data = path.with_name(path.name + ".data")
-    folded = fold_merge_blocks(onnx.load(str(path)), kernel)
+    model = transform(onnx.load(str(path)))
     external = data.exists()
     if external:
         data.unlink()  # onnx appends to an existing data file
-    onnx.save(folded, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data.name)
+    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data.name)

@@ -12,7 +12,7 @@ from torch import nn
 
 from calibration.gptq import QuantizedWeight
 from calibration.quantize import WEIGHT_ONLY, LayerReport, quantize_blocks
-from exporters.errors import UsageError
+from exporters.errors import TurboError, UsageError
 from graph_passes.weight_quant import MIN_OPSET
 
 CALIBRATION_BATCH = 8
@@ -75,22 +75,21 @@ class QuantizedModel:
 
     def write(self, path: Path) -> None:
         """Rewrite the exported model with integer weights and DequantizeLinear (in place)."""
-        import onnx
-
+        from exporters.onnx_export import rewrite_onnx
         from graph_passes.weight_quant import insert_dequantize
 
-        data = path.with_name(path.name + ".data")
         if self.mode == INT8:
             _quantize_int8_in_place(path, self.pixels, self.float_heads)
             return
-        model, missing = insert_dequantize(onnx.load(str(path)), self.weights)
-        if missing:
-            raise UsageError(f"{len(missing)} quantized Linears were not found in the exported graph "
-                             f"(first: {missing[0]}); report this with the model name")
-        external = data.exists()
-        if external:
-            data.unlink()
-        onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data.name)
+
+        def dequantize(model):
+            model, missing = insert_dequantize(model, self.weights)
+            if missing:
+                raise TurboError(f"{len(missing)} quantized Linears were not found in the exported graph "
+                                 f"(first: {missing[0]}); report this with the model name")
+            return model
+
+        rewrite_onnx(path, dequantize)
 
     def check_quality(self, module: nn.Module, report, path: Path, image_size: int) -> None:
         """The quantized graph (ONNX Runtime) against the fp32 merged model on seeded inputs."""
