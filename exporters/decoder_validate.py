@@ -56,13 +56,7 @@ def _logit_checks(model: nn.Module, text_decoder: nn.Module, pipeline: CaptionPi
         expected = text_decoder(input_ids=torch.from_numpy(ids), encoder_hidden_states=embeds).logits.numpy()
     decoder, prompt_len = pipeline.decoder, len(prompt_ids)
     decoder.image_embeds = embeds.numpy()
-    first = decoder.first.run({"input_ids": ids[:, :prompt_len], "image_embeds": decoder.image_embeds})["logits"]
-    _, cache = decoder.start(ids[:, :prompt_len], 1)
-    stepped = []
-    for position in range(prompt_len, ids.shape[1]):
-        logits, cache = decoder.step(ids[:, position], cache)
-        stepped.append(logits)
-    stepped = np.stack(stepped, axis=1)  # logits predicting tokens after positions T..L-1
+    first, stepped = decoder.teacher_forced(ids, prompt_len)  # (B, T, V), (B, L - T, V)
     batch = len(pixels)
     want_first, want_steps = expected[:, :prompt_len], expected[:, prompt_len:]
     return [OutputCheck("decoder first step", "logits", batch, want_first.shape, first.shape,

@@ -126,15 +126,12 @@ class QuantizedModel:
         ids = reference_ids(self.reference, pixels, prompt_ids, pipeline.settings, interpolate)  # (B, P + n)
         decoder, start = pipeline.decoder, len(prompt_ids)
         decoder.image_embeds = next(iter(pipeline.encoder.run({pipeline.encoder.input_names[0]: pixels}).values()))
-        logits, cache = decoder.start(ids[:, :start], 1)
-        picked = [logits.argmax(-1)]
-        for position in range(start, ids.shape[1] - 1):
-            logits, cache = decoder.step(ids[:, position], cache)
-            picked.append(logits.argmax(-1))
+        first, stepped = decoder.teacher_forced(ids[:, :-1], start)
+        picked = np.concatenate([first[:, -1:], stepped], axis=1).argmax(-1)  # the next token at each position
         target = ids[:, start:]
         ended = np.cumsum(target == pipeline.settings.eos_token_id, axis=1)
         counted = (ended == 0) | ((ended == 1) & (target == pipeline.settings.eos_token_id))  # up to the EOS
-        agreement = float((np.stack(picked, axis=1) == target)[counted].mean())
+        agreement = float((picked == target)[counted].mean())
         check = QualityCheck("caption next-token agreement with fp32", agreement,
                              MIN_CAPTION_AGREEMENT[BITS[self.mode]], not self.random_weights)
         self.quality.append(check)

@@ -22,6 +22,17 @@ class ExportMismatchError(TurboError):
     """The files of an export do not belong together."""
 
 
+def grow_cache(cache: list[np.ndarray], grown: list[np.ndarray]) -> list[np.ndarray]:
+    """The cache after one step: per layer [self K, self V, cross K, cross V]; a with-past step
+    returns only the self K, V (one position longer), the cross ones never change."""
+    return [grown[2 * (i // 4) + i % 4] if i % 4 < 2 else c for i, c in enumerate(cache)]
+
+
+def reorder_cache(cache: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
+    """Beams only move within their input, whose rows share one cross K/V: only self K/V move."""
+    return [c[rows] if i % 4 < 2 else c for i, c in enumerate(cache)]
+
+
 class OrtDecoder:
     """The first-step and with-past decoder graphs as a `StepDecoder`, for one batch of image
     embeddings at a time (`image_embeds` is set before each search)."""
@@ -37,22 +48,33 @@ class OrtDecoder:
     def image_tokens(self) -> int:
         return self.first.session.get_inputs()[1].shape[1]
 
-    def start(self, input_ids: np.ndarray, rows_per_input: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    def first_step(self, input_ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits at every prompt position (B, T, V) and the cache."""
         outputs = list(self.first.run({"input_ids": input_ids, "image_embeds": self.image_embeds}).values())
-        logits, cache = outputs[0][:, -1], outputs[1:]
+        return outputs[0], outputs[1:]
+
+    def teacher_forced(self, ids: np.ndarray, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Logits over the prompt (B, T, V) and after each later token of `ids` (B, L - T, V)."""
+        first, cache = self.first_step(ids[:, :prompt_len])
+        stepped = []
+        for position in range(prompt_len, ids.shape[1]):
+            logits, cache = self.step(ids[:, position], cache)
+            stepped.append(logits)
+        return first, np.stack(stepped, axis=1) if stepped else first[:, :0]
+
+    def start(self, input_ids: np.ndarray, rows_per_input: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        logits, cache = self.first_step(input_ids)
+        logits = logits[:, -1]
         if rows_per_input > 1:  # every beam of an input starts from the same prompt
             logits, cache = np.repeat(logits, rows_per_input, 0), [np.repeat(c, rows_per_input, 0) for c in cache]
         return logits, cache
 
     def step(self, tokens: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         outputs = list(self.with_past.run({"input_ids": tokens[:, None], **dict(zip(self.past_names, cache))}).values())
-        grown = outputs[1:]  # per layer self K, V one position longer; cross K, V never change
-        cache = [grown[2 * (i // 4) + i % 4] if i % 4 < 2 else cache[i] for i in range(len(cache))]
-        return outputs[0][:, -1], cache
+        return outputs[0][:, -1], grow_cache(cache, outputs[1:])
 
     def reorder(self, cache: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
-        """Beams only move within their input, whose rows share one cross K/V: only self K/V move."""
-        return [c[rows] if i % 4 < 2 else c for i, c in enumerate(cache)]
+        return reorder_cache(cache, rows)
 
 
 class CaptionPipeline:

@@ -16,7 +16,7 @@ from exporters.decoder_validate import reference_ids
 from exporters.export import ExportOptions, run_export
 from exporters.loading import resolve_source
 from exporters.validate import seeded_pixels
-from runtimes.caption import CaptionPipeline
+from runtimes.caption import CaptionPipeline, grow_cache, reorder_cache
 from runtimes.generation import GenerationSettings, generate
 from turbo_cli.app import app
 
@@ -55,11 +55,10 @@ class TorchSteps:
     def step(self, tokens, cache):
         with torch.inference_mode():
             out = [t.numpy() for t in self.past(torch.from_numpy(tokens[:, None]), *map(torch.from_numpy, cache))]
-        grown = out[1:]
-        return out[0][:, -1], [grown[2 * (i // 4) + i % 4] if i % 4 < 2 else c for i, c in enumerate(cache)]
+        return out[0][:, -1], grow_cache(cache, out[1:])
 
     def reorder(self, cache, rows):
-        return [c[rows] if i % 4 < 2 else c for i, c in enumerate(cache)]
+        return reorder_cache(cache, rows)
 
 
 SEARCHES = [  # (beams, min new tokens, length penalty, early stopping, prompt)
