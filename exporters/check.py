@@ -223,7 +223,7 @@ def _revalidate(directory: Path, manifest: dict, built, report: CheckReport, max
 
 
 def _revalidate_decoder(directory: Path, manifest: dict, built, model, report: CheckReport) -> None:
-    from exporters.decoder_validate import validate_decoder
+    from exporters.decoder_validate import captions_are_exact, validate_decoder
     from exporters.errors import TurboError
     from exporters.validate import ValidationReport
     from runtimes.caption import CaptionPipeline
@@ -234,19 +234,15 @@ def _revalidate_decoder(directory: Path, manifest: dict, built, model, report: C
         report.add("decoder vs PyTorch", False, str(exc))
         return
     validation = ValidationReport("pytorch", "onnxruntime")
+    quant = (manifest.get("quantization") or {}).get("mode")
     validate_decoder(model, built.source.adapter.caption_decoder.module(model), pipeline, validation,
                      built.image_size, built.interpolate_pos_encoding, manifest["decoder"]["prompt"],
-                     _decoder_precision(manifest), manifest["model"].get("seed", 0))
+                     captions_are_exact(manifest["onnx"]["precision"], quant), manifest["model"].get("seed", 0))
     worst = max((c.max_abs_diff for c in validation.outputs), default=float("inf"))
     differing = sum(c.sequences_differing for c in validation.captions)
     passed = validation.runtime_error is None and all(c.passed for c in validation.outputs + validation.captions)
     report.add("decoder vs PyTorch", passed and bool(validation.outputs),
                validation.runtime_error or f"logits max abs diff {worst:.2e}, {differing} greedy captions differ")
-
-
-def _decoder_precision(manifest: dict) -> str:
-    """What the captioner check gates on: exact tokens for fp32 and weight-only exports only."""
-    return "int8" if (manifest.get("quantization") or {}).get("mode") == "int8" else manifest["onnx"]["precision"]
 
 
 def _agreement(path: Path, unmerged, built, batch: int | None) -> tuple[float, str]:

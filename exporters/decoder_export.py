@@ -4,7 +4,6 @@ The image-token count N is the plan's final token count (r changes the cross-att
 length), fixed in both graphs; batch, prompt length and past length are dynamic.
 """
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,12 +101,11 @@ def _dequantize_weights(protos: dict, quantized: dict) -> None:
                          f"(first: {sorted(missing)[0]})")
 
 
-def write_generation_config(directory: Path, ids: dict[str, int], max_new_tokens: int = 20) -> dict:
-    """generation_config.json (transformers' format) with the ids BLIP's generate uses; its contents."""
+def write_generation_config(directory: Path, ids: dict[str, int], max_new_tokens: int = 20) -> None:
+    """generation_config.json (transformers' format) with the ids BLIP's generate uses."""
     from transformers import GenerationConfig
 
     GenerationConfig(**ids, max_new_tokens=max_new_tokens).save_pretrained(directory)
-    return json.loads((directory / GENERATION_FILE).read_text())
 
 
 def export_captioner(model: nn.Module, source: ModelSource, tokenizer: tuple[object, str], directory: Path,

@@ -65,8 +65,15 @@ def _logit_checks(model: nn.Module, text_decoder: nn.Module, pipeline: CaptionPi
                         want_steps.shape, stepped.shape, float(np.abs(want_steps - stepped).max()), EXACT.atol)]
 
 
+def captions_are_exact(precision: str, quant: str | None) -> bool:
+    """Whether the ONNX captioner must reproduce PyTorch's captions token for token: fp32 encoders,
+    unquantized or weight-only quantized (PyTorch runs the same fake-quantized weights). fp16 and
+    INT8 encoders change image tokens (near-tie merge flips, rounded activations)."""
+    return precision == "fp32" and quant != "int8"
+
+
 def validate_decoder(model: nn.Module, text_decoder: nn.Module, pipeline: CaptionPipeline, report: ValidationReport,
-                     image_size: int, interpolate: bool, prompt: str, precision: str, seed: int = 0) -> None:
+                     image_size: int, interpolate: bool, prompt: str, exact_captions: bool, seed: int = 0) -> None:
     """Append the decoder's logit checks and a greedy caption check to `report`."""
     batch = pipeline.static_batch or CAPTION_BATCH
     pixels = seeded_pixels(batch, image_size, seed)
@@ -80,4 +87,4 @@ def validate_decoder(model: nn.Module, text_decoder: nn.Module, pipeline: Captio
         return
     differing = batch if want.shape != got.shape else int((want != got).any(axis=1).sum())
     report.captions.append(CaptionCheck("greedy, onnx vs generate", batch,
-                                        pipeline.settings.num_beams, differing, gated=precision == "fp32"))
+                                        pipeline.settings.num_beams, differing, gated=exact_captions))

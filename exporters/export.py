@@ -185,13 +185,13 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
 def _validate_captioner(model, built: BuiltPlan, options: ExportOptions, staging: Path, decoder: dict,
                         report: ValidationReport) -> None:
     """The decoder graphs and the whole ONNX captioner against upstream generate."""
-    from exporters.decoder_validate import validate_decoder
+    from exporters.decoder_validate import captions_are_exact, validate_decoder
     from runtimes.caption import CaptionPipeline
 
     pipeline = CaptionPipeline.load(staging, MODEL_FILE, decoder, options.batch, exact=True)
     validate_decoder(model, built.source.adapter.caption_decoder.module(model), pipeline, report, built.image_size,
                      built.interpolate_pos_encoding, decoder["prompt"],
-                     "int8" if options.quant == "int8" else options.precision, options.seed)
+                     captions_are_exact(options.precision, options.quant), options.seed)
 
 
 def _manifest(built: BuiltPlan, options: ExportOptions, model, summary: GraphSummary,
