@@ -12,12 +12,14 @@ from pathlib import Path
 
 from exporters.build import BuiltPlan, build_plan
 from exporters.decoder_export import export_captioner
+from exporters.errors import UsageError
 from exporters.loading import load_image_processor, load_model, load_tokenizer
 from exporters.manifest import now, versions, write_manifest
 from exporters.onnx_export import PRECISIONS, ExportModule, check_export_options, export_onnx, fold_merge_ops
 from exporters.patch import apply_turbo
 from exporters.quant_export import check_quant_options, quantize_model
 from exporters.staging import check_target, staged_directory
+from exporters.tensorrt.stage import TrtOptions, check_trt_options
 from exporters.validate import ValidationReport, validate_export
 from graph_passes.summary import GraphSummary, summarize
 
@@ -55,6 +57,7 @@ class ExportOptions:
     calib_images: str | None = None  # image root of a COCO-format --calib file (default: the file's folder)
     quant_heads: bool = False  # also the classifier (ViT) and the LM head (BLIP), excluded by default
     decoder: bool = True  # captioning models: also the text decoder (False: the vision encoder only)
+    trt: TrtOptions | None = None  # also build a TensorRT engine (model.plan) from the validated ONNX
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "ExportOptions":
@@ -93,11 +96,13 @@ class ExportResult:
     manifest: dict
     report: ValidationReport | None
     warnings: list[str] = field(default_factory=list)
+    engine_report: ValidationReport | None = None
+    engine_missing: str | None = None  # --trt asked for, but TensorRT or a GPU is missing here
 
     @property
     def passed(self) -> bool:
         """True when validated and passed, or when validation was switched off."""
-        return self.report is None or self.report.passed
+        return all(report is None or report.passed for report in (self.report, self.engine_report))
 
 
 @contextlib.contextmanager
@@ -112,6 +117,13 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
     started = now()
     check_export_options(options.opset, options.precision, options.batch, options.kernel, options.merge_op)
     check_quant_options(options.quant, options.calib, options.opset, options.precision, options.group_size)
+    if options.trt is not None:
+        from runtimes.availability import tensorrt_version
+
+        if options.precision != options.trt.onnx_precision():
+            raise UsageError(f"a {options.trt.precision} engine is built from {options.trt.onnx_precision()} ONNX, "
+                             f"not {options.precision}")
+        check_trt_options(options.trt, options.batch, options.quant, tensorrt_version())
     built = options.plan()
     check_target(Path(output), force)
     seconds: dict[str, float] = {}
@@ -178,8 +190,34 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
             manifest["decoder"] = decoder
         if quantized is not None:
             manifest["quantization"] = quantized.to_dict()
+        engine_report = missing = None
+        if options.trt is not None:
+            with timed("tensorrt"):
+                manifest["tensorrt"], engine_report, missing = _engine_stage(options, staging, manifest)
+            manifest["stage_seconds"] = seconds
         write_manifest(staging, manifest)
-    return ExportResult(Path(output), manifest, report, warnings)
+    return ExportResult(Path(output), manifest, report, warnings, engine_report, missing)
+
+
+def _engine_stage(options: ExportOptions, staging: Path,
+                  manifest: dict) -> tuple[dict, ValidationReport | None, str | None]:
+    """(the manifest's "tensorrt" entry, the engine's validation, what is missing to build it)."""
+    from exporters.tensorrt.stage import build_and_validate
+    from runtimes.availability import tensorrt_reason
+    from runtimes.bench import cache_root
+
+    missing = tensorrt_reason()
+    if missing is not None:
+        return {"built": False, "reason": missing}, None, missing
+    if manifest["status"] == "failed":
+        return {"built": False, "reason": "the ONNX failed validation"}, None, None
+    engine, engine_report = build_and_validate(options.trt, staging, manifest, options.quant,
+                                               cache_root() / "tensorrt")
+    if engine_report is not None:
+        engine["validation"] = engine_report.to_dict()
+        if not engine_report.passed:
+            manifest["status"] = "failed"
+    return {"built": True, **engine}, engine_report, None
 
 
 def _validate_captioner(model, built: BuiltPlan, options: ExportOptions, staging: Path, decoder: dict,

@@ -1,9 +1,12 @@
-"""Fold each layer's merge subgraph into one `turbo::TurboMerge` node backed by a model-local
+"""Fold each layer's weighted merge into one `turbo::TurboMerge` node backed by a model-local
 function (one overload per layer). ONNX Runtime inlines the function, so the file computes
 exactly what the plain graph does; TensorRT can map the node to a plugin (`plugin_namespace`)
 or import the function body as native layers.
 
-The subgraph of a layer is every node the exporter scoped to its TokenMerge module.
+The subgraph of a layer is every node the exporter scoped to its WeightedMerge module; the
+scoring and the two TopK in front of it stay native. The node's interface is the plugin's:
+inputs (x (B, N, C), size (B, N, 1), index (B, Na + r) int64), outputs (x (B, N - r, C),
+size (B, N - r, 1)); attribute r is read from the layer's first TopK.
 """
 
 import re
@@ -13,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graph_passes.summary import merge_scope
+from graph_passes.summary import SCOPES_KEY, WEIGHTED_MERGE_CLASS, merge_scope, module_scope
 
 DOMAIN = "turbo"
 OP_TYPE = "TurboMerge"
@@ -34,6 +37,81 @@ def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.
     return ordered
 
 
+def _value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    """Tensor types of initializers and of what the exporter recorded (every intermediate)."""
+    types = {init.name: helper.make_tensor_type_proto(init.data_type, init.dims) for init in graph.initializer}
+    return types | {v.name: v.type for v in [*graph.input, *graph.value_info, *graph.output]}
+
+
+def _dims(value: onnx.TypeProto) -> tuple[int, ...]:
+    return tuple(d.dim_value for d in value.tensor_type.shape.dim)
+
+
+def _merge_inputs(outside: list[str], types: dict[str, onnx.TypeProto], constants: set[str]) -> list[str]:
+    """(x, size, index) among the tensors the block reads: the index is the integer input, x the
+    float input with channels, size the (B, N, 1) tensor (a constant when the exporter folded
+    all-ones sizes for a static batch)."""
+    def is_float(name: str) -> bool:
+        return types[name].tensor_type.elem_type != onnx.TensorProto.INT64
+
+    runtime = [name for name in outside if name not in constants]
+    index = [name for name in runtime if not is_float(name)]
+    x = [name for name in runtime if is_float(name) and _dims(types[name])[-1] != 1]
+    if len(index) == 1 and len(x) == 1:
+        tokens = _dims(types[x[0]])[1]
+        size = [name for name in outside if is_float(name) and _dims(types[name])[1:] == (tokens, 1)]
+        if len(size) == 1:
+            return [x[0], size[0], index[0]]
+    raise ValueError(f"a weighted merge should read x, size and index, not {outside}")
+
+
+def _merge_outputs(names: list[str], types: dict[str, onnx.TypeProto]) -> list[str]:
+    """(x, size): size has a last dimension of 1."""
+    if len(names) != 2 or sorted(_dims(types[name])[-1] == 1 for name in names) != [False, True]:
+        raise ValueError(f"a weighted merge should give x and size, not {names}")
+    return sorted(names, key=lambda name: _dims(types[name])[-1] == 1)
+
+
+def _batch_size_nodes(name: str, producers: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+    """The nodes computing `name` when it is the batch size the exporter took from some tensor's
+    shape: Shape(t, start=0, end=1), optionally Squeezed to a scalar; otherwise None."""
+    node = producers.get(name)
+    chain = []
+    if node is not None and node.op_type == "Squeeze":
+        chain.append(node)
+        node = producers.get(node.input[0])
+    if node is None or node.op_type != "Shape":
+        return None
+    if {a.name: helper.get_attribute_value(a) for a in node.attribute} != {"start": 0, "end": 1}:
+        return None
+    return [node, *chain]
+
+
+def _batch_size_from(x: str, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """`nodes` (from `_batch_size_nodes`) reading the shape of x instead: dimension 0 is the batch
+    of every tensor here, so the function stays self-contained (x, size, index)."""
+    copies = [onnx.NodeProto.FromString(node.SerializeToString()) for node in nodes]
+    copies[0].input[0] = x
+    return copies
+
+
+def _absorb_rewritten_nodes(graph: onnx.GraphProto, blocks: dict[str, list[int]], constants: set[str]) -> None:
+    """Add to a block the nodes the exporter's optimizer rewrote without scope metadata (a Concat
+    left when an empty input was dropped, say) that read only that block's outputs."""
+    producer_block = {name: scope for scope, indices in blocks.items()
+                      for i in indices for name in graph.node[i].output}
+    member = {i for indices in blocks.values() for i in indices}
+    for index, node in enumerate(graph.node):
+        if index in member or any(p.key == SCOPES_KEY for p in node.metadata_props):
+            continue
+        sources = {producer_block.get(name) for name in node.input if name and name not in constants}
+        if len(sources) == 1 and None not in sources:
+            scope = sources.pop()
+            blocks[scope].append(index)
+            member.add(index)
+            producer_block.update({name: scope for name in node.output})
+
+
 def fold_merge_blocks(model: onnx.ModelProto, kernel: str) -> onnx.ModelProto:
     """A copy of `model` (weights loaded) with one TurboMerge node per merge block."""
     folded = onnx.ModelProto()
@@ -41,12 +119,20 @@ def fold_merge_blocks(model: onnx.ModelProto, kernel: str) -> onnx.ModelProto:
     graph = folded.graph
     initializers = {init.name: init for init in graph.initializer}
     blocks: dict[str, list[int]] = defaultdict(list)
+    parents: dict[str, str | None] = {}
     for index, node in enumerate(graph.node):
-        scope = merge_scope(node)
+        scope = module_scope(node, WEIGHTED_MERGE_CLASS)
         if scope is not None:
             blocks[scope].append(index)
+            parents[scope] = merge_scope(node)
     if not blocks:
         return folded
+    _absorb_rewritten_nodes(graph, blocks, set(initializers))
+    first_k = {}  # TokenMerge scope -> the K of its first TopK (r)
+    for node in graph.node:
+        scope = merge_scope(node)
+        if node.op_type == "TopK" and scope not in first_k and node.input[1] in initializers:
+            first_k[scope] = int(np.asarray(numpy_helper.to_array(initializers[node.input[1]])).reshape(-1)[0])
     block_of = {index: scope for scope, indices in blocks.items() for index in indices}
     consumers: dict[str, set[str | None]] = defaultdict(set)  # tensor -> blocks (None: outside any) reading it
     for index, node in enumerate(graph.node):
@@ -54,20 +140,22 @@ def fold_merge_blocks(model: onnx.ModelProto, kernel: str) -> onnx.ModelProto:
             consumers[name].add(block_of.get(index))
     for output in graph.output:
         consumers[output.name].add(None)
+    types = _value_types(graph)
+    producers = {name: node for node in graph.node for name in node.output}
     opsets = [helper.make_opsetid(o.domain, o.version) for o in folded.opset_import]
     replaced: dict[str, onnx.NodeProto] = {}
     for scope, indices in blocks.items():
         nodes = [graph.node[i] for i in indices]
         produced = [name for node in nodes for name in node.output]
-        inputs = list(dict.fromkeys(name for node in nodes for name in node.input
-                                    if name and name not in produced and name not in initializers))
-        constants = list(dict.fromkeys(name for node in nodes for name in node.input if name in initializers))
-        outputs = [name for name in produced if consumers[name] - {scope}]  # read by the rest of the graph
+        outside = list(dict.fromkeys(name for node in nodes for name in node.input if name and name not in produced))
+        batch_sizes = {name: _batch_size_nodes(name, producers) for name in outside if name not in initializers}
+        inputs = _merge_inputs([name for name in outside if not batch_sizes.get(name)], types, set(initializers))
+        constants = [name for name in outside if name in initializers and name not in inputs]
+        outputs = _merge_outputs([name for name in produced if consumers[name] - {scope}], types)  # read outside
         body = [helper.make_node("Constant", [], [name], value=initializers[name]) for name in constants]
+        body += [node for nodes in batch_sizes.values() if nodes for node in _batch_size_from(inputs[0], nodes)]
         body += [onnx.NodeProto.FromString(node.SerializeToString()) for node in nodes]
-        topk = next(node for node in nodes if node.op_type == "TopK")
-        r = int(np.asarray(numpy_helper.to_array(initializers[topk.input[1]])).reshape(-1)[0]) \
-            if topk.input[1] in initializers else -1
+        r = first_k.get(parents[scope], -1)
         overload = re.sub(r"\W", "_", scope)
         function = helper.make_function(DOMAIN, OP_TYPE, inputs, outputs, body, opsets,
                                         attributes=["r", "kernel", "plugin_namespace"])

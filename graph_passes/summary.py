@@ -27,6 +27,8 @@ class TensorInfo:
 
 
 MERGE_CLASS = "merging.module.TokenMerge"
+WEIGHTED_MERGE_CLASS = "merging.module.WeightedMerge"  # the part a TurboMerge node replaces
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # the exporter's node metadata: module paths, outermost first
 
 
 @dataclass(frozen=True)
@@ -94,15 +96,20 @@ def _scalar(tensor: onnx.TensorProto, base_dir: Path) -> int:
     return int(np.asarray(numpy_helper.to_array(tensor)).reshape(-1)[0])
 
 
-def merge_scope(node: onnx.NodeProto) -> str | None:
-    """The module path of the TokenMerge that emitted `node`, from the exporter's metadata."""
+def module_scope(node: onnx.NodeProto, module_class: str) -> str | None:
+    """The module path of the `module_class` module that emitted `node`, from the exporter's metadata."""
     meta = {p.key: p.value for p in node.metadata_props}
     try:
-        scopes = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
+        scopes = ast.literal_eval(meta[SCOPES_KEY])
         classes = ast.literal_eval(meta["pkg.torch.onnx.class_hierarchy"])
     except (KeyError, ValueError, SyntaxError):
         return None
-    return next((scope for scope, cls in zip(scopes, classes) if cls == MERGE_CLASS), None)
+    return next((scope for scope, cls in zip(scopes, classes) if cls == module_class), None)
+
+
+def merge_scope(node: onnx.NodeProto) -> str | None:
+    """The module path of the TokenMerge that emitted `node`."""
+    return module_scope(node, MERGE_CLASS)
 
 
 def summarize(path: str | Path) -> GraphSummary:

@@ -7,8 +7,20 @@ KERNELS = ("matmul", "scatter")
 
 def flat_positions(positions: torch.Tensor, tokens: int) -> torch.Tensor:
     """(B, K) token positions -> (B*K,) rows of the batch flattened to (B*N, ·)."""
-    offsets = torch.arange(positions.shape[0], device=positions.device).unsqueeze(-1) * tokens  # (B, 1)
+    # (B, 1) batch row offsets, computed from `positions` (not arange(B)) so that exported graphs
+    # cannot share one offsets tensor between layers: each merge block stays self-contained.
+    offsets = (torch.ones_like(positions[:, :1]).cumsum(0) - 1) * tokens
     return (positions + offsets).reshape(-1)
+
+
+def pack_indices(src_idx: torch.Tensor, dst_idx: torch.Tensor, unm_idx: torch.Tensor) -> torch.Tensor:
+    """(B, r), (B, r), (B, Na - r) -> (B, Na + r): one index input for the TurboMerge node."""
+    return torch.cat([src_idx, dst_idx, unm_idx], dim=-1)
+
+
+def unpack_indices(index: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `pack_indices`: src_idx, dst_idx, unm_idx."""
+    return index[:, :r], index[:, r:2 * r], index[:, 2 * r:]
 
 
 def gather_tokens(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

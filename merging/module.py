@@ -1,10 +1,25 @@
-"""TokenMerge: one layer's merge step as its own module (so exported graphs can find it)."""
+"""TokenMerge: one layer's merge step as its own module (so exported graphs can find it), with
+the weighted merge itself as a child module: the subgraph the TurboMerge node and plugin replace."""
 
 import torch
 from torch import nn
 
 from merging.matching import MergeConfig, information_degree, select_merges
-from merging.merge import KERNELS, merge_tokens
+from merging.merge import KERNELS, merge_tokens, pack_indices, unpack_indices
+
+
+class WeightedMerge(nn.Module):
+    """(x, size, packed indices) -> merged x and size; r and the kernel form are fixed at build time."""
+
+    def __init__(self, r: int, kernel: str) -> None:
+        super().__init__()
+        self.r = r
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, N, C), size: (B, N, 1), index: (B, Na + r) from `pack_indices`."""
+        src_idx, dst_idx, unm_idx = unpack_indices(index, self.r)
+        return merge_tokens(x, size, src_idx, dst_idx, unm_idx, self.kernel)  # (B, N - r, C), (B, N - r, 1)
 
 
 class TokenMerge(nn.Module):
@@ -17,6 +32,7 @@ class TokenMerge(nn.Module):
         self.r = r
         self.config = config
         self.kernel = kernel
+        self.merge = WeightedMerge(r, kernel)
 
     @property
     def needs_cls_attention(self) -> bool:
@@ -28,8 +44,8 @@ class TokenMerge(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, N, C), size: (B, N, 1) or None, keys: (B, H, N, d) or head-averaged (B, N, d),
         cls_attn: (B, N), or None when `needs_cls_attention` is false."""
-        if size is None:
-            size = torch.ones_like(x[..., :1])
+        if size is None:  # every token stands for one patch; computed from x so that exporters
+            size = x[..., :1] * 0 + 1  # keep it a run-time input of the merge, even with static shapes
         cap = (x.shape[1] - 1) // 2
         if not 0 <= self.r <= cap:
             raise ValueError(f"r={self.r} outside 0..{cap} for {x.shape[1]} tokens")
@@ -38,7 +54,7 @@ class TokenMerge(nn.Module):
         metric = keys.mean(dim=1) if keys.dim() == 4 else keys  # (B, N, d)
         degree, best = information_degree(metric, cls_attn, self.config)
         src_idx, dst_idx, unm_idx = select_merges(degree, best, self.r)
-        return merge_tokens(x, size, src_idx, dst_idx, unm_idx, self.kernel)  # (B, N - r, C)
+        return self.merge(x, size, pack_indices(src_idx, dst_idx, unm_idx))  # (B, N - r, C)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -231,22 +231,40 @@ def _ort_runner(directory: Path, options: BenchOptions, workload: str = "encoder
     return OnnxRuntimeRunner(directory / "model.onnx", providers, threads=_threads(options))
 
 
-def _ort_candidates(plans: dict, options: BenchOptions, progress: Progress, workload: str) -> list[Candidate]:
-    from exporters.export import ExportOptions
+def _trt_runner(directory: Path) -> Runner:
+    from exporters.manifest import read_manifest
+    from runtimes.tensorrt import TensorRTRunner
 
+    engine = read_manifest(directory).get("tensorrt") or {}
+    if not engine.get("built"):
+        raise UsageError(f"{directory} has no TensorRT engine; export it with --trt")
+    return TensorRTRunner(directory / engine["file"], cuda_graph=True)
+
+
+def _export_candidates(plans: dict, options: BenchOptions, progress: Progress, runtime: str,
+                       workload: str) -> list[Candidate]:
+    """Cached exports (ONNX; for trt also an engine whose profile covers the benched batches)."""
+    from exporters.export import ExportOptions
+    from exporters.tensorrt.stage import TrtOptions
+
+    trt = TrtOptions(options.precision, min_batch=min(options.batches), opt_batch=max(options.batches),
+                     max_batch=max(options.batches)) if runtime == "trt" else None
     candidates = []
     for r, built in plans.items():
         directory = _cached_export(ExportOptions(
             model=options.model, r=r, method=options.method, alpha=options.alpha, threshold=options.threshold,
-            kernel=options.kernel, precision=options.precision, random_weights=options.random_weights,
-            seed=options.seed, tiny=options.tiny), progress)
-        candidates.append(Candidate(r, built.plan.final_tokens, built.plan.speedup_bound,
-                                    lambda d=directory: _ort_runner(d, options, workload)))
+            kernel=options.kernel, precision=trt.onnx_precision() if trt else options.precision,
+            random_weights=options.random_weights, seed=options.seed, tiny=options.tiny, trt=trt,
+            decoder=runtime == "ort"), progress)
+        make = (lambda d=directory: _trt_runner(d)) if trt else (lambda d=directory: _ort_runner(d, options, workload))
+        candidates.append(Candidate(r, built.plan.final_tokens, built.plan.speedup_bound, make))
     return candidates
 
 
-def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, list[Candidate], list[Candidate]]:
-    """Candidates from exported directories; the baseline is --baseline or an r=0 export built alike."""
+def _dir_candidates(options: BenchOptions,
+                    progress: Progress) -> tuple[dict, list[tuple[Candidate, Path]], list[Candidate]]:
+    """Candidates (with their directories) from exported directories; the baseline is --baseline or
+    an r=0 export built alike."""
     from exporters.export import ExportOptions
     from exporters.manifest import read_export_manifest, read_manifest
 
@@ -282,12 +300,12 @@ def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, li
             raise UsageError(f"two exports with r={r}; bench them in separate runs")
         seen.add(r)
         plan = manifest["plan"]
-        candidates.append(Candidate(r, plan["final_tokens"], plan["speedup_bound"],
-                                    lambda d=directory: _ort_runner(d, options)))
+        candidates.append((Candidate(r, plan["final_tokens"], plan["speedup_bound"],
+                                     lambda d=directory: _ort_runner(d, options)), directory))
         captioners.append(Candidate(r, plan["final_tokens"], plan["speedup_bound"],
                                     lambda d=directory: _ort_runner(d, options, "caption")))
     captioners = captioners if all("decoder" in m for _, m in manifests) else []
-    return first, sorted(candidates, key=lambda c: c.r), sorted(captioners, key=lambda c: c.r)
+    return first, sorted(candidates, key=lambda c: c[0].r), sorted(captioners, key=lambda c: c.r)
 
 
 def run_bench(options: BenchOptions, progress: Progress = lambda message: None) -> dict:
@@ -301,9 +319,10 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
     _check(options)
     started = now()
     torch.set_num_threads(_threads(options))
-    runtimes = ("ort",) if options.export_dirs else options.runtimes
-    if options.export_dirs and set(options.runtimes) - {"ort"}:
-        raise UsageError("exported directories run on ONNX Runtime; use --runtime ort (or leave it out)")
+    runtimes = options.runtimes
+    if options.export_dirs and set(options.runtimes) - {"ort", "trt"}:
+        raise UsageError("exported directories run on ONNX Runtime or, with an engine, TensorRT; "
+                         "use --runtime ort or trt")
     skipped, runnable = [], []
     for runtime in runtimes:
         reason = unavailable_reason(runtime, options.device)
@@ -319,8 +338,13 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
     if options.export_dirs:
         first, candidates, captioners = _dir_candidates(options, progress)
         name, source, random_weights = (first["model"][k] for k in ("name", "source", "random_weights"))
-        rows += _time_candidates(candidates, "ort", "encoder", options, first["onnx"]["image_size"], progress)
-        if first["model"]["architecture"].startswith("Blip") and options.caption:
+        if "trt" in runnable:
+            engines = [replace(c, make_runner=lambda d=d: _trt_runner(d)) for c, d in candidates]
+            rows += _time_candidates(engines, "trt", "encoder", options, first["onnx"]["image_size"], progress)
+        candidates = [c for c, _ in candidates]
+        if "ort" in runnable:
+            rows += _time_candidates(candidates, "ort", "encoder", options, first["onnx"]["image_size"], progress)
+        if "ort" in runnable and first["model"]["architecture"].startswith("Blip") and options.caption:
             if captioners:
                 rows += _time_candidates(captioners, "ort", "caption", options, first["onnx"]["image_size"], progress)
             else:
@@ -336,8 +360,12 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
         image_size = plans[0].image_size
         for runtime in runnable:
             for workload in workloads:
+                if runtime == "trt" and workload == "caption":
+                    skipped.append({"runtime": "trt", "workload": "caption",
+                                    "reason": "turbo builds TensorRT engines for the vision encoder only"})
+                    continue
                 candidates = (_torch_candidates(plans, workload, options) if runtime == "torch"
-                              else _ort_candidates(plans, options, progress, workload))
+                              else _export_candidates(plans, options, progress, runtime, workload))
                 rows += _time_candidates(candidates, runtime, workload, options, image_size, progress)
     return {
         "schema": SCHEMA,

@@ -40,6 +40,17 @@ def model_name(request) -> str:
     return request.param
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked gpu need CUDA; tests marked tensorrt need TensorRT and CUDA: skipped, with why."""
+    from runtimes.availability import cuda_reason, tensorrt_reason
+
+    reasons = {"gpu": cuda_reason(), "tensorrt": tensorrt_reason()}
+    for item in items:
+        for marker, reason in reasons.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(autouse=True)
 def _offline_hub(monkeypatch):
     """Tests never wait on the hub: only the local cache is consulted."""

@@ -89,10 +89,9 @@ def test_a_graph_edited_after_export(exported, tmp_path):
     """A merge block's K changed from r=4 to r=3: the graph no longer matches manifest or plan."""
     directory = copy_of(exported, tmp_path)
     model = onnx.load(str(directory / "model.onnx"))
-    body = model.functions[0].node  # the first layer's turbo::TurboMerge function
-    topk = next(node for node in body if node.op_type == "TopK")
-    constant = next(node for node in body if node.op_type == "Constant" and node.output[0] == topk.input[1])
-    constant.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array([3], np.int64)))
+    topk = next(node for node in model.graph.node if node.op_type == "TopK")  # the first layer's K = r
+    constant = next(init for init in model.graph.initializer if init.name == topk.input[1])
+    constant.CopyFrom(numpy_helper.from_array(np.array([3], np.int64), constant.name))
     onnx.save(model, str(directory / "model.onnx"))
     result = check(directory, "--json")
     assert result.exit_code == 3

@@ -73,7 +73,8 @@ def export_command(
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset, 18..23 (default 20; 21 with --quant)."),
     batch: str = typer.Option("dynamic", "--batch", help="Static batch size, or 'dynamic' for a dynamic batch axis."),
     image_size: int | None = typer.Option(None, "--image-size", help="Input resolution (default: the model's)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 (half-precision graph for GPU runtimes)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 (half-precision graph for GPU runtimes); "
+                                  "with --trt the engine's: fp32 | fp16 | bf16 | int8 (int8 needs --quant int8)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Random weights from the config (speed work)."),
     tiny: bool = typer.Option(False, "--tiny", help="The registry model's 4-layer tiny variant (CI smoke checks)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
@@ -95,18 +96,34 @@ def export_command(
     quant_heads: bool = typer.Option(False, "--quant-heads", help="--quant gptq-*/rtn-*: also the ViT classifier "
                                      "and BLIP's LM head (left fp32 by default, as the patch embedding always is)."),
     calib_seed: int = typer.Option(0, "--calib-seed", help="--quant: seed of the calibration sample."),
+    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (model.plan) from the validated "
+                             "ONNX and validate it against ONNX Runtime (needs TensorRT and an NVIDIA GPU)."),
+    trt_merge: str = typer.Option("plugin", "--trt-merge", help="--trt: plugin (turbo::TurboMerge, Triton kernel) "
+                                  "| native (the merge as TensorRT layers)."),
+    workspace: float = typer.Option(4.0, "--workspace", help="--trt: builder workspace limit in GB."),
+    min_batch: int | None = typer.Option(None, "--min-batch", help="--trt: profile minimum batch (default 1)."),
+    opt_batch: int | None = typer.Option(None, "--opt-batch", help="--trt: batch the engine is tuned for (default 8)."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="--trt: profile maximum batch (default 64)."),
 ) -> None:
     """Export the merged model to validated, static-shape ONNX with a turbo.json manifest.
 
-    Exit code 3 when validation fails (the directory is still written, its manifest says failed).
+    Exit code 3 when validation fails (the directory is still written, its manifest says failed);
+    4 when --trt is asked for where TensorRT or a GPU is missing (the validated ONNX is still written).
     """
+    from exporters.errors import UsageError
     from exporters.export import ExportOptions
+    from exporters.tensorrt.stage import TrtOptions
     from turbo_cli.commands.export import choose_r, parse_batch, run_export_command
 
+    trt_options = (TrtOptions(precision, workspace, min_batch, opt_batch, max_batch, trt_merge, validate)
+                   if trt else None)
+    if not trt and (min_batch, opt_batch, max_batch) != (None, None, None):
+        raise UsageError("--min-batch, --opt-batch and --max-batch belong to --trt")
     chosen, r_auto = choose_r(r, model, data, max_drop, metric, method, alpha, threshold, tiny, random_weights)
     options = ExportOptions(model=model, r=chosen, method=method, alpha=alpha, threshold=threshold, schedule=schedule,
                             kernel=merge_kernel, opset=opset or (21 if quant else 20), batch=parse_batch(batch),
-                            image_size=image_size, precision=precision, random_weights=random_weights,
+                            image_size=image_size, random_weights=random_weights, trt=trt_options,
+                            precision=trt_options.onnx_precision() if trt_options else precision,
                             validate=validate, tiny=tiny, r_auto=r_auto, merge_op=merge_op, quant=quant,
                             group_size=group_size, act_order=act_order, calib=calib, calib_size=calib_size,
                             calib_seed=calib_seed, calib_images=calib_images, quant_heads=quant_heads,

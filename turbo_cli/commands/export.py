@@ -95,7 +95,7 @@ def _validation_table(validation: dict) -> Table:
 
 
 def run_export_command(options, output: str, force: bool, json_output: bool) -> None:
-    from exporters.errors import EXIT_VALIDATION
+    from exporters.errors import EXIT_MISSING_RUNTIME, EXIT_VALIDATION
     from exporters.export import run_export
 
     result = run_export(options, output, force, _stage, shlex.join(["turbo", *sys.argv[1:]]))
@@ -116,7 +116,18 @@ def run_export_command(options, output: str, force: bool, json_output: bool) -> 
     stderr.print(f"wrote {result.directory}{decoder}: {onnx_info['precision']}, opset {onnx_info['opset']}, "
                  f"{plan['final_tokens']} of {plan['tokens_in']} tokens, FLOPs bound {plan['speedup_bound']:.2f}x, "
                  f"{status}", highlight=False)
+    engine = manifest.get("tensorrt")
+    if engine and engine["built"]:
+        validation = engine.get("validation")
+        if validation:
+            stderr.print(_validation_table(validation))
+        stderr.print(f"wrote {result.directory}/{engine['file']}: TensorRT {engine['tensorrt']} on {engine['device']}, "
+                     f"merge {engine['merge']}, batch {'/'.join(map(str, engine['batch_profile']))}, "
+                     f"built in {engine['build_seconds']} s", highlight=False)
     if json_output:
         print_json(manifest)
     if not result.passed:
         fail(f"validation failed; {result.directory}/turbo.json records the failure", EXIT_VALIDATION)
+    if result.engine_missing:
+        fail(f"no TensorRT engine: {result.engine_missing}; the validated ONNX is in {result.directory}",
+             EXIT_MISSING_RUNTIME)

@@ -1,0 +1,1 @@
+"""TensorRT: the TurboMerge plugin and its Triton kernel, builder settings, engine build."""

@@ -1,0 +1,254 @@
+"""The TensorRT path without TensorRT: the Triton kernel against the torch merge (Triton's CPU
+interpreter here, compiled on CUDA where a GPU is), its AOT PTX, the TurboMerge node's plugin
+interface on real exported graphs, the native (inlined) form, every builder decision, and
+`--trt` where TensorRT is missing. Tests marked `tensorrt` build real engines and are skipped
+without TensorRT and a GPU."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from exporters.errors import UsageError
+from exporters.tensorrt.settings import (
+    BatchProfile,
+    batch_profile,
+    builder_plan,
+    merged_tokens,
+    plugin_mode,
+    plugin_type_combinations,
+    timing_cache_name,
+)
+from merging.matching import MergeConfig, information_degree, select_merges
+from merging.merge import merge_tokens, pack_indices
+from tests.test_export import tiny_export
+from tests.test_export_cli import model_dir
+from turbo_cli.app import app
+
+# (batch, tokens, channels, r): r at the cap (no unmerged A-side token), r=1, channels not a power of two
+SHAPES = [(2, 17, 12, 5), (3, 37, 16, 18), (1, 9, 8, 1), (2, 197, 24, 16)]
+HALF_ATOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def merge_case(batch: int, tokens: int, channels: int, r: int, dtype: torch.dtype, device: str = "cpu"):
+    """Inputs with merged sizes (not all ones) and the torch reference's output."""
+    g = torch.Generator().manual_seed(tokens * 100 + r)
+    x = torch.randn(batch, tokens, channels, generator=g).to(device, dtype)
+    size = torch.randint(1, 5, (batch, tokens, 1), generator=g).to(device, dtype)
+    degree, best = information_degree(torch.randn(batch, tokens, 8, generator=g).to(device),
+                                      torch.rand(batch, tokens, generator=g).to(device), MergeConfig())
+    src, dst, unm = select_merges(degree, best, r)
+    return x, size, pack_indices(src, dst, unm), merge_tokens(x, size, src, dst, unm)
+
+
+def assert_merge_equal(got: tuple, want: tuple, dtype: torch.dtype) -> None:
+    assert got[0].shape == want[0].shape and got[0].dtype == want[0].dtype
+    assert torch.equal(got[1], want[1])  # sizes are small integers: exact in every precision
+    if dtype == torch.float32:
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    else:  # the kernel accumulates in fp32, the reference in the half type
+        torch.testing.assert_close(got[0].float(), want[0].float(), atol=HALF_ATOL[dtype], rtol=HALF_ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_equals_the_torch_merge_in_the_interpreter(shape, dtype):
+    pytest.importorskip("triton")
+    from exporters.tensorrt.merge_kernel import interpreted_kernel, turbo_merge
+
+    x, size, index, want = merge_case(*shape, dtype)
+    assert_merge_equal(turbo_merge(x, size, index, shape[3], interpreted_kernel()), want, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES + [(64, 197, 768, 16), (8, 577, 768, 30)])
+def test_kernel_equals_the_torch_merge_on_cuda(shape, dtype):
+    from exporters.tensorrt.merge_kernel import turbo_merge
+
+    x, size, index, want = merge_case(*shape, dtype, "cuda")
+    assert_merge_equal(turbo_merge(x, size, index, shape[3]), want, dtype)
+
+
+@pytest.mark.parametrize("dtype, capability", [("fp16", 90), ("fp32", 80)])
+def test_kernel_compiles_to_ptx_that_tensorrt_can_launch(dtype, capability):
+    """TensorRT passes (inputs, scalars, outputs): 8 parameters; Triton's 2 scratch pointers follow
+    and must never be read."""
+    pytest.importorskip("triton")
+    from exporters.tensorrt.merge_kernel import check_aot_launchable, compile_ptx, unread_parameters
+
+    compiled = compile_ptx(dtype, 768, capability)
+    ptx = compiled.asm["ptx"]
+    assert f".target sm_{capability}" in ptx and compiled.metadata.name == "turbo_merge_kernel"
+    assert unread_parameters(ptx, compiled.metadata.name) == [8, 9]
+    check_aot_launchable(compiled)
+
+
+def test_unread_parameters_sees_every_load():
+    from exporters.tensorrt.merge_kernel import unread_parameters
+
+    ptx = (".entry k(\n .param .u64 .ptr .global .align 1 k_param_0,\n .param .u32 k_param_1,\n"
+           " .param .u64 k_param_2\n)\n{\n ld.param.b64 %rd1, [k_param_0];\n ld.param.b64 %rd2, [k_param_2];\n}")
+    assert unread_parameters(ptx, "k") == [1]
+    with pytest.raises(ValueError, match="no .entry"):
+        unread_parameters(ptx, "other")
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    types = {v.name: v for v in model.graph.value_info}
+    model.graph.output.extend(types[name] for name in names if name not in {o.name for o in model.graph.output})
+    return model
+
+
+@pytest.mark.parametrize("name", ["vit-b16", "blip-caption"])
+def test_turbo_merge_nodes_have_the_plugin_interface_and_compute_the_kernel(tmp_path_factory, name):
+    """On a real export: every TurboMerge node reads (x, size, index) and writes (x, size) with the
+    plugin's shapes, and what ONNX Runtime computes for it is what the Triton kernel computes."""
+    result = tiny_export(tmp_path_factory, name, 4, "matmul", external_data=False)  # shared with test_export
+    model = onnx.load(str(result.directory / "model.onnx"))
+    nodes = [node for node in model.graph.node if node.op_type == "TurboMerge"]
+    types = {v.name: v.type.tensor_type for v in model.graph.value_info}
+
+    def dims(tensor: str) -> list:
+        return [d.dim_value or d.dim_param for d in types[tensor].shape.dim]
+
+    assert len(nodes) == 4
+    for node in nodes:
+        r = next(a.i for a in node.attribute if a.name == "r")
+        x, size, index = node.input
+        _, tokens, channels = dims(x)
+        assert types[index].elem_type == onnx.TensorProto.INT64 and dims(index)[1] == (tokens - 1) // 2 + r
+        assert dims(size)[1:] == [tokens, 1]
+        assert [dims(out)[1:] for out in node.output] == [[merged_tokens(tokens, r), channels],
+                                                          [merged_tokens(tokens, r), 1]]
+    triton = pytest.importorskip("triton")  # noqa: F841
+    from exporters.tensorrt.merge_kernel import interpreted_kernel, turbo_merge
+
+    probe = _with_outputs(model, [name for node in nodes for name in [*node.input, *node.output]])
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    pixels = np.random.default_rng(0).standard_normal((2, 3, result.manifest["onnx"]["image_size"],
+                                                        result.manifest["onnx"]["image_size"])).astype(np.float32)
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"pixel_values": pixels})))
+    for node in nodes:
+        r = next(a.i for a in node.attribute if a.name == "r")
+        got = turbo_merge(*(torch.from_numpy(values[n]) for n in node.input), r, interpreted_kernel())
+        np.testing.assert_array_equal(got[1].numpy(), values[node.output[1]])
+        np.testing.assert_allclose(got[0].numpy(), values[node.output[0]], atol=1e-5, rtol=1e-5)
+
+
+def test_the_native_form_equals_the_function_graph_in_ort(tmp_path_factory, tmp_path):
+    from exporters.tensorrt.engine import inline_merge_functions
+
+    result = tiny_export(tmp_path_factory, "vit-b16", 4, "matmul", external_data=False)
+    native = inline_merge_functions(result.directory / "model.onnx", tmp_path / "native.onnx")
+    inlined = onnx.load(str(native))
+    assert not inlined.functions and not any(n.op_type == "TurboMerge" for n in inlined.graph.node)
+    size = result.manifest["onnx"]["image_size"]
+    pixels = np.random.default_rng(1).standard_normal((3, 3, size, size)).astype(np.float32)
+    want = ort.InferenceSession(str(result.directory / "model.onnx")).run(None, {"pixel_values": pixels})
+    got = ort.InferenceSession(str(native)).run(None, {"pixel_values": pixels})
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_builder_flags_per_version_and_precision():
+    plan = builder_plan((10, 8), "fp16", "fp16", None, "plugin")
+    assert not plan.strongly_typed and plan.builder_flags == ("FP16",) and plan.network_flags == ()
+    assert builder_plan((10, 13), "bf16", "fp32", None, "plugin").network_flags == ("PREFER_AOT_PYTHON_PLUGINS",)
+    assert builder_plan((10, 13), "bf16", "fp32", None, "native").builder_flags == ("BF16",)
+    assert builder_plan((10, 13), "int8", "fp32", "int8", "native").builder_flags == ("INT8", "FP16")
+    assert builder_plan((10, 13), "fp32", "fp32", "int8", "native").builder_flags == ("INT8", "FP16")
+    eleven = builder_plan((11, 4), "fp16", "fp16", None, "plugin")
+    assert eleven.strongly_typed and eleven.builder_flags == () and "fp16 ONNX" in eleven.note
+    assert builder_plan((11, 0), "int8", "fp32", "int8", "native").note == "strongly typed (int8 ONNX)"
+    for version, precision, onnx_precision, quant, message in [
+        ((11, 4), "fp16", "fp32", None, "strongly typed"),
+        ((11, 4), "bf16", "fp32", None, "bf16 needs TensorRT 10"),
+        ((10, 13), "int8", "fp32", None, "needs --quant int8"),
+        ((10, 13), "fp16", "fp32", "int8", "--quant int8 builds an INT8 engine"),
+        ((10, 13), "fp32", "fp16", None, "fp32 engine needs an fp32 export"),
+        ((9, 3), "fp32", "fp32", None, "too old"),
+        ((10, 13), "tf32", "fp32", None, "unknown TensorRT precision"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            builder_plan(version, precision, onnx_precision, quant, "plugin")
+
+
+def test_batch_profiles():
+    assert batch_profile("dynamic", None, None, None) == BatchProfile(1, 8, 64)
+    assert batch_profile("dynamic", None, None, 4) == BatchProfile(1, 4, 4)
+    assert batch_profile("dynamic", 16, None, None) == BatchProfile(16, 16, 64)
+    assert batch_profile("dynamic", None, 128, None) == BatchProfile(1, 128, 128)
+    assert batch_profile(4, None, None, None) == BatchProfile(4, 4, 4)
+    assert BatchProfile(1, 8, 64).shapes(224) == ((1, 3, 224, 224), (8, 3, 224, 224), (64, 3, 224, 224))
+    for args, message in [((4, None, None, 8), "static batch of 4"), (("dynamic", 8, None, 4), "min <= opt <= max"),
+                          (("dynamic", 0, None, None), "positive")]:
+        with pytest.raises(UsageError, match=message):
+            batch_profile(*args)
+
+
+def test_plugin_rules():
+    assert [plugin_mode(v) for v in [(10, 6), (10, 8), (10, 9), (11, 0)]] == ["jit", "jit", "aot", "aot"]
+    with pytest.raises(UsageError, match="--trt-merge native"):
+        plugin_mode((10, 5))
+    assert merged_tokens(197, 16) == 181
+    positions = [p.split("|") for p in plugin_type_combinations().split(", ")]
+    assert len(positions) == 5 and all(len(p) == 3 for p in positions)  # x, size, index -> x, size
+    assert positions[0] == positions[1] == positions[3] == positions[4] == ["FP32", "FP16", "BF16"]
+    assert set(positions[2]) == {"INT64"}
+    h100, a100 = timing_cache_name("10.13.2", "NVIDIA H100", (9, 0)), timing_cache_name("10.13.2", "A100", (8, 0))
+    assert h100 != a100 and h100 == timing_cache_name("10.13.2", "NVIDIA H100", (9, 0)) and "sm90" in h100
+
+
+runner = CliRunner()
+
+
+@pytest.mark.skipif(__import__("runtimes.availability").availability.tensorrt_reason() is None,
+                    reason="TensorRT and a GPU are here: the engine is built (see the tensorrt-marked test)")
+def test_trt_without_tensorrt_writes_the_validated_onnx_then_exits_4(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "-m", str(model_dir(tmp_path)), "--r", "4", "--random-weights", "-o",
+                                 str(out), "--trt", "--max-batch", "16"])
+    assert result.exit_code == 4, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no TensorRT engine: TensorRT is not installed") and "pypi.nvidia.com" in last
+    manifest = json.loads((out / "turbo.json").read_text())
+    assert manifest["status"] == "passed" and manifest["onnx"]["precision"] == "fp32"
+    assert manifest["tensorrt"]["built"] is False and not (out / "model.plan").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision", "int8"], "needs --quant int8"),
+    (["--batch", "4", "--max-batch", "8"], "static batch of 4"),
+    (["--trt-merge", "fused"], "unknown --trt-merge"),
+    (["--workspace", "0"], "--workspace"),
+])
+def test_bad_trt_options_exit_2_before_writing(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "-m", str(model_dir(tmp_path)), "--random-weights", "-o", str(out),
+                                 "--trt", *args])
+    assert result.exit_code == 2 and message in result.output and not out.exists()
+
+
+def test_profile_flags_need_trt(tmp_path):
+    result = runner.invoke(app, ["export", "-m", str(model_dir(tmp_path)), "--random-weights", "-o",
+                                 str(tmp_path / "out"), "--max-batch", "8"])
+    assert result.exit_code == 2 and "belong to --trt" in result.output
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("merge", ["plugin", "native"])
+def test_engine_builds_and_matches_onnx_runtime(tmp_path, merge):
+    from exporters.export import ExportOptions, run_export
+    from exporters.tensorrt.stage import TrtOptions
+
+    result = run_export(ExportOptions(model="vit-b16", r=4, threshold=0, tiny=True, random_weights=True,
+                                      trt=TrtOptions("fp32", merge=merge, max_batch=4)), tmp_path / "out")
+    engine = result.manifest["tensorrt"]
+    assert engine["built"] and (tmp_path / "out" / "model.plan").stat().st_size > 0
+    assert result.engine_report is not None and result.engine_report.passed, engine["validation"]
+    assert engine["merge"] == merge and (tmp_path / "out" / engine["build_log"]).exists()
