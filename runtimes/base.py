@@ -11,14 +11,16 @@ class Runner(ABC):
     """Runs one model on one backend. Feeds and results are keyed by tensor name."""
 
     name: str = "runner"
+    _inputs: list[str]  # set by runners that know their names up front
+    _outputs: list[str]
 
     @property
-    @abstractmethod
-    def input_names(self) -> list[str]: ...
+    def input_names(self) -> list[str]:
+        return self._inputs
 
     @property
-    @abstractmethod
-    def output_names(self) -> list[str]: ...
+    def output_names(self) -> list[str]:
+        return self._outputs
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ from runtimes.timing import TimingStats, interleaved
 SCHEMA = "turbo-bench/1"
 PRECISIONS = ("fp32", "fp16", "bf16")
 NO_DECODER = "the export has no text decoder (re-export it with this turbo version)"
-EXPORT_FORMAT = 2  # bumped when exports gain files (2: BLIP text decoder), so cached exports are rebuilt
+EXPORT_FORMAT = 3  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface)
 Progress = Callable[[str], None]
 
 

@@ -22,14 +22,6 @@ class TorchRunner(Runner):
         self._inputs = list(input_names)
         self._outputs = list(output_names)
 
-    @property
-    def input_names(self) -> list[str]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._outputs
-
     def _tensors(self, feeds: dict[str, np.ndarray]) -> list[torch.Tensor]:
         args = [torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device) for name in self._inputs]
         return [a.to(self.dtype) if self.dtype and a.is_floating_point() else a for a in args]

@@ -30,14 +30,6 @@ class TensorRTRunner(Runner):
         self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
 
-    @property
-    def input_names(self) -> list[str]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._outputs
-
     def _dtype(self, name: str):
         return self._torch.from_numpy(np.empty(0, self._trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
 

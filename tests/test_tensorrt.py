@@ -25,6 +25,7 @@ from exporters.tensorrt.settings import (
 )
 from merging.matching import MergeConfig, information_degree, select_merges
 from merging.merge import merge_tokens, pack_indices
+from runtimes.availability import tensorrt_reason
 from tests.test_export import tiny_export
 from tests.test_export_cli import model_dir
 from turbo_cli.app import app
@@ -125,7 +126,7 @@ def test_turbo_merge_nodes_have_the_plugin_interface_and_compute_the_kernel(tmp_
         assert dims(size)[1:] == [tokens, 1]
         assert [dims(out)[1:] for out in node.output] == [[merged_tokens(tokens, r), channels],
                                                           [merged_tokens(tokens, r), 1]]
-    triton = pytest.importorskip("triton")  # noqa: F841
+    pytest.importorskip("triton")
     from exporters.tensorrt.merge_kernel import interpreted_kernel, turbo_merge
 
     probe = _with_outputs(model, [name for node in nodes for name in [*node.input, *node.output]])
@@ -207,7 +208,7 @@ def test_plugin_rules():
 runner = CliRunner()
 
 
-@pytest.mark.skipif(__import__("runtimes.availability").availability.tensorrt_reason() is None,
+@pytest.mark.skipif(tensorrt_reason() is None,
                     reason="TensorRT and a GPU are here: the engine is built (see the tensorrt-marked test)")
 def test_trt_without_tensorrt_writes_the_validated_onnx_then_exits_4(tmp_path):
     out = tmp_path / "out"
