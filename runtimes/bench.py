@@ -62,6 +62,7 @@ class Candidate:
     final_tokens: int
     flops_bound: float
     make_runner: Callable[[], Runner]
+    directory: Path | None = None  # the export it runs, when it is one
 
 
 def cache_root() -> Path:
@@ -261,10 +262,8 @@ def _export_candidates(plans: dict, options: BenchOptions, progress: Progress, r
     return candidates
 
 
-def _dir_candidates(options: BenchOptions,
-                    progress: Progress) -> tuple[dict, list[tuple[Candidate, Path]], list[Candidate]]:
-    """Candidates (with their directories) from exported directories; the baseline is --baseline or
-    an r=0 export built alike."""
+def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, list[Candidate], list[Candidate]]:
+    """Candidates from exported directories; the baseline is --baseline or an r=0 export built alike."""
     from exporters.export import ExportOptions
     from exporters.manifest import read_export_manifest, read_manifest
 
@@ -300,12 +299,12 @@ def _dir_candidates(options: BenchOptions,
             raise UsageError(f"two exports with r={r}; bench them in separate runs")
         seen.add(r)
         plan = manifest["plan"]
-        candidates.append((Candidate(r, plan["final_tokens"], plan["speedup_bound"],
-                                     lambda d=directory: _ort_runner(d, options)), directory))
+        candidates.append(Candidate(r, plan["final_tokens"], plan["speedup_bound"],
+                                    lambda d=directory: _ort_runner(d, options), directory))
         captioners.append(Candidate(r, plan["final_tokens"], plan["speedup_bound"],
                                     lambda d=directory: _ort_runner(d, options, "caption")))
     captioners = captioners if all("decoder" in m for _, m in manifests) else []
-    return first, sorted(candidates, key=lambda c: c[0].r), sorted(captioners, key=lambda c: c.r)
+    return first, sorted(candidates, key=lambda c: c.r), sorted(captioners, key=lambda c: c.r)
 
 
 def run_bench(options: BenchOptions, progress: Progress = lambda message: None) -> dict:
@@ -339,9 +338,8 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
         first, candidates, captioners = _dir_candidates(options, progress)
         name, source, random_weights = (first["model"][k] for k in ("name", "source", "random_weights"))
         if "trt" in runnable:
-            engines = [replace(c, make_runner=lambda d=d: _trt_runner(d)) for c, d in candidates]
+            engines = [replace(c, make_runner=lambda d=c.directory: _trt_runner(d)) for c in candidates]
             rows += _time_candidates(engines, "trt", "encoder", options, first["onnx"]["image_size"], progress)
-        candidates = [c for c, _ in candidates]
         if "ort" in runnable:
             rows += _time_candidates(candidates, "ort", "encoder", options, first["onnx"]["image_size"], progress)
         if "ort" in runnable and first["model"]["architecture"].startswith("Blip") and options.caption:
