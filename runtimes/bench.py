@@ -232,18 +232,23 @@ def _ort_runner(directory: Path, options: BenchOptions, workload: str = "encoder
     return OnnxRuntimeRunner(directory / "model.onnx", providers, threads=_threads(options))
 
 
-def _trt_runner(directory: Path) -> Runner:
+def _trt_runner(directory: Path, options: BenchOptions, workload: str = "encoder") -> Runner:
+    """The export's encoder engine (one CUDA-graph replay per run), or (caption) its captioner on
+    the encoder and decoder engines at a fixed caption length."""
     from exporters.manifest import read_manifest
+    from runtimes.caption import CaptionPipeline, CaptionRunner
     from runtimes.tensorrt import TensorRTRunner
 
     engine = read_manifest(directory).get("tensorrt") or {}
     if not engine.get("built"):
         raise UsageError(f"{directory} has no TensorRT engine; export it with --trt")
+    if workload == "caption":
+        return CaptionRunner(CaptionPipeline.open(directory, tensorrt=True), options.caption_tokens)
     return TensorRTRunner(directory / engine["file"], cuda_graph=True)
 
 
 def _export_candidates(plans: dict, options: BenchOptions, progress: Progress, runtime: str,
-                       workload: str) -> list[Candidate]:
+                       workload: str, decoder: bool) -> list[Candidate]:
     """Cached exports (ONNX; for trt also an engine whose profile covers the benched batches)."""
     from exporters.export import ExportOptions
     from exporters.tensorrt.stage import TrtOptions
@@ -256,8 +261,9 @@ def _export_candidates(plans: dict, options: BenchOptions, progress: Progress, r
             model=options.model, r=r, method=options.method, alpha=options.alpha, threshold=options.threshold,
             kernel=options.kernel, precision=trt.onnx_precision() if trt else options.precision,
             random_weights=options.random_weights, seed=options.seed, tiny=options.tiny, trt=trt,
-            decoder=runtime == "ort"), progress)
-        make = (lambda d=directory: _trt_runner(d)) if trt else (lambda d=directory: _ort_runner(d, options, workload))
+            decoder=decoder), progress)
+        runner = _trt_runner if trt else _ort_runner
+        make = lambda d=directory: runner(d, options, workload)  # noqa: E731
         candidates.append(Candidate(r, built.plan.final_tokens, built.plan.speedup_bound, make))
     return candidates
 
@@ -302,7 +308,7 @@ def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, li
         candidates.append(Candidate(r, plan["final_tokens"], plan["speedup_bound"],
                                     lambda d=directory: _ort_runner(d, options), directory))
         captioners.append(Candidate(r, plan["final_tokens"], plan["speedup_bound"],
-                                    lambda d=directory: _ort_runner(d, options, "caption")))
+                                    lambda d=directory: _ort_runner(d, options, "caption"), directory))
     captioners = captioners if all("decoder" in m for _, m in manifests) else []
     return first, sorted(candidates, key=lambda c: c.r), sorted(captioners, key=lambda c: c.r)
 
@@ -337,16 +343,19 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
     if options.export_dirs:
         first, candidates, captioners = _dir_candidates(options, progress)
         name, source, random_weights = (first["model"][k] for k in ("name", "source", "random_weights"))
-        if "trt" in runnable:
-            engines = [replace(c, make_runner=lambda d=c.directory: _trt_runner(d)) for c in candidates]
-            rows += _time_candidates(engines, "trt", "encoder", options, first["onnx"]["image_size"], progress)
-        if "ort" in runnable:
-            rows += _time_candidates(candidates, "ort", "encoder", options, first["onnx"]["image_size"], progress)
-        if "ort" in runnable and first["model"]["architecture"].startswith("Blip") and options.caption:
-            if captioners:
-                rows += _time_candidates(captioners, "ort", "caption", options, first["onnx"]["image_size"], progress)
-            else:
-                skipped.append({"runtime": "ort", "workload": "caption", "reason": NO_DECODER})
+        image_size = first["onnx"]["image_size"]
+        captioning = first["model"]["architecture"].startswith("Blip") and options.caption
+        for runtime in runnable:
+            runner = _trt_runner if runtime == "trt" else _ort_runner
+            for workload, chosen in (("encoder", candidates), ("caption", captioners if captioning else None)):
+                if chosen is None:
+                    continue
+                if not chosen:
+                    skipped.append({"runtime": runtime, "workload": "caption", "reason": NO_DECODER})
+                    continue
+                chosen = [replace(c, make_runner=lambda d=c.directory, w=workload: runner(d, options, w))
+                          for c in chosen]
+                rows += _time_candidates(chosen, runtime, workload, options, image_size, progress)
     else:
         rs = sorted({0, *(options.rs if options.rs is not None
                           else [resolve_source(options.model, tiny=options.tiny).default_r])})
@@ -358,12 +367,9 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
         image_size = plans[0].image_size
         for runtime in runnable:
             for workload in workloads:
-                if runtime == "trt" and workload == "caption":
-                    skipped.append({"runtime": "trt", "workload": "caption",
-                                    "reason": "turbo builds TensorRT engines for the vision encoder only"})
-                    continue
-                candidates = (_torch_candidates(plans, workload, options) if runtime == "torch"
-                              else _export_candidates(plans, options, progress, runtime, workload))
+                candidates = (_torch_candidates(plans, workload, options) if runtime == "torch" else
+                              _export_candidates(plans, options, progress, runtime, workload,
+                                                 decoder=runtime == "ort" or "caption" in workloads))
                 rows += _time_candidates(candidates, runtime, workload, options, image_size, progress)
     return {
         "schema": SCHEMA,

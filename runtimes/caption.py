@@ -33,25 +33,45 @@ def reorder_cache(cache: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]
     return [c[rows] if i % 4 < 2 else c for i, c in enumerate(cache)]
 
 
-class OrtDecoder:
-    """The first-step and with-past decoder graphs as a `StepDecoder`, for one batch of image
-    embeddings at a time (`image_embeds` is set before each search)."""
+def onnx_graph(path: Path):
+    """An ONNX file's graph, without its weights."""
+    import onnx
 
-    def __init__(self, directory: Path, decoder: dict, threads: int | None = None,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",), exact: bool = False) -> None:
-        self.first = OnnxRuntimeRunner(directory / decoder["first_step"], providers, threads, exact=exact)
-        self.with_past = OnnxRuntimeRunner(directory / decoder["with_past"], providers, threads, exact=exact)
-        self.past_names = self.with_past.input_names[1:]  # per layer: self K, V, cross K, V
+    return onnx.load(str(path), load_external_data=False).graph
+
+
+def token_dim(value) -> int:
+    """Dim 1 (tokens) of a graph input or output (B, N, C)."""
+    return value.type.tensor_type.shape.dim[1].dim_value
+
+
+class GraphDecoder:
+    """The first-step and with-past decoder graphs, on any two runners (ONNX Runtime sessions or
+    TensorRT engines built from them), as a `StepDecoder` for one batch of image embeddings at a
+    time (`image_embeds` is set before each search). Outputs are read by the ONNX graphs' names."""
+
+    def __init__(self, first: Runner, with_past: Runner, directory: Path, decoder: dict) -> None:
+        self.first, self.with_past = first, with_past
+        first_graph = onnx_graph(directory / decoder["first_step"])
+        past_graph = onnx_graph(directory / decoder["with_past"])
+        self.first_outputs = [o.name for o in first_graph.output]
+        self.past_names = [i.name for i in past_graph.input][1:]  # per layer: self K, V, cross K, V
+        self.past_outputs = [o.name for o in past_graph.output]
+        self.image_tokens = token_dim(first_graph.input[1])  # image_embeds (B, N, C)
         self.image_embeds: np.ndarray | None = None
 
-    @property
-    def image_tokens(self) -> int:
-        return self.first.session.get_inputs()[1].shape[1]
+    @classmethod
+    def onnxruntime(cls, directory: Path, decoder: dict, threads: int | None = None,
+                    providers: tuple[str, ...] = ("CPUExecutionProvider",), exact: bool = False) -> "GraphDecoder":
+        return cls(OnnxRuntimeRunner(directory / decoder["first_step"], providers, threads, exact=exact),
+                   OnnxRuntimeRunner(directory / decoder["with_past"], providers, threads, exact=exact),
+                   directory, decoder)
 
     def first_step(self, input_ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits at every prompt position (B, T, V) and the cache."""
-        outputs = list(self.first.run({"input_ids": input_ids, "image_embeds": self.image_embeds}).values())
-        return outputs[0], outputs[1:]
+        outputs = self.first.run({"input_ids": input_ids, "image_embeds": self.image_embeds})
+        logits, *cache = (outputs[name] for name in self.first_outputs)
+        return logits, cache
 
     def teacher_forced(self, ids: np.ndarray, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
         """Logits over the prompt (B, T, V) and after each later token of `ids` (B, L - T, V)."""
@@ -70,8 +90,9 @@ class OrtDecoder:
         return logits, cache
 
     def step(self, tokens: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        outputs = list(self.with_past.run({"input_ids": tokens[:, None], **dict(zip(self.past_names, cache))}).values())
-        return outputs[0][:, -1], grow_cache(cache, outputs[1:])
+        outputs = self.with_past.run({"input_ids": tokens[:, None], **dict(zip(self.past_names, cache))})
+        logits, *grown = (outputs[name] for name in self.past_outputs)
+        return logits[:, -1], grow_cache(cache, grown)
 
     def reorder(self, cache: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
         return reorder_cache(cache, rows)
@@ -80,23 +101,19 @@ class OrtDecoder:
 class CaptionPipeline:
     """`turbo caption`'s engine: pixels -> (merged) image embeddings -> token ids -> text."""
 
-    def __init__(self, encoder: OnnxRuntimeRunner, decoder: OrtDecoder, tokenizer, settings: GenerationSettings,
+    def __init__(self, encoder: Runner, decoder: GraphDecoder, tokenizer, settings: GenerationSettings,
                  bos_token_id: int, static_batch: int | None = None, manifest: dict | None = None,
                  processor=None) -> None:
         self.encoder, self.decoder, self.tokenizer, self.processor = encoder, decoder, tokenizer, processor
         self.settings, self.bos_token_id, self.static_batch = settings, bos_token_id, static_batch
         self.manifest = manifest or {}
-        produced, expected = encoder.session.get_outputs()[0].shape[1], decoder.image_tokens
-        if produced != expected:
-            raise ExportMismatchError(
-                f"the vision encoder gives {produced} image tokens but the decoder graphs expect {expected} "
-                "(exported for another r); re-export the directory")
 
     @classmethod
     def open(cls, directory: str | Path, threads: int | None = None,
-             providers: tuple[str, ...] = ("CPUExecutionProvider",), exact: bool = False) -> "CaptionPipeline":
+             providers: tuple[str, ...] = ("CPUExecutionProvider",), exact: bool = False,
+             tensorrt: bool = False) -> "CaptionPipeline":
         """The pipeline of an export directory, checked for completeness (exact: INT4 weight
-        MatMuls in fp32, for validation; see OnnxRuntimeRunner)."""
+        MatMuls in fp32, for validation; see OnnxRuntimeRunner). tensorrt: on the export's engines."""
         directory = Path(directory)
         manifest = read_export_manifest(directory)
         decoder = manifest.get("decoder")
@@ -107,25 +124,45 @@ class CaptionPipeline:
                                      decoder["weights"], GENERATION_FILE) if not (directory / name).is_file()]
         if missing:
             raise ExportMismatchError(f"{directory} is missing {', '.join(missing)}; re-export it")
+        engines = None
+        if tensorrt:
+            engines = manifest.get("tensorrt") or {}
+            if not (engines.get("decoder") or {}).get("built"):
+                reason = (engines.get("decoder") or {}).get("reason") or "export it with --trt"
+                raise UsageError(f"{directory} has no TensorRT caption engines: {reason}")
         static = manifest["onnx"]["batch"]
         try:
             return cls.load(directory, manifest["onnx"]["file"], decoder, static if isinstance(static, int) else None,
-                            threads, providers, exact, manifest)
+                            threads, providers, exact, manifest, engines)
         except ExportMismatchError as exc:
             raise ExportMismatchError(f"{directory}: {exc}") from None
 
     @classmethod
     def load(cls, directory: Path, encoder_file: str, decoder: dict, static_batch: int | None = None,
              threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",), exact: bool = False,
-             manifest: dict | None = None) -> "CaptionPipeline":
-        """The pipeline from the files themselves (an export being validated has no turbo.json yet)."""
+             manifest: dict | None = None, engines: dict | None = None) -> "CaptionPipeline":
+        """The pipeline from the files themselves (an export being validated has no turbo.json yet).
+        engines: the manifest's `tensorrt` entry, to run its engines instead of ONNX Runtime."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
+        if engines is not None:
+            from runtimes.tensorrt import TensorRTRunner
+
+            files = engines["decoder"]["engines"]
+            encoder = TensorRTRunner(directory / engines["file"])
+            graphs = GraphDecoder(TensorRTRunner(directory / files["first_step"]["file"]),
+                                  TensorRTRunner(directory / files["with_past"]["file"]), directory, decoder)
+        else:
+            encoder = OnnxRuntimeRunner(directory / encoder_file, providers, threads, exact=exact)
+            graphs = GraphDecoder.onnxruntime(directory, decoder, threads, providers, exact)
+        produced = token_dim(onnx_graph(directory / encoder_file).output[0])
+        if produced != graphs.image_tokens:
+            raise ExportMismatchError(
+                f"the vision encoder gives {produced} image tokens but the decoder graphs expect {graphs.image_tokens} "
+                "(exported for another r); re-export the directory")
         config = json.loads((directory / GENERATION_FILE).read_text())
-        return cls(OnnxRuntimeRunner(directory / encoder_file, providers, threads, exact=exact),
-                   OrtDecoder(directory, decoder, threads, providers, exact), AutoTokenizer.from_pretrained(directory),
-                   settings_from_config(config), config["bos_token_id"], static_batch, manifest,
-                   AutoImageProcessor.from_pretrained(directory))
+        return cls(encoder, graphs, AutoTokenizer.from_pretrained(directory), settings_from_config(config),
+                   config["bos_token_id"], static_batch, manifest, AutoImageProcessor.from_pretrained(directory))
 
     @property
     def random_weights(self) -> bool:
@@ -179,6 +216,7 @@ class CaptionRunner(Runner):
     name = "ort"
 
     def __init__(self, pipeline: CaptionPipeline, tokens: int, prompt: str = DEFAULT_PROMPT) -> None:
+        self.name = pipeline.encoder.name
         self.pipeline, self.prompt_ids = pipeline, pipeline.prompt_ids(prompt)
         self.settings = replace(pipeline.settings, num_beams=1, max_new_tokens=tokens, min_new_tokens=tokens)
 
@@ -203,5 +241,6 @@ class CaptionRunner(Runner):
         return probe
 
     def describe(self) -> dict:
-        return {**self.pipeline.encoder.describe(), "decoder": "onnxruntime, with past key/values",
+        decoder = "tensorrt engines" if self.name == "trt" else "onnxruntime"
+        return {**self.pipeline.encoder.describe(), "decoder": f"{decoder}, with past key/values",
                 "caption_tokens": self.settings.max_new_tokens}

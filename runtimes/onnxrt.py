@@ -23,6 +23,10 @@ class OnnxRuntimeRunner(Runner):
             options.intra_op_num_threads = threads
         self.threads = threads or 0  # 0: onnxruntime's default (one per physical core)
         options.log_severity_level = 3  # errors only; warnings would interleave with our output
+        # Worker threads spin within a run but not after it: an idle session's spinning threads
+        # would take cores from the next session run (bench interleaves sessions; captioning
+        # alternates encoder and decoder), ~30% of a ViT-B batch-1 run on 2 cores.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if exact:
             options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))

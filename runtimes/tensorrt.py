@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.errors import UsageError
 from runtimes.base import Runner
 
 
@@ -38,7 +39,10 @@ class TensorRTRunner(Runner):
         torch = self._torch
         inputs = {n: torch.from_numpy(np.ascontiguousarray(feeds[n])).to("cuda", self._dtype(n)) for n in self._inputs}
         for name, tensor in inputs.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                low, _, high = self.engine.get_tensor_profile_shape(name, 0)
+                raise UsageError(f"input {name} of shape {tuple(tensor.shape)} is outside the engine's profile "
+                                 f"({tuple(low)} to {tuple(high)}); rebuild it with a wider --min/--max-batch")
             self.context.set_tensor_address(name, tensor.data_ptr())
         outputs = {n: torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=self._dtype(n), device="cuda")
                    for n in self._outputs}

@@ -15,12 +15,16 @@ from typer.testing import CliRunner
 
 from exporters.errors import UsageError
 from exporters.tensorrt.settings import (
+    MAX_PROMPT_TOKENS,
     BatchProfile,
     batch_profile,
     builder_plan,
+    decoder_builder_plan,
     merged_tokens,
+    onnx_input_dims,
     plugin_mode,
     plugin_type_combinations,
+    profile_shapes,
     timing_cache_name,
 )
 from merging.matching import MergeConfig, information_degree, select_merges
@@ -185,7 +189,10 @@ def test_batch_profiles():
     assert batch_profile("dynamic", 16, None, None) == BatchProfile(16, 16, 64)
     assert batch_profile("dynamic", None, 128, None) == BatchProfile(1, 128, 128)
     assert batch_profile(4, None, None, None) == BatchProfile(4, 4, 4)
-    assert BatchProfile(1, 8, 64).shapes(224) == ((1, 3, 224, 224), (8, 3, 224, 224), (64, 3, 224, 224))
+    assert profile_shapes({"pixel_values": ["batch", 3, 224, 224]}, {"batch": (1, 8, 64)}) == {
+        "pixel_values": ((1, 3, 224, 224), (8, 3, 224, 224), (64, 3, 224, 224))}
+    with pytest.raises(ValueError, match="past"):
+        profile_shapes({"k": ["batch", 4, "past", 8]}, {"batch": (1, 8, 64)})
     for args, message in [((4, None, None, 8), "static batch of 4"), (("dynamic", 8, None, 4), "min <= opt <= max"),
                           (("dynamic", 0, None, None), "positive")]:
         with pytest.raises(UsageError, match=message):
@@ -203,6 +210,59 @@ def test_plugin_rules():
     assert set(positions[2]) == {"INT64"}
     h100, a100 = timing_cache_name("10.13.2", "NVIDIA H100", (9, 0)), timing_cache_name("10.13.2", "A100", (8, 0))
     assert h100 != a100 and h100 == timing_cache_name("10.13.2", "NVIDIA H100", (9, 0)) and "sm90" in h100
+
+
+class RecordingRunner:
+    """Wraps a runner and records every input shape it is fed."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.shapes = runner, []
+
+    def run(self, feeds: dict) -> dict:
+        self.shapes.append({name: tuple(np.shape(value)) for name, value in feeds.items()})
+        return self.runner.run(feeds)
+
+
+def test_decoder_engine_profiles_cover_every_shape_captioning_feeds(tmp_path_factory):
+    """On a real captioning export: the decoder engines' profiles, built from the ONNX graphs'
+    dynamic dims, contain every input shape that greedy and beam captioning feed the decoder graphs,
+    and the decoder graphs pass the TensorRT lint."""
+    from exporters.tensorrt.stage import decoder_engine_plan
+    from graph_passes.trt_lint import lint
+    from runtimes.caption import CaptionPipeline
+
+    result = tiny_export(tmp_path_factory, "blip-caption", 4, decoder=True)  # shared with test_export
+    directory, decoder = result.directory, result.manifest["decoder"]
+    pipeline = CaptionPipeline.open(directory)
+    plan = decoder_engine_plan(decoder, BatchProfile(1, 2, 6), pipeline)
+    assert plan["built"], plan
+    profiles = {key: profile_shapes(onnx_input_dims(directory / decoder[key]), plan["ranges"])
+                for key in ("first_step", "with_past")}
+    prompt = len(pipeline.prompt_ids(decoder["prompt"]))
+    assert profiles["first_step"]["input_ids"] == ((1, 1), (2, prompt), (6, MAX_PROMPT_TOKENS))
+    assert {s[1] for s in profiles["first_step"]["image_embeds"]} == {decoder["image_tokens"]}
+    first, with_past = RecordingRunner(pipeline.decoder.first), RecordingRunner(pipeline.decoder.with_past)
+    pipeline.decoder.first, pipeline.decoder.with_past = first, with_past
+    size, longest = result.manifest["onnx"]["image_size"], pipeline.settings.max_new_tokens
+    pixels = np.random.default_rng(0).standard_normal((6, 3, size, size)).astype(np.float32)
+    pipeline.caption(pixels, batch=6, min_new_tokens=longest)  # greedy, the generation config's full length
+    pipeline.caption(pixels[:2], batch=2, num_beams=3)  # 6 rows
+    pipeline.caption(pixels[:1], prompt="", batch=1)  # the shortest prompt: past starts at 1
+    for key, recorder in (("first_step", first), ("with_past", with_past)):
+        assert recorder.shapes
+        for fed in recorder.shapes:
+            for name, shape in fed.items():
+                low, _, high = profiles[key][name]
+                assert all(a <= s <= b for a, s, b in zip(low, shape, high)), (key, name, shape, low, high)
+    assert max(fed["past.0.self.key"][2] for fed in with_past.shapes) == prompt + longest - 2  # all tokens made
+    for key in ("first_step", "with_past"):
+        assert not [f for f in lint(directory / decoder[key]) if f.severity == "error"]
+    quantized = decoder_engine_plan({**decoder, "precision": "fp32 with quantized weights"}, BatchProfile(1, 2, 6),
+                                    pipeline)
+    assert not quantized["built"] and "quantized" in quantized["reason"]
+    plan = decoder_builder_plan((10, 13))
+    assert plan.cleared_flags == ("TF32",) and not plan.builder_flags and not plan.strongly_typed
+    assert decoder_builder_plan((11, 0)).strongly_typed
 
 
 runner = CliRunner()
@@ -253,3 +313,21 @@ def test_engine_builds_and_matches_onnx_runtime(tmp_path, merge):
     assert engine["built"] and (tmp_path / "out" / "model.plan").stat().st_size > 0
     assert result.engine_report is not None and result.engine_report.passed, engine["validation"]
     assert engine["merge"] == merge and (tmp_path / "out" / engine["build_log"]).exists()
+
+
+@pytest.mark.tensorrt
+def test_caption_engines_build_and_caption_like_onnx_runtime(tmp_path):
+    from exporters.export import ExportOptions, run_export
+    from exporters.tensorrt.stage import TrtOptions
+    from runtimes.caption import CaptionPipeline
+
+    out = tmp_path / "out"
+    result = run_export(ExportOptions(model="blip-caption", r=4, threshold=0, tiny=True, random_weights=True,
+                                      trt=TrtOptions("fp32", max_batch=4)), out)
+    decoder = result.manifest["tensorrt"]["decoder"]
+    assert decoder["built"] and all((out / e["file"]).stat().st_size > 0 for e in decoder["engines"].values())
+    assert result.engine_report.passed, result.manifest["tensorrt"]["validation"]
+    assert any(c.run == "greedy, tensorrt vs onnx" for c in result.engine_report.captions)
+    size = result.manifest["onnx"]["image_size"]
+    captions = CaptionPipeline.open(out, tensorrt=True).caption(np.zeros((2, 3, size, size), np.float32))
+    assert len(captions) == 2 and all(c["ids"] for c in captions)

@@ -13,10 +13,10 @@ import onnx
 import onnx.inliner
 
 from exporters.errors import TurboError
-from exporters.tensorrt.settings import BatchProfile, BuilderPlan, parse_version, plugin_mode, timing_cache_name
+from exporters.tensorrt.settings import BuilderPlan, Shapes, parse_version, plugin_mode, timing_cache_name
 
 ENGINE_FILE = "model.plan"
-BUILD_LOG = "trt_build.log"
+BUILD_LOG = "trt_build.log"  # one log for every engine of an export, each build appending
 NATIVE_ONNX = "model.native.onnx"  # the TurboMerge functions inlined, for --trt-merge native
 
 
@@ -27,13 +27,12 @@ class EngineBuildError(TurboError):
 @dataclass(frozen=True)
 class EngineRequest:
     onnx_path: Path
-    input_name: str
-    image_size: int
-    profile: BatchProfile
+    shapes: dict[str, Shapes]  # every input's (min, opt, max) shape: the optimisation profile
     plan: BuilderPlan
-    merge: str  # plugin | native
+    merge: str | None  # plugin | native; None for graphs without TurboMerge nodes (the text decoder)
     workspace_gb: float
     cache_dir: Path
+    engine_file: str = ENGINE_FILE
 
 
 def inline_merge_functions(onnx_path: Path, out: Path) -> Path:
@@ -45,7 +44,8 @@ def inline_merge_functions(onnx_path: Path, out: Path) -> Path:
 
 
 def build_engine(request: EngineRequest, out_dir: Path) -> dict:
-    """Parse, build and write model.plan and the build log into out_dir; returns the manifest entry."""
+    """Parse, build and write the engine and its part of the build log into out_dir; returns the
+    manifest entry."""
     import tensorrt as trt
     import torch
 
@@ -65,7 +65,7 @@ def build_engine(request: EngineRequest, out_dir: Path) -> dict:
     if request.merge == "plugin":
         plugin_mode(version)
         import exporters.tensorrt.plugin  # noqa: F401  (registers turbo::TurboMerge)
-    else:
+    elif request.merge == "native":
         source = inline_merge_functions(request.onnx_path, request.onnx_path.parent / NATIVE_ONNX)
     builder = trt.Builder(logger)
     network_flags = 0
@@ -85,8 +85,11 @@ def build_engine(request: EngineRequest, out_dir: Path) -> dict:
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(request.workspace_gb * (1 << 30)))
     for name in request.plan.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in request.plan.cleared_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, name))
     profile = builder.create_optimization_profile()
-    profile.set_shape(request.input_name, *request.profile.shapes(request.image_size))
+    for name, shapes in request.shapes.items():
+        profile.set_shape(name, *shapes)
     config.add_optimization_profile(profile)
     cache_path = request.cache_dir / timing_cache_name(trt.__version__, torch.cuda.get_device_name(),
                                                        torch.cuda.get_device_capability())
@@ -96,17 +99,19 @@ def build_engine(request: EngineRequest, out_dir: Path) -> dict:
     begin = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - begin
-    (out_dir / BUILD_LOG).write_text("\n".join(log_lines) + "\n")
+    with open(out_dir / BUILD_LOG, "a") as log:
+        log.write("".join(f"{line}\n" for line in [f"== {request.engine_file} from {request.onnx_path.name}",
+                                                     *log_lines]))
     if serialized is None:
-        raise EngineBuildError(f"TensorRT could not build the engine; see {out_dir / BUILD_LOG}")
-    (out_dir / ENGINE_FILE).write_bytes(bytes(serialized))
+        raise EngineBuildError(f"TensorRT could not build {request.engine_file}; see {out_dir / BUILD_LOG}")
+    (out_dir / request.engine_file).write_bytes(bytes(serialized))
     request.cache_dir.mkdir(parents=True, exist_ok=True)
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     return {
-        "file": ENGINE_FILE, "build_log": BUILD_LOG, "tensorrt": trt.__version__,
+        "file": request.engine_file, "build_log": BUILD_LOG, "tensorrt": trt.__version__,
         "device": torch.cuda.get_device_name(), "merge": request.merge,
         "plugin": plugin_mode(version) if request.merge == "plugin" else None,
         "builder": request.plan.to_dict(), "workspace_gb": request.workspace_gb,
-        "batch_profile": [request.profile.minimum, request.profile.optimum, request.profile.maximum],
+        "profile": {name: [list(shape) for shape in shapes] for name, shapes in request.shapes.items()},
         "timing_cache": {"file": str(cache_path), "reused": reused}, "build_seconds": round(seconds, 1),
     }

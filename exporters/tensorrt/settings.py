@@ -1,9 +1,13 @@
 """Every TensorRT build decision as a pure function (tested without TensorRT): what each version
-supports, the builder flags for a precision, the batch profile, the plugin's shape rule and
-type combinations. `engine.py` only maps these onto the TensorRT API."""
+supports, the builder flags for a precision, the optimisation profiles (batch; the decoder's
+sequence and past lengths), the plugin's shape rule and type combinations. `engine.py` only maps
+these onto the TensorRT API."""
 
 import hashlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
 
 from exporters.errors import UsageError
 
@@ -15,6 +19,8 @@ AOT_VERSION = (10, 9)  # @trtp.aot_impl: engines run without Python (trtexec, C+
 STRONGLY_TYPED_ONLY = (11, 0)  # precision flags and implicit INT8 removed; precision from the ONNX types
 PLUGIN_TYPES = ("FP32", "FP16", "BF16")
 DEFAULT_BATCHES = (1, 8, 64)  # min, opt, max for a dynamic-batch ONNX
+MAX_PROMPT_TOKENS = 32  # decoder engines: the longest prompt ([DEC] + word pieces) their profile takes
+Shapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # min, opt, max of one input
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -34,6 +40,7 @@ class BuilderPlan:
     builder_flags: tuple[str, ...]  # trt.BuilderFlag names
     network_flags: tuple[str, ...]  # trt.NetworkDefinitionCreationFlag names
     note: str  # one line for the build log and manifest
+    cleared_flags: tuple[str, ...] = ()  # trt.BuilderFlag names switched off (TF32 is on by default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,15 +79,22 @@ def builder_plan(version: tuple[int, int], precision: str, onnx_precision: str, 
     return BuilderPlan(False, flags, network_flags, f"precision flags {', '.join(flags) or 'none (fp32)'}")
 
 
+def decoder_builder_plan(version: tuple[int, int]) -> BuilderPlan:
+    """The text decoder's engines: fp32 like its ONNX whatever the encoder's precision, without
+    TF32 (10-bit mantissas would move logits by ~1e-2 and flip greedy near-ties)."""
+    if version < MIN_VERSION:
+        raise UsageError(f"TensorRT {version[0]}.{version[1]} is too old; turbo needs 10.0 or newer")
+    return BuilderPlan(version >= STRONGLY_TYPED_ONLY, (), (), "fp32 text decoder, TF32 off", ("TF32",))
+
+
 @dataclass(frozen=True)
 class BatchProfile:
     minimum: int
     optimum: int
     maximum: int
 
-    def shapes(self, image_size: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """(min, opt, max) shapes of pixel_values."""
-        return tuple((batch, 3, image_size, image_size) for batch in (self.minimum, self.optimum, self.maximum))
+    def range(self) -> tuple[int, int, int]:
+        return self.minimum, self.optimum, self.maximum
 
 
 def batch_profile(onnx_batch: int | str, minimum: int | None, optimum: int | None,
@@ -101,6 +115,32 @@ def batch_profile(onnx_batch: int | str, minimum: int | None, optimum: int | Non
     if not low <= mid <= high:
         raise UsageError(f"the batch profile must satisfy min <= opt <= max, got {low}/{mid}/{high}")
     return BatchProfile(low, mid, high)
+
+
+def onnx_input_dims(path: str | Path) -> dict[str, list[int | str]]:
+    """Each graph input's dims: ints where fixed, the dim's name where dynamic ("batch", "past")."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+
+
+def profile_shapes(inputs: dict[str, list[int | str]], ranges: dict[str, tuple[int, int, int]]) -> dict[str, Shapes]:
+    """Each engine input's (min, opt, max) shape: fixed dims stay, named (dynamic) dims take
+    their range, e.g. inputs {"input_ids": ["batch", "sequence"]} and ranges {"batch": (1, 8, 64), ...}."""
+    unknown = sorted({d for dims in inputs.values() for d in dims if isinstance(d, str) and d not in ranges})
+    if unknown:
+        raise ValueError(f"no profile range for the dynamic dimension(s) {', '.join(unknown)}")
+    return {name: tuple(tuple(ranges[d][k] if isinstance(d, str) else d for d in dims) for k in range(3))
+            for name, dims in inputs.items()}
+
+
+def decoder_ranges(rows: BatchProfile, prompt_tokens: int, max_new_tokens: int) -> dict[str, tuple[int, int, int]]:
+    """Profile ranges of the decoder graphs' dynamic dims: batch (rows = images x beams), sequence
+    (the first step's prompt, up to MAX_PROMPT_TOKENS) and past (cached positions while stepping)."""
+    if not 1 <= prompt_tokens <= MAX_PROMPT_TOKENS:
+        raise UsageError(f"decoder engines take prompts of 1 to {MAX_PROMPT_TOKENS} tokens, not {prompt_tokens}")
+    longest = MAX_PROMPT_TOKENS + max_new_tokens - 2  # the last step's past (the first token needs no step)
+    return {"batch": rows.range(), "sequence": (1, prompt_tokens, MAX_PROMPT_TOKENS),
+            "past": (1, min(prompt_tokens + max_new_tokens // 2, longest), longest)}
 
 
 def plugin_mode(version: tuple[int, int]) -> str:

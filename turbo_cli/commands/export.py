@@ -124,6 +124,14 @@ def run_export_command(options, output: str, force: bool, json_output: bool) -> 
         stderr.print(f"wrote {result.directory}/{engine['file']}: TensorRT {engine['tensorrt']} on {engine['device']}, "
                      f"merge {engine['merge']}, batch {'/'.join(map(str, engine['batch_profile']))}, "
                      f"built in {engine['build_seconds']} s", highlight=False)
+        decoder = engine.get("decoder")
+        if decoder and decoder["built"]:
+            files = ", ".join(e["file"] for e in decoder["engines"].values())
+            stderr.print(f"wrote decoder engines {files}: profile "
+                         + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in decoder["ranges"].items()),
+                         highlight=False)
+        elif decoder:
+            stderr.print(f"no decoder engines: {decoder['reason']}", highlight=False)
     if json_output:
         print_json(manifest)
     if not result.passed:
