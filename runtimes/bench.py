@@ -20,6 +20,7 @@ from runtimes.timing import TimingStats, interleaved
 SCHEMA = "turbo-bench/1"
 PRECISIONS = ("fp32", "fp16", "bf16")
 NO_DECODER = "the export has no text decoder (re-export it with this turbo version)"
+NO_CAPTION_ENGINES = "an export has no TensorRT decoder engines (re-export it with --trt and its text decoder)"
 EXPORT_FORMAT = 3  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface)
 Progress = Callable[[str], None]
 
@@ -247,6 +248,13 @@ def _trt_runner(directory: Path, options: BenchOptions, workload: str = "encoder
     return TensorRTRunner(directory / engine["file"], cuda_graph=True)
 
 
+def _has_caption_engines(candidate: Candidate) -> bool:
+    from exporters.manifest import read_manifest
+
+    engine = read_manifest(candidate.directory).get("tensorrt") or {}
+    return bool((engine.get("decoder") or {}).get("built"))
+
+
 def _export_candidates(plans: dict, options: BenchOptions, progress: Progress, runtime: str,
                        workload: str, decoder: bool) -> list[Candidate]:
     """Cached exports (ONNX; for trt also an engine whose profile covers the benched batches)."""
@@ -352,6 +360,9 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
                     continue
                 if not chosen:
                     skipped.append({"runtime": runtime, "workload": "caption", "reason": NO_DECODER})
+                    continue
+                if runtime == "trt" and workload == "caption" and not all(map(_has_caption_engines, chosen)):
+                    skipped.append({"runtime": "trt", "workload": "caption", "reason": NO_CAPTION_ENGINES})
                     continue
                 chosen = [replace(c, make_runner=lambda d=c.directory, w=workload: runner(d, options, w))
                           for c in chosen]
