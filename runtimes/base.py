@@ -39,6 +39,10 @@ class Runner(ABC):
 
         return timed
 
+    def output_shape(self, name: str) -> tuple:
+        """An output's shape as the backend declares it (dynamic dims as names or -1)."""
+        raise NotImplementedError(f"{self.name} runners do not declare output shapes")
+
     def memory_probe(self) -> "Runner":
         """A runner whose single inference shows the memory one inference needs (default: this one;
         backends that keep memory pools between runs return one without them)."""

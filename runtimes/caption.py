@@ -40,11 +40,6 @@ def onnx_graph(path: Path):
     return onnx.load(str(path), load_external_data=False).graph
 
 
-def token_dim(value) -> int:
-    """Dim 1 (tokens) of a graph input or output (B, N, C)."""
-    return value.type.tensor_type.shape.dim[1].dim_value
-
-
 class GraphDecoder:
     """The first-step and with-past decoder graphs, on any two runners (ONNX Runtime sessions or
     TensorRT engines built from them), as a `StepDecoder` for one batch of image embeddings at a
@@ -57,7 +52,7 @@ class GraphDecoder:
         self.first_outputs = [o.name for o in first_graph.output]
         self.past_names = [i.name for i in past_graph.input][1:]  # per layer: self K, V, cross K, V
         self.past_outputs = [o.name for o in past_graph.output]
-        self.image_tokens = token_dim(first_graph.input[1])  # image_embeds (B, N, C)
+        self.image_tokens = first_graph.input[1].type.tensor_type.shape.dim[1].dim_value  # image_embeds (B, N, C)
         self.image_embeds: np.ndarray | None = None
 
     @classmethod
@@ -155,7 +150,7 @@ class CaptionPipeline:
         else:
             encoder = OnnxRuntimeRunner(directory / encoder_file, providers, threads, exact=exact)
             graphs = GraphDecoder.onnxruntime(directory, decoder, threads, providers, exact)
-        produced = token_dim(onnx_graph(directory / encoder_file).output[0])
+        produced = encoder.output_shape(encoder.output_names[0])[1]  # (B, N, C)
         if produced != graphs.image_tokens:
             raise ExportMismatchError(
                 f"the vision encoder gives {produced} image tokens but the decoder graphs expect {graphs.image_tokens} "

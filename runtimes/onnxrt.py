@@ -45,6 +45,9 @@ class OnnxRuntimeRunner(Runner):
         feeds = {name: np.asarray(value, dtype=self.input_dtypes[name]) for name, value in feeds.items()}
         return dict(zip(self.output_names, self.session.run(None, feeds)))
 
+    def output_shape(self, name: str) -> tuple:
+        return tuple(next(o.shape for o in self.session.get_outputs() if o.name == name))
+
     def memory_probe(self) -> "OnnxRuntimeRunner":
         """Without the CPU arena, which otherwise keeps a run's memory allocated between runs."""
         return OnnxRuntimeRunner(self.path, self.providers, self.threads or None, memory_arena=False)

@@ -87,6 +87,9 @@ class TensorRTRunner(Runner):
 
         return timed
 
+    def output_shape(self, name: str) -> tuple:
+        return tuple(self.engine.get_tensor_shape(name))
+
     def describe(self) -> dict:
         return {"runtime": self.name, "device": "cuda", "device_name": self._torch.cuda.get_device_name(),
                 "tensorrt": self._trt.__version__, "cuda_graph": self.cuda_graph}
