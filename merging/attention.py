@@ -43,7 +43,8 @@ def proportional_attention(
 
 def _cls_row_attention(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Softmax of the CLS query row alone, averaged over heads: (B, N)."""
-    logits = (q[:, :, :1] @ k.transpose(-1, -2)).float() * scale  # (B, H, 1, N)
+    # k @ qᵀ rather than q @ kᵀ: exported graphs then need no transposed copy of k for one row.
+    logits = (k @ q[:, :, :1].transpose(-1, -2))[..., 0].float() * scale  # (B, H, N)
     if bias is not None:
-        logits = logits + bias.float()
-    return logits.softmax(dim=-1)[:, :, 0].mean(dim=1).to(q.dtype)
+        logits = logits + bias[:, :, 0].float()
+    return logits.softmax(dim=-1).mean(dim=1).to(q.dtype)

@@ -69,5 +69,5 @@ def select_merges(
     # Kept tokens get their position as key and merged ones a key past the end, so the
     # k smallest keys are exactly the kept tokens in ascending order.
     order_key = torch.where(merged, positions + num_a, positions).float()  # exact in fp32
-    unm_idx = (-order_key).topk(num_a - r, dim=-1).indices  # (B, Na - r)
+    unm_idx = order_key.topk(num_a - r, dim=-1, largest=False).indices  # (B, Na - r)
     return src_idx, dst_idx.gather(-1, src_idx), unm_idx
