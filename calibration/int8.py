@@ -1,6 +1,6 @@
 """INT8 weights and activations as QDQ (ONNX Runtime static quantization), calibrated on the
 merged model: weight MatMuls only (MatMulConstBOnly — attention score MatMuls and the merge's
-one-hot MatMul stay float), symmetric, per-channel weights, biases left in float (TensorRT's
+one-hot MatMuls stay float), symmetric, per-channel weights, biases left in float (TensorRT's
 DequantizeLinear takes no int32). One file for ONNX Runtime and TensorRT explicit quantization."""
 
 from pathlib import Path

@@ -21,7 +21,8 @@ SCHEMA = "turbo-bench/1"
 PRECISIONS = ("fp32", "fp16", "bf16")
 NO_DECODER = "the export has no text decoder (re-export it with this turbo version)"
 NO_CAPTION_ENGINES = "an export has no TensorRT decoder engines (re-export it with --trt and its text decoder)"
-EXPORT_FORMAT = 3  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface)
+EXPORT_FORMAT = 4  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface;
+#                    4: leaner merge graph)
 Progress = Callable[[str], None]
 
 
