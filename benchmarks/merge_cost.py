@@ -36,6 +36,7 @@ from exporters.build import build_merged_model, build_plan
 from exporters.export import ExportOptions, run_export
 from exporters.onnx_export import ExportModule
 from merging.module import TokenMerge
+from runtimes.onnxrt import OnnxRuntimeRunner
 
 LAYER = re.compile(r"\.layers\.(\d+)$")
 
@@ -82,19 +83,19 @@ def node_scopes(path: Path) -> dict[str, tuple[int | None, bool]]:
     return scopes
 
 
-def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSession:
+def profiled_session(path: Path, threads: int) -> ort.InferenceSession:
+    """A session with ONNX Runtime's profiler on, set up otherwise as turbo's runner."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.force_spinning_stop", "1")  # as turbo's runner
-    if profile:
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def ort_costs(path: Path, x: np.ndarray, runs: int, threads: int) -> dict[int, list[float]]:
     scopes = node_scopes(path)
-    profiled = session(path, threads, profile=True)
+    profiled = profiled_session(path, threads)
     profiled.run(None, {"pixel_values": x})
     costs: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])  # layer -> [layer µs, merge µs]
     for _ in range(runs):
@@ -176,14 +177,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     merged_onnx, free_onnx, size = export_pair(args.model, args.r, Path(args.work_dir) / f"{args.model}-r{args.r}")
     merged_torch, free_torch, layers = torch_pair(args.model, args.r)
-    sessions = session(merged_onnx, args.threads), session(free_onnx, args.threads)
+    runners = OnnxRuntimeRunner(merged_onnx, threads=args.threads), OnnxRuntimeRunner(free_onnx, threads=args.threads)
     print("| model | runtime | batch | profiled merge of layers | share | worst layer | per layer "
           "| merged / merge-free | overhead |\n|---|---|---|---|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch.split(",")):
         x = torch.randn(batch, 3, size, size)
         feeds = {"pixel_values": x.numpy()}
         label = f"{args.model} r={args.r}"
-        ort_timed = overhead(*(lambda s=s: s.run(None, feeds) for s in sessions), args.rounds)
+        ort_timed = overhead(*(lambda runner=runner: runner.run(feeds) for runner in runners), args.rounds)
         print(row(f"{label} | ort | {batch}", ort_costs(merged_onnx, x.numpy(), args.runs, args.threads), ort_timed),
               flush=True)
         with torch.inference_mode():

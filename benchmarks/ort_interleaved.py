@@ -5,21 +5,15 @@
 For before/after claims on one machine: every round runs each model once, starting from a
 different model each round, so drift and the VM's slow and fast phases hit all of them alike.
 Prints each model's median time and its median per-round difference to the reference (the last
-model) as a share of the model's own median. Sessions are set up as turbo's runner sets them.
+model) as a share of the model's own median. The models run in turbo's OnnxRuntimeRunner.
 """
 
 import argparse
 import time
 
 import numpy as np
-import onnxruntime as ort
 
-
-def session(path: str, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+from runtimes.onnxrt import OnnxRuntimeRunner
 
 
 def main() -> None:
@@ -31,25 +25,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    sessions = [session(path, args.threads) for path in args.models]
+    runners = [OnnxRuntimeRunner(path, threads=args.threads) for path in args.models]
     feeds = {"pixel_values": np.random.default_rng(0).standard_normal(
         (args.batch, 3, args.size, args.size)).astype(np.float32)}
 
-    def ms(s: ort.InferenceSession) -> float:
+    def ms(runner: OnnxRuntimeRunner) -> float:
         begin = time.perf_counter()
-        s.run(None, feeds)
+        runner.run(feeds)
         return (time.perf_counter() - begin) * 1e3
 
-    for s in sessions:
-        ms(s)
+    for runner in runners:
+        ms(runner)
     print("| repeat | model | median ms | minus reference |\n|---|---|---|---|")
-    count = len(sessions)
+    count = len(runners)
     for repeat in range(args.repeats):
         times = np.zeros((args.rounds, count))
         for round_ in range(args.rounds):
             for step in range(count):
                 index = (round_ + step) % count
-                times[round_, index] = ms(sessions[index])
+                times[round_, index] = ms(runners[index])
         medians = np.median(times, axis=0)
         for index, path in enumerate(args.models):
             diff = np.median(times[:, index] - times[:, -1])
