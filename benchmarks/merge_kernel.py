@@ -48,15 +48,14 @@ def main() -> None:
             size = torch.ones(batch, tokens, 1, device="cuda", dtype=dtype)
             degree, best = information_degree(torch.randn(batch, tokens, 64, device="cuda"),
                                               torch.rand(batch, tokens, device="cuda"), MergeConfig())
-            src, dst, unm = select_merges(degree, best, r)
-            index = pack_indices(src, dst, unm)
-            want = merge_tokens(x, size, src, dst, unm)
+            index = pack_indices(*select_merges(degree, best, r))
+            want = merge_tokens(x, size, index)
             got = turbo_merge(x, size, index, r)
             assert torch.equal(got[1], want[1]), "merged sizes differ"
             torch.testing.assert_close(got[0].float(), want[0].float(), atol=2e-2, rtol=2e-2)
             forms = {"triton": lambda: turbo_merge(x, size, index, r),
-                     "matmul": lambda: merge_tokens(x, size, src, dst, unm, "matmul"),
-                     "scatter": lambda: merge_tokens(x, size, src, dst, unm, "scatter")}
+                     "matmul": lambda: merge_tokens(x, size, index, "matmul"),
+                     "scatter": lambda: merge_tokens(x, size, index, "scatter")}
             for fn in forms.values():
                 cuda_ms(fn, 20)
             samples = {name: [] for name in forms}

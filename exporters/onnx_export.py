@@ -16,7 +16,7 @@ from torch import nn
 
 from exporters.build import BuiltPlan
 from exporters.errors import TurboError, UsageError
-from merging.merge import KERNELS
+from merging.merge import KERNELS  # also registers turbo::gather_tokens
 
 INPUT_NAME = "pixel_values"
 TOKEN_SIZES = "token_sizes"  # (B, N_final): patches each output token stands for, the merge fingerprint
@@ -92,6 +92,13 @@ def export_onnx(module: ExportModule, path: Path, image_size: int, opset: int = 
     return names
 
 
+def _gather_tokens_onnx(x, index):
+    """turbo::gather_tokens: x (B, N, C), index (B, K, 1) -> (B, K, C) in one node."""
+    from onnxscript import opset18 as op
+
+    return op.GatherND(x, index, batch_dims=1)
+
+
 def run_exporter(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
                  dynamic_shapes: dict | tuple | None, opset: int):
     """torch.onnx.export (dynamo) without its chatter; an ONNXProgram, or ExportError in one line."""
@@ -105,6 +112,7 @@ def run_exporter(module: nn.Module, args: tuple, input_names: list[str], output_
             return torch.onnx.export(
                 module.eval(), args, input_names=input_names, output_names=output_names,
                 opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False,
+                custom_translation_table={torch.ops.turbo.gather_tokens.default: _gather_tokens_onnx},
             )
     except Exception as exc:  # the exporter's errors are long; the first line says what failed
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]

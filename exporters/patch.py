@@ -45,7 +45,7 @@ def _turbo_class(base: type[nn.Module], adapter: FamilyAdapter) -> type[nn.Modul
         if self.turbo_merge.r == 0 and state.size is None:
             out = base.forward(self, hidden_states, *args, **kwargs)
         else:
-            out = _turbo_block(self, adapter, hidden_states, state)
+            out = turbo_block(self, adapter, hidden_states, state)
         state.token_counts.append((tokens_in, out.shape[1]))
         return out
 
@@ -54,7 +54,7 @@ def _turbo_class(base: type[nn.Module], adapter: FamilyAdapter) -> type[nn.Modul
     return cls
 
 
-def _turbo_block(layer: nn.Module, adapter: FamilyAdapter, hidden: torch.Tensor, state: TurboState) -> torch.Tensor:
+def turbo_block(layer: nn.Module, adapter: FamilyAdapter, hidden: torch.Tensor, state: TurboState) -> torch.Tensor:
     """Pre-norm block: x + attn(norm1(x)) → merge → x + mlp(norm2(x))."""
     parts = adapter.block_parts(layer)
     q, k, v = parts.qkv(parts.norm1(hidden))  # 3×(B, H, N, d)

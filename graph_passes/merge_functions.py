@@ -6,17 +6,16 @@ or import the function body as native layers.
 The subgraph of a layer is every node the exporter scoped to its WeightedMerge module; the
 scoring and the two TopK in front of it stay native. The node's interface is the plugin's:
 inputs (x (B, N, C), size (B, N, 1), index (B, Na + r) int64), outputs (x (B, N - r, C),
-size (B, N - r, 1)); attribute r is read from the layer's first TopK.
+size (B, N - r, 1)); attribute r is the token count in minus out.
 """
 
 import re
 from collections import defaultdict
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from graph_passes.summary import SCOPES_KEY, WEIGHTED_MERGE_CLASS, merge_scope, module_scope
+from graph_passes.summary import SCOPES_KEY, WEIGHTED_MERGE_CLASS, module_scope
 
 DOMAIN = "turbo"
 OP_TYPE = "TurboMerge"
@@ -119,20 +118,13 @@ def fold_merge_blocks(model: onnx.ModelProto, kernel: str) -> onnx.ModelProto:
     graph = folded.graph
     initializers = {init.name: init for init in graph.initializer}
     blocks: dict[str, list[int]] = defaultdict(list)
-    parents: dict[str, str | None] = {}
     for index, node in enumerate(graph.node):
         scope = module_scope(node, WEIGHTED_MERGE_CLASS)
         if scope is not None:
             blocks[scope].append(index)
-            parents[scope] = merge_scope(node)
     if not blocks:
         return folded
     _absorb_rewritten_nodes(graph, blocks, set(initializers))
-    first_k = {}  # TokenMerge scope -> the K of its first TopK (r)
-    for node in graph.node:
-        scope = merge_scope(node)
-        if node.op_type == "TopK" and scope not in first_k and node.input[1] in initializers:
-            first_k[scope] = int(np.asarray(numpy_helper.to_array(initializers[node.input[1]])).reshape(-1)[0])
     block_of = {index: scope for scope, indices in blocks.items() for index in indices}
     consumers: dict[str, set[str | None]] = defaultdict(set)  # tensor -> blocks (None: outside any) reading it
     for index, node in enumerate(graph.node):
@@ -155,7 +147,7 @@ def fold_merge_blocks(model: onnx.ModelProto, kernel: str) -> onnx.ModelProto:
         body = [helper.make_node("Constant", [], [name], value=initializers[name]) for name in constants]
         body += [node for nodes in batch_sizes.values() if nodes for node in _batch_size_from(inputs[0], nodes)]
         body += [onnx.NodeProto.FromString(node.SerializeToString()) for node in nodes]
-        r = first_k.get(parents[scope], -1)
+        r = _dims(types[inputs[0]])[1] - _dims(types[outputs[0]])[1]  # tokens in - tokens out
         overload = re.sub(r"\W", "_", scope)
         function = helper.make_function(DOMAIN, OP_TYPE, inputs, outputs, body, opsets,
                                         attributes=["r", "kernel", "plugin_namespace"])

@@ -1,8 +1,8 @@
 """Read back what an exported graph does: op counts, merge blocks (from TopK constants), I/O shapes.
 
-Each Turbo merge block exports TopK nodes with constant K, in this order: K = r (the tokens
-merged) and K = Na - r (the kept A-side tokens, put back in order; dropped by the exporter
-when it is 0), Na = (N - 1) // 2. The exporter records each node's module scope in its
+Each Turbo merge block exports TopK nodes with constant K, in this order: K = Na (every A-side
+token ranked, the first r merge) and K = Na - r (the kept A-side tokens put back in order;
+absent when it is 0), Na = (N - 1) // 2. The exporter records each node's module scope in its
 metadata, which tells the blocks apart.
 """
 
@@ -131,7 +131,8 @@ def summarize(path: str | Path) -> GraphSummary:
                 unscoped += 1
             else:
                 ks_by_scope.setdefault(scope, []).append(_scalar(constants[node.input[1]], path.parent))
-    blocks = tuple(MergeBlock(scope, ks[0], ks[1] if len(ks) > 1 else 0) for scope, ks in ks_by_scope.items())
+    kept = {scope: ks[1] if len(ks) > 1 else 0 for scope, ks in ks_by_scope.items()}
+    blocks = tuple(MergeBlock(scope, ks[0] - kept[scope], kept[scope]) for scope, ks in ks_by_scope.items())
     reductions = tuple(
         next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
         for node in all_nodes(model) if node.op_type == "ScatterElements"

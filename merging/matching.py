@@ -63,11 +63,8 @@ def select_merges(
     the unmerged A-side tokens in their original order (deterministic across backends).
     """
     num_a = degree.shape[-1]
-    src_idx = degree.topk(r, dim=-1).indices  # (B, r)
-    positions = torch.arange(num_a, device=degree.device)
-    merged = (src_idx.unsqueeze(-1) == positions).any(dim=-2)  # (B, Na)
-    # Kept tokens get their position as key and merged ones a key past the end, so the
-    # k smallest keys are exactly the kept tokens in ascending order.
-    order_key = torch.where(merged, positions + num_a, positions).float()  # exact in fp32
-    unm_idx = order_key.topk(num_a - r, dim=-1, largest=False).indices  # (B, Na - r)
+    order = degree.topk(num_a, dim=-1).indices  # (B, Na), the largest degree first
+    src_idx, unm_idx = order[:, :r], order[:, r:]  # (B, r), (B, Na - r)
+    if r < num_a:  # the kept tokens' positions sorted ascending: exact in fp32, a TopK of static K
+        unm_idx = unm_idx.float().topk(num_a - r, dim=-1, largest=False).values.long()
     return src_idx, dst_idx.gather(-1, src_idx), unm_idx

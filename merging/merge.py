@@ -5,57 +5,64 @@ import torch
 KERNELS = ("matmul", "scatter")
 
 
-def row_offsets(index: torch.Tensor, tokens: int, first: int = 0) -> torch.Tensor:
-    """(B, K) indices of tokens -> (B, 1): the row of token `first` of each batch row in the batch
-    flattened to (B*N, ·)."""
-    # Computed from `index` (not arange(B)) so that exported graphs cannot share one offsets
-    # tensor between layers: each merge block stays self-contained.
-    return torch.full_like(index[:, :1], tokens).cumsum(0) - (tokens - first)
-
-
 def pack_indices(src_idx: torch.Tensor, dst_idx: torch.Tensor, unm_idx: torch.Tensor) -> torch.Tensor:
     """(B, r), (B, r), (B, Na - r) -> (B, Na + r): one index input for the TurboMerge node."""
     return torch.cat([src_idx, dst_idx, unm_idx], dim=-1)
 
 
-def unpack_indices(index: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The inverse of `pack_indices`: src_idx, dst_idx, unm_idx."""
-    return index[:, :r], index[:, r:2 * r], index[:, 2 * r:]
+def _gather_tokens_eager(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """One row index_select on the flattened batch: in eager PyTorch on CPU several times faster
+    than gather with an index expanded over the channels."""
+    batch, tokens, channels = x.shape
+    rows = index.view(batch, -1) + torch.arange(0, batch * tokens, tokens, device=x.device).unsqueeze(-1)  # (B, K)
+    return x.reshape(batch * tokens, channels).index_select(0, rows.view(-1)).view(batch, -1, channels)
 
 
-def gather_rows(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """flat (B*N, C), rows (B, K) flat row numbers -> (B, K, C): one row Gather, cheaper than
-    GatherElements with an index expanded over C."""
-    return flat[rows.reshape(-1)].view(rows.shape[0], rows.shape[1], flat.shape[-1])
+@torch.library.custom_op("turbo::gather_tokens", mutates_args=())
+def _gather_tokens_op(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return _gather_tokens_eager(x, index)
+
+
+@_gather_tokens_op.register_fake
+def _(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(index.shape[0], index.shape[1], x.shape[-1])
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C), index (B, K, 1) token numbers -> (B, K, C).
+
+    Exported as one GatherND with batch_dims=1 (exporters.onnx_export translates the custom op):
+    torch's gather would export as GatherElements over an index expanded to C channels, and row
+    indexing of the flattened batch as a chain of batch-offset nodes in every layer.
+    """
+    if torch.compiler.is_exporting():
+        return _gather_tokens_op(x, index)
+    return _gather_tokens_eager(x, index)
 
 
 def merge_tokens(
-    x: torch.Tensor,
-    size: torch.Tensor,
-    src_idx: torch.Tensor,
-    dst_idx: torch.Tensor,
-    unm_idx: torch.Tensor,
-    kernel: str = "matmul",
+    x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, kernel: str = "matmul"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge by `sum(x·size) / sum(size)`; sizes add.
 
-    x: (B, N, C); size: (B, N, 1); src_idx, dst_idx: (B, r) and unm_idx: (B, Na - r) index the
-    A side (positions 2, 4, …) and B side (positions 1, 3, …). Returns x (B, N - r, C) and
-    size (B, N - r, 1), ordered [CLS, unmerged A, B]. CLS and unmerged A-side tokens are copied,
-    B-side tokens re-weighted. `scatter` accumulates with scatter-add; `matmul` with a one-hot
-    batched MatMul (no ScatterElements in ONNX, so TensorRT needs no plugin for it). Sizes are
-    accumulated apart from x: a joint (C + 1)-channel tensor costs ONNX Runtime a Concat and a
-    Split per layer, which are slower than the extra (B, Nb, r) @ (B, r, 1) MatMul.
+    x: (B, N, C); size: (B, N, 1); index: (B, Na + r) from `pack_indices`, whose src_idx (B, r),
+    dst_idx (B, r) and unm_idx (B, Na - r) index the A side (positions 2, 4, …) and B side
+    (positions 1, 3, …). Returns x (B, N - r, C) and size (B, N - r, 1), ordered [CLS, unmerged
+    A, B]. CLS and unmerged A-side tokens are copied, B-side tokens re-weighted. `scatter`
+    accumulates with scatter-add; `matmul` with a one-hot batched MatMul (no ScatterElements in
+    ONNX, so TensorRT needs no plugin for it). Sizes are accumulated apart from x: a joint
+    (C + 1)-channel tensor costs ONNX Runtime a Concat and a Split per layer, which are slower
+    than the extra (B, Nb, r) @ (B, r, 1) MatMul.
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown merge kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
-    batch, tokens, channels = x.shape
-    offsets = row_offsets(src_idx, tokens, first=2)  # (B, 1); A-side index i is token 2i + 2
-    unm_rows, src_rows = 2 * unm_idx + offsets, 2 * src_idx + offsets
-    flat_x, flat_size = x.reshape(batch * tokens, channels), size.reshape(batch * tokens, 1)
-    unm_x, unm_size = gather_rows(flat_x, unm_rows), gather_rows(flat_size, unm_rows)  # (B, Na-r, C), (B, Na-r, 1)
-    src_size = gather_rows(flat_size, src_rows)  # (B, r, 1)
-    src_x = gather_rows(flat_x, src_rows) * src_size  # (B, r, C)
+    channels = x.shape[-1]
+    r = index.shape[-1] - (x.shape[1] - 1) // 2
+    tokens = (2 * index + 2).unsqueeze(-1)  # (B, Na + r, 1); A-side index i is token 2i + 2
+    src_tokens, dst_idx, unm_tokens = tokens[:, :r], index[:, r:2 * r], tokens[:, 2 * r:]
+    unm_x, unm_size = gather_tokens(x, unm_tokens), gather_tokens(size, unm_tokens)  # (B, Na-r, C), (B, Na-r, 1)
+    src_size = gather_tokens(size, src_tokens)  # (B, r, 1)
+    src_x = gather_tokens(x, src_tokens) * src_size  # (B, r, C)
     b_x, b_size = x[:, 1::2], size[:, 1::2]  # (B, Nb, C), (B, Nb, 1)
     if kernel == "scatter":
         added_x = torch.zeros_like(b_x).scatter_add(1, dst_idx.unsqueeze(-1).expand(-1, -1, channels), src_x)

@@ -5,21 +5,20 @@ import torch
 from torch import nn
 
 from merging.matching import MergeConfig, information_degree, select_merges
-from merging.merge import KERNELS, merge_tokens, pack_indices, unpack_indices
+from merging.merge import KERNELS, merge_tokens, pack_indices
 
 
 class WeightedMerge(nn.Module):
-    """(x, size, packed indices) -> merged x and size; r and the kernel form are fixed at build time."""
+    """(x, size, packed indices) -> merged x and size; the kernel form is fixed at build time (r
+    follows from the shapes)."""
 
-    def __init__(self, r: int, kernel: str) -> None:
+    def __init__(self, kernel: str) -> None:
         super().__init__()
-        self.r = r
         self.kernel = kernel
 
     def forward(self, x: torch.Tensor, size: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, N, C), size: (B, N, 1), index: (B, Na + r) from `pack_indices`."""
-        src_idx, dst_idx, unm_idx = unpack_indices(index, self.r)
-        return merge_tokens(x, size, src_idx, dst_idx, unm_idx, self.kernel)  # (B, N - r, C), (B, N - r, 1)
+        return merge_tokens(x, size, index, self.kernel)  # (B, N - r, C), (B, N - r, 1)
 
 
 class TokenMerge(nn.Module):
@@ -32,7 +31,7 @@ class TokenMerge(nn.Module):
         self.r = r
         self.config = config
         self.kernel = kernel
-        self.merge = WeightedMerge(r, kernel)
+        self.merge = WeightedMerge(kernel)
 
     @property
     def needs_cls_attention(self) -> bool:

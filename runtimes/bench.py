@@ -21,8 +21,8 @@ SCHEMA = "turbo-bench/1"
 PRECISIONS = ("fp32", "fp16", "bf16")
 NO_DECODER = "the export has no text decoder (re-export it with this turbo version)"
 NO_CAPTION_ENGINES = "an export has no TensorRT decoder engines (re-export it with --trt and its text decoder)"
-EXPORT_FORMAT = 4  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface;
-#                    4: leaner merge graph)
+EXPORT_FORMAT = 5  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface;
+#                    4: leaner merge graph; 5: batched GatherND, one ranking TopK)
 Progress = Callable[[str], None]
 
 

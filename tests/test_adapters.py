@@ -8,7 +8,7 @@ import torch
 
 from exporters.adapters import BlockParts
 from exporters.errors import PatchError
-from exporters.patch import TurboState, _turbo_block, apply_turbo, is_patched
+from exporters.patch import TurboState, apply_turbo, is_patched, turbo_block
 from merging.matching import MergeConfig
 from merging.plan import make_plan
 from tests.conftest import encoder_output, pixels, tiny_pair
@@ -28,7 +28,7 @@ def test_turbo_block_without_merging_equals_upstream_block(model_name):
     hidden = torch.randn(2, built.plan.tokens_in, built.source.adapter.vision_config(built.source.config).hidden_size)
     state = TurboState(size=torch.ones(2, built.plan.tokens_in, 1))
     with torch.no_grad():
-        ours = _turbo_block(layer, built.source.adapter, hidden, state)
+        ours = turbo_block(layer, built.source.adapter, hidden, state)
         upstream = type(layer).__mro__[1].forward(layer, hidden)
     torch.testing.assert_close(ours, upstream, rtol=1e-5, atol=1e-5)
 

@@ -86,12 +86,14 @@ def test_an_edited_manifest(exported, tmp_path):
 
 
 def test_a_graph_edited_after_export(exported, tmp_path):
-    """A merge block's K changed from r=4 to r=3: the graph no longer matches manifest or plan."""
+    """The first block's ranking TopK changed from K=Na=18 to 17, which reads as r=3 (K minus the
+    14 kept): the graph no longer matches manifest or plan."""
     directory = copy_of(exported, tmp_path)
     model = onnx.load(str(directory / "model.onnx"))
-    topk = next(node for node in model.graph.node if node.op_type == "TopK")  # the first layer's K = r
+    topk = next(node for node in model.graph.node if node.op_type == "TopK")  # the first layer's K = Na
     constant = next(init for init in model.graph.initializer if init.name == topk.input[1])
-    constant.CopyFrom(numpy_helper.from_array(np.array([3], np.int64), constant.name))
+    assert numpy_helper.to_array(constant).tolist() == [18]
+    constant.CopyFrom(numpy_helper.from_array(np.array([17], np.int64), constant.name))
     onnx.save(model, str(directory / "model.onnx"))
     result = check(directory, "--json")
     assert result.exit_code == 3

@@ -68,6 +68,9 @@ def test_graph_agrees_with_the_plan(tmp_path_factory, name, r, kernel):
         layer.r for layer in merging]  # one turbo::TurboMerge node per merging layer, carrying its r
     assert all(n.domain == "turbo" for n in merge_nodes) and len(model.functions) == len(merging)
     assert ops.count("TopK") == 2 * len(merging)
+    gathers = [node for node in nodes if node.op_type == "GatherND"]  # turbo::gather_tokens, 2-4 per block
+    assert len(gathers) >= 2 * len(merging)
+    assert all(any(a.name == "batch_dims" and a.i == 1 for a in n.attribute) for n in gathers)
     assert "ScatterND" not in ops
     scatters = [node for node in nodes if node.op_type == "ScatterElements"]
     if kernel == "matmul":

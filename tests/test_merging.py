@@ -7,7 +7,7 @@ import torch
 
 from merging.attention import proportional_attention
 from merging.matching import ALPHA_SCALE, MergeConfig, information_degree, select_merges
-from merging.merge import merge_tokens
+from merging.merge import gather_tokens, merge_tokens, pack_indices
 from merging.module import TokenMerge
 
 
@@ -89,7 +89,7 @@ def test_unmerged_tokens_keep_their_order_and_sizes_add_up():
     assert torch.all(unm_idx[:, 1:] > unm_idx[:, :-1])
     assert set(src_idx[0].tolist()).isdisjoint(unm_idx[0].tolist())
     assert len(set(src_idx[0].tolist()) | set(unm_idx[0].tolist())) == degree.shape[1]
-    merged_x, merged_size = merge_tokens(x, size, src_idx, dst_idx, unm_idx)
+    merged_x, merged_size = merge_tokens(x, size, pack_indices(src_idx, dst_idx, unm_idx))
     assert merged_x.shape == (3, 37 - 6, 16)
     torch.testing.assert_close(merged_size.sum(dim=(1, 2)), size.sum(dim=(1, 2)))
     torch.testing.assert_close(merged_x[:, 0], x[:, 0])  # CLS is protected and first
@@ -118,3 +118,13 @@ def test_proportional_attention_matches_explicit_softmax(fused):
     attn = (q @ k.transpose(-1, -2) * 0.5 + size.log()[:, None, None, :, 0]).softmax(-1)
     torch.testing.assert_close(context, (attn @ v).transpose(1, 2).reshape(2, 11, 12), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cls_attn, attn[:, :, 0].mean(1), rtol=1e-5, atol=1e-7)
+
+
+def test_gather_tokens_takes_each_batch_rows_own_tokens():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 11, 5, generator=g)
+    index = torch.randint(0, 11, (3, 4, 1), generator=g)
+    want = torch.stack([x[b, index[b, :, 0]] for b in range(3)])  # (3, 4, 5)
+    assert torch.equal(gather_tokens(x, index), want)
+    assert torch.equal(torch.ops.turbo.gather_tokens(x, index), want)  # the op the exporter translates
+

@@ -46,8 +46,8 @@ def merge_case(batch: int, tokens: int, channels: int, r: int, dtype: torch.dtyp
     size = torch.randint(1, 5, (batch, tokens, 1), generator=g).to(device, dtype)
     degree, best = information_degree(torch.randn(batch, tokens, 8, generator=g).to(device),
                                       torch.rand(batch, tokens, generator=g).to(device), MergeConfig())
-    src, dst, unm = select_merges(degree, best, r)
-    return x, size, pack_indices(src, dst, unm), merge_tokens(x, size, src, dst, unm)
+    index = pack_indices(*select_merges(degree, best, r))
+    return x, size, index, merge_tokens(x, size, index)
 
 
 def assert_merge_equal(got: tuple, want: tuple, dtype: torch.dtype) -> None:

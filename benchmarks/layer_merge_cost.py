@@ -1,0 +1,114 @@
+"""The merge's own cost in each layer, measured on that layer alone against a merge-free twin.
+
+    python benchmarks/layer_merge_cost.py --model vit-b16 --r 16 --batch 1
+
+Each merging block is exported on its own (hidden states and token sizes in, merged hidden
+states and sizes out; a dynamic batch axis, as `turbo export` writes), with the token count and
+inputs it sees inside the whole model: once with its TokenMerge and once with a merge-free twin
+that keeps the first N - r tokens (no scoring, no CLS attention row, no merge). The two run in
+turn on ONNX Runtime and in PyTorch eager; overhead = median per-round difference / the merged
+layer's time. Unlike a profiler this measures the layer's real time and all the work the merge
+causes. Random weights, CPU.
+"""
+
+import argparse
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from merge_cost import MergeFree, overhead
+from torch import nn
+
+from exporters.adapters import FamilyAdapter
+from exporters.build import build_merged_model, build_plan
+from exporters.onnx_export import run_exporter
+from exporters.patch import TurboState, turbo_block
+from runtimes.onnxrt import OnnxRuntimeRunner
+
+
+class LayerStep(nn.Module):
+    """One patched block: (hidden (B, N, C), size (B, N, 1) or absent) -> (B, N - r, C), (B, N - r, 1)."""
+
+    def __init__(self, layer: nn.Module, adapter: FamilyAdapter) -> None:
+        super().__init__()
+        self.layer, self.adapter = layer, adapter
+
+    def forward(self, hidden: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        state = TurboState(size=size)
+        hidden = turbo_block(self.layer, self.adapter, hidden, state)
+        return hidden, state.size
+
+
+def layer_inputs(model: nn.Module, layers: nn.ModuleList, pixels: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Each block's hidden states and token sizes (absent before any merge) in one forward."""
+    inputs: list[tuple[torch.Tensor, ...]] = []
+    handles = [layer.register_forward_pre_hook(
+        lambda module, args: inputs.append((args[0],) if module.turbo_state.size is None
+                                           else (args[0], module.turbo_state.size))) for layer in layers]
+    with torch.inference_mode():
+        model(pixel_values=pixels)
+    for handle in handles:
+        handle.remove()
+    return [tuple(t.clone() for t in step) for step in inputs]
+
+
+def export_step(step: LayerStep, args: tuple[torch.Tensor, ...], path: Path) -> OnnxRuntimeRunner:
+    """With a dynamic batch axis, as `turbo export` writes by default (traced at batch 2: a
+    batch-1 example would be specialised)."""
+    names = ["hidden", "size"][: len(args)]
+    batch = torch.export.Dim("batch")
+    example = tuple(t[:1].expand(2, *t.shape[1:]).contiguous() for t in args)
+    dynamic = tuple({0: batch} for _ in args)
+    run_exporter(step, example, names, ["merged", "merged_size"], dynamic, opset=20).save(str(path))
+    return OnnxRuntimeRunner(path, threads=torch.get_num_threads())
+
+
+def report_layer(layer: nn.Module, inputs: tuple[torch.Tensor, ...], adapter: FamilyAdapter, prefix: Path,
+                 rounds: int) -> None:
+    """Print the layer's row: merged vs merge-free on ONNX Runtime and in PyTorch eager."""
+    merge = layer.turbo_merge
+    if merge.r == 0:
+        return
+    twin = copy.deepcopy(layer)
+    twin.turbo_merge = MergeFree(merge.r, merge.config)
+    steps = LayerStep(layer, adapter), LayerStep(twin, adapter)
+    runners = [export_step(step, inputs, prefix.with_name(f"{prefix.name}-{kind}.onnx"))
+               for step, kind in zip(steps, ("merged", "free"))]
+    feeds = dict(zip(runners[0].input_names, (t.numpy() for t in inputs)))
+    ort_ms = overhead(*(lambda runner=runner: runner.run(feeds) for runner in runners), rounds)
+    with torch.inference_mode():
+        torch_ms = overhead(*(lambda step=step: step(*inputs) for step in steps), rounds)
+    tokens = inputs[0].shape[1]
+    print(f"| {layer.turbo_index} | {tokens} → {tokens - merge.r} | {ort_ms[0]:.2f} / {ort_ms[1]:.2f} ms | "
+          f"{ort_ms[2]:.1%} | {torch_ms[0]:.2f} / {torch_ms[1]:.2f} ms | {torch_ms[2]:.1%} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit-b16")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=60, help="interleaved rounds per layer and runtime")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--layers", default="all", help="comma-separated block indices, or all")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    built = build_plan(args.model, r=args.r)
+    model, _ = build_merged_model(built, random_weights=True)
+    adapter = built.source.adapter
+    layers = adapter.encoder_layers(model)
+    pixels = torch.randn(args.batch, 3, built.image_size, built.image_size)
+    inputs = layer_inputs(model, layers, pixels)
+    chosen = range(len(layers)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
+    print(f"{args.model} r={args.r} batch {args.batch}, {args.threads} threads\n\n"
+          "| layer | tokens | ORT merged / merge-free | ORT overhead | torch merged / merge-free | torch overhead |\n"
+          "|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="turbo-layer-merge-") as work_dir:
+        for index in chosen:
+            report_layer(layers[index], inputs[index], adapter, Path(work_dir) / str(index), args.rounds)
+
+
+if __name__ == "__main__":
+    main()
