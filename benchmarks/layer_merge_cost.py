@@ -23,7 +23,7 @@ from torch import nn
 
 from exporters.adapters import FamilyAdapter
 from exporters.build import build_merged_model, build_plan
-from exporters.onnx_export import run_exporter
+from exporters.onnx_export import ExportModule, run_exporter
 from exporters.patch import TurboState, turbo_block
 from runtimes.onnxrt import OnnxRuntimeRunner
 
@@ -41,14 +41,14 @@ class LayerStep(nn.Module):
         return hidden, state.size
 
 
-def layer_inputs(model: nn.Module, layers: nn.ModuleList, pixels: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+def layer_inputs(model: ExportModule, layers: nn.ModuleList, pixels: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     """Each block's hidden states and token sizes (absent before any merge) in one forward."""
     inputs: list[tuple[torch.Tensor, ...]] = []
     handles = [layer.register_forward_pre_hook(
         lambda module, args: inputs.append((args[0],) if module.turbo_state.size is None
                                            else (args[0], module.turbo_state.size))) for layer in layers]
     with torch.inference_mode():
-        model(pixel_values=pixels)
+        model(pixels)
     for handle in handles:
         handle.remove()
     return [tuple(t.clone() for t in step) for step in inputs]
@@ -100,7 +100,7 @@ def main() -> None:
     adapter = built.source.adapter
     layers = adapter.encoder_layers(model)
     pixels = torch.randn(args.batch, 3, built.image_size, built.image_size)
-    inputs = layer_inputs(model, layers, pixels)
+    inputs = layer_inputs(ExportModule(model, built), layers, pixels)
     chosen = range(len(layers)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
     print(f"{args.model} r={args.r} batch {args.batch}, {args.threads} threads\n\n"
           "| layer | tokens | ORT merged / merge-free | ORT overhead | torch merged / merge-free | torch overhead |\n"
