@@ -58,11 +58,11 @@ def merge_tokens(
         raise ValueError(f"unknown merge kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     channels = x.shape[-1]
     r = index.shape[-1] - (x.shape[1] - 1) // 2
-    tokens = (2 * index + 2).unsqueeze(-1)  # (B, Na + r, 1); A-side index i is token 2i + 2
-    src_tokens, dst_idx, unm_tokens = tokens[:, :r], index[:, r:2 * r], tokens[:, 2 * r:]
-    unm_x, unm_size = gather_tokens(x, unm_tokens), gather_tokens(size, unm_tokens)  # (B, Na-r, C), (B, Na-r, 1)
-    src_size = gather_tokens(size, src_tokens)  # (B, r, 1)
-    src_x = gather_tokens(x, src_tokens) * src_size  # (B, r, C)
+    positions = (2 * index + 2).unsqueeze(-1)  # (B, Na + r, 1); A-side index i is token 2i + 2
+    src_pos, dst_idx, unm_pos = positions[:, :r], index[:, r:2 * r], positions[:, 2 * r:]
+    unm_x, unm_size = gather_tokens(x, unm_pos), gather_tokens(size, unm_pos)  # (B, Na-r, C), (B, Na-r, 1)
+    src_size = gather_tokens(size, src_pos)  # (B, r, 1)
+    src_x = gather_tokens(x, src_pos) * src_size  # (B, r, C)
     b_x, b_size = x[:, 1::2], size[:, 1::2]  # (B, Nb, C), (B, Nb, 1)
     if kernel == "scatter":
         added_x = torch.zeros_like(b_x).scatter_add(1, dst_idx.unsqueeze(-1).expand(-1, -1, channels), src_x)
