@@ -44,9 +44,11 @@ class LayerStep(nn.Module):
 def layer_inputs(model: ExportModule, layers: nn.ModuleList, pixels: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     """Each block's hidden states and token sizes (absent before any merge) in one forward."""
     inputs: list[tuple[torch.Tensor, ...]] = []
-    handles = [layer.register_forward_pre_hook(
-        lambda module, args: inputs.append((args[0],) if module.turbo_state.size is None
-                                           else (args[0], module.turbo_state.size))) for layer in layers]
+    def record(module: nn.Module, args: tuple) -> None:  # block 0 resets the state after this hook runs
+        size = None if module.turbo_index == 0 else module.turbo_state.size
+        inputs.append((args[0],) if size is None else (args[0], size))
+
+    handles = [layer.register_forward_pre_hook(record) for layer in layers]
     with torch.inference_mode():
         model(pixels)
     for handle in handles:
