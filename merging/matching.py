@@ -41,7 +41,7 @@ def information_degree(
     metric: (B, N, d) head-averaged keys; cls_attn: (B, N) CLS-row attention (unused by tome).
     Returns E (B, Na), larger merges first, and the best match's B-side index (B, Na).
     """
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True)
     a, b = metric[:, 2::2], metric[:, 1::2]  # (B, Na, d), (B, Nb, d)
     redundancy, dst_idx = (a @ b.transpose(-1, -2)).max(dim=-1)  # (B, Na)
     if config.method == "tome":
@@ -65,6 +65,8 @@ def select_merges(
     num_a = degree.shape[-1]
     order = degree.topk(num_a, dim=-1).indices  # (B, Na), the largest degree first
     src_idx, unm_idx = order[:, :r], order[:, r:]  # (B, r), (B, Na - r)
-    if r < num_a:  # the kept tokens' positions sorted ascending: exact in fp32, a TopK of static K
+    if r < num_a and torch.compiler.is_exporting():  # sorted ascending by a TopK of static K (exact in fp32)
         unm_idx = unm_idx.float().topk(num_a - r, dim=-1, largest=False).values.long()
+    elif r < num_a:  # eager: one sort launch instead of two casts and a TopK
+        unm_idx = unm_idx.sort(dim=-1).values
     return src_idx, dst_idx.gather(-1, src_idx), unm_idx

@@ -49,13 +49,22 @@ def merge_tokens(
     dst_idx (B, r) and unm_idx (B, Na - r) index the A side (positions 2, 4, …) and B side
     (positions 1, 3, …). Returns x (B, N - r, C) and size (B, N - r, 1), ordered [CLS, unmerged
     A, B]. CLS and unmerged A-side tokens are copied, B-side tokens re-weighted. `scatter`
-    accumulates with scatter-add; `matmul` with a one-hot batched MatMul (no ScatterElements in
-    ONNX, so TensorRT needs no plugin for it). Sizes are accumulated apart from x: a joint
-    (C + 1)-channel tensor costs ONNX Runtime a Concat and a Split per layer, which are slower
-    than the extra (B, Nb, r) @ (B, r, 1) MatMul.
+    accumulates with a scatter-add, `matmul` with a one-hot batched MatMul (no ScatterElements
+    in ONNX, so TensorRT needs no plugin for it). Exported graphs get `merge_tokens_graph`, eager
+    PyTorch `merge_tokens_eager`: the same arithmetic in the form each runs fastest.
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown merge kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    form = merge_tokens_graph if torch.compiler.is_exporting() else merge_tokens_eager
+    return form(x, size, index, kernel)
+
+
+def merge_tokens_graph(
+    x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, kernel: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_tokens` as exported: few ONNX nodes (one GatherND per gather). Sizes are accumulated
+    apart from x: a joint (C + 1)-channel tensor costs ONNX Runtime a Concat and a Split per layer,
+    which are slower than the extra (B, Nb, r) @ (B, r, 1) MatMul."""
     channels = x.shape[-1]
     r = index.shape[-1] - (x.shape[1] - 1) // 2
     positions = (2 * index + 2).unsqueeze(-1)  # (B, Na + r, 1); A-side index i is token 2i + 2
@@ -72,5 +81,36 @@ def merge_tokens(
         added_x, added_size = dst_onehot @ src_x, dst_onehot @ src_size  # (B, Nb, r) @ (B, r, ·)
     new_b_size = b_size + added_size
     new_b = (b_x * b_size + added_x) / new_b_size  # (B, Nb, C)
+    merged = torch.cat([x[:, :1], unm_x, new_b], dim=1)  # (B, N - r, C)
+    return merged, torch.cat([size[:, :1], unm_size, new_b_size], dim=1)
+
+
+def merge_tokens_eager(
+    x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, kernel: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_tokens` for eager PyTorch, which pays for every kernel launch (CPU dispatch, CUDA
+    launch) and every large new tensor: one index_select each for x and size fetches the merged and
+    the kept A-side tokens, multiply-adds are fused (baddbmm, index_add), the division in place."""
+    batch, tokens, channels = x.shape
+    r = index.shape[-1] - (tokens - 1) // 2
+    first_a = torch.arange(2, batch * tokens + 2, tokens, device=x.device).unsqueeze(-1)  # (B, 1): row of token 2
+    rows = torch.add(first_a, index, alpha=2)  # (B, Na + r): A-side index i of batch row b is row b·N + 2i + 2
+    a_rows = torch.cat([rows[:, :r], rows[:, 2 * r:]], dim=1).view(-1)  # (B·Na): src then unm of each batch row
+    a_x = x.reshape(batch * tokens, channels).index_select(0, a_rows).view(batch, -1, channels)  # (B, Na, C)
+    a_size = size.reshape(batch * tokens, 1).index_select(0, a_rows).view(batch, -1, 1)  # (B, Na, 1)
+    src_size, unm_x, unm_size, dst_idx = a_size[:, :r], a_x[:, r:], a_size[:, r:], index[:, r:2 * r]
+    src_x = a_x[:, :r] * src_size  # (B, r, C)
+    b_x, b_size = x[:, 1::2], size[:, 1::2]  # (B, Nb, C), (B, Nb, 1)
+    num_b = b_x.shape[1]
+    if kernel == "scatter":
+        dst_rows = (dst_idx + torch.arange(0, batch * num_b, num_b, device=x.device).unsqueeze(-1)).view(-1)
+        new_b_size = b_size.reshape(batch * num_b, 1).index_add(0, dst_rows, src_size.reshape(-1, 1))
+        new_b = (b_x * b_size).view(batch * num_b, channels).index_add_(0, dst_rows, src_x.view(-1, channels))
+        new_b_size, new_b = new_b_size.view(batch, num_b, 1), new_b.view(batch, num_b, channels)
+    else:
+        dst_onehot = x.new_zeros(batch, num_b, r).scatter_(1, dst_idx.unsqueeze(1), 1.0)  # (B, Nb, r)
+        new_b_size = torch.baddbmm(b_size, dst_onehot, src_size)
+        new_b = torch.baddbmm(b_x * b_size, dst_onehot, src_x)
+    new_b.div_(new_b_size)  # (B, Nb, C)
     merged = torch.cat([x[:, :1], unm_x, new_b], dim=1)  # (B, N - r, C)
     return merged, torch.cat([size[:, :1], unm_size, new_b_size], dim=1)

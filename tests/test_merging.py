@@ -1,6 +1,7 @@
 """The merge step against an independent ToMe reference, fusion rules, kernels and shapes."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -93,6 +94,24 @@ def test_unmerged_tokens_keep_their_order_and_sizes_add_up():
     assert merged_x.shape == (3, 37 - 6, 16)
     torch.testing.assert_close(merged_size.sum(dim=(1, 2)), size.sum(dim=(1, 2)))
     torch.testing.assert_close(merged_x[:, 0], x[:, 0])  # CLS is protected and first
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "scatter"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,tokens,r", [(3, 37, 1), (2, 38, 7), (4, 101, 30), (2, 21, 10)])
+def test_eager_form_equals_the_exported_form(kernel, dtype, batch, tokens, r):
+    """Eager PyTorch runs merge_tokens_eager and a sort; exports trace merge_tokens_graph and a
+    float TopK. Same token choice and order, sizes exact, values to a rounding of the dtype (the
+    eager form rounds b·size + Σ src·size once, the exported form twice)."""
+    x, metric, size, cls_attn = random_inputs(batch, tokens, seed=tokens + r)
+    x, size = x.to(dtype), size.to(dtype)
+    merge = TokenMerge(r, MergeConfig("turbo", alpha=1.0), kernel)
+    eager = merge(x, size, metric, cls_attn)
+    with mock.patch("torch.compiler.is_exporting", return_value=True):
+        graph = merge(x, size, metric, cls_attn)
+    assert torch.equal(eager[1], graph[1])
+    tolerance = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(eager[0], graph[0], rtol=tolerance, atol=tolerance)
 
 
 def test_kernels_agree():

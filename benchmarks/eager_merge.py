@@ -1,0 +1,102 @@
+"""The weighted merge in eager PyTorch: its eager form against its exported form run eagerly.
+
+    python benchmarks/eager_merge.py --model vit-b16 --r 16 --batch 1,8
+
+For every merging layer of the plan, the weighted merge on random inputs of that layer's shape
+and a real selection: `merge_tokens_eager` (what eager PyTorch runs) and `merge_tokens_graph`
+(what exports trace; run eagerly its gathers are row index_selects, which was also the eager
+path before the two forms were split), in turn, medians over --rounds. Also how many non-view
+ATen ops each dispatches: each is a CPU dispatch, and a kernel launch on CUDA. --device cuda
+synchronises around every call. Prints Markdown rows.
+"""
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from exporters.build import build_plan
+from merging.matching import information_degree, select_merges
+from merging.merge import merge_tokens_eager, merge_tokens_graph, pack_indices
+
+VIEW_OPS = {"view", "slice", "select", "unsqueeze", "squeeze", "transpose", "t", "permute", "expand", "narrow",
+            "as_strided", "alias", "detach", "reshape", "_reshape_alias", "_unsafe_view"}
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the non-view ATen ops dispatched inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in VIEW_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def median_us(runs: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Each callable in turn, `rounds` times; the median microseconds of each."""
+    def once(run: Callable[[], object]) -> float:
+        begin = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - begin
+
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        once(run)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            samples[name].append(once(run))
+    return {name: statistics.median(values) * 1e6 for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit-b16")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kernel", default="matmul", choices=["matmul", "scatter"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    built = build_plan(args.model, r=args.r)
+    config = built.source.config
+    vision = getattr(config, "vision_config", config)
+    width = vision.hidden_size
+    print(f"{args.model} r={args.r}, {args.kernel} kernel, {device}, {torch.get_num_threads()} threads\n\n"
+          "| batch | layer | tokens | eager form | exported form | eager / exported | ops eager / exported |\n"
+          "|---|---|---|---|---|---|---|")
+    generator = torch.Generator().manual_seed(0)
+    for batch in (int(b) for b in args.batch.split(",")):
+        for layer in built.plan.layers:
+            if layer.r == 0:
+                continue
+            n = layer.tokens_in
+            x = torch.randn(batch, n, width, generator=generator).to(device)
+            size = torch.randint(1, 5, (batch, n, 1), generator=generator).float().to(device)
+            metric = torch.randn(batch, n, 64, generator=generator).to(device)
+            cls_attn = torch.rand(batch, n, generator=generator).softmax(-1).to(device)
+            index = pack_indices(*select_merges(*information_degree(metric, cls_attn, built.merge_config), layer.r))
+            forms = {name: (lambda form=form: form(x, size, index, args.kernel))
+                     for name, form in (("eager", merge_tokens_eager), ("exported", merge_tokens_graph))}
+            with torch.inference_mode():
+                us = median_us(forms, args.rounds, device)
+                counts = []
+                for run in forms.values():
+                    with OpCount() as ops:
+                        run()
+                    counts.append(ops.count)
+            print(f"| {batch} | {layer.index} | {n} → {layer.tokens_out} | {us['eager']:.0f} µs | "
+                  f"{us['exported']:.0f} µs | {us['eager'] / us['exported']:.2f} | {counts[0]} / {counts[1]} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
