@@ -1,6 +1,7 @@
 """The merge's own cost in each layer, measured on that layer alone against a merge-free twin.
 
     python benchmarks/layer_merge_cost.py --model vit-b16 --r 16 --batch 1
+    python benchmarks/layer_merge_cost.py --model vit-b16 --r 16 --batch 64 --device cuda --dtype fp16
 
 Each merging block is exported on its own (hidden states and token sizes in, merged hidden
 states and sizes out; a dynamic batch axis, as `turbo export` writes), with the token count and
@@ -8,7 +9,8 @@ inputs it sees inside the whole model: once with its TokenMerge and once with a 
 that keeps the first N - r tokens (no scoring, no CLS attention row, no merge). The two run in
 turn on ONNX Runtime and in PyTorch eager; overhead = median per-round difference / the merged
 layer's time. Unlike a profiler this measures the layer's real time and all the work the merge
-causes. Random weights, CPU.
+causes. Random weights. With --device cuda only PyTorch is timed (synchronising after each call,
+so launch costs count), in --dtype.
 """
 
 import argparse
@@ -26,6 +28,8 @@ from exporters.build import build_merged_model, build_plan
 from exporters.onnx_export import ExportModule, run_exporter
 from exporters.patch import TurboState, turbo_block
 from runtimes.onnxrt import OnnxRuntimeRunner
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class LayerStep(nn.Module):
@@ -68,23 +72,34 @@ def export_step(step: LayerStep, args: tuple[torch.Tensor, ...], path: Path) -> 
 
 
 def report_layer(layer: nn.Module, inputs: tuple[torch.Tensor, ...], adapter: FamilyAdapter, prefix: Path,
-                 rounds: int) -> None:
-    """Print the layer's row: merged vs merge-free on ONNX Runtime and in PyTorch eager."""
+                 rounds: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Print the layer's row: merged vs merge-free on ONNX Runtime (CPU only) and in PyTorch eager."""
     merge = layer.turbo_merge
     if merge.r == 0:
         return
     twin = copy.deepcopy(layer)
     twin.turbo_merge = MergeFree(merge.r, merge.config)
     steps = LayerStep(layer, adapter), LayerStep(twin, adapter)
-    runners = [export_step(step, inputs, prefix.with_name(f"{prefix.name}-{kind}.onnx"))
-               for step, kind in zip(steps, ("merged", "free"))]
-    feeds = dict(zip(runners[0].input_names, (t.numpy() for t in inputs)))
-    ort_ms = overhead(*(lambda runner=runner: runner.run(feeds) for runner in runners), rounds)
+    ort_cells = "— | —"
+    if device.type == "cpu":
+        runners = [export_step(step, inputs, prefix.with_name(f"{prefix.name}-{kind}.onnx"))
+                   for step, kind in zip(steps, ("merged", "free"))]
+        feeds = dict(zip(runners[0].input_names, (t.numpy() for t in inputs)))
+        ort_ms = overhead(*(lambda runner=runner: runner.run(feeds) for runner in runners), rounds)
+        ort_cells = f"{ort_ms[0]:.2f} / {ort_ms[1]:.2f} ms | {ort_ms[2]:.1%}"
+    steps = tuple(step.to(device, dtype) for step in steps)
+    args = tuple(t.to(device, dtype) for t in inputs)
+
+    def run(step: LayerStep) -> None:
+        step(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     with torch.inference_mode():
-        torch_ms = overhead(*(lambda step=step: step(*inputs) for step in steps), rounds)
+        torch_ms = overhead(*(lambda step=step: run(step) for step in steps), rounds)
     tokens = inputs[0].shape[1]
-    print(f"| {layer.turbo_index} | {tokens} → {tokens - merge.r} | {ort_ms[0]:.2f} / {ort_ms[1]:.2f} ms | "
-          f"{ort_ms[2]:.1%} | {torch_ms[0]:.2f} / {torch_ms[1]:.2f} ms | {torch_ms[2]:.1%} |", flush=True)
+    print(f"| {layer.turbo_index} | {tokens} → {tokens - merge.r} | {ort_cells} | "
+          f"{torch_ms[0]:.2f} / {torch_ms[1]:.2f} ms | {torch_ms[2]:.1%} |", flush=True)
 
 
 def main() -> None:
@@ -95,6 +110,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=60, help="interleaved rounds per layer and runtime")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--layers", default="all", help="comma-separated block indices, or all")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     built = build_plan(args.model, r=args.r)
@@ -104,12 +121,13 @@ def main() -> None:
     pixels = torch.randn(args.batch, 3, built.image_size, built.image_size)
     inputs = layer_inputs(ExportModule(model, built), layers, pixels)
     chosen = range(len(layers)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
-    print(f"{args.model} r={args.r} batch {args.batch}, {args.threads} threads\n\n"
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    print(f"{args.model} r={args.r} batch {args.batch}, {args.threads} threads, PyTorch on {device} in {args.dtype}\n\n"
           "| layer | tokens | ORT merged / merge-free | ORT overhead | torch merged / merge-free | torch overhead |\n"
           "|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="turbo-layer-merge-") as work_dir:
         for index in chosen:
-            report_layer(layers[index], inputs[index], adapter, Path(work_dir) / str(index), args.rounds)
+            report_layer(layers[index], inputs[index], adapter, Path(work_dir) / str(index), args.rounds, device, dtype)
 
 
 if __name__ == "__main__":
