@@ -11,11 +11,9 @@ synchronises around every call. Prints Markdown rows.
 """
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from merge_cost import overhead
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from exporters.build import build_plan
@@ -36,24 +34,6 @@ class OpCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func.overloadpacket.__name__ not in VIEW_OPS
         return func(*args, **(kwargs or {}))
-
-
-def median_us(runs: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
-    """Each callable in turn, `rounds` times; the median microseconds of each."""
-    def once(run: Callable[[], object]) -> float:
-        begin = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - begin
-
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        once(run)
-    for _ in range(rounds):
-        for name, run in runs.items():
-            samples[name].append(once(run))
-    return {name: statistics.median(values) * 1e6 for name, values in samples.items()}
 
 
 def main() -> None:
@@ -84,17 +64,22 @@ def main() -> None:
             metric = torch.randn(batch, n, 64, generator=generator).to(device)
             cls_attn = torch.rand(batch, n, generator=generator).softmax(-1).to(device)
             index = pack_indices(*select_merges(*information_degree(metric, cls_attn, built.merge_config), layer.r))
-            forms = {name: (lambda form=form: form(x, size, index, args.kernel))
-                     for name, form in (("eager", merge_tokens_eager), ("exported", merge_tokens_graph))}
+
+            def run(form=merge_tokens_eager) -> None:
+                form(x, size, index, args.kernel)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+
+            forms = (run, lambda: run(merge_tokens_graph))
             with torch.inference_mode():
-                us = median_us(forms, args.rounds, device)
+                eager_ms, exported_ms, _ = overhead(*forms, args.rounds)
                 counts = []
-                for run in forms.values():
+                for run_form in forms:
                     with OpCount() as ops:
-                        run()
+                        run_form()
                     counts.append(ops.count)
-            print(f"| {batch} | {layer.index} | {n} → {layer.tokens_out} | {us['eager']:.0f} µs | "
-                  f"{us['exported']:.0f} µs | {us['eager'] / us['exported']:.2f} | {counts[0]} / {counts[1]} |",
+            print(f"| {batch} | {layer.index} | {n} → {layer.tokens_out} | {eager_ms * 1e3:.0f} µs | "
+                  f"{exported_ms * 1e3:.0f} µs | {eager_ms / exported_ms:.2f} | {counts[0]} / {counts[1]} |",
                   flush=True)
 
 
