@@ -4,11 +4,12 @@
     python benchmarks/layer_merge_cost.py --model vit-b16 --r 16 --batch 64 --device cuda --dtype fp16
 
 Each merging block is exported on its own (hidden states and token sizes in, merged hidden
-states and sizes out; a dynamic batch axis, as `turbo export` writes), with the token count and
-inputs it sees inside the whole model: once with its TokenMerge and once with a merge-free twin
-that keeps the first N - r tokens (no scoring, no CLS attention row, no merge). The two run in
-turn on ONNX Runtime and in PyTorch eager; overhead = median per-round difference / the merged
-layer's time. Unlike a profiler this measures the layer's real time and all the work the merge
+states and sizes out; a dynamic batch axis and a TurboMerge function node, as `turbo export`
+writes), with the token count and inputs it sees inside the whole model: once with its TokenMerge
+and once with a merge-free twin that keeps the first N - r tokens (no scoring, no CLS attention
+row, no merge). The two run in turn on ONNX Runtime (the TurboMerge node as its ONNX function,
+then as the fused C kernel) and in PyTorch eager; overhead = median per-round difference / the
+merged layer's time. Unlike a profiler this measures the layer's real time and all the work the merge
 causes. Random weights. With --device cuda only PyTorch is timed (synchronising after each call,
 so launch costs count), in --dtype.
 """
@@ -25,7 +26,7 @@ from torch import nn
 
 from exporters.adapters import FamilyAdapter
 from exporters.build import build_merged_model, build_plan
-from exporters.onnx_export import ExportModule, run_exporter
+from exporters.onnx_export import ExportModule, fold_merge_ops, run_exporter
 from exporters.patch import TurboState, turbo_block
 from runtimes.onnxrt import OnnxRuntimeRunner
 
@@ -60,15 +61,16 @@ def layer_inputs(model: ExportModule, layers: nn.ModuleList, pixels: torch.Tenso
     return [tuple(t.clone() for t in step) for step in inputs]
 
 
-def export_step(step: LayerStep, args: tuple[torch.Tensor, ...], path: Path) -> OnnxRuntimeRunner:
-    """With a dynamic batch axis, as `turbo export` writes by default (traced at batch 2: a
-    batch-1 example would be specialised)."""
+def export_step(step: LayerStep, args: tuple[torch.Tensor, ...], path: Path) -> Path:
+    """With a dynamic batch axis and the weighted merge folded into a TurboMerge node, as `turbo
+    export` writes by default (traced at batch 2: a batch-1 example would be specialised)."""
     names = ["hidden", "size"][: len(args)]
     batch = torch.export.Dim("batch")
     example = tuple(t[:1].expand(2, *t.shape[1:]).contiguous() for t in args)
     dynamic = tuple({0: batch} for _ in args)
     run_exporter(step, example, names, ["merged", "merged_size"], dynamic, opset=20).save(str(path))
-    return OnnxRuntimeRunner(path, threads=torch.get_num_threads())
+    fold_merge_ops(path, step.layer.turbo_merge.kernel)
+    return path
 
 
 def report_layer(layer: nn.Module, inputs: tuple[torch.Tensor, ...], adapter: FamilyAdapter, prefix: Path,
@@ -80,13 +82,18 @@ def report_layer(layer: nn.Module, inputs: tuple[torch.Tensor, ...], adapter: Fa
     twin = copy.deepcopy(layer)
     twin.turbo_merge = MergeFree(merge.r, merge.config)
     steps = LayerStep(layer, adapter), LayerStep(twin, adapter)
-    ort_cells = "— | —"
+    ort_cells = "— | — | — | —"
     if device.type == "cpu":
-        runners = [export_step(step, inputs, prefix.with_name(f"{prefix.name}-{kind}.onnx"))
-                   for step, kind in zip(steps, ("merged", "free"))]
-        feeds = dict(zip(runners[0].input_names, (t.numpy() for t in inputs)))
-        ort_ms = overhead(*(lambda runner=runner: runner.run(feeds) for runner in runners), rounds)
-        ort_cells = f"{ort_ms[0]:.2f} / {ort_ms[1]:.2f} ms | {ort_ms[2]:.1%}"
+        merged, free = (export_step(step, inputs, prefix.with_name(f"{prefix.name}-{kind}.onnx"))
+                        for step, kind in zip(steps, ("merged", "free")))
+        free_runner = OnnxRuntimeRunner(free, threads=torch.get_num_threads())
+        feeds = dict(zip(free_runner.input_names, (t.numpy() for t in inputs)))
+        cells = []
+        for kernel in ("graph", "fused"):
+            runner = OnnxRuntimeRunner(merged, threads=torch.get_num_threads(), merge_kernel=kernel)
+            ort_ms = overhead(lambda: runner.run(feeds), lambda: free_runner.run(feeds), rounds)
+            cells.append(f"{ort_ms[0]:.2f} / {ort_ms[1]:.2f} ms | {ort_ms[2]:.1%}")
+        ort_cells = " | ".join(cells)
     steps = tuple(step.to(device, dtype) for step in steps)
     args = tuple(t.to(device, dtype) for t in inputs)
 
@@ -123,8 +130,9 @@ def main() -> None:
     chosen = range(len(layers)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     print(f"{args.model} r={args.r} batch {args.batch}, {args.threads} threads, PyTorch on {device} in {args.dtype}\n\n"
-          "| layer | tokens | ORT merged / merge-free | ORT overhead | torch merged / merge-free | torch overhead |\n"
-          "|---|---|---|---|---|---|")
+          "| layer | tokens | ORT graph merged / merge-free | overhead | ORT fused merged / merge-free | overhead "
+          "| torch merged / merge-free | torch overhead |\n"
+          "|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="turbo-layer-merge-") as work_dir:
         for index in chosen:
             report_layer(layers[index], inputs[index], adapter, Path(work_dir) / str(index), args.rounds, device, dtype)

@@ -1,11 +1,13 @@
 """Time ONNX models on ONNX Runtime in turn (A B C A B C …) and compare each with the last one.
 
     python benchmarks/ort_interleaved.py MODEL.onnx [MODEL.onnx ...] REFERENCE.onnx [--batch 1] [--rounds 30]
+    python benchmarks/ort_interleaved.py MODEL.onnx@fused MODEL.onnx@graph   # the TurboMerge kernels
 
 For before/after claims on one machine: every round runs each model once, starting from a
 different model each round, so drift and the VM's slow and fast phases hit all of them alike.
 Prints each model's median time and its median per-round difference to the reference (the last
-model) as a share of the model's own median. The models run in turbo's OnnxRuntimeRunner.
+model) as a share of the model's own median. The models run in turbo's OnnxRuntimeRunner; a
+model given as PATH@KERNEL runs its TurboMerge nodes that way (fused, graph or auto, the default).
 """
 
 import argparse
@@ -25,7 +27,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    runners = [OnnxRuntimeRunner(path, threads=args.threads) for path in args.models]
+    runners = [OnnxRuntimeRunner(path, threads=args.threads, merge_kernel=kernel or "auto")
+               for path, _, kernel in (model.partition("@") for model in args.models)]
     feeds = {"pixel_values": np.random.default_rng(0).standard_normal(
         (args.batch, 3, args.size, args.size)).astype(np.float32)}
 

@@ -204,7 +204,7 @@ def _engine_stage(options: ExportOptions, staging: Path,
     """(the manifest's "tensorrt" entry, the engine's validation, what is missing to build it)."""
     from exporters.tensorrt.stage import build_and_validate
     from runtimes.availability import tensorrt_reason
-    from runtimes.bench import cache_root
+    from runtimes.cache import cache_root
 
     missing = tensorrt_reason()
     if missing is not None:

@@ -35,6 +35,7 @@ EXACT = Tolerance(1e-4, flips_allowed=False)
 UPCAST = Tolerance(1e-3, flips_allowed=False)
 HALF = Tolerance(1e-2, flips_allowed=True)
 BATCHES = (1, 3)
+AS_WRITTEN = "graph"  # validation runs TurboMerge nodes as the file's ONNX functions, not the fused CPU kernel
 
 
 @dataclass(frozen=True)
@@ -229,18 +230,18 @@ def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path,
     batches = BATCHES if batch is None else (batch,)
     reference = TorchRunner(module, [INPUT_NAME], output_names)
     try:
+        runner = OnnxRuntimeRunner(onnx_path, exact=True, merge_kernel=AS_WRITTEN)
         if precision == "fp16":
             rounded = TorchRunner(copy.deepcopy(module).half().float(), [INPUT_NAME], output_names)
             with tempfile.TemporaryDirectory() as scratch:
                 upcast_path = Path(scratch) / "upcast.onnx"
                 onnx.save(upcast_fp16(onnx.load(str(onnx_path))), str(upcast_path), save_as_external_data=True)
-                compare_runners("fp16 graph in fp32", rounded, OnnxRuntimeRunner(upcast_path, exact=True), report,
-                                image_size, batches, UPCAST, seed, np.float16)
-            compare_runners("fp16", reference, OnnxRuntimeRunner(onnx_path, exact=True), report, image_size, batches,
-                            HALF, seed)
+                upcast = OnnxRuntimeRunner(upcast_path, exact=True, merge_kernel=AS_WRITTEN)
+                compare_runners("fp16 graph in fp32", rounded, upcast, report, image_size, batches, UPCAST, seed,
+                                np.float16)
+            compare_runners("fp16", reference, runner, report, image_size, batches, HALF, seed)
         else:
-            compare_runners("fp32", reference, OnnxRuntimeRunner(onnx_path, exact=True), report, image_size, batches,
-                            EXACT, seed)
+            compare_runners("fp32", reference, runner, report, image_size, batches, EXACT, seed)
     except Exception as exc:  # ORT load or run failures are validation failures, reported as such
         report.runtime_error = _first_line(exc)
     return report

@@ -15,6 +15,8 @@ from exporters.errors import EXIT_MISSING_RUNTIME, TurboError, UsageError
 from exporters.validate import seeded_pixels
 from runtimes.availability import DEVICES, RUNTIMES, unavailable_reason
 from runtimes.base import Runner
+from runtimes.cache import cache_root
+from runtimes.ort_merge_kernel import MERGE_KERNELS, fused_library
 from runtimes.timing import TimingStats, interleaved
 
 SCHEMA = "turbo-bench/1"
@@ -46,6 +48,7 @@ class BenchOptions:
     caption: bool = True  # BLIP: also end-to-end caption generation
     caption_tokens: int = 20
     threads: int | None = None  # None: one per CPU
+    ort_merge: str = "auto"  # how ONNX Runtime runs TurboMerge nodes: auto | fused | graph
     method: str = "turbo"
     alpha: float | None = None
     threshold: int | None = None
@@ -67,10 +70,6 @@ class Candidate:
     directory: Path | None = None  # the export it runs, when it is one
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("TURBO_CACHE", Path.home() / ".cache" / "turbo"))
-
-
 def _check(options: BenchOptions) -> None:
     for runtime in options.runtimes:
         if runtime not in RUNTIMES:
@@ -85,6 +84,12 @@ def _check(options: BenchOptions) -> None:
         raise UsageError("--iters must be at least 1")
     if options.warmup_s < 0 or (options.duration_s is not None and options.duration_s <= 0):
         raise UsageError("--warmup must be >= 0 and --duration > 0 seconds")
+    if options.ort_merge not in MERGE_KERNELS:
+        raise UsageError(f"unknown --ort-merge {options.ort_merge!r}; choose one of {', '.join(MERGE_KERNELS)}")
+    if options.ort_merge == "fused" and "ort" in options.runtimes:
+        if options.device != "cpu":
+            raise UsageError("--ort-merge fused runs on ONNX Runtime's CPU provider only (use --device cpu)")
+        fused_library()  # fail now, not after the exports were built
 
 
 def _threads(options: BenchOptions) -> int:
@@ -230,8 +235,10 @@ def _ort_runner(directory: Path, options: BenchOptions, workload: str = "encoder
 
     providers = ("CUDAExecutionProvider",) if options.device == "cuda" else ("CPUExecutionProvider",)
     if workload == "caption":
-        return CaptionRunner(CaptionPipeline.open(directory, _threads(options), providers), options.caption_tokens)
-    return OnnxRuntimeRunner(directory / "model.onnx", providers, threads=_threads(options))
+        return CaptionRunner(CaptionPipeline.open(directory, _threads(options), providers,
+                                                  merge_kernel=options.ort_merge), options.caption_tokens)
+    return OnnxRuntimeRunner(directory / "model.onnx", providers, threads=_threads(options),
+                             merge_kernel=options.ort_merge)
 
 
 def _trt_runner(directory: Path, options: BenchOptions, workload: str = "encoder") -> Runner:

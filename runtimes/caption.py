@@ -106,9 +106,10 @@ class CaptionPipeline:
     @classmethod
     def open(cls, directory: str | Path, threads: int | None = None,
              providers: tuple[str, ...] = ("CPUExecutionProvider",), exact: bool = False,
-             tensorrt: bool = False) -> "CaptionPipeline":
+             tensorrt: bool = False, merge_kernel: str = "auto") -> "CaptionPipeline":
         """The pipeline of an export directory, checked for completeness (exact: INT4 weight
-        MatMuls in fp32, for validation; see OnnxRuntimeRunner). tensorrt: on the export's engines."""
+        MatMuls in fp32, for validation; see OnnxRuntimeRunner). tensorrt: on the export's engines.
+        merge_kernel: how ONNX Runtime runs the encoder's TurboMerge nodes (see OnnxRuntimeRunner)."""
         directory = Path(directory)
         manifest = read_export_manifest(directory)
         decoder = manifest.get("decoder")
@@ -128,14 +129,15 @@ class CaptionPipeline:
         static = manifest["onnx"]["batch"]
         try:
             return cls.load(directory, manifest["onnx"]["file"], decoder, static if isinstance(static, int) else None,
-                            threads, providers, exact, manifest, engines)
+                            threads, providers, exact, manifest, engines, merge_kernel)
         except ExportMismatchError as exc:
             raise ExportMismatchError(f"{directory}: {exc}") from None
 
     @classmethod
     def load(cls, directory: Path, encoder_file: str, decoder: dict, static_batch: int | None = None,
              threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",), exact: bool = False,
-             manifest: dict | None = None, engines: dict | None = None) -> "CaptionPipeline":
+             manifest: dict | None = None, engines: dict | None = None,
+             merge_kernel: str = "auto") -> "CaptionPipeline":
         """The pipeline from the files themselves (an export being validated has no turbo.json yet).
         engines: the manifest's `tensorrt` entry, to run its engines instead of ONNX Runtime."""
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -148,7 +150,8 @@ class CaptionPipeline:
             graphs = GraphDecoder(TensorRTRunner(directory / files["first_step"]["file"]),
                                   TensorRTRunner(directory / files["with_past"]["file"]), directory, decoder)
         else:
-            encoder = OnnxRuntimeRunner(directory / encoder_file, providers, threads, exact=exact)
+            encoder = OnnxRuntimeRunner(directory / encoder_file, providers, threads, exact=exact,
+                                        merge_kernel=merge_kernel)
             graphs = GraphDecoder.onnxruntime(directory, decoder, threads, providers, exact)
         produced = encoder.output_shape(encoder.output_names[0])[1]  # (B, N, C)
         if produced != graphs.image_tokens:

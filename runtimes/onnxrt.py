@@ -5,15 +5,19 @@ from pathlib import Path
 import numpy as np
 
 from runtimes.base import Runner
+from runtimes.ort_merge_kernel import register_merge_kernel
 
 
 class OnnxRuntimeRunner(Runner):
     name = "ort"
 
     def __init__(self, path: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 threads: int | None = None, memory_arena: bool = True, exact: bool = False) -> None:
+                 threads: int | None = None, memory_arena: bool = True, exact: bool = False,
+                 merge_kernel: str = "auto") -> None:
         """exact: INT4 weight MatMuls in fp32 (ORT's default fuses them into MatMulNBits with int8
-        activations, ~4e-3 off the float model); for validation, not speed."""
+        activations, ~4e-3 off the float model); for validation, not speed. merge_kernel: how
+        TurboMerge nodes run, "fused" (one C kernel, CPU only), "graph" (their ONNX function, as
+        the file says) or "auto" (fused where it can be built)."""
         import onnxruntime as ort
 
         self.path, self.providers = Path(path), tuple(providers)
@@ -29,6 +33,7 @@ class OnnxRuntimeRunner(Runner):
         options.add_session_config_entry("session.force_spinning_stop", "1")
         if exact:
             options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        self.merge_kernel, self.merge_kernel_note = register_merge_kernel(options, merge_kernel, self.providers)
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
         self.input_dtypes = {i.name: np.dtype(kinds.get(i.type, np.float32)) for i in self.session.get_inputs()}
@@ -50,8 +55,13 @@ class OnnxRuntimeRunner(Runner):
 
     def memory_probe(self) -> "OnnxRuntimeRunner":
         """Without the CPU arena, which otherwise keeps a run's memory allocated between runs."""
-        return OnnxRuntimeRunner(self.path, self.providers, self.threads or None, memory_arena=False)
+        return OnnxRuntimeRunner(self.path, self.providers, self.threads or None, memory_arena=False,
+                                 merge_kernel=self.merge_kernel)
 
     def describe(self) -> dict:
-        return {"runtime": self.name, "device": "cuda" if "CUDAExecutionProvider" in self.session.get_providers()
-                else "cpu", "providers": self.session.get_providers(), "threads": self.threads}
+        described = {"runtime": self.name, "device": "cuda" if "CUDAExecutionProvider" in self.session.get_providers()
+                     else "cpu", "providers": self.session.get_providers(), "threads": self.threads,
+                     "merge_kernel": self.merge_kernel}
+        if self.merge_kernel_note:
+            described["merge_kernel_note"] = self.merge_kernel_note
+        return described

@@ -13,6 +13,7 @@ from exporters.export import ExportOptions, run_export
 from exporters.loading import resolve_source
 from runtimes.base import Runner
 from runtimes.bench import _peak_memory
+from runtimes.ort_merge_kernel import c_compiler
 from runtimes.timing import TimingStats, efficiency, interleaved
 from turbo_cli.app import app
 
@@ -122,10 +123,13 @@ def test_bench_of_exported_directories_builds_the_baseline(tmp_path):
     jsonschema.validate(report, SCHEMA)
     assert [(row["runtime"], row["r"], row["final_tokens"]) for row in report["results"]] == [
         ("ort", 0, 37), ("ort", 4, 21)]
+    assert {row["runner"]["merge_kernel"] for row in report["results"]} == {"fused" if c_compiler() else "graph"}
     baseline = list((tmp_path / "cache" / "exports").iterdir())
     assert len(baseline) == 1 and json.loads((baseline[0] / "turbo.json").read_text())["plan"]["r"] == [0] * 4
-    again = runner.invoke(app, ["bench", str(merged), "--baseline", str(baseline[0]), "--iters", "2", "--warmup", "0"])
+    again = runner.invoke(app, ["bench", str(merged), "--baseline", str(baseline[0]), "--iters", "2", "--warmup", "0",
+                                "--ort-merge", "graph", "--json"])
     assert again.exit_code == 0, again.output
+    assert {row["runner"]["merge_kernel"] for row in json.loads(again.stdout)["results"]} == {"graph"}
 
 
 def test_a_runtime_that_is_not_here_exits_4(tmp_path):
@@ -154,6 +158,8 @@ def test_cuda_without_a_gpu_exits_4(tmp_path):
         (["--runtime", "tvm"], 2, "unknown runtime 'tvm'"),
         (["--precision", "int8"], 2, "unknown precision 'int8'"),
         (["--device", "tpu"], 2, "unknown device 'tpu'"),
+        (["--ort-merge", "fast"], 2, "unknown --ort-merge 'fast'; choose one of auto, fused, graph"),
+        (["--ort-merge", "fused", "--device", "cuda"], 2, "--ort-merge fused runs on ONNX Runtime's CPU provider only"),
         (["{missing}"], 2, "has no turbo.json: not a turbo export directory"),
     ],
 )

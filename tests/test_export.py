@@ -1,6 +1,8 @@
 """`turbo export` on the tiny registry models: ONNX Runtime equals PyTorch (independently of the
 exporter's own validation), the graph agrees with the plan, the manifest records it."""
 
+import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ from exporters.manifest import read_manifest
 from exporters.validate import graph_problems
 from graph_passes.summary import summarize
 from merging.plan import make_plan
+from runtimes.onnxrt import OnnxRuntimeRunner
+from runtimes.ort_merge_kernel import c_compiler, register_merge_kernel
 from tests.conftest import encoder_output, pixels, tiny_pair
 
 FAMILIES = ["vit-b16", "blip-caption"]
@@ -172,3 +176,36 @@ def test_function_nodes_compute_exactly_what_plain_ops_do(tmp_path_factory):
     x = pixels("vit-b16", batch=3, seed=5).numpy()
     for got, want in zip(ort_outputs(folded.directory, x), ort_outputs(inline.directory, x)):
         np.testing.assert_array_equal(got, want)
+
+
+def profiled_op_counts(path: Path, x: np.ndarray, merge_kernel: str, tmp_path: Path) -> dict[str, int]:
+    """Operator type -> nodes ONNX Runtime ran for one inference."""
+    options = ort.SessionOptions()
+    options.enable_profiling, options.profile_file_prefix = True, str(tmp_path / merge_kernel)
+    register_merge_kernel(options, merge_kernel, ("CPUExecutionProvider",))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"pixel_values": x})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    return Counter(e["args"]["op_name"] for e in kernels)
+
+
+@pytest.mark.skipif(c_compiler() is None, reason="no C compiler to build the fused kernel")
+@pytest.mark.parametrize("name, precision", [("vit-b16", "fp32"), ("blip-caption", "fp32"), ("vit-b16", "fp16")])
+def test_fused_kernel_runs_every_merge_and_equals_the_function(tmp_path_factory, tmp_path, monkeypatch, name,
+                                                               precision):
+    monkeypatch.setenv("TURBO_CACHE", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
+    options = {"precision": "fp16"} if precision == "fp16" else {"external_data": False}  # other tests' exports
+    result = tiny_export(tmp_path_factory, name, 4, **options)
+    path, dtype = result.directory / MODEL_FILE, np.float16 if precision == "fp16" else np.float32
+    x = pixels(name, batch=3, seed=3).numpy().astype(dtype)
+    fused = OnnxRuntimeRunner(path, merge_kernel="fused")
+    graph = OnnxRuntimeRunner(path, merge_kernel="graph")
+    assert (fused.describe()["merge_kernel"], graph.describe()["merge_kernel"]) == ("fused", "graph")
+    want = graph.run({"pixel_values": x})
+    for output, got in fused.run({"pixel_values": x}).items():
+        np.testing.assert_allclose(got, want[output], **({"atol": 2e-2} if precision == "fp16" else {"atol": 1e-5}))
+    merges = result.manifest["onnx"]["turbo_merge_nodes"]
+    ran = profiled_op_counts(path, x, "fused", tmp_path)
+    assert merges == 4 and ran["TurboMerge"] == merges and ran["GatherND"] == 0  # one kernel per merge, no function
+    assert profiled_op_counts(path, x, "graph", tmp_path)["GatherND"] == 4 * merges  # the function, inlined
