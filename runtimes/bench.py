@@ -16,7 +16,7 @@ from exporters.validate import seeded_pixels
 from runtimes.availability import DEVICES, RUNTIMES, unavailable_reason
 from runtimes.base import Runner
 from runtimes.cache import cache_root
-from runtimes.ort_merge_kernel import MERGE_KERNELS, fused_library
+from runtimes.ort_merge_kernel import check_merge_kernel, fused_library
 from runtimes.timing import TimingStats, interleaved
 
 SCHEMA = "turbo-bench/1"
@@ -84,12 +84,13 @@ def _check(options: BenchOptions) -> None:
         raise UsageError("--iters must be at least 1")
     if options.warmup_s < 0 or (options.duration_s is not None and options.duration_s <= 0):
         raise UsageError("--warmup must be >= 0 and --duration > 0 seconds")
-    if options.ort_merge not in MERGE_KERNELS:
-        raise UsageError(f"unknown --ort-merge {options.ort_merge!r}; choose one of {', '.join(MERGE_KERNELS)}")
+    check_merge_kernel(options.ort_merge, _ort_providers(options), "--ort-merge")
     if options.ort_merge == "fused" and "ort" in options.runtimes:
-        if options.device != "cpu":
-            raise UsageError("--ort-merge fused runs on ONNX Runtime's CPU provider only (use --device cpu)")
         fused_library()  # fail now, not after the exports were built
+
+
+def _ort_providers(options: BenchOptions) -> tuple[str, ...]:
+    return ("CUDAExecutionProvider",) if options.device == "cuda" else ("CPUExecutionProvider",)
 
 
 def _threads(options: BenchOptions) -> int:
@@ -233,7 +234,7 @@ def _ort_runner(directory: Path, options: BenchOptions, workload: str = "encoder
     from runtimes.caption import CaptionPipeline, CaptionRunner
     from runtimes.onnxrt import OnnxRuntimeRunner
 
-    providers = ("CUDAExecutionProvider",) if options.device == "cuda" else ("CPUExecutionProvider",)
+    providers = _ort_providers(options)
     if workload == "caption":
         return CaptionRunner(CaptionPipeline.open(directory, _threads(options), providers,
                                                   merge_kernel=options.ort_merge), options.caption_tokens)

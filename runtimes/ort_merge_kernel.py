@@ -57,19 +57,24 @@ def fused_library() -> Path:
     return target
 
 
+def check_merge_kernel(choice: str, providers: tuple[str, ...], flag: str = "merge kernel") -> None:
+    """UsageError unless `choice` is known and, when "fused", the session runs on the CPU provider."""
+    if choice not in MERGE_KERNELS:
+        raise UsageError(f"unknown {flag} {choice!r}; choose one of {', '.join(MERGE_KERNELS)}")
+    if choice == "fused" and providers[:1] != ("CPUExecutionProvider",):
+        raise UsageError(f"{flag} fused runs on ONNX Runtime's CPU provider only")
+
+
 def register_merge_kernel(options, choice: str, providers: tuple[str, ...]) -> tuple[str, str | None]:
     """Register the fused kernel with ONNX Runtime session `options` when `choice` calls for it.
 
     Returns how the session runs TurboMerge nodes, "fused" or "graph" (their ONNX function), and
     why "auto" chose "graph" (None otherwise). "fused" raises when it cannot be had.
     """
-    if choice not in MERGE_KERNELS:
-        raise UsageError(f"unknown ONNX Runtime merge kernel {choice!r}; choose one of {', '.join(MERGE_KERNELS)}")
+    check_merge_kernel(choice, providers)
     if choice == "graph":
         return "graph", None
     if providers[:1] != ("CPUExecutionProvider",):
-        if choice == "fused":
-            raise UsageError("the fused TurboMerge kernel runs on ONNX Runtime's CPU provider only")
         return "graph", "the fused kernel is CPU-only"
     try:
         library = fused_library()
