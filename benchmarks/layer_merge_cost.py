@@ -8,9 +8,10 @@ states and sizes out; a dynamic batch axis and a TurboMerge function node, as `t
 writes), with the token count and inputs it sees inside the whole model: once with its TokenMerge
 and once with a merge-free twin that keeps the first N - r tokens (no scoring, no CLS attention
 row, no merge). The two run in turn on ONNX Runtime (the TurboMerge node as its ONNX function,
-then as the fused C kernel) and in PyTorch eager; overhead = median per-round difference / the
-merged layer's time. Unlike a profiler this measures the layer's real time and all the work the merge
-causes. Random weights. With --device cuda only PyTorch is timed (synchronising after each call,
+then as the fused C kernel) and in PyTorch eager (the Turbo step as PyTorch ops, then as the
+fused C step: CPU float32 only); overhead = median per-round difference / the merged layer's
+time. Unlike a profiler this measures the layer's real time and all the work the merge causes.
+Random weights. With --device cuda only PyTorch is timed (synchronising after each call,
 so launch costs count), in --dtype.
 """
 
@@ -29,6 +30,7 @@ from exporters.build import build_merged_model, build_plan
 from exporters.onnx_export import ExportModule, fold_merge_ops, run_exporter
 from exporters.patch import TurboState, turbo_block
 from runtimes.onnxrt import OnnxRuntimeRunner
+from runtimes.torch_merge_kernel import install_merge_kernel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -94,7 +96,7 @@ def report_layer(layer: nn.Module, inputs: tuple[torch.Tensor, ...], adapter: Fa
             ort_ms = overhead(lambda: runner.run(feeds), lambda: free_runner.run(feeds), rounds)
             cells.append(f"{ort_ms[0]:.2f} / {ort_ms[1]:.2f} ms | {ort_ms[2]:.1%}")
         ort_cells = " | ".join(cells)
-    steps = tuple(step.to(device, dtype) for step in steps)
+    merged, free = (step.to(device, dtype) for step in steps)
     args = tuple(t.to(device, dtype) for t in inputs)
 
     def run(step: LayerStep) -> None:
@@ -102,11 +104,18 @@ def report_layer(layer: nn.Module, inputs: tuple[torch.Tensor, ...], adapter: Fa
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    with torch.inference_mode():
-        torch_ms = overhead(*(lambda step=step: run(step) for step in steps), rounds)
+    torch_cells = []
+    for kernel in ("ops", "fused"):
+        if kernel == "fused" and (device.type != "cpu" or dtype != torch.float32):
+            torch_cells.append("— | —")
+            continue
+        install_merge_kernel(merged, kernel, device, dtype)
+        with torch.inference_mode():
+            torch_ms = overhead(lambda: run(merged), lambda: run(free), rounds)
+        torch_cells.append(f"{torch_ms[0]:.2f} / {torch_ms[1]:.2f} ms | {torch_ms[2]:.1%}")
     tokens = inputs[0].shape[1]
-    print(f"| {layer.turbo_index} | {tokens} → {tokens - merge.r} | {ort_cells} | "
-          f"{torch_ms[0]:.2f} / {torch_ms[1]:.2f} ms | {torch_ms[2]:.1%} |", flush=True)
+    print(f"| {layer.turbo_index} | {tokens} → {tokens - merge.r} | {ort_cells} | {' | '.join(torch_cells)} |",
+          flush=True)
 
 
 def main() -> None:
@@ -131,8 +140,8 @@ def main() -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     print(f"{args.model} r={args.r} batch {args.batch}, {args.threads} threads, PyTorch on {device} in {args.dtype}\n\n"
           "| layer | tokens | ORT graph merged / merge-free | overhead | ORT fused merged / merge-free | overhead "
-          "| torch merged / merge-free | torch overhead |\n"
-          "|---|---|---|---|---|---|---|---|")
+          "| torch ops merged / merge-free | overhead | torch fused merged / merge-free | overhead |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="turbo-layer-merge-") as work_dir:
         for index in chosen:
             report_layer(layers[index], inputs[index], adapter, Path(work_dir) / str(index), args.rounds, device, dtype)

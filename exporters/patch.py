@@ -59,11 +59,14 @@ def turbo_block(layer: nn.Module, adapter: FamilyAdapter, hidden: torch.Tensor, 
     parts = adapter.block_parts(layer)
     q, k, v = parts.qkv(parts.norm1(hidden))  # 3×(B, H, N, d)
     merge = layer.turbo_merge
-    context, cls_attn = proportional_attention(
-        q, k, v, state.size, parts.scale, parts.fused_attention, cls_row=merge.needs_cls_attention
-    )
+    fused_step = merge.fused_step_for(hidden)  # computes the CLS attention row itself
+    context, cls_attn = proportional_attention(q, k, v, state.size, parts.scale, parts.fused_attention,
+                                               cls_row=merge.needs_cls_attention and fused_step is None)
     hidden = hidden + parts.out_proj(context)
-    hidden, state.size = merge(hidden, state.size, k, cls_attn)  # (B, N - r, C)
+    if fused_step is None:
+        hidden, state.size = merge(hidden, state.size, k, cls_attn)  # (B, N - r, C)
+    else:
+        hidden, state.size = fused_step(hidden, state.size, q, k, merge.r, merge.config, parts.scale)
     return hidden + parts.mlp(parts.norm2(hidden))
 
 

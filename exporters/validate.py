@@ -36,6 +36,7 @@ UPCAST = Tolerance(1e-3, flips_allowed=False)
 HALF = Tolerance(1e-2, flips_allowed=True)
 BATCHES = (1, 3)
 AS_WRITTEN = "graph"  # validation runs TurboMerge nodes as the file's ONNX functions, not the fused CPU kernel
+TORCH_OPS = "ops"  # and the PyTorch reference's Turbo steps as PyTorch ops, not the fused CPU step
 
 
 @dataclass(frozen=True)
@@ -228,11 +229,12 @@ def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path,
     if not compare:
         return report
     batches = BATCHES if batch is None else (batch,)
-    reference = TorchRunner(module, [INPUT_NAME], output_names)
+    reference = TorchRunner(module, [INPUT_NAME], output_names, merge_kernel=TORCH_OPS)
     try:
         runner = OnnxRuntimeRunner(onnx_path, exact=True, merge_kernel=AS_WRITTEN)
         if precision == "fp16":
-            rounded = TorchRunner(copy.deepcopy(module).half().float(), [INPUT_NAME], output_names)
+            rounded = TorchRunner(copy.deepcopy(module).half().float(), [INPUT_NAME], output_names,
+                                  merge_kernel=TORCH_OPS)
             with tempfile.TemporaryDirectory() as scratch:
                 upcast_path = Path(scratch) / "upcast.onnx"
                 onnx.save(upcast_fp16(onnx.load(str(onnx_path))), str(upcast_path), save_as_external_data=True)

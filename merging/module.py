@@ -1,11 +1,23 @@
 """TokenMerge: one layer's merge step as its own module (so exported graphs can find it), with
 the weighted merge itself as a child module: the subgraph the TurboMerge node and plugin replace."""
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
 from merging.matching import MergeConfig, information_degree, select_merges
 from merging.merge import KERNELS, merge_tokens, pack_indices
+
+
+class FusedStep(Protocol):
+    """A whole-step kernel a runtime may install on TokenMerge (runtimes/torch_merge_kernel.py): the
+    CLS attention row, scores, selection and weighted merge in one call, for the inputs it accepts."""
+
+    def accepts(self, x: torch.Tensor, config: MergeConfig) -> bool: ...
+
+    def __call__(self, x: torch.Tensor, size: torch.Tensor | None, query: torch.Tensor, keys: torch.Tensor, r: int,
+                 config: MergeConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class WeightedMerge(nn.Module):
@@ -32,6 +44,12 @@ class TokenMerge(nn.Module):
         self.config = config
         self.kernel = kernel
         self.merge = WeightedMerge(kernel)
+        self.fused_step: FusedStep | None = None
+
+    def fused_step_for(self, x: torch.Tensor) -> FusedStep | None:
+        """The installed whole-step kernel when it runs this input, else None (forward's ops run)."""
+        step = self.fused_step
+        return step if step is not None and self.r > 0 and step.accepts(x, self.config) else None
 
     @property
     def needs_cls_attention(self) -> bool:

@@ -16,8 +16,10 @@ from exporters.validate import seeded_pixels
 from runtimes.availability import DEVICES, RUNTIMES, unavailable_reason
 from runtimes.base import Runner
 from runtimes.cache import cache_root
-from runtimes.ort_merge_kernel import check_merge_kernel, fused_library
+from runtimes.cpu_kernels import kernel_library
+from runtimes.ort_merge_kernel import check_merge_kernel
 from runtimes.timing import TimingStats, interleaved
+from runtimes.torch_merge_kernel import check_torch_merge
 
 SCHEMA = "turbo-bench/1"
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -49,6 +51,7 @@ class BenchOptions:
     caption_tokens: int = 20
     threads: int | None = None  # None: one per CPU
     ort_merge: str = "auto"  # how ONNX Runtime runs TurboMerge nodes: auto | fused | graph
+    torch_merge: str = "auto"  # how PyTorch runs each Turbo step: auto | fused | ops
     method: str = "turbo"
     alpha: float | None = None
     threshold: int | None = None
@@ -85,8 +88,10 @@ def _check(options: BenchOptions) -> None:
     if options.warmup_s < 0 or (options.duration_s is not None and options.duration_s <= 0):
         raise UsageError("--warmup must be >= 0 and --duration > 0 seconds")
     check_merge_kernel(options.ort_merge, _ort_providers(options), "--ort-merge")
-    if options.ort_merge == "fused" and "ort" in options.runtimes:
-        fused_library()  # fail now, not after the exports were built
+    check_torch_merge(options.torch_merge, options.device == "cpu", options.precision == "fp32", "--torch-merge")
+    if (options.ort_merge == "fused" and "ort" in options.runtimes) or \
+            (options.torch_merge == "fused" and "torch" in options.runtimes):
+        kernel_library()  # fail now, not after the exports were built
 
 
 def _ort_providers(options: BenchOptions) -> tuple[str, ...]:
@@ -204,7 +209,7 @@ def _torch_candidates(plans: dict, workload: str, options: BenchOptions) -> list
         else:
             module = ExportModule(model, built)
             names = module.output_names(built.image_size)
-        return TorchRunner(module, ["pixel_values"], names, options.device, dtype)
+        return TorchRunner(module, ["pixel_values"], names, options.device, dtype, options.torch_merge)
 
     return [Candidate(r, b.plan.final_tokens, b.plan.speedup_bound, lambda b=b: make(b)) for r, b in plans.items()]
 

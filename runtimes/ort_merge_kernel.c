@@ -2,13 +2,14 @@
 
    The exported graph computes the weighted merge with ~26 small nodes per layer, each costing
    ONNX Runtime a few microseconds; this kernel does it in one pass. It computes what the node's
-   ONNX function computes (graph_passes/merge_functions.py, merging/merge.py):
+   ONNX function computes (graph_passes/merge_functions.py, merging/merge.py), with the row merge of
+   merge_core.c:
      x (B, N, C), size (B, N, 1), index (B, Na + r) int64 = [src (r), dst (r), unm (Na - r)]
      -> x (B, N - r, C), size (B, N - r, 1), tokens ordered [CLS, unmerged A, B];
    A-side index i is token 2i + 2, B-side index j is token 2j + 1, Na = (N - 1) / 2.
    B-side tokens become (x·size + Σ src_x·src_size) / (size + Σ src_size).
 
-   Built by runtimes/ort_merge_kernel.py with the system C compiler and loaded with
+   Built by runtimes/cpu_kernels.py with the system C compiler and loaded with
    SessionOptions.register_custom_ops_library. No ONNX Runtime header is needed: the C API is a
    table of function pointers that only grows between releases, so the few entries used here
    are called by their fixed position in it, and OrtCustomOp is declared with its documented
@@ -133,37 +134,9 @@ static uint16_t float_to_half(float f) {
     return (uint16_t)(sign | kept);
 }
 
-/* One batch row, in float: out_x (N - r, C), out_size (N - r). Accumulates the merged-in tokens
-   first, then adds each B-side token's own x·size, like the graph's b_x·b_size + onehot @ src_x. */
-static void merge_row(const float *x, const float *size, const int64_t *index, int64_t tokens, int64_t channels,
-                      int64_t r, float *out_x, float *out_size) {
-    int64_t num_a = (tokens - 1) / 2, num_b = tokens - 1 - num_a, kept = num_a - r;
-    const int64_t *src = index, *dst = index + r, *unm = index + 2 * r;
-    memcpy(out_x, x, channels * sizeof *x);
-    out_size[0] = size[0];
-    for (int64_t k = 0; k < kept; k++) {
-        int64_t token = 2 * unm[k] + 2;
-        memcpy(out_x + (1 + k) * channels, x + token * channels, channels * sizeof *x);
-        out_size[1 + k] = size[token];
-    }
-    float *b_x = out_x + (1 + kept) * channels, *b_size = out_size + 1 + kept;
-    memset(b_x, 0, num_b * channels * sizeof *b_x);
-    memset(b_size, 0, num_b * sizeof *b_size);
-    for (int64_t i = 0; i < r; i++) {
-        int64_t token = 2 * src[i] + 2;
-        float weight = size[token], *into = b_x + dst[i] * channels;
-        const float *from = x + token * channels;
-        for (int64_t c = 0; c < channels; c++) into[c] += from[c] * weight;
-        b_size[dst[i]] += weight;
-    }
-    for (int64_t j = 0; j < num_b; j++) {
-        int64_t token = 2 * j + 1;
-        float weight = size[token], total = weight + b_size[j], *into = b_x + j * channels;
-        const float *from = x + token * channels;
-        for (int64_t c = 0; c < channels; c++) into[c] = (from[c] * weight + into[c]) / total;
-        b_size[j] = total;
-    }
-}
+/* merge_core.c: one batch row in float, out_x (N - r, C) and out_size (N - r). */
+void turbo_merge_row(const float *x, const float *size, const int64_t *index, int64_t tokens, int64_t channels,
+                     int64_t r, float *out_x, float *out_size);
 
 static void to_float(const uint16_t *from, float *to, int64_t count) {
     for (int64_t i = 0; i < count; i++) to[i] = half_to_float(from[i]);
@@ -204,7 +177,7 @@ static OrtStatus *compute(void *kernel, void *context) {
     void *x = data_of(inputs[0]), *size = data_of(inputs[1]), *out_x = data_of(outputs[0]), *out_size = data_of(outputs[1]);
     if (op->element_type == ELEMENT_FLOAT) {
         for (int64_t b = 0; b < batch; b++)
-            merge_row((const float *)x + b * tokens * channels, (const float *)size + b * tokens, index + b * width,
+            turbo_merge_row((const float *)x + b * tokens * channels, (const float *)size + b * tokens, index + b * width,
                       tokens, channels, r, (float *)out_x + b * merged * channels, (float *)out_size + b * merged);
         return NULL;
     }
@@ -215,7 +188,7 @@ static OrtStatus *compute(void *kernel, void *context) {
     for (int64_t b = 0; b < batch; b++) {
         to_float((const uint16_t *)x + b * tokens * channels, row, tokens * channels);
         to_float((const uint16_t *)size + b * tokens, row_size, tokens);
-        merge_row(row, row_size, index + b * width, tokens, channels, r, out_row, out_row_size);
+        turbo_merge_row(row, row_size, index + b * width, tokens, channels, r, out_row, out_row_size);
         to_half(out_row, (uint16_t *)out_x + b * merged * channels, merged * channels);
         to_half(out_row_size, (uint16_t *)out_size + b * merged, merged);
     }

@@ -1,5 +1,6 @@
 """PyTorch runner: an eval-mode module whose forward takes the inputs by position and returns
-a tuple of outputs in `output_names` order."""
+a tuple of outputs in `output_names` order; its Turbo steps run fused where they can
+(runtimes/torch_merge_kernel.py)."""
 
 import time
 from collections.abc import Callable
@@ -9,16 +10,24 @@ import torch
 from torch import nn
 
 from runtimes.base import Runner
+from runtimes.torch_merge_kernel import check_torch_merge, install_merge_kernel
 
 
 class TorchRunner(Runner):
     name = "torch"
 
     def __init__(self, module: nn.Module, input_names: list[str], output_names: list[str],
-                 device: str = "cpu", dtype: torch.dtype | None = None) -> None:
+                 device: str = "cpu", dtype: torch.dtype | None = None, merge_kernel: str = "auto") -> None:
+        """merge_kernel: "fused" runs each Turbo step as one CPU kernel, "ops" as PyTorch ops, "auto"
+        fused where it can be (float32 on the CPU, a C compiler present) and ops elsewhere."""
         self.device = torch.device(device)
         self.dtype = dtype  # floating inputs and the module are cast to it (None: as they are)
+        floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+        model_dtype = dtype or (floats[0] if floats else torch.float32)
+        check_torch_merge(merge_kernel, self.device.type == "cpu", model_dtype == torch.float32)
         self.module = module.eval().to(self.device, dtype) if dtype else module.eval().to(self.device)
+        self.merge_kernel, self.merge_kernel_note = install_merge_kernel(self.module, merge_kernel, self.device,
+                                                                         model_dtype)
         self._inputs = list(input_names)
         self._outputs = list(output_names)
 
@@ -61,7 +70,10 @@ class TorchRunner(Runner):
         return timed_cuda
 
     def describe(self) -> dict:
-        info = {"runtime": self.name, "device": str(self.device), "threads": torch.get_num_threads()}
+        info = {"runtime": self.name, "device": str(self.device), "threads": torch.get_num_threads(),
+                "merge_kernel": self.merge_kernel}
+        if self.merge_kernel_note:
+            info["merge_kernel_note"] = self.merge_kernel_note
         if self.device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.device)
         return info

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from exporters.build import BuiltPlan, build_merged_model, build_plan
+from exporters.export import ExportOptions, ExportResult, run_export
 from exporters.loading import load_model, resolve_source
 from exporters.registry import list_models
 
@@ -11,6 +12,21 @@ from exporters.registry import list_models
 def tiny_plan(name: str, r: int | None = 4, **kwargs) -> BuiltPlan:
     kwargs.setdefault("threshold", 0)  # BLIP's default 40 exceeds the tiny models' 37 tokens
     return build_plan(name, r=r, tiny=True, **kwargs)
+
+
+_exports: dict = {}
+
+
+def tiny_export(tmp_path_factory, name: str, r: int, kernel: str = "matmul", **options) -> ExportResult:
+    """One export of a tiny registry model per distinct setting for the whole session (exports take
+    seconds each); tests only read them."""
+    options.setdefault("decoder", False)  # BLIP's text decoder is tested in tests/test_caption.py
+    key = (name, r, kernel, tuple(sorted(options.items())))
+    if key not in _exports:
+        out = tmp_path_factory.mktemp("export") / "out"
+        _exports[key] = run_export(ExportOptions(model=name, r=r, kernel=kernel, threshold=0, tiny=True,
+                                                 random_weights=True, **options), out)
+    return _exports[key]
 
 
 def tiny_pair(name: str, r: int | None = 4, kernel: str = "matmul", **kwargs):
@@ -49,6 +65,13 @@ def pytest_collection_modifyitems(config, items) -> None:
         for marker, reason in reasons.items():
             if reason and marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _session_cache(tmp_path_factory, monkeypatch):
+    """turbo's cache (compiled CPU kernels, bench exports) in the session's temporary directory, not
+    the user's; tests that need a cache of their own set TURBO_CACHE again."""
+    monkeypatch.setenv("TURBO_CACHE", str(tmp_path_factory.getbasetemp() / "turbo-cache"))
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from exporters.export import ExportOptions, run_export
 from exporters.loading import resolve_source
 from runtimes.base import Runner
 from runtimes.bench import _peak_memory
-from runtimes.ort_merge_kernel import c_compiler
+from runtimes.cpu_kernels import c_compiler
 from runtimes.timing import TimingStats, efficiency, interleaved
 from turbo_cli.app import app
 
@@ -86,31 +86,37 @@ def test_peak_memory_sees_what_a_run_allocates():
     assert big["peak_mb"] > 150 and small["peak_mb"] < 50
 
 
-def test_tiny_bench_json_follows_the_schema_and_plots(tmp_path):
-    plot = tmp_path / "bench.png"
-    result = runner.invoke(app, ["bench", "-m", str(model_dir(tmp_path, "blip-caption")), "--r", "4", "--batch", "1,2",
-                                 "--iters", "3", "--warmup", "0", "--random-weights", "--caption-tokens", "3",
-                                 "--json", "--plot", str(plot)])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+def checked_report(stdout: str, runtime: str, kernel: str) -> dict:
+    """The --json report of a tiny BLIP bench (--r 4 --batch 1,2 --iters 3, both workloads), checked
+    against the schema and row by row; `kernel` is the merge kernel every row reports."""
+    report = json.loads(stdout)
     jsonschema.validate(report, SCHEMA)
     keys = {(row["runtime"], row["workload"], row["batch"], row["r"]) for row in report["results"]}
-    assert keys == {(rt, wl, b, r) for rt in ("torch", "ort") for wl in ("encoder", "caption")
-                    for b in (1, 2) for r in (0, 4)}
+    assert keys == {(runtime, wl, b, r) for wl in ("encoder", "caption") for b in (1, 2) for r in (0, 4)}
     for row in report["results"]:
-        assert row["latency"]["iterations"] == 3
+        assert row["latency"]["iterations"] == 3 and row["runner"]["merge_kernel"] == kernel
+        assert row["final_tokens"] == (37 if row["r"] == 0 else 21)
         if row["r"] == 0:
-            assert row["speedup"] == 1.0 and row["final_tokens"] == 37
-        else:
-            assert row["final_tokens"] == 21
+            assert row["speedup"] == 1.0
         if row["workload"] == "encoder":
             assert row["efficiency"] == pytest.approx(row["speedup"] / row["flops_bound"])
         else:
             assert row["flops_bound"] is None
+    return report
+
+
+def test_tiny_bench_json_follows_the_schema_and_plots(tmp_path):
+    """PyTorch and TensorRT (skipped here); ONNX Runtime on BLIP exports: tests/test_caption.py."""
+    plot = tmp_path / "bench.png"
+    result = runner.invoke(app, ["bench", "-m", str(model_dir(tmp_path, "blip-caption")), "--r", "4", "--batch", "1,2",
+                                 "--runtime", "torch,trt", "--iters", "3", "--warmup", "0", "--random-weights",
+                                 "--caption-tokens", "3", "--json", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    report = checked_report(result.stdout, "torch", "fused" if c_compiler() else "ops")
     skipped = {(s["runtime"], s["workload"]): s["reason"] for s in report["skipped"]}
     assert "TensorRT is not installed" in skipped[("trt", "all")]
     assert set(skipped) == {("trt", "all")}
-    assert "skipped trt" in result.stderr and "torch caption" in result.stderr and "ort caption" in result.stderr
+    assert "skipped trt" in result.stderr and "torch caption" in result.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -160,6 +166,9 @@ def test_cuda_without_a_gpu_exits_4(tmp_path):
         (["--device", "tpu"], 2, "unknown device 'tpu'"),
         (["--ort-merge", "fast"], 2, "unknown --ort-merge 'fast'; choose one of auto, fused, graph"),
         (["--ort-merge", "fused", "--device", "cuda"], 2, "--ort-merge fused runs on ONNX Runtime's CPU provider only"),
+        (["--torch-merge", "fast"], 2, "unknown --torch-merge 'fast'; choose one of auto, fused, ops"),
+        (["--torch-merge", "fused", "--precision", "bf16"], 2, "--torch-merge fused runs float32 (fp32) models only"),
+        (["--torch-merge", "fused", "--device", "cuda"], 2, "--torch-merge fused runs on the CPU only"),
         (["{missing}"], 2, "has no turbo.json: not a turbo export directory"),
     ],
 )

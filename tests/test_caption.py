@@ -17,7 +17,10 @@ from exporters.export import ExportOptions, run_export
 from exporters.loading import resolve_source
 from exporters.validate import seeded_pixels
 from runtimes.caption import CaptionPipeline, grow_cache, reorder_cache
+from runtimes.cpu_kernels import c_compiler
 from runtimes.generation import GenerationSettings, generate
+from tests.conftest import tiny_export
+from tests.test_bench import checked_report
 from turbo_cli.app import app
 
 runner = CliRunner()
@@ -92,11 +95,9 @@ def exports(tmp_path_factory):
     model.save_pretrained(local)
     source.adapter.caption_decoder.placeholder_tokenizer(source.config).save_pretrained(local)
     source.adapter.image_processor(48).save_pretrained(local)
-    made = {}
-    for name, options in (("r0", ExportOptions(model=str(local), r=0)), ("r4", ExportOptions(model=str(local), r=4)),
-                          ("random", ExportOptions(model="blip-caption", r=4, threshold=0, tiny=True,
-                                                   random_weights=True))):
-        made[name] = run_export(options, tmp_path_factory.mktemp(name) / "out")
+    made = {name: run_export(ExportOptions(model=str(local), r=r), tmp_path_factory.mktemp(name) / "out")
+            for name, r in (("r0", 0), ("r4", 4))}
+    made["random"] = tiny_export(tmp_path_factory, "blip-caption", 4, decoder=True)  # shared with test_export
     made["local"] = local
     return made
 
@@ -120,6 +121,15 @@ def test_ort_captions_equal_pytorch_token_for_token(exports, r, beams):
         assert got.shape == want.shape and (got == want).all()
         ended += int((want == EOS).any(axis=1).sum())
     assert ended > 0  # some captions end before the length limit
+
+
+def test_bench_of_captioner_exports_times_encoder_and_captions(exports):
+    """`turbo bench DIR --baseline DIR` on ONNX Runtime: the encoder and fixed-length captioning."""
+    result = runner.invoke(app, ["bench", str(exports["r4"].directory), "--baseline", str(exports["r0"].directory),
+                                 "--batch", "1,2", "--iters", "3", "--warmup", "0", "--caption-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    checked_report(result.stdout, "ort", "fused" if c_compiler() else "graph")
+    assert "ort caption" in result.stderr
 
 
 def test_export_writes_the_decoder_with_weights_stored_once(exports):

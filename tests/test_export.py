@@ -10,32 +10,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from exporters.export import MODEL_FILE, ExportOptions, run_export
+from exporters.export import MODEL_FILE
 from exporters.manifest import read_manifest
 from exporters.validate import graph_problems
 from graph_passes.summary import summarize
 from merging.plan import make_plan
+from runtimes.cpu_kernels import c_compiler
 from runtimes.onnxrt import OnnxRuntimeRunner
-from runtimes.ort_merge_kernel import c_compiler, register_merge_kernel
-from tests.conftest import encoder_output, pixels, tiny_pair
+from runtimes.ort_merge_kernel import register_merge_kernel
+from tests.conftest import encoder_output, pixels, tiny_export, tiny_pair
 
 FAMILIES = ["vit-b16", "blip-caption"]
 CASES = [(0, "matmul"), (4, "matmul"), (4, "scatter")]
-_cache: dict = {}
-
-
-def tiny_export(tmp_path_factory, name: str, r: int, kernel: str = "matmul", **options):
-    """One export per distinct setting for the whole session (exports take seconds each)."""
-    options.setdefault("decoder", False)  # BLIP's text decoder is tested in tests/test_caption.py
-    key = (name, r, kernel, tuple(sorted(options.items())))
-    if key not in _cache:
-        out = tmp_path_factory.mktemp("export") / "out"
-        result = run_export(ExportOptions(model=name, r=r, kernel=kernel, threshold=0, tiny=True,
-                                          random_weights=True, **options), out)
-        _cache[key] = result
-    return _cache[key]
-
-
 def ort_outputs(directory: Path, x: np.ndarray) -> list[np.ndarray]:
     session = ort.InferenceSession(str(directory / MODEL_FILE), providers=["CPUExecutionProvider"])
     return session.run(None, {"pixel_values": x})
@@ -192,9 +178,7 @@ def profiled_op_counts(path: Path, x: np.ndarray, merge_kernel: str, tmp_path: P
 
 @pytest.mark.skipif(c_compiler() is None, reason="no C compiler to build the fused kernel")
 @pytest.mark.parametrize("name, precision", [("vit-b16", "fp32"), ("blip-caption", "fp32"), ("vit-b16", "fp16")])
-def test_fused_kernel_runs_every_merge_and_equals_the_function(tmp_path_factory, tmp_path, monkeypatch, name,
-                                                               precision):
-    monkeypatch.setenv("TURBO_CACHE", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
+def test_fused_kernel_runs_every_merge_and_equals_the_function(tmp_path_factory, tmp_path, name, precision):
     options = {"precision": "fp16"} if precision == "fp16" else {"external_data": False}  # other tests' exports
     result = tiny_export(tmp_path_factory, name, 4, **options)
     path, dtype = result.directory / MODEL_FILE, np.float16 if precision == "fp16" else np.float32

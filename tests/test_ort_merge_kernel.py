@@ -10,17 +10,12 @@ from onnx import TensorProto, helper
 from exporters.errors import UsageError
 from merging.matching import select_merges
 from merging.merge import merge_tokens, pack_indices
+from runtimes.cpu_kernels import MergeKernelUnavailable, c_compiler
 from runtimes.onnxrt import OnnxRuntimeRunner
-from runtimes.ort_merge_kernel import MergeKernelUnavailable, c_compiler, register_merge_kernel
+from runtimes.ort_merge_kernel import register_merge_kernel
 
 needs_compiler = pytest.mark.skipif(c_compiler() is None, reason="no C compiler to build the fused kernel")
 ELEMENT = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
-
-
-@pytest.fixture(autouse=True)
-def kernel_cache(tmp_path_factory, monkeypatch):
-    """One build for the whole session, in the session's temporary directory."""
-    monkeypatch.setenv("TURBO_CACHE", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
 
 
 def merge_session(shape: tuple[int, int, int], r: int, dtype=np.float32) -> ort.InferenceSession:
@@ -105,7 +100,7 @@ def test_without_a_compiler_auto_runs_the_function_and_fused_refuses(monkeypatch
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     options = ort.SessionOptions()
     kernel, note = register_merge_kernel(options, "auto", ("CPUExecutionProvider",))
-    assert kernel == "graph" and "could not build the fused TurboMerge kernel" in note
+    assert kernel == "graph" and "could not build the fused merge kernels" in note
     with pytest.raises(MergeKernelUnavailable, match="no-such-cc"):
         register_merge_kernel(options, "fused", ("CPUExecutionProvider",))
 

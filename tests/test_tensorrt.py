@@ -30,7 +30,7 @@ from exporters.tensorrt.settings import (
 from merging.matching import MergeConfig, information_degree, select_merges
 from merging.merge import merge_tokens, pack_indices
 from runtimes.availability import tensorrt_reason
-from tests.test_export import tiny_export
+from tests.conftest import tiny_export
 from tests.test_export_cli import model_dir
 from turbo_cli.app import app
 

@@ -151,6 +151,8 @@ def bench_command(
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch and ORT (default: all)."),
     ort_merge: str = typer.Option("auto", "--ort-merge",
                                   help="ORT CPU: fused (one C kernel per merge) | graph (its ONNX function) | auto."),
+    torch_merge: str = typer.Option("auto", "--torch-merge",
+                                    help="PyTorch CPU fp32: fused (one C kernel per Turbo step) | ops | auto."),
     baseline: str | None = typer.Option(None, "--baseline", help="r=0 export to compare DIRs against."),
     json_output: bool = typer.Option(False, "--json", help="Print the report on stdout (docs/bench.schema.json)."),
     plot: str | None = typer.Option(None, "--plot", help="Write speedup and efficiency vs r to this PNG."),
@@ -170,7 +172,8 @@ def bench_command(
         batches=tuple(parse_ints(batch, "--batch")), precision=precision, warmup_s=warmup,
         iters=iters if iters is not None or duration is not None else 20, duration_s=duration,
         random_weights=random_weights, include_transfers=include_transfers, caption=caption,
-        caption_tokens=caption_tokens, threads=threads, ort_merge=ort_merge, export_dirs=[Path(d) for d in dirs or []],
+        caption_tokens=caption_tokens, threads=threads, ort_merge=ort_merge, torch_merge=torch_merge,
+        export_dirs=[Path(d) for d in dirs or []],
         baseline_dir=Path(baseline) if baseline else None,
     )
     run_bench_command(options, json_output, plot)

@@ -1,0 +1,109 @@
+"""The whole Turbo step of a layer as one CPU kernel for eager PyTorch (merge_core.c: turbo_step).
+
+Eager PyTorch pays 5-30 µs of dispatch for every small op, and one layer's step (the CLS attention
+row, scores, selection and weighted merge) is ~30 of them: 4-10% of a late ViT-B layer on a CPU.
+`install_merge_kernel` gives every TokenMerge of a module a `FusedTurboStep`, which the patched
+blocks call in place of those ops wherever it accepts the input (float32 on the CPU, no autograd,
+not exporting or compiling); elsewhere, and in every export, the ops run as before.
+"""
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from exporters.errors import UsageError
+from merging.matching import ALPHA_SCALE, MergeConfig
+from merging.module import TokenMerge
+from runtimes.cpu_kernels import MergeKernelUnavailable, kernel_library
+
+TORCH_MERGE_KERNELS = ("auto", "fused", "ops")
+_METHODS = {("tome", "s1"): 0, ("tome", "s2"): 0, ("semantic", "s1"): 1, ("semantic", "s2"): 1,
+            ("turbo", "s1"): 2, ("turbo", "s2"): 3}  # merge_core.c METHOD_*
+_POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
+_STRIDES = _INT * 3
+
+
+@functools.cache
+def _turbo_step(library: Path) -> ctypes._CFuncPtr:
+    step = ctypes.CDLL(str(library)).turbo_step
+    step.argtypes = [_POINTER, _POINTER, _POINTER, _STRIDES, _POINTER, _STRIDES, _INT, _INT, _INT, _INT, _INT, _INT,
+                     ctypes.c_int, ctypes.c_float, ctypes.c_float, _POINTER, _POINTER]
+    step.restype = ctypes.c_int
+    return step
+
+
+class FusedTurboStep:
+    """TokenMerge.forward plus the CLS attention row it reads, in one call into the kernel library."""
+
+    def __init__(self, library: Path) -> None:
+        self._step = _turbo_step(library)
+
+    def accepts(self, x: torch.Tensor, config: MergeConfig) -> bool:
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and (config.method, config.fusion) in _METHODS
+                and not (x.requires_grad and torch.is_grad_enabled())
+                and not torch.compiler.is_exporting() and not torch.compiler.is_compiling())
+
+    def __call__(self, x: torch.Tensor, size: torch.Tensor | None, query: torch.Tensor, keys: torch.Tensor, r: int,
+                 config: MergeConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, N, C), size (B, N, 1) or None (one patch each), query and keys (B, H, N, d)
+        -> x (B, N - r, C), size (B, N - r, 1)."""
+        batch, tokens, channels = x.shape
+        if (query.shape != keys.shape or keys.dim() != 4 or keys.shape[0] != batch or keys.shape[2] != tokens
+                or (size is not None and size.shape != (batch, tokens, 1)) or not 0 < r <= (tokens - 1) // 2):
+            sizes = None if size is None else tuple(size.shape)
+            raise ValueError(f"fused Turbo step: x {tuple(x.shape)}, size {sizes}, query {tuple(query.shape)}, "
+                             f"keys {tuple(keys.shape)} and r={r} do not fit")
+        x = x.contiguous()
+        size = None if size is None else size.contiguous()
+        query, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys))
+        merged, merged_size = x.new_empty(batch, tokens - r, channels), x.new_empty(batch, tokens - r, 1)
+        status = self._step(x.data_ptr(), None if size is None else size.data_ptr(), keys.data_ptr(),
+                            _STRIDES(*keys.stride()[:3]), query.data_ptr(), _STRIDES(*query.stride()[:3]), batch,
+                            tokens, channels, keys.shape[1], keys.shape[3], r, _METHODS[config.method, config.fusion],
+                            ALPHA_SCALE * config.alpha, scale, merged.data_ptr(), merged_size.data_ptr())
+        if status:
+            raise MemoryError("the fused Turbo step could not allocate its scratch memory")
+        return merged, merged_size
+
+    def __deepcopy__(self, memo: dict) -> "FusedTurboStep":
+        return self  # stateless; the library stays loaded
+
+
+def check_torch_merge(choice: str, on_cpu: bool, float32: bool, flag: str = "merge kernel") -> None:
+    """UsageError unless `choice` is known and, when "fused", the model runs float32 on the CPU."""
+    if choice not in TORCH_MERGE_KERNELS:
+        raise UsageError(f"unknown {flag} {choice!r}; choose one of {', '.join(TORCH_MERGE_KERNELS)}")
+    if choice == "fused" and not on_cpu:
+        raise UsageError(f"{flag} fused runs on the CPU only")
+    if choice == "fused" and not float32:
+        raise UsageError(f"{flag} fused runs float32 (fp32) models only")
+
+
+def install_merge_kernel(module: nn.Module, choice: str, device: torch.device,
+                         dtype: torch.dtype) -> tuple[str, str | None]:
+    """Give every TokenMerge of `module` the fused step, or none (its ops), as `choice` asks.
+
+    Returns how the merges run, "fused" or "ops", and why "auto" chose "ops" (None otherwise).
+    "fused" raises when it cannot be had.
+    """
+    check_torch_merge(choice, device.type == "cpu", dtype == torch.float32)
+    fused, note = None, None
+    if choice != "ops":
+        if device.type != "cpu":
+            note = "the fused Turbo step is CPU-only"
+        elif dtype != torch.float32:
+            note = "the fused Turbo step runs float32 only"
+        else:
+            try:
+                fused = FusedTurboStep(kernel_library())
+            except MergeKernelUnavailable as error:
+                if choice == "fused":
+                    raise
+                note = str(error)
+    for merge in module.modules():
+        if isinstance(merge, TokenMerge):
+            merge.fused_step = fused
+    return ("ops", note) if fused is None else ("fused", None)
