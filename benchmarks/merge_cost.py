@@ -6,7 +6,8 @@
 ONNX Runtime: node times from its profiler, attributed to layers and to the TokenMerge module
 through the exporter's scope metadata (read from a `--merge-op inline` export: ONNX Runtime renames
 the nodes of TurboMerge functions it inlines; both forms are bit-identical and equally fast).
-PyTorch (CPU, synchronous): forward hooks timing every block and its TokenMerge. Random weights.
+PyTorch (CPU, synchronous): forward hooks timing every block and its TokenMerge, the Turbo step
+run as PyTorch ops (the fused CPU step: layer_merge_cost.py, torch_cpu.py --merge). Random weights.
 
 Profilers add their own cost to every node and miss work outside the TokenMerge scope (the CLS
 attention row it needs). So each runtime is also timed against a merge-free twin: the same plan
