@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from runtimes.base import Runner
-from runtimes.torch_merge_kernel import check_torch_merge, install_merge_kernel
+from runtimes.torch_merge_kernel import install_merge_kernel
 
 
 class TorchRunner(Runner):
@@ -24,10 +24,8 @@ class TorchRunner(Runner):
         self.dtype = dtype  # floating inputs and the module are cast to it (None: as they are)
         floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
         model_dtype = dtype or (floats[0] if floats else torch.float32)
-        check_torch_merge(merge_kernel, self.device.type == "cpu", model_dtype == torch.float32)
+        self.merge_kernel, self.merge_kernel_note = install_merge_kernel(module, merge_kernel, self.device, model_dtype)
         self.module = module.eval().to(self.device, dtype) if dtype else module.eval().to(self.device)
-        self.merge_kernel, self.merge_kernel_note = install_merge_kernel(self.module, merge_kernel, self.device,
-                                                                         model_dtype)
         self._inputs = list(input_names)
         self._outputs = list(output_names)
 
