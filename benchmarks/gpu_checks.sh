@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Every check of issues 7 and 8 that needs a CUDA GPU, in one run of about 10 minutes at most:
+# Every check of issues 7 and 8 that needs a CUDA GPU, about 13 minutes at most (name steps to split
+# it into runs under 10 minutes; the device step always runs):
 #
-#     bash benchmarks/gpu_checks.sh OUTDIR
+#     bash benchmarks/gpu_checks.sh OUTDIR [STEP ...]
 #
 # Runs from the repository root without installing (PYTHONPATH=.; the GPU machine's own torch,
 # Triton and transformers). Writes OUTDIR/gpu_checks.log (every step's output under a header, its
-# exit code and seconds) and OUTDIR/bench-vit.json, OUTDIR/bench-blip.json (`turbo bench --json`).
+# exit code and seconds) and OUTDIR/bench-*.json (`turbo bench --json`).
 # A failing step does not stop the others; the script exits 1 if any failed, 4 without a CUDA GPU.
-# Steps: the gpu-marked kernel tests; the Triton kernel against the torch merge; torch CUDA fp16
-# speedups of ViT-B/16 r=16 and BLIP vision r=30 (issue 7's ≥ 1.8× and ≥ 1.4× at batch 64); the
-# eager merge forms' times and op counts; the merge's cost per layer on CUDA.
+# Steps (all, or those named): the gpu-marked kernel tests (the TurboMerge kernel, the Triton Turbo
+# step); the TurboMerge kernel against the torch merge; torch CUDA fp16 speedups of ViT-B/16 r=16
+# (the Triton step, then the ops at batch 64) and BLIP vision r=30 (issue 7's ≥ 1.8× and ≥ 1.4× at
+# batch 64); the eager merge forms' times and op counts; the Turbo step's cost per layer on CUDA,
+# ops and Triton, at batch 64 and 1.
 set -u
 out=${1:?usage: bash benchmarks/gpu_checks.sh OUTDIR}
 python=${PYTHON:-python3}
@@ -23,10 +26,15 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 log=$out/gpu_checks.log
 failed=0
+shift
+chosen=" $* "
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, append to the log
   local name=$1 limit=$2
   shift 2
+  if [ "$name" != device ] && [ "$chosen" != "  " ] && [[ "$chosen" != *" $name "* ]]; then
+    return
+  fi
   local begin=$SECONDS
   echo "=== $name: $*" >>"$log"
   timeout "$limit" "$@" >>"$log" 2>&1
@@ -37,13 +45,17 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, append to the l
 
 step device 60 "$python" -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, \
 transformers.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-step kernel-tests 100 "$python" -m pytest -q -m gpu tests/test_tensorrt.py
+step kernel-tests 200 "$python" -m pytest -q -m gpu tests/test_tensorrt.py tests/test_triton_turbo_step.py
 step kernel-timing 90 "$python" benchmarks/merge_kernel.py --batch 1,8,64 --dtype fp16
 step bench-vit 100 sh -c "$python -m turbo_cli bench --model vit-b16 --r 16 --runtime torch --device cuda \
 --precision fp16 --batch 1,8,64 --iters 50 --random-weights --json >'$out/bench-vit.json'"
+step bench-vit-ops 60 sh -c "$python -m turbo_cli bench --model vit-b16 --r 16 --runtime torch --device cuda \
+--precision fp16 --batch 64 --iters 50 --torch-merge ops --random-weights --json >'$out/bench-vit-ops.json'"
 step bench-blip 110 sh -c "$python -m turbo_cli bench --model blip-caption --r 30 --runtime torch --device cuda \
 --precision fp16 --batch 1,8,64 --iters 30 --no-caption --random-weights --json >'$out/bench-blip.json'"
 step eager-merge 40 "$python" benchmarks/eager_merge.py --device cuda --batch 1,64 --rounds 100
 step layer-cost 60 "$python" benchmarks/layer_merge_cost.py --model vit-b16 --r 16 --batch 64 --device cuda \
   --dtype fp16 --rounds 50
+step layer-cost-b1 60 "$python" benchmarks/layer_merge_cost.py --model vit-b16 --r 16 --batch 1 --device cuda \
+  --dtype fp16 --rounds 100
 exit "$failed"

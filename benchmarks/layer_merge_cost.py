@@ -8,11 +8,11 @@ states and sizes out; a dynamic batch axis and a TurboMerge function node, as `t
 writes), with the token count and inputs it sees inside the whole model: once with its TokenMerge
 and once with a merge-free twin that keeps the first N - r tokens (no scoring, no CLS attention
 row, no merge). The two run in turn on ONNX Runtime (the TurboMerge node as its ONNX function,
-then as the fused C kernel) and in PyTorch eager (the Turbo step as PyTorch ops, then as the
-fused C step: CPU float32 only); overhead = median per-round difference / the merged layer's
-time. Unlike a profiler this measures the layer's real time and all the work the merge causes.
-Random weights. With --device cuda only PyTorch is timed (synchronising after each call,
-so launch costs count), in --dtype.
+then as the fused C kernel) and in PyTorch eager (the Turbo step as PyTorch ops, then fused:
+the C step on the CPU in float32, the Triton step on CUDA); overhead = median per-round
+difference / the merged layer's time. Unlike a profiler this measures the layer's real time and
+all the work the merge causes. Random weights. With --device cuda only PyTorch is timed
+(synchronising after each call, so launch costs count), in --dtype.
 """
 
 import argparse
@@ -106,7 +106,7 @@ def report_layer(layer: nn.Module, inputs: tuple[torch.Tensor, ...], adapter: Fa
 
     torch_cells = []
     for kernel in ("ops", "fused"):
-        if kernel == "fused" and (device.type != "cpu" or dtype != torch.float32):
+        if kernel == "fused" and device.type == "cpu" and dtype != torch.float32:
             torch_cells.append("— | —")
             continue
         install_merge_kernel(merged, kernel, device, dtype)

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from exporters.errors import EXIT_MISSING_RUNTIME, TurboError, UsageError
 from exporters.validate import seeded_pixels
 from runtimes.availability import DEVICES, RUNTIMES, unavailable_reason
@@ -19,10 +21,11 @@ from runtimes.cache import cache_root
 from runtimes.cpu_kernels import kernel_library
 from runtimes.ort_merge_kernel import check_merge_kernel
 from runtimes.timing import TimingStats, interleaved
-from runtimes.torch_merge_kernel import check_torch_merge
+from runtimes.torch_merge_kernel import check_torch_merge, fused_step
 
 SCHEMA = "turbo-bench/1"
 PRECISIONS = ("fp32", "fp16", "bf16")
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NO_DECODER = "the export has no text decoder (re-export it with this turbo version)"
 NO_CAPTION_ENGINES = "an export has no TensorRT decoder engines (re-export it with --trt and its text decoder)"
 EXPORT_FORMAT = 5  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface;
@@ -89,9 +92,10 @@ def _check(options: BenchOptions) -> None:
         raise UsageError("--warmup must be >= 0 and --duration > 0 seconds")
     check_merge_kernel(options.ort_merge, _ort_providers(options), "--ort-merge")
     check_torch_merge(options.torch_merge, options.device == "cpu", options.precision == "fp32", "--torch-merge")
-    if (options.ort_merge == "fused" and "ort" in options.runtimes) or \
-            (options.torch_merge == "fused" and "torch" in options.runtimes):
+    if options.ort_merge == "fused" and "ort" in options.runtimes:
         kernel_library()  # fail now, not after the exports were built
+    if options.torch_merge == "fused" and "torch" in options.runtimes:
+        fused_step(torch.device(options.device), TORCH_DTYPES[options.precision])
 
 
 def _ort_providers(options: BenchOptions) -> tuple[str, ...]:
@@ -194,13 +198,11 @@ def _caption_module(model, tokens: int):
 
 
 def _torch_candidates(plans: dict, workload: str, options: BenchOptions) -> list[Candidate]:
-    import torch
-
     from exporters.build import build_merged_model
     from exporters.onnx_export import ExportModule
     from runtimes.pytorch import TorchRunner
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[options.precision]
+    dtype = TORCH_DTYPES[options.precision]
 
     def make(built) -> Runner:
         model, _ = build_merged_model(built, options.random_weights, options.kernel, options.seed)
@@ -337,8 +339,6 @@ def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, li
 
 def run_bench(options: BenchOptions, progress: Progress = lambda message: None) -> dict:
     """Time every requested runtime and workload; the report follows docs/bench.schema.json."""
-    import torch
-
     from exporters.build import build_plan
     from exporters.loading import resolve_source
     from exporters.manifest import now, versions

@@ -18,8 +18,9 @@ class TorchRunner(Runner):
 
     def __init__(self, module: nn.Module, input_names: list[str], output_names: list[str],
                  device: str = "cpu", dtype: torch.dtype | None = None, merge_kernel: str = "auto") -> None:
-        """merge_kernel: "fused" runs each Turbo step as one CPU kernel, "ops" as PyTorch ops, "auto"
-        fused where it can be (float32 on the CPU, a C compiler present) and ops elsewhere."""
+        """merge_kernel: "fused" runs each Turbo step as fused kernels (one C call on the CPU, Triton on
+        CUDA), "ops" as PyTorch ops, "auto" fused where it can be (float32 on the CPU with a C compiler,
+        CUDA with Triton) and ops elsewhere."""
         self.device = torch.device(device)
         self.dtype = dtype  # floating inputs and the module are cast to it (None: as they are)
         floats = [p.dtype for p in module.parameters() if p.is_floating_point()]

@@ -1,14 +1,17 @@
-"""The whole Turbo step of a layer as one CPU kernel for eager PyTorch (merge_core.c: turbo_step).
+"""The whole Turbo step of a layer as fused kernels for eager PyTorch: one call of merge_core.c's
+turbo_step on the CPU, four Triton launches on CUDA (runtimes/triton_turbo_step.py).
 
 Eager PyTorch pays 5-30 µs of dispatch for every small op, and one layer's step (the CLS attention
 row, scores, selection and weighted merge) is ~30 of them: 4-10% of a late ViT-B layer on a CPU.
-`install_merge_kernel` gives every TokenMerge of a module a `FusedTurboStep`, which the patched
-blocks call in place of those ops wherever it accepts the input (float32 on the CPU, no autograd,
-not exporting or compiling); elsewhere, and in every export, the ops run as before.
+`install_merge_kernel` gives every TokenMerge of a module a `FusedTurboStep` (CPU) or a
+`TritonTurboStep` (CUDA), which the patched blocks call in place of those ops wherever it accepts
+the input (float32 on the CPU, fp32/fp16/bf16 on CUDA; no autograd, not exporting or compiling);
+elsewhere, and in every export, the ops run as before.
 """
 
 import ctypes
 import functools
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ from torch import nn
 
 from exporters.errors import UsageError
 from merging.matching import ALPHA_SCALE, MergeConfig
-from merging.module import TokenMerge
+from merging.module import FusedStep, TokenMerge
 from runtimes.cpu_kernels import MergeKernelUnavailable, kernel_library
 
 TORCH_MERGE_KERNELS = ("auto", "fused", "ops")
@@ -73,13 +76,27 @@ class FusedTurboStep:
 
 
 def check_torch_merge(choice: str, on_cpu: bool, float32: bool, flag: str = "merge kernel") -> None:
-    """UsageError unless `choice` is known and, when "fused", the model runs float32 on the CPU."""
+    """UsageError unless `choice` is known and, when "fused" on the CPU, the model runs float32."""
     if choice not in TORCH_MERGE_KERNELS:
         raise UsageError(f"unknown {flag} {choice!r}; choose one of {', '.join(TORCH_MERGE_KERNELS)}")
-    if choice == "fused" and not on_cpu:
-        raise UsageError(f"{flag} fused runs on the CPU only")
-    if choice == "fused" and not float32:
-        raise UsageError(f"{flag} fused runs float32 (fp32) models only")
+    if choice == "fused" and on_cpu and not float32:
+        raise UsageError(f"{flag} fused runs float32 (fp32) models only on the CPU (any precision on CUDA)")
+
+
+def fused_step(device: torch.device, dtype: torch.dtype) -> FusedStep:
+    """The whole-step kernel for models on `device` in `dtype`: the C step (CPU, float32) or the
+    Triton step (CUDA); MergeKernelUnavailable says why there is none."""
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise MergeKernelUnavailable("the fused Turbo step on CUDA needs Triton (pip install triton)")
+        from runtimes.triton_turbo_step import TritonTurboStep
+
+        return TritonTurboStep()
+    if device.type != "cpu":
+        raise MergeKernelUnavailable(f"no fused Turbo step for {device.type} devices")
+    if dtype != torch.float32:
+        raise MergeKernelUnavailable("the fused Turbo step runs float32 only on the CPU")
+    return FusedTurboStep(kernel_library())
 
 
 def install_merge_kernel(module: nn.Module, choice: str, device: torch.device,
@@ -92,17 +109,12 @@ def install_merge_kernel(module: nn.Module, choice: str, device: torch.device,
     check_torch_merge(choice, device.type == "cpu", dtype == torch.float32)
     fused, note = None, None
     if choice != "ops":
-        if device.type != "cpu":
-            note = "the fused Turbo step is CPU-only"
-        elif dtype != torch.float32:
-            note = "the fused Turbo step runs float32 only"
-        else:
-            try:
-                fused = FusedTurboStep(kernel_library())
-            except MergeKernelUnavailable as error:
-                if choice == "fused":
-                    raise
-                note = str(error)
+        try:
+            fused = fused_step(device, dtype)
+        except MergeKernelUnavailable as error:
+            if choice == "fused":
+                raise
+            note = str(error)
     for merge in module.modules():
         if isinstance(merge, TokenMerge):
             merge.fused_step = fused

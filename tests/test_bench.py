@@ -146,13 +146,14 @@ def test_a_runtime_that_is_not_here_exits_4(tmp_path):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_cuda_without_a_gpu_exits_4(tmp_path):
+@pytest.mark.parametrize("args", [[], ["--torch-merge", "fused", "--precision", "fp16"]])  # Triton's on CUDA
+def test_cuda_without_a_gpu_exits_4(tmp_path, args):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the missing-GPU path cannot be exercised here")
     result = runner.invoke(app, ["bench", "-m", str(model_dir(tmp_path, "vit-b16")), "--runtime", "torch",
-                                 "--device", "cuda", "--random-weights"])
+                                 "--device", "cuda", "--random-weights", *args])
     assert result.exit_code == 4 and "no CUDA device" in result.output
 
 
@@ -167,8 +168,8 @@ def test_cuda_without_a_gpu_exits_4(tmp_path):
         (["--ort-merge", "fast"], 2, "unknown --ort-merge 'fast'; choose one of auto, fused, graph"),
         (["--ort-merge", "fused", "--device", "cuda"], 2, "--ort-merge fused runs on ONNX Runtime's CPU provider only"),
         (["--torch-merge", "fast"], 2, "unknown --torch-merge 'fast'; choose one of auto, fused, ops"),
-        (["--torch-merge", "fused", "--precision", "bf16"], 2, "--torch-merge fused runs float32 (fp32) models only"),
-        (["--torch-merge", "fused", "--device", "cuda"], 2, "--torch-merge fused runs on the CPU only"),
+        (["--torch-merge", "fused", "--precision", "bf16"], 2,
+         "--torch-merge fused runs float32 (fp32) models only on the CPU (any precision on CUDA)"),
         (["{missing}"], 2, "has no turbo.json: not a turbo export directory"),
     ],
 )

@@ -104,11 +104,11 @@ def test_runner_choices(monkeypatch, tmp_path):
     assert install_merge_kernel(module, "ops", torch.device("cpu"), torch.float32) == ("ops", None)
     assert all(step.fused_step is None for step in steps)
     assert install_merge_kernel(module, "auto", torch.device("cpu"), torch.bfloat16) == (
-        "ops", "the fused Turbo step runs float32 only")
+        "ops", "the fused Turbo step runs float32 only on the CPU")
     with pytest.raises(UsageError, match="choose one of auto, fused, ops"):
         TorchRunner(module, ["pixel_values"], ["logits"], merge_kernel="fast")
-    with pytest.raises(UsageError, match="fused runs on the CPU only"):
-        TorchRunner(module, ["pixel_values"], ["logits"], device="cuda", merge_kernel="fused")
+    with pytest.raises(UsageError, match="fused runs float32 .* only on the CPU"):
+        TorchRunner(module, ["pixel_values"], ["logits"], dtype=torch.float16, merge_kernel="fused")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     runner = TorchRunner(module, ["pixel_values"], ["logits"], merge_kernel="auto")
     assert runner.describe()["merge_kernel"] == "ops" and "no-such-cc" in runner.describe()["merge_kernel_note"]

@@ -152,7 +152,7 @@ def bench_command(
     ort_merge: str = typer.Option("auto", "--ort-merge",
                                   help="ORT CPU: fused (one C kernel per merge) | graph (its ONNX function) | auto."),
     torch_merge: str = typer.Option("auto", "--torch-merge",
-                                    help="PyTorch CPU fp32: fused (one C kernel per Turbo step) | ops | auto."),
+                                    help="PyTorch: fused (C kernel on CPU fp32, Triton on CUDA) | ops | auto."),
     baseline: str | None = typer.Option(None, "--baseline", help="r=0 export to compare DIRs against."),
     json_output: bool = typer.Option(False, "--json", help="Print the report on stdout (docs/bench.schema.json)."),
     plot: str | None = typer.Option(None, "--plot", help="Write speedup and efficiency vs r to this PNG."),
