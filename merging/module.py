@@ -20,6 +20,29 @@ class FusedStep(Protocol):
                  config: MergeConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+# The method codes of the fused steps (runtimes/merge_core.c METHOD_*, runtimes/triton_turbo_step.py METHOD).
+FUSED_METHODS = {("tome", "s1"): 0, ("tome", "s2"): 0, ("semantic", "s1"): 1, ("semantic", "s2"): 1,
+                 ("turbo", "s1"): 2, ("turbo", "s2"): 3}
+
+
+def fused_step_may_run(x: torch.Tensor, config: MergeConfig) -> bool:
+    """Whether a fused step may replace the ops for x at all: a known method, no autograd, not
+    exporting or compiling (each step adds its own device and dtype rules)."""
+    return ((config.method, config.fusion) in FUSED_METHODS and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_exporting() and not torch.compiler.is_compiling())
+
+
+def check_step_inputs(x: torch.Tensor, size: torch.Tensor | None, query: torch.Tensor, keys: torch.Tensor, r: int,
+                      step: str) -> None:
+    """ValueError unless x (B, N, C), size (B, N, 1) or None, query and keys (B, H, N, d) and r fit."""
+    batch, tokens, _ = x.shape
+    if (query.shape != keys.shape or keys.dim() != 4 or keys.shape[0] != batch or keys.shape[2] != tokens
+            or (size is not None and size.shape != (batch, tokens, 1)) or not 0 < r <= (tokens - 1) // 2):
+        sizes = None if size is None else tuple(size.shape)
+        raise ValueError(f"{step}: x {tuple(x.shape)}, size {sizes}, query {tuple(query.shape)}, "
+                         f"keys {tuple(keys.shape)} and r={r} do not fit")
+
+
 class WeightedMerge(nn.Module):
     """(x, size, packed indices) -> merged x and size; the kernel form is fixed at build time (r
     follows from the shapes)."""

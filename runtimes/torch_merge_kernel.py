@@ -19,12 +19,10 @@ from torch import nn
 
 from exporters.errors import UsageError
 from merging.matching import ALPHA_SCALE, MergeConfig
-from merging.module import FusedStep, TokenMerge
+from merging.module import FUSED_METHODS, FusedStep, TokenMerge, check_step_inputs, fused_step_may_run
 from runtimes.cpu_kernels import MergeKernelUnavailable, kernel_library
 
 TORCH_MERGE_KERNELS = ("auto", "fused", "ops")
-_METHODS = {("tome", "s1"): 0, ("tome", "s2"): 0, ("semantic", "s1"): 1, ("semantic", "s2"): 1,
-            ("turbo", "s1"): 2, ("turbo", "s2"): 3}  # merge_core.c METHOD_*
 _POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
 _STRIDES = _INT * 3
 
@@ -45,28 +43,23 @@ class FusedTurboStep:
         self._step = _turbo_step(library)
 
     def accepts(self, x: torch.Tensor, config: MergeConfig) -> bool:
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and (config.method, config.fusion) in _METHODS
-                and not (x.requires_grad and torch.is_grad_enabled())
-                and not torch.compiler.is_exporting() and not torch.compiler.is_compiling())
+        return x.device.type == "cpu" and x.dtype == torch.float32 and fused_step_may_run(x, config)
 
     def __call__(self, x: torch.Tensor, size: torch.Tensor | None, query: torch.Tensor, keys: torch.Tensor, r: int,
                  config: MergeConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, N, C), size (B, N, 1) or None (one patch each), query and keys (B, H, N, d)
         -> x (B, N - r, C), size (B, N - r, 1)."""
+        check_step_inputs(x, size, query, keys, r, "fused Turbo step")
         batch, tokens, channels = x.shape
-        if (query.shape != keys.shape or keys.dim() != 4 or keys.shape[0] != batch or keys.shape[2] != tokens
-                or (size is not None and size.shape != (batch, tokens, 1)) or not 0 < r <= (tokens - 1) // 2):
-            sizes = None if size is None else tuple(size.shape)
-            raise ValueError(f"fused Turbo step: x {tuple(x.shape)}, size {sizes}, query {tuple(query.shape)}, "
-                             f"keys {tuple(keys.shape)} and r={r} do not fit")
         x = x.contiguous()
         size = None if size is None else size.contiguous()
         query, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys))
         merged, merged_size = x.new_empty(batch, tokens - r, channels), x.new_empty(batch, tokens - r, 1)
+        method = FUSED_METHODS[config.method, config.fusion]
         status = self._step(x.data_ptr(), None if size is None else size.data_ptr(), keys.data_ptr(),
                             _STRIDES(*keys.stride()[:3]), query.data_ptr(), _STRIDES(*query.stride()[:3]), batch,
-                            tokens, channels, keys.shape[1], keys.shape[3], r, _METHODS[config.method, config.fusion],
-                            ALPHA_SCALE * config.alpha, scale, merged.data_ptr(), merged_size.data_ptr())
+                            tokens, channels, keys.shape[1], keys.shape[3], r, method, ALPHA_SCALE * config.alpha,
+                            scale, merged.data_ptr(), merged_size.data_ptr())
         if status:
             raise MemoryError("the fused Turbo step could not allocate its scratch memory")
         return merged, merged_size

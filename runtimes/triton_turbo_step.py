@@ -19,9 +19,8 @@ import triton.language as tl
 
 from exporters.tensorrt.merge_kernel import launch as launch_merge
 from merging.matching import ALPHA_SCALE, MergeConfig
+from merging.module import FUSED_METHODS, check_step_inputs, fused_step_may_run
 
-METHODS = {("tome", "s1"): 0, ("tome", "s2"): 0, ("semantic", "s1"): 1, ("semantic", "s2"): 1,
-           ("turbo", "s1"): 2, ("turbo", "s2"): 3}  # degree_kernel's METHOD
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_T, BLOCK_A, BLOCK_B, BLOCK_RANK = 32, 32, 64, 64
 
@@ -132,23 +131,17 @@ class TritonTurboStep:
         self.device_type = device_type
 
     def accepts(self, x: torch.Tensor, config: MergeConfig) -> bool:
-        return (x.device.type == self.device_type and x.dtype in DTYPES and (config.method, config.fusion) in METHODS
-                and not (x.requires_grad and torch.is_grad_enabled())
-                and not torch.compiler.is_exporting() and not torch.compiler.is_compiling())
+        return x.device.type == self.device_type and x.dtype in DTYPES and fused_step_may_run(x, config)
 
     def __call__(self, x: torch.Tensor, size: torch.Tensor | None, query: torch.Tensor, keys: torch.Tensor, r: int,
                  config: MergeConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, N, C), size (B, N, 1) or None (one patch each), query and keys (B, H, N, d)
         -> x (B, N - r, C), size (B, N - r, 1)."""
+        check_step_inputs(x, size, query, keys, r, "Triton Turbo step")
         batch, tokens, channels = x.shape
-        if (query.shape != keys.shape or keys.dim() != 4 or keys.shape[0] != batch or keys.shape[2] != tokens
-                or (size is not None and size.shape != (batch, tokens, 1)) or not 0 < r <= (tokens - 1) // 2):
-            sizes = None if size is None else tuple(size.shape)
-            raise ValueError(f"Triton Turbo step: x {tuple(x.shape)}, size {sizes}, query {tuple(query.shape)}, "
-                             f"keys {tuple(keys.shape)} and r={r} do not fit")
         heads, dim = keys.shape[1], keys.shape[3]
         num_a = (tokens - 1) // 2
-        method = METHODS[config.method, config.fusion]
+        method = FUSED_METHODS[config.method, config.fusion]
         query, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys))
         block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs 16 or more
         metric = x.new_empty(batch, tokens, block_d, dtype=torch.float32)  # unit metric, zero-padded to block_d
