@@ -94,12 +94,13 @@ def test_torch_runner_on_cuda_runs_the_triton_step_by_default():
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter's run")
-def test_kernels_in_the_triton_interpreter():
+def test_kernels_in_the_triton_interpreter(tmp_path):
     """This file's CPU cases, in a child process whose Triton interprets every kernel."""
     from exporters.registry import list_models
 
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpu", __file__],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpu",
+                             f"--basetemp={tmp_path / 'child'}", __file__],
                             cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     cases = len(SMALL) * len(CONFIGS) + 1  # the interpreter's LARGE is one shape
