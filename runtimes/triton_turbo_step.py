@@ -1,8 +1,8 @@
 """The whole Turbo step of a layer as four Triton kernels for eager PyTorch on CUDA.
 
-The ops form launches ~27 small kernels per layer (the CLS attention row, scores, top-k, gathers
-and the weighted merge), each a few µs of GPU time even at batch 64, where a late ViT-B layer
-takes ~0.1 ms. Here the step is four launches, all arithmetic in fp32 whatever the model dtype:
+The ops form dispatches 34 small ATen ops per layer (the CLS attention row, scores, top-k,
+gathers and the weighted merge), most a kernel launch of a few µs of GPU time even at batch 64,
+where a late ViT-B layer takes ~0.1 ms. Here the step is four launches, all arithmetic in fp32 whatever the model dtype:
 
 1. `unit_metric_kernel`: head-averaged keys scaled to unit length (B, N, D) and the CLS query's
    logits with +log(size) per head (B, H, N).
