@@ -50,7 +50,7 @@ if parse_version(trt.__version__) >= AOT_VERSION:
         channels = x.shape_expr[2]
         if not channels.is_constant:
             raise ValueError("TurboMerge needs a static channel dimension")
-        compiled = merge_kernel.compile_ptx(TRITON_DTYPES[x.dtype], channels.constant_value,
+        compiled = merge_kernel.compile_ptx(TRITON_DTYPES[x.dtype], channels.constant_value(),
                                             int("".join(map(str, torch.cuda.get_device_capability()))))
         merge_kernel.check_aot_launchable(compiled)
         launch = trtp.KernelLaunchParams()
