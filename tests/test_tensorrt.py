@@ -4,7 +4,9 @@ interface on real exported graphs, the native (inlined) form, every builder deci
 `--trt` where TensorRT is missing. Tests marked `tensorrt` build real engines and are skipped
 without TensorRT and a GPU."""
 
+import ast
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -165,6 +167,7 @@ def test_builder_flags_per_version_and_precision():
     assert not plan.strongly_typed and plan.builder_flags == ("FP16",) and plan.network_flags == ()
     assert builder_plan((10, 13), "bf16", "fp32", None, "plugin").network_flags == ("PREFER_AOT_PYTHON_PLUGINS",)
     assert builder_plan((10, 13), "bf16", "fp32", None, "native").builder_flags == ("BF16",)
+    assert builder_plan((10, 8), "bf16", "fp32", None, "native").builder_flags == ("BF16",)
     assert builder_plan((10, 13), "int8", "fp32", "int8", "native").builder_flags == ("INT8", "FP16")
     assert builder_plan((10, 13), "fp32", "fp32", "int8", "native").builder_flags == ("INT8", "FP16")
     eleven = builder_plan((11, 4), "fp16", "fp16", None, "plugin")
@@ -178,6 +181,7 @@ def test_builder_flags_per_version_and_precision():
         ((10, 13), "fp32", "fp16", None, "fp32 engine needs an fp32 export"),
         ((9, 3), "fp32", "fp32", None, "too old"),
         ((10, 13), "tf32", "fp32", None, "unknown TensorRT precision"),
+        ((10, 8), "bf16", "fp32", None, "cannot hand bf16 tensors"),  # tensorrt.plugin's JIT tensors have no bf16
     ]:
         with pytest.raises(UsageError, match=message):
             builder_plan(version, precision, onnx_precision, quant, "plugin")
@@ -210,6 +214,40 @@ def test_plugin_rules():
     assert set(positions[2]) == {"INT64"}
     h100, a100 = timing_cache_name("10.13.2", "NVIDIA H100", (9, 0)), timing_cache_name("10.13.2", "A100", (8, 0))
     assert h100 != a100 and h100 == timing_cache_name("10.13.2", "NVIDIA H100", (9, 0)) and "sm90" in h100
+
+
+def _decorated(tree: ast.Module) -> dict[str, ast.FunctionDef]:
+    """plugin.py's functions by their tensorrt.plugin decorator (register, autotune, impl, aot_impl)."""
+    return {decorator.func.attr: node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+            for decorator in node.decorator_list if isinstance(decorator, ast.Call)
+            and isinstance(decorator.func, ast.Attribute) and ast.unparse(decorator.func.value) == "trtp"}
+
+
+def test_plugin_functions_follow_the_tensorrt_plugin_schema():
+    """tensorrt.plugin checks each decorated function when plugin.py registers them (its _validate.py,
+    read for TensorRT 10.x): argument order per role, annotated returns. The same rules, without it."""
+    tree = ast.parse((Path(__file__).parents[1] / "exporters/tensorrt/plugin.py").read_text())
+    functions = _decorated(tree)
+    assert set(functions) == {"register", "autotune", "impl", "aot_impl"}
+
+    def names(role: str) -> list[str]:
+        return [a.arg for a in functions[role].args.args]
+
+    register = functions["register"].args.args
+    tensors = [a.arg for a in register if ast.unparse(a.annotation) == "trtp.TensorDesc"]
+    attributes = [a.arg for a in register if ast.unparse(a.annotation) in ("int", "float", "str", "bool", "bytes")]
+    assert names("register") == tensors + attributes and tensors and attributes  # tensors first, then attributes
+    assert ast.unparse(functions["register"].returns) == "Tuple[trtp.TensorDesc, trtp.TensorDesc]"
+    assert names("impl") == tensors + attributes + ["outputs", "stream"]
+    assert names("aot_impl") == tensors + attributes + ["outputs", "tactic"]
+    assert names("autotune")[:len(tensors)] == tensors and names("autotune")[-1] == "outputs"
+    assert set(names("autotune")[len(tensors):-1]) <= set(attributes)
+    aot_returns = functions["aot_impl"].returns  # mandatory: (kernel name, PTX, launch params, scalar args)
+    assert isinstance(aot_returns, ast.Subscript) and ast.unparse(aot_returns.value) in ("Tuple", "tuple")
+    assert [ast.unparse(e) for e in aot_returns.slice.elts][2:] == ["trtp.KernelLaunchParams", "trtp.SymIntExprs"]
+    autotune_returns = functions["autotune"].returns  # optional, but a bare `list` is refused
+    assert autotune_returns is None or ast.unparse(autotune_returns) in (
+        "List[trtp.AutoTuneCombination]", "list[trtp.AutoTuneCombination]", "trtp.AutoTuneCombination")
 
 
 class RecordingRunner:

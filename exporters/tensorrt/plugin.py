@@ -7,7 +7,7 @@ on 10.6-10.8 a JIT implementation launches it from Python instead. Written again
 tensorrt.plugin API; not run here (no TensorRT on our machines).
 """
 
-from typing import Tuple
+from typing import List, Tuple, Union
 
 import tensorrt as trt
 import tensorrt.plugin as trtp
@@ -31,7 +31,7 @@ def turbo_merge_description(x: trtp.TensorDesc, size: trtp.TensorDesc, index: tr
 
 @trtp.autotune(PLUGIN_ID)
 def turbo_merge_autotune(x: trtp.TensorDesc, size: trtp.TensorDesc, index: trtp.TensorDesc,
-                         outputs: Tuple[trtp.TensorDesc]) -> list:
+                         outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
     return [trtp.AutoTuneCombination(plugin_type_combinations(), "LINEAR")]
 
 
@@ -46,7 +46,8 @@ def turbo_merge_jit(x: trtp.Tensor, size: trtp.Tensor, index: trtp.Tensor, r: in
 if parse_version(trt.__version__) >= AOT_VERSION:
     @trtp.aot_impl(PLUGIN_ID)
     def turbo_merge_aot(x: trtp.TensorDesc, size: trtp.TensorDesc, index: trtp.TensorDesc, r: int, kernel: str,
-                        outputs: Tuple[trtp.TensorDesc], tactic: int):
+                        outputs: Tuple[trtp.TensorDesc], tactic: int
+                        ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         channels = x.shape_expr[2]
         if not channels.is_constant:
             raise ValueError("TurboMerge needs a static channel dimension")

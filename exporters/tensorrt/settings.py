@@ -64,6 +64,9 @@ def builder_plan(version: tuple[int, int], precision: str, onnx_precision: str, 
     if qdq and precision not in ("int8", "fp32"):
         raise UsageError(f"--quant int8 builds an INT8 engine; use --precision int8, not {precision}")
     precision = "int8" if qdq else precision
+    if merge == "plugin" and precision == "bf16" and version < AOT_VERSION:
+        raise UsageError(f"TensorRT {version[0]}.{version[1]} runs the TurboMerge plugin in Python (JIT), which cannot "
+                         "hand bf16 tensors to its kernel; use TensorRT 10.9+, --precision fp16 or --trt-merge native")
     network_flags = ("PREFER_AOT_PYTHON_PLUGINS",) if merge == "plugin" and version >= AOT_VERSION else ()
     if version >= STRONGLY_TYPED_ONLY:
         graph = "int8" if qdq else onnx_precision
