@@ -40,10 +40,6 @@ LARGE = [(2, 197, 12, 64, 16, True)] + ([] if INTERPRETED else [(64, 197, 12, 64
 CASES = [(shape, config) for shape in SMALL for config in CONFIGS] + [(shape, CONFIGS[0]) for shape in LARGE]
 
 
-def step(device: str) -> TritonTurboStep:
-    return TritonTurboStep(device_type=device)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, config", CASES, ids=lambda c: f"{c.method}-{c.fusion}" if isinstance(c, MergeConfig)
                          else "x".join(map(str, c[:5])))
@@ -54,7 +50,7 @@ def test_step_equals_the_ops(device, shape, config, dtype):
     batch, tokens, heads, dim, r, sized = shape
     x, size, query, keys = step_inputs(batch, tokens, heads, dim, 24, sized, seed=tokens + r)
     inputs = [None if t is None else t.to(device, dtype) for t in (x, size, query, keys)]
-    fused = step(device)
+    fused = TritonTurboStep(device_type=device)
     assert fused.accepts(inputs[0], config)
     merged, merged_size = fused(*inputs, r, config, dim ** -0.5)
     want, want_size = ops_step(*(None if t is None else t.float() for t in inputs), r, config, dim ** -0.5)
@@ -74,7 +70,7 @@ def test_registry_models_give_the_same_outputs_fused(device, model_name):
     with torch.inference_mode():
         want = module(feeds)
         for merge in steps:
-            merge.fused_step = step(device)
+            merge.fused_step = TritonTurboStep(device_type=device)
         with mock.patch.object(TritonTurboStep, "__call__", autospec=True,
                                side_effect=TritonTurboStep.__call__) as calls, \
                 mock.patch.object(TokenMerge, "forward", side_effect=AssertionError("the ops ran")):
