@@ -11,11 +11,11 @@ import argparse
 import time
 from dataclasses import replace
 
-from exporters.build import build_merged_model
-from exporters.decoder_validate import reference_ids
-from exporters.export import ExportOptions
-from exporters.validate import seeded_pixels
-from runtimes.caption import CaptionPipeline
+from turbo.export.decoder_validate import reference_ids
+from turbo.export.pipeline import ExportOptions
+from turbo.export.validate import seeded_pixels
+from turbo.models.build import build_merged_model
+from turbo.runtimes.caption import CaptionPipeline
 
 
 def main() -> None:

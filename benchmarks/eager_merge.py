@@ -16,9 +16,9 @@ import torch
 from merge_cost import overhead
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from exporters.build import build_plan
-from merging.matching import information_degree, select_merges
-from merging.merge import merge_tokens_eager, merge_tokens_graph, pack_indices
+from turbo.merging.matching import information_degree, select_merges
+from turbo.merging.merge import merge_tokens_eager, merge_tokens_graph, pack_indices
+from turbo.models.build import build_plan
 
 VIEW_OPS = {"view", "slice", "select", "unsqueeze", "squeeze", "transpose", "t", "permute", "expand", "narrow",
             "as_strided", "alias", "detach", "reshape", "_reshape_alias", "_unsafe_view"}

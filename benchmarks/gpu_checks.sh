@@ -47,11 +47,11 @@ step device 60 "$python" -c "import torch, triton, transformers; print(torch.__v
 transformers.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 step kernel-tests 200 "$python" -m pytest -q -m gpu tests/test_tensorrt.py tests/test_triton_turbo_step.py
 step kernel-timing 90 "$python" benchmarks/merge_kernel.py --batch 1,8,64 --dtype fp16
-step bench-vit 100 sh -c "$python -m turbo_cli bench --model vit-b16 --r 16 --runtime torch --device cuda \
+step bench-vit 100 sh -c "$python -m turbo bench --model vit-b16 --r 16 --runtime torch --device cuda \
 --precision fp16 --batch 1,8,64 --iters 50 --random-weights --json >'$out/bench-vit.json'"
-step bench-vit-ops 60 sh -c "$python -m turbo_cli bench --model vit-b16 --r 16 --runtime torch --device cuda \
+step bench-vit-ops 60 sh -c "$python -m turbo bench --model vit-b16 --r 16 --runtime torch --device cuda \
 --precision fp16 --batch 64 --iters 50 --torch-merge ops --random-weights --json >'$out/bench-vit-ops.json'"
-step bench-blip 110 sh -c "$python -m turbo_cli bench --model blip-caption --r 30 --runtime torch --device cuda \
+step bench-blip 110 sh -c "$python -m turbo bench --model blip-caption --r 30 --runtime torch --device cuda \
 --precision fp16 --batch 1,8,64 --iters 30 --no-caption --random-weights --json >'$out/bench-blip.json'"
 step eager-merge 40 "$python" benchmarks/eager_merge.py --device cuda --batch 1,64 --rounds 100
 step layer-cost 60 "$python" benchmarks/layer_merge_cost.py --model vit-b16 --r 16 --batch 64 --device cuda \

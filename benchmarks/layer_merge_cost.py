@@ -25,12 +25,12 @@ import torch
 from merge_cost import MergeFree, overhead
 from torch import nn
 
-from exporters.adapters import FamilyAdapter
-from exporters.build import build_merged_model, build_plan
-from exporters.onnx_export import ExportModule, fold_merge_ops, run_exporter
-from exporters.patch import TurboState, turbo_block
-from runtimes.onnxrt import OnnxRuntimeRunner
-from runtimes.torch_merge_kernel import install_merge_kernel
+from turbo.export.onnx_export import ExportModule, fold_merge_ops, run_exporter
+from turbo.kernels.torch_merge_kernel import install_merge_kernel
+from turbo.models.adapters import FamilyAdapter
+from turbo.models.build import build_merged_model, build_plan
+from turbo.models.patch import TurboState, turbo_block
+from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

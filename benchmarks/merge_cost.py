@@ -33,11 +33,11 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from exporters.build import build_merged_model, build_plan
-from exporters.export import ExportOptions, run_export
-from exporters.onnx_export import ExportModule
-from merging.module import TokenMerge
-from runtimes.onnxrt import OnnxRuntimeRunner
+from turbo.export.onnx_export import ExportModule
+from turbo.export.pipeline import ExportOptions, run_export
+from turbo.merging.module import TokenMerge
+from turbo.models.build import build_merged_model, build_plan
+from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
 LAYER = re.compile(r"\.layers\.(\d+)$")
 
@@ -57,7 +57,7 @@ class MergeFree(TokenMerge):
 
 def merge_free() -> mock._patch:
     """While active, patched models get MergeFree blocks in place of TokenMerge."""
-    return mock.patch("exporters.patch.TokenMerge", MergeFree)
+    return mock.patch("turbo.models.patch.TokenMerge", MergeFree)
 
 
 def overhead(merged: Callable[[], None], free: Callable[[], None], rounds: int) -> tuple[float, float, float]:

@@ -12,9 +12,9 @@ import statistics
 
 import torch
 
-from exporters.tensorrt.merge_kernel import turbo_merge
-from merging.matching import MergeConfig, information_degree, select_merges
-from merging.merge import merge_tokens, pack_indices
+from turbo.kernels.triton_merge import turbo_merge
+from turbo.merging.matching import MergeConfig, information_degree, select_merges
+from turbo.merging.merge import merge_tokens, pack_indices
 
 SHAPES = {"vit-b16 r16 (layer 1)": (197, 768, 16), "blip-base r30 (layer 1)": (577, 768, 30)}
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.export import MODEL_FILE, ExportOptions, run_export
-from runtimes.onnxrt import OnnxRuntimeRunner
+from turbo.export.pipeline import MODEL_FILE, ExportOptions, run_export
+from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from runtimes.onnxrt import OnnxRuntimeRunner
+from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
 
 def main() -> None:

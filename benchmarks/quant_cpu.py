@@ -14,9 +14,9 @@ import statistics
 import time
 from pathlib import Path
 
-from exporters.export import ExportOptions, run_export
-from exporters.validate import seeded_pixels
-from runtimes.onnxrt import OnnxRuntimeRunner
+from turbo.export.pipeline import ExportOptions, run_export
+from turbo.export.validate import seeded_pixels
+from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
 
 def main() -> None:

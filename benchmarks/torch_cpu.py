@@ -5,7 +5,7 @@
 
 Random weights (speed does not depend on them when r is fixed). Prints a Markdown table row per r
 (and per --merge form of the Turbo step: PyTorch ops, or the fused CPU step of
-runtimes/torch_merge_kernel.py) with the median latency, the measured speedup vs r=0, the plan's
+turbo/kernels/torch_merge_kernel.py) with the median latency, the measured speedup vs r=0, the plan's
 FLOPs bound and their ratio; every variant runs in the same interleaved rounds.
 """
 
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from exporters.build import build_merged_model, build_plan
-from runtimes.torch_merge_kernel import install_merge_kernel
+from turbo.kernels.torch_merge_kernel import install_merge_kernel
+from turbo.models.build import build_merged_model, build_plan
 
 
 def encoder(model: torch.nn.Module) -> torch.nn.Module:

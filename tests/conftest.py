@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from exporters.build import BuiltPlan, build_merged_model, build_plan
-from exporters.export import ExportOptions, ExportResult, run_export
-from exporters.loading import load_model, resolve_source
-from exporters.registry import list_models
+from turbo.export.pipeline import ExportOptions, ExportResult, run_export
+from turbo.models.build import BuiltPlan, build_merged_model, build_plan
+from turbo.models.loading import load_model, resolve_source
+from turbo.models.registry import list_models
 
 
 def tiny_plan(name: str, r: int | None = 4, **kwargs) -> BuiltPlan:
@@ -58,7 +58,7 @@ def model_name(request) -> str:
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked gpu need CUDA; tests marked tensorrt need TensorRT and CUDA: skipped, with why."""
-    from runtimes.availability import cuda_reason, tensorrt_reason
+    from turbo.runtimes.availability import cuda_reason, tensorrt_reason
 
     reasons = {"gpu": cuda_reason(), "tensorrt": tensorrt_reason()}
     for item in items:

@@ -1,1 +1,0 @@
-"""Calibration data sources, GPTQ and INT8 calibration readers (issue 5)."""

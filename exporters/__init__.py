@@ -1,1 +1,0 @@
-"""Model registry, per-family adapters that patch transformers 5.x modules, and exporters."""

@@ -1,0 +1,131 @@
+"""Every registered model (tiny variant): exactness at r=0, the plan honoured, batching,
+kernels, duplicate tokens, and proof that the patch applied."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.conftest import encoder_output, pixels, tiny_pair
+from turbo.core.errors import PatchError
+from turbo.merging.matching import MergeConfig
+from turbo.merging.plan import make_plan
+from turbo.models.adapters import BlockParts
+from turbo.models.patch import TurboState, apply_turbo, is_patched, turbo_block
+
+
+def test_r0_equals_upstream_bit_for_bit(model_name):
+    merged, state, reference, _ = tiny_pair(model_name, r=0)
+    x = pixels(model_name, batch=3)
+    assert torch.equal(encoder_output(merged, x), encoder_output(reference, x))
+    assert sum(is_patched(m) for m in merged.modules()) == len(state.token_counts)
+
+
+def test_turbo_block_without_merging_equals_upstream_block(model_name):
+    """The re-implemented block (proportional attention with all sizes 1) is the upstream block."""
+    merged, _, _, built = tiny_pair(model_name, r=0)
+    layer = built.source.adapter.encoder_layers(merged)[1]
+    hidden = torch.randn(2, built.plan.tokens_in, built.source.adapter.vision_config(built.source.config).hidden_size)
+    state = TurboState(size=torch.ones(2, built.plan.tokens_in, 1))
+    with torch.no_grad():
+        ours = turbo_block(layer, built.source.adapter, hidden, state)
+        upstream = type(layer).__mro__[1].forward(layer, hidden)
+    torch.testing.assert_close(ours, upstream, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["turbo", "tome", "semantic"])
+def test_token_counts_follow_the_plan_and_sizes_sum(model_name, method):
+    merged, state, _, built = tiny_pair(model_name, r=None, schedule="6,4,4,2", method=method)
+    out = encoder_output(merged, pixels(model_name))
+    plan = built.plan
+    assert plan.final_tokens == plan.tokens_in - 16
+    assert state.token_counts == [(layer.tokens_in, layer.tokens_out) for layer in plan.layers]
+    assert torch.all(state.size.sum(dim=(1, 2)) == plan.tokens_in)
+    if hasattr(merged, "vision_model"):
+        assert out.shape[1] == plan.final_tokens
+
+
+def test_batch_items_equal_single_runs(model_name):
+    merged, _, _, _ = tiny_pair(model_name, r=4)
+    x = pixels(model_name, batch=3, seed=1)
+    batched = encoder_output(merged, x)
+    for i in range(3):
+        torch.testing.assert_close(batched[i : i + 1], encoder_output(merged, x[i : i + 1]), rtol=1e-5, atol=1e-5)
+
+
+def test_scatter_and_matmul_models_agree(model_name):
+    matmul, _, _, _ = tiny_pair(model_name, r=4, kernel="matmul")
+    scatter, _, _, _ = tiny_pair(model_name, r=4, kernel="scatter")
+    x = pixels(model_name, seed=2)
+    torch.testing.assert_close(encoder_output(matmul, x), encoder_output(scatter, x), rtol=1e-5, atol=1e-5)
+
+
+def test_merging_changes_the_output(model_name):
+    """Guards the tests above against a patch that silently does nothing."""
+    merged, _, reference, _ = tiny_pair(model_name, r=4)
+    x = pixels(model_name, seed=3)
+    ours, theirs = encoder_output(merged, x), encoder_output(reference, x)
+    assert ours.shape != theirs.shape or not torch.allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "scatter"])
+def test_duplicate_tokens_merge_without_changing_cls(model_name, kernel):
+    """Tokens that are exact copies, merged with proportional attention, leave CLS unchanged."""
+    merged, _, reference, built = tiny_pair(model_name, r=None, schedule="6,0,0,0", method="tome", kernel=kernel)
+    copies = list(range(built.plan.tokens_in))
+    for a_side in range(2, 14, 2):  # 6 A-side tokens copy their B-side neighbour
+        copies[a_side] = a_side - 1
+
+    def duplicate(_module, _inputs, output):
+        return output[:, copies]
+
+    outputs = []
+    for model in (merged, reference):
+        embeddings = model.vision_model.embeddings if hasattr(model, "vision_model") else model.vit.embeddings
+        handle = embeddings.register_forward_hook(duplicate)
+        out = encoder_output(model, pixels(model_name, seed=4))
+        handle.remove()
+        outputs.append(out if out.dim() == 2 else out[:, 0])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_patch_refuses_a_plan_for_another_depth(model_name):
+    _, _, reference, built = tiny_pair(model_name, r=2)
+    arch = built.source.adapter.arch_spec(built.source.config)
+    deeper = make_plan(replace(arch, num_layers=arch.num_layers + 1), 2)
+    with pytest.raises(PatchError, match="5 layers"):
+        apply_turbo(reference, built.source.adapter, deeper, MergeConfig())
+
+
+def test_patch_refuses_unknown_block_classes(model_name):
+    _, _, reference, built = tiny_pair(model_name, r=2)
+    layers = built.source.adapter.encoder_layers(reference)
+    layers[2] = torch.nn.Identity()
+    with pytest.raises(PatchError, match="encoder block 2 is Identity"):
+        apply_turbo(reference, built.source.adapter, built.plan, MergeConfig())
+
+
+def test_block_parts_are_the_models_own_modules(model_name):
+    merged, _, _, built = tiny_pair(model_name, r=2)
+    layer = built.source.adapter.encoder_layers(merged)[0]
+    parts: BlockParts = built.source.adapter.block_parts(layer)
+    owned = {id(m) for m in layer.modules()}
+    assert {id(parts.norm1), id(parts.norm2), id(parts.mlp), id(parts.out_proj)} <= owned
+    assert parts.norm1 is not parts.norm2
+
+
+def test_blip_generate_cross_attends_to_the_planned_tokens():
+    merged, _, _, built = tiny_pair("blip-caption", r=4)
+    seen = []
+    cross_key = merged.text_decoder.bert.encoder.layer[0].crossattention.self.key
+    cross_key.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[1]))
+    with torch.no_grad():
+        ids = merged.generate(pixel_values=pixels("blip-caption"), max_new_tokens=4, num_beams=2)
+    assert ids.shape[0] == 2 and ids.shape[1] > 1
+    assert seen and set(seen) == {built.plan.final_tokens} and built.plan.final_tokens < built.plan.tokens_in
+
+
+def test_blip_random_weights_give_distinct_tokens():
+    merged, _, _, _ = tiny_pair("blip-caption", r=0)
+    embeds = encoder_output(merged, pixels("blip-caption"))
+    assert embeds[0].std(dim=0).mean() > 1e-3  # with BLIP's default 1e-10 init every token is the same

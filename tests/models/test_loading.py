@@ -1,0 +1,76 @@
+"""Resolving and loading models: local directories, clear errors, no silent random weights."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import encoder_output, pixels
+from turbo.core.errors import ModelLoadError, UsageError
+from turbo.models.loading import load_model, resolve_source
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-vit")
+    model = load_model(resolve_source("vit-b16", tiny=True), random_weights=True, seed=7)
+    model.save_pretrained(path)
+    return path, model
+
+
+def test_local_directory_loads_its_own_weights(tiny_vit_dir):
+    path, saved = tiny_vit_dir
+    source = resolve_source(str(path))
+    assert source.architecture == "ViTForImageClassification" and source.spec is None
+    loaded = load_model(source)
+    x = pixels("vit-b16")
+    assert torch.equal(encoder_output(loaded, x), encoder_output(saved, x))
+
+
+def test_missing_weights_never_fall_back_to_random(tmp_path):
+    resolve_source("vit-b16", tiny=True).config.save_pretrained(tmp_path)  # config only
+    with pytest.raises(ModelLoadError, match="--random-weights") as err:
+        load_model(resolve_source(str(tmp_path)))
+    assert "HF_HOME" in str(err.value)
+
+
+def test_registry_weights_missing_offline_name_random_weights():
+    with pytest.raises(ModelLoadError, match="hf download google/vit-base-patch16-224.*--random-weights"):
+        load_model(resolve_source("vit-b16", tiny=True))
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(UsageError, match="BertModel is not supported; supported: BlipForConditionalGeneration"):
+        resolve_source(str(tmp_path))
+
+
+def test_unreadable_model_directory(tmp_path):
+    with pytest.raises(UsageError, match="cannot read config.json"):
+        resolve_source(str(tmp_path))
+
+
+def test_unknown_name_lists_the_registry():
+    with pytest.raises(UsageError, match="unknown model 'vit-b17'; use one of vit-b16"):
+        resolve_source("vit-b17")
+
+
+def test_uncached_hub_id_fails_fast_with_a_hint():
+    with pytest.raises(ModelLoadError, match="cannot get its config.*registry names work offline"):
+        resolve_source("nobody/no-such-model")
+
+
+def test_local_vit_model_directory_is_patched_and_merges(tmp_path):
+    import transformers
+
+    from turbo.models.build import build_merged_model, build_plan
+
+    config = resolve_source("vit-b16", tiny=True).config
+    transformers.ViTModel(config).save_pretrained(tmp_path)
+    built = build_plan(str(tmp_path), r=4)
+    assert built.source.architecture == "ViTModel"
+    model, state = build_merged_model(built)
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels("vit-b16")).last_hidden_state
+    assert hidden.shape[1] == built.plan.final_tokens == 21
+    assert state.token_counts == [(layer.tokens_in, layer.tokens_out) for layer in built.plan.layers]

@@ -1,0 +1,3 @@
+from turbo.cli.app import main
+
+main()

@@ -1,0 +1,262 @@
+"""The `turbo` command line. Commands parse, call and present; heavy imports stay inside them."""
+
+import typer
+
+from turbo import __version__
+from turbo.cli.output import user_errors
+
+app = typer.Typer(
+    help="Turbo token merging for ViT and BLIP: plan, export and profile merged models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"turbo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Exit codes: 0 ok, 1 error, 2 usage, 3 validation failed, 4 missing GPU or TensorRT."""
+
+
+@app.command("models")
+@user_errors
+def models_command(
+    json_output: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
+) -> None:
+    """List the model registry: name, HF id, image size, tokens, layers, default r and alpha."""
+    from turbo.cli.commands.models import run_models
+
+    run_models(json_output)
+
+
+@app.command("plan")
+@user_errors
+def plan_command(
+    model: str = typer.Option("blip-caption", "--model", "-m", help="Registry name, HF id or local model directory."),
+    r: int | None = typer.Option(None, "--r", help="Tokens merged per layer (default: the model's)."),
+    method: str = typer.Option("turbo", "--method", help="turbo | tome | semantic | none."),
+    alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
+    schedule: str = typer.Option("constant", "--schedule", help="constant | decreasing | per-layer list like 8,8,4,4."),
+    threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
+) -> None:
+    """Per-layer tokens and FLOPs, final tokens and the FLOPs speedup bound. Needs no weights."""
+    from turbo.cli.commands.plan import run_plan
+
+    run_plan(model, r, method, alpha, schedule, threshold, json_output)
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    output: str = typer.Option(..., "--output", "-o", help="Output directory (refused if not empty, unless --force)."),
+    model: str = typer.Option("blip-caption", "--model", "-m", help="Registry name, HF id or local model directory."),
+    r: str | None = typer.Option(None, "--r", help="Tokens merged per layer (default: the model's), or 'auto'."),
+    data: str | None = typer.Option(None, "--data", help="--r auto: images to evaluate on (see turbo eval)."),
+    max_drop: float | None = typer.Option(None, "--max-drop", help="--r auto: the largest drop allowed."),
+    metric: str = typer.Option("fidelity", "--metric", help="--r auto: accuracy | fidelity."),
+    method: str = typer.Option("turbo", "--method", help="turbo | tome | semantic | none."),
+    alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
+    threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
+    schedule: str = typer.Option("constant", "--schedule", help="constant | decreasing | per-layer list like 8,8,4,4."),
+    merge_kernel: str = typer.Option("matmul", "--merge-kernel", help="matmul (no scatter ops) | scatter."),
+    merge_op: str = typer.Option(
+        "function", "--merge-op", help="function: one turbo::TurboMerge node per layer (a local function) | inline."),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset, 18..23 (default 20; 21 with --quant)."),
+    batch: str = typer.Option("dynamic", "--batch", help="Static batch size, or 'dynamic' for a dynamic batch axis."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Input resolution (default: the model's)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 (half-precision graph for GPU runtimes); "
+                                  "with --trt the engine's: fp32 | fp16 | bf16 | int8 (int8 needs --quant int8)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random weights from the config (speed work)."),
+    tiny: bool = typer.Option(False, "--tiny", help="The registry model's 4-layer tiny variant (CI smoke checks)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Compare ONNX Runtime with PyTorch."),
+    decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="BLIP: also export the text decoder "
+                                 "(--no-decoder: the vision encoder only)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the manifest (turbo.json) on stdout."),
+    quant: str | None = typer.Option(None, "--quant", help="Weight-only quantization of the encoder Linears: "
+                                     "gptq-int4 | gptq-int8 | rtn-int4 (needs --calib)."),
+    group_size: int = typer.Option(128, "--group-size", help="--quant: input columns per weight scale."),
+    act_order: bool = typer.Option(False, "--act-order", help="--quant gptq-*: columns by decreasing Hessian "
+                                   "diagonal (static groups)."),
+    calib: str | None = typer.Option(None, "--calib", help="--quant: calibration images (folder, searched "
+                                     "recursively, or HF datasets directory), or a COCO-format captions .json "
+                                     "(BLIP's decoder calibrates on its captions); 'synthetic' for smoke tests only."),
+    calib_images: str | None = typer.Option(None, "--calib-images", help="--calib FILE.json: its image root "
+                                            "(default: the file's folder)."),
+    calib_size: int = typer.Option(128, "--calib-size", help="--quant: calibration images used."),
+    quant_heads: bool = typer.Option(False, "--quant-heads", help="--quant gptq-*/rtn-*: also the ViT classifier "
+                                     "and BLIP's LM head (left fp32 by default, as the patch embedding always is)."),
+    calib_seed: int = typer.Option(0, "--calib-seed", help="--quant: seed of the calibration sample."),
+    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (model.plan) from the validated "
+                             "ONNX and validate it against ONNX Runtime (needs TensorRT and an NVIDIA GPU)."),
+    trt_merge: str = typer.Option("plugin", "--trt-merge", help="--trt: plugin (turbo::TurboMerge, Triton kernel) "
+                                  "| native (the merge as TensorRT layers)."),
+    workspace: float = typer.Option(4.0, "--workspace", help="--trt: builder workspace limit in GB."),
+    min_batch: int | None = typer.Option(None, "--min-batch", help="--trt: profile minimum batch (default 1)."),
+    opt_batch: int | None = typer.Option(None, "--opt-batch", help="--trt: batch the engine is tuned for (default 8)."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="--trt: profile maximum batch (default 64)."),
+) -> None:
+    """Export the merged model to validated, static-shape ONNX with a turbo.json manifest.
+
+    Exit code 3 when validation fails (the directory is still written, its manifest says failed);
+    4 when --trt is asked for where TensorRT or a GPU is missing (the validated ONNX is still written).
+    """
+    from turbo.cli.commands.export import choose_r, parse_batch, run_export_command
+    from turbo.core.errors import UsageError
+    from turbo.export.pipeline import ExportOptions
+    from turbo.export.tensorrt.stage import TrtOptions
+
+    trt_options = (TrtOptions(precision, workspace, min_batch, opt_batch, max_batch, trt_merge, validate)
+                   if trt else None)
+    if not trt and (min_batch, opt_batch, max_batch) != (None, None, None):
+        raise UsageError("--min-batch, --opt-batch and --max-batch belong to --trt")
+    chosen, r_auto = choose_r(r, model, data, max_drop, metric, method, alpha, threshold, tiny, random_weights)
+    options = ExportOptions(model=model, r=chosen, method=method, alpha=alpha, threshold=threshold, schedule=schedule,
+                            kernel=merge_kernel, opset=opset or (21 if quant else 20), batch=parse_batch(batch),
+                            image_size=image_size, random_weights=random_weights, trt=trt_options,
+                            precision=trt_options.onnx_precision() if trt_options else precision,
+                            validate=validate, tiny=tiny, r_auto=r_auto, merge_op=merge_op, quant=quant,
+                            group_size=group_size, act_order=act_order, calib=calib, calib_size=calib_size,
+                            calib_seed=calib_seed, calib_images=calib_images, quant_heads=quant_heads,
+                            decoder=decoder)
+    run_export_command(options, output, force, json_output)
+
+
+@app.command("bench")
+@user_errors
+def bench_command(
+    dirs: list[str] | None = typer.Argument(None, help="Exported directories to bench (ONNX Runtime)."),
+    model: str = typer.Option("blip-caption", "--model", "-m", help="Registry name, HF id or local model directory."),
+    r: str | None = typer.Option(None, "--r", help="Comma-separated r values; 0 is always added (default: 0,model's)."),
+    runtime: str = typer.Option("all", "--runtime", help="torch | ort | trt | all (comma-separated works too)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
+    batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes, e.g. 1,8,64."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 (bf16: torch only)."),
+    warmup: float = typer.Option(1.0, "--warmup", help="Warm-up seconds per model before timing."),
+    iters: int | None = typer.Option(None, "--iters", help="Timed rounds (default 20 unless --duration)."),
+    duration: float | None = typer.Option(None, "--duration", help="Time for this many seconds instead of --iters."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random weights from the config."),
+    include_transfers: bool = typer.Option(False, "--include-transfers", help="Time host-to-device input copies."),
+    caption: bool = typer.Option(True, "--caption/--no-caption", help="BLIP: also time greedy caption generation."),
+    caption_tokens: int = typer.Option(20, "--caption-tokens", help="Fixed caption length for the caption workload."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch and ORT (default: all)."),
+    ort_merge: str = typer.Option("auto", "--ort-merge",
+                                  help="ORT CPU: fused (one C kernel per merge) | graph (its ONNX function) | auto."),
+    torch_merge: str = typer.Option("auto", "--torch-merge",
+                                    help="PyTorch: fused (C kernel on CPU fp32, Triton on CUDA) | ops | auto."),
+    baseline: str | None = typer.Option(None, "--baseline", help="r=0 export to compare DIRs against."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report on stdout (docs/bench.schema.json)."),
+    plot: str | None = typer.Option(None, "--plot", help="Write speedup and efficiency vs r to this PNG."),
+) -> None:
+    """Latency, throughput, speedup vs r=0, FLOPs bound and efficiency, merged and baseline interleaved.
+
+    Exit code 4 when none of the requested runtimes can run here.
+    """
+    from pathlib import Path
+
+    from turbo.cli.commands.bench import parse_ints, parse_runtimes, run_bench_command
+    from turbo.tools.bench import BenchOptions
+
+    options = BenchOptions(
+        model=model, rs=parse_ints(r, "--r") if r else None,
+        runtimes=("ort",) if dirs and runtime == "all" else parse_runtimes(runtime), device=device,
+        batches=tuple(parse_ints(batch, "--batch")), precision=precision, warmup_s=warmup,
+        iters=iters if iters is not None or duration is not None else 20, duration_s=duration,
+        random_weights=random_weights, include_transfers=include_transfers, caption=caption,
+        caption_tokens=caption_tokens, threads=threads, ort_merge=ort_merge, torch_merge=torch_merge,
+        export_dirs=[Path(d) for d in dirs or []],
+        baseline_dir=Path(baseline) if baseline else None,
+    )
+    run_bench_command(options, json_output, plot)
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    directory: str | None = typer.Argument(None, help="An export directory (run on ONNX Runtime), not --model."),
+    data: str = typer.Option(..., "--data", help="Image folder: class folders (labels) or loose images."),
+    model: str = typer.Option("vit-b16", "--model", "-m", help="Registry name, HF id or local model directory."),
+    r: str | None = typer.Option(None, "--r", help="Comma-separated r values, or 'auto' with --max-drop."),
+    max_drop: float | None = typer.Option(None, "--max-drop", help="--r auto: the largest drop allowed."),
+    metric: str = typer.Option("fidelity", "--metric", help="What --r auto bounds: accuracy | fidelity."),
+    labels: str | None = typer.Option(None, "--labels", help="Class folder names in label order, one per line."),
+    captions: str | None = typer.Option(None, "--captions", help="BLIP: COCO-format caption annotations JSON."),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate the first N images only."),
+    batch: int = typer.Option(16, "--batch", help="Images per forward."),
+    beams: int = typer.Option(1, "--beams", help="BLIP: beam search width (1 = greedy)."),
+    max_tokens: int = typer.Option(20, "--max-tokens", help="BLIP: caption length limit."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random weights (pipeline checks only)."),
+    tiny: bool = typer.Option(False, "--tiny", help="The registry model's tiny variant (tests)."),
+    threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report on stdout."),
+) -> None:
+    """Task metrics and fidelity of merged models vs r=0 on the same images; --r auto picks r."""
+    from pathlib import Path
+
+    from turbo.cli.commands.bench import parse_ints
+    from turbo.cli.commands.eval import run_eval_command
+    from turbo.core.errors import UsageError
+    from turbo.tools.eval import EvalOptions
+
+    if (r == "auto") != (max_drop is not None):
+        raise UsageError("--r auto and --max-drop go together")
+    options = EvalOptions(
+        model=model, data=Path(data), rs=None if r in (None, "auto") else parse_ints(r, "--r"), max_drop=max_drop,
+        metric=metric, labels_file=Path(labels) if labels else None, captions=Path(captions) if captions else None,
+        limit=limit, batch=batch, beams=beams, max_tokens=max_tokens, random_weights=random_weights, tiny=tiny,
+        threshold=threshold, export_dir=Path(directory) if directory else None,
+    )
+    run_eval_command(options, json_output)
+
+
+@app.command("caption")
+@user_errors
+def caption_command(
+    directory: str = typer.Argument(..., help="A BLIP `turbo export` output directory."),
+    images: list[str] = typer.Argument(..., help="Image files to caption."),
+    beams: int | None = typer.Option(None, "--beams", help="Beam search width (1: greedy; BLIP's COCO setting is 3). "
+                                     "Default: the export's generation_config.json (greedy)."),
+    max_length: int | None = typer.Option(None, "--max-length", help="At most this many tokens after the prompt "
+                                          "(default 20)."),
+    min_length: int | None = typer.Option(None, "--min-length", help="At least this many tokens after the prompt."),
+    prompt: str = typer.Option("a picture of", "--prompt", help="Text the caption continues ('' for none)."),
+    batch: int = typer.Option(8, "--batch", help="Images per encoder/decoder run."),
+    json_output: bool = typer.Option(False, "--json", help="Print captions, token ids and settings as JSON."),
+) -> None:
+    """Caption images with an export's vision encoder and text decoder on ONNX Runtime (one line each)."""
+    from turbo.cli.commands.caption import run_caption_command
+
+    run_caption_command(directory, images, beams, max_length, min_length, prompt, batch, json_output)
+
+
+@app.command("check")
+@user_errors
+def check_command(
+    directory: str = typer.Argument(..., help="A `turbo export` output directory."),
+    max_diff: float | None = typer.Option(None, "--max-diff", help="Gate: ORT vs PyTorch max abs diff at most D."),
+    min_agreement: float | None = typer.Option(
+        None, "--min-agreement", help="Gate: fidelity to the unmerged model (ViT top-1, BLIP mean-token cosine)."),
+    min_speedup: float | None = typer.Option(None, "--min-speedup", help="Gate: ORT CPU speedup vs r=0 at least S."),
+    iters: int = typer.Option(10, "--iters", help="Timed rounds for --min-speedup."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report on stdout."),
+) -> None:
+    """CI gate for an export: manifest vs graph vs plan, onnx.checker, TensorRT lint, re-validation.
+
+    Exit code 3 when any check fails.
+    """
+    from turbo.cli.commands.check import run_check_command
+
+    run_check_command(directory, max_diff, min_agreement, min_speedup, iters, json_output)
+
+
+def main() -> None:
+    app(prog_name="turbo")

@@ -1,0 +1,110 @@
+"""`turbo bench`: a table per runtime and workload, JSON on stdout, an optional PNG plot."""
+
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from turbo.cli.output import print_json, stderr
+
+
+def parse_ints(text: str, option: str) -> list[int]:
+    from turbo.core.errors import UsageError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise UsageError(f"{option} takes comma-separated non-negative integers, e.g. 0,8,16; got {text!r}")
+    return values
+
+
+def parse_runtimes(text: str) -> tuple[str, ...]:
+    from turbo.runtimes.availability import RUNTIMES
+
+    return RUNTIMES if text == "all" else tuple(v.strip() for v in text.split(","))
+
+
+def _check_plot_dependency(plot: str | None) -> None:
+    import importlib.util
+
+    from turbo.core.errors import TurboError
+
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise TurboError("--plot needs matplotlib: pip install -e '.[plot]'")
+
+
+def _table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("batch", "r", "tokens", "median ms", "p90 ms", "p99 ms", "CV", "img/s", "speedup", "FLOPs bound",
+                   "efficiency", "memory MB"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        latency, memory = row["latency"], row["memory"]["peak_mb"]
+        table.add_row(
+            str(row["batch"]), str(row["r"]), str(row["final_tokens"]), f"{latency['median_ms']:.2f}",
+            f"{latency['p90_ms']:.2f}", f"{latency['p99_ms']:.2f}",
+            f"[yellow]{latency['cv']:.1%}[/]" if row["noisy"] else f"{latency['cv']:.1%}",
+            f"{latency['throughput']:.1f}", f"{row['speedup']:.2f}x",
+            f"{row['flops_bound']:.2f}x" if row["flops_bound"] else "—",
+            f"{row['efficiency']:.2f}" if row["efficiency"] else "—", "—" if memory is None else f"{memory:.1f}",
+        )
+    return table
+
+
+def plot_report(report: dict, path: str) -> None:
+    """Speedup and efficiency vs r, one line per (runtime, workload, batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (speed_axis, efficiency_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    series: dict[tuple, list[dict]] = {}
+    for row in report["results"]:
+        series.setdefault((row["runtime"], row["workload"], row["batch"]), []).append(row)
+    for (runtime, workload, batch), rows in series.items():
+        rows = sorted(rows, key=lambda row: row["r"])
+        label = f"{runtime} {workload} b{batch}"
+        speed_axis.plot([row["r"] for row in rows], [row["speedup"] for row in rows], marker="o", label=label)
+        with_bound = [row for row in rows if row["efficiency"] is not None]
+        if with_bound:
+            efficiency_axis.plot([row["r"] for row in with_bound], [row["efficiency"] for row in with_bound],
+                                 marker="o", label=label)
+    speed_axis.set(xlabel="r (tokens merged per layer)", ylabel="speedup vs r=0", title=report["model"])
+    efficiency_axis.set(xlabel="r (tokens merged per layer)", ylabel="speedup / FLOPs bound", ylim=(0, 1.2),
+                        title="efficiency")
+    for axis in (speed_axis, efficiency_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_bench_command(options, json_output: bool, plot: str | None) -> None:
+    from turbo.tools.bench import run_bench
+
+    _check_plot_dependency(plot)
+    report = run_bench(options, lambda message: stderr.print(f"[dim]{message}[/]", highlight=False))
+    groups: dict[tuple, list[dict]] = {}
+    for row in report["results"]:
+        groups.setdefault((row["runtime"], row["workload"]), []).append(row)
+    for (runtime, workload), rows in groups.items():
+        runner = rows[0]["runner"]
+        title = (f"{report['model']} · {runtime} {workload} · {report['config']['device']} "
+                 f"{report['config']['precision']} · {runner.get('threads', '?')} threads")
+        stderr.print(_table(rows, title))
+    for skipped in report["skipped"]:
+        stderr.print(f"[yellow]skipped[/] {skipped['runtime']} ({skipped['workload']}): {escape(skipped['reason'])}",
+                     highlight=False)
+    noisy = [row for row in report["results"] if row["noisy"]]
+    if noisy:
+        stderr.print(f"[yellow]warning:[/] {len(noisy)} runs vary by more than 5% (CV); close other work, "
+                     "raise --iters or --duration, and read their speedups with care", highlight=False)
+    if plot:
+        plot_report(report, plot)
+        stderr.print(f"wrote {Path(plot)}", highlight=False)
+    if json_output:
+        print_json(report)

@@ -1,0 +1,141 @@
+"""`turbo export`: stages with progress on stderr, the validation table, the manifest as JSON."""
+
+import contextlib
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+
+from rich.markup import escape
+from rich.table import Table
+
+from turbo.cli.output import fail, print_json, stderr
+
+
+def parse_batch(text: str) -> int | None:
+    """'dynamic' -> None (dynamic batch axis); a positive integer -> a static batch."""
+    from turbo.core.errors import UsageError
+
+    if text == "dynamic":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"--batch takes a positive integer or 'dynamic', not {text!r}")
+    return int(text)
+
+
+def choose_r(r: str | None, model: str, data: str | None, max_drop: float | None, metric: str, method: str,
+             alpha: float | None, threshold: int | None, tiny: bool,
+             random_weights: bool) -> tuple[int | None, dict | None]:
+    """`--r N` as given, or `--r auto`: the eval search's choice and its curve (for the manifest)."""
+    from pathlib import Path
+
+    from turbo.core.errors import UsageError
+
+    if r != "auto":
+        if data is not None or max_drop is not None:
+            raise UsageError("--data and --max-drop belong to --r auto")
+        if r is not None and not r.isdigit():
+            raise UsageError(f"--r takes a non-negative integer or 'auto', not {r!r}")
+        return (None if r is None else int(r)), None
+    if data is None or max_drop is None:
+        raise UsageError("--r auto needs --data IMAGES and --max-drop X")
+    from turbo.tools.eval import EvalOptions, run_eval
+
+    report = run_eval(EvalOptions(model=model, data=Path(data), max_drop=max_drop, metric=metric, method=method,
+                                  alpha=alpha, threshold=threshold, tiny=tiny, random_weights=random_weights),
+                      lambda message: stderr.print(f"[dim]{escape(message)}[/]", highlight=False))
+    auto = {**report["auto"], "data": report["data"], "samples": report["samples"]}
+    stderr.print(f"--r auto chose r={auto['chosen_r']} ({metric} drop ≤ {max_drop:g} on {auto['samples']} images)",
+                 highlight=False)
+    return auto["chosen_r"], auto
+
+
+@contextlib.contextmanager
+def _stage(name: str) -> Iterator[None]:
+    begin = time.perf_counter()
+    with stderr.status(f"[bold]{name}[/] …"):
+        yield
+    stderr.print(f"[green]✓[/] {name} ({time.perf_counter() - begin:.1f} s)", highlight=False)
+
+
+def _validation_table(validation: dict) -> Table:
+    table = Table(title=f"validation: {validation['candidate']} vs {validation['reference']}")
+    for column in ("run", "check", "batch", "shape", "max abs diff", "atol", "result"):
+        table.add_column(column, justify="right" if column in ("batch", "max abs diff", "atol") else "left")
+
+    def verdict(passed: bool) -> str:
+        return "[green]PASSED[/]" if passed else "[bold red]FAILED[/]"
+
+    for check in validation["outputs"]:
+        shape = "×".join(map(str, check["actual_shape"]))
+        if check["actual_shape"] != check["expected_shape"]:
+            shape += f" (expected {'×'.join(map(str, check['expected_shape']))})"
+        name = check["name"]
+        if check["flipped_samples"]:
+            name += f" ({check['flipped_samples']} flipped: {check['flipped_max_abs_diff']:.1e}, not gated)"
+        table.add_row(check["run"], name, str(check["batch"]), shape, f"{check['max_abs_diff']:.2e}",
+                      f"{check['atol']:.0e}", verdict(check["passed"]))
+    for check in validation["merge_decisions"]:
+        gate = "0" if check["gated"] else "not gated"
+        table.add_row(check["run"], "merge decisions", str(check["batch"]), "",
+                      f"{check['tokens_differing']} of {check['tokens']} sizes differ", gate, verdict(check["passed"]))
+    for check in validation.get("captions", []):
+        gate = "0" if check["gated"] else "not gated"
+        table.add_row(check["run"], "caption tokens", str(check["batch"]), "",
+                      f"{check['sequences_differing']} of {check['batch']} captions differ", gate,
+                      verdict(check["passed"]))
+    for check in validation.get("quality", []):
+        gate = f"≥ {check['minimum']:g}" if check["gated"] else "not gated (random weights)"
+        table.add_row("quantized vs fp32", check["name"], "", "", f"{check['value']:.4f}", gate,
+                      verdict(check["passed"]))
+    table.add_row("", "output names", "", "", "", "", verdict(validation["names_match"]))
+    table.add_row("", "onnx.checker (full)", "", "", "", "", verdict(validation["onnx_checker"] == "passed"))
+    table.add_row("", "graph vs plan", "", "", "", "", verdict(not validation["graph_problems"]))
+    return table
+
+
+def run_export_command(options, output: str, force: bool, json_output: bool) -> None:
+    from turbo.core.errors import EXIT_MISSING_RUNTIME, EXIT_VALIDATION
+    from turbo.export.pipeline import run_export
+
+    result = run_export(options, output, force, _stage, shlex.join(["turbo", *sys.argv[1:]]))
+    manifest = result.manifest
+    for warning in result.warnings:
+        stderr.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    validation = manifest["validation"]
+    if not validation.get("skipped"):
+        stderr.print(_validation_table(validation))
+        for problem in [validation["onnx_checker"], validation["runtime_error"], *validation["graph_problems"]]:
+            if problem and problem != "passed":
+                stderr.print(f"[red]•[/] {escape(problem)}", highlight=False)
+    plan = manifest["plan"]
+    status = {"passed": "validation PASSED", "failed": "validation FAILED"}.get(
+        manifest["status"], "not validated (--no-validate)")
+    decoder = " + text decoder (fp32, with past)" if "decoder" in manifest else ""
+    onnx_info = manifest["onnx"]
+    stderr.print(f"wrote {result.directory}{decoder}: {onnx_info['precision']}, opset {onnx_info['opset']}, "
+                 f"{plan['final_tokens']} of {plan['tokens_in']} tokens, FLOPs bound {plan['speedup_bound']:.2f}x, "
+                 f"{status}", highlight=False)
+    engine = manifest.get("tensorrt")
+    if engine and engine["built"]:
+        validation = engine.get("validation")
+        if validation:
+            stderr.print(_validation_table(validation))
+        stderr.print(f"wrote {result.directory}/{engine['file']}: TensorRT {engine['tensorrt']} on {engine['device']}, "
+                     f"merge {engine['merge']}, batch {'/'.join(map(str, engine['batch_profile']))}, "
+                     f"built in {engine['build_seconds']} s", highlight=False)
+        decoder = engine.get("decoder")
+        if decoder and decoder["built"]:
+            files = ", ".join(e["file"] for e in decoder["engines"].values())
+            stderr.print(f"wrote decoder engines {files}: profile "
+                         + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in decoder["ranges"].items()),
+                         highlight=False)
+        elif decoder:
+            stderr.print(f"no decoder engines: {decoder['reason']}", highlight=False)
+    if json_output:
+        print_json(manifest)
+    if not result.passed:
+        fail(f"validation failed; {result.directory}/turbo.json records the failure", EXIT_VALIDATION)
+    if result.engine_missing:
+        fail(f"no TensorRT engine: {result.engine_missing}; the validated ONNX is in {result.directory}",
+             EXIT_MISSING_RUNTIME)

@@ -1,0 +1,32 @@
+"""`turbo plan`."""
+
+from rich.table import Table
+
+from turbo.cli.output import print_json, stderr
+
+
+def run_plan(model: str, r: int | None, method: str, alpha: float | None, schedule: str,
+             threshold: int | None, json_output: bool) -> None:
+    from turbo.models.build import build_plan
+
+    built = build_plan(model, r, method, alpha, schedule, threshold)
+    plan = built.plan
+    if json_output:
+        print_json(built.to_dict())
+        return
+    table = Table(title=f"{model}: {method}, r={built.r_text}, alpha={built.merge_config.alpha:g}, "
+                        f"threshold={plan.threshold}")
+    for column in ("layer", "tokens in", "r", "tokens out", "GFLOPs"):
+        table.add_column(column, justify="right")
+    for layer in plan.layers:
+        r_cell = f"{layer.r} (asked {layer.r_requested})" if layer.r != layer.r_requested else str(layer.r)
+        table.add_row(str(layer.index), str(layer.tokens_in), r_cell, str(layer.tokens_out), f"{layer.flops / 1e9:.2f}")
+    stderr.print(table)
+    stderr.print(
+        f"final tokens {plan.final_tokens} of {plan.tokens_in}; "
+        f"{plan.flops / 1e9:.1f} GFLOPs vs {plan.baseline_flops / 1e9:.1f} at r=0; "
+        f"FLOPs speedup bound [bold]{plan.speedup_bound:.2f}x[/]"
+    )
+    if plan.clamped_layers:
+        stderr.print(f"r was clamped to the per-layer cap (tokens-1)//2 or the threshold in layers "
+                     f"{', '.join(map(str, plan.clamped_layers))}")

@@ -1,0 +1,36 @@
+"""Presentation helpers: Rich on stderr, JSON on stdout, one-line errors with exit codes."""
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
+def print_json(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+
+
+def fail(message: str, exit_code: int) -> None:
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exit_code)
+
+
+def user_errors(command: Callable) -> Callable:
+    """Turn TurboError into one line on stderr and its exit code (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from turbo.core.errors import TurboError
+
+        try:
+            return command(*args, **kwargs)
+        except TurboError as exc:
+            fail(str(exc), exc.exit_code)
+
+    return wrapper

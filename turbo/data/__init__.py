@@ -1,0 +1,1 @@
+"""Image sources: calibration sets, image folders, COCO captions, pixel batches."""

@@ -1,0 +1,162 @@
+"""Image data sources for eval (and later calibration): class folders, plain image folders,
+COCO-format caption annotations. Images are read with PIL and preprocessed by the model's
+image processor."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from turbo.core.errors import UsageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path | None  # None for images held in memory (HF datasets)
+    label: int | None = None  # class index (class folders, ClassLabel column)
+    references: tuple[str, ...] = ()  # reference captions (COCO annotations)
+    image: object = None  # a PIL image, when not read from `path`
+
+
+def is_hf_dataset(root: Path) -> bool:
+    """A directory written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return any((root / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def hf_dataset(root: str | Path) -> tuple[list[Sample], list[str] | None]:
+    """An HF datasets directory with an image column and, optionally, a ClassLabel column. Of a
+    DatasetDict, the test split is used, else validation, else the first."""
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("HF datasets directories need `datasets`: pip install -e '.[eval]'") from None
+    data = datasets.load_from_disk(str(root))
+    if isinstance(data, datasets.DatasetDict):
+        split = next((name for name in ("test", "validation") if name in data), next(iter(data)))
+        data = data[split]
+    features = data.features
+    image_column = next((name for name, kind in features.items() if isinstance(kind, datasets.Image)), None)
+    if image_column is None:
+        raise UsageError(f"{root}: no image column (a datasets.Image feature) among {', '.join(features)}")
+    label_column = next((name for name, kind in features.items() if isinstance(kind, datasets.ClassLabel)), None)
+    classes = features[label_column].names if label_column else None
+    samples = [Sample(None, row[label_column] if label_column else None, (), row[image_column]) for row in data]
+    return samples, classes
+
+
+def _images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def image_folder(root: str | Path, labels_file: str | Path | None = None) -> tuple[list[Sample], list[str] | None]:
+    """Class folders (`root/<class>/<image>`): sorted folder names, or the order of `labels_file`
+    (one class folder name per line), give the labels. A folder of loose images gives unlabeled
+    samples (label-free fidelity only). An HF datasets directory is read with `hf_dataset`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"--data {root} is not a directory")
+    if is_hf_dataset(root):
+        return hf_dataset(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _images(p))
+    if labels_file is not None:
+        order = [line.strip() for line in Path(labels_file).read_text().splitlines() if line.strip()]
+        unknown = sorted(set(classes) - set(order))
+        if unknown:
+            raise UsageError(f"class folders {', '.join(unknown[:5])} are not in {labels_file}")
+        classes = order
+    if classes:
+        index = {name: i for i, name in enumerate(classes)}
+        samples = [Sample(path, index[path.relative_to(root).parts[0]]) for path in _images(root)
+                   if path.relative_to(root).parts[0] in index and len(path.relative_to(root).parts) > 1]
+        return samples, classes
+    samples = [Sample(path) for path in _images(root)]
+    if not samples:
+        raise UsageError(f"--data {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return samples, None
+
+
+def coco_captions(annotations: str | Path, image_root: str | Path) -> list[Sample]:
+    """COCO captions JSON (`images` with `id`/`file_name`, `annotations` with `image_id`/`caption`)
+    or Karpathy-style (`images` with `filepath`?/`filename` and `sentences[].raw`)."""
+    try:
+        data = json.loads(Path(annotations).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read captions {annotations} ({exc.__class__.__name__})") from None
+    root = Path(image_root)
+    samples = []
+    if "annotations" in data:
+        captions: dict[int, list[str]] = {}
+        for ann in data["annotations"]:
+            captions.setdefault(ann["image_id"], []).append(ann["caption"])
+        for image in data["images"]:
+            samples.append(Sample(root / image["file_name"], None, tuple(captions.get(image["id"], ()))))
+    else:
+        for image in data.get("images", []):
+            path = root / image.get("filepath", "") / image["filename"]
+            samples.append(Sample(path, None, tuple(s["raw"] for s in image.get("sentences", []))))
+    missing = [s.path for s in samples if not s.path.is_file()]
+    if not samples or missing:
+        raise UsageError(f"{annotations}: {len(missing)} of {len(samples)} images missing under {root}"
+                         + (f" (first: {missing[0]})" if missing else ""))
+    return samples
+
+
+def pixel_batch(samples: list[Sample], processor) -> np.ndarray:
+    """Preprocessed (B, 3, S, S) float32 pixels; unreadable images are a one-line error."""
+
+    images = []
+    for sample in samples:
+        if sample.image is not None:
+            images.append(sample.image.convert("RGB"))
+            continue
+        try:
+            with Image.open(sample.path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError):
+            raise UsageError(f"{sample.path} is not a readable image") from None
+    return np.asarray(processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
+
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class Calibration:
+    pixels: np.ndarray  # (n, 3, S, S), preprocessed
+    texts: list[str] | None  # one reference caption per image (COCO-format sources), else None
+    info: dict  # what the manifest records
+
+
+def calibration_set(source: str, count: int, seed: int, processor, image_size: int,
+                    image_root: str | None = None) -> Calibration:
+    """`count` calibration images (with their first caption for a COCO-format file), sampled
+    without replacement by `seed` (sorted, so the choice is deterministic), preprocessed.
+    `synthetic` gives seeded noise for smoke tests only."""
+    if count < 1:
+        raise UsageError(f"--calib-size must be at least 1, not {count}")
+    rng = np.random.default_rng(seed)
+    if source == SYNTHETIC:
+        pixels = rng.standard_normal((count, 3, image_size, image_size)).astype(np.float32)
+        return Calibration(pixels, None, {"source": SYNTHETIC, "count": count, "seed": seed, "synthetic": True})
+    root = Path(source)
+    images = None
+    if root.is_file() and root.suffix == ".json":
+        images = str(image_root or root.parent)
+        samples = coco_captions(root, images)
+    elif not root.is_dir():
+        raise UsageError(f"--calib {source} is neither a folder of images nor a COCO-format captions .json (or "
+                         "'synthetic' for smoke tests only)")
+    else:
+        samples = hf_dataset(root)[0] if is_hf_dataset(root) else [Sample(path) for path in _images(root)]
+    if not samples:
+        raise UsageError(f"--calib {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}, searched "
+                         "recursively)")
+    chosen = [samples[i] for i in sorted(rng.choice(len(samples), size=min(count, len(samples)), replace=False))]
+    texts = [s.references[0] for s in chosen] if all(s.references for s in chosen) else None
+    return Calibration(pixel_batch(chosen, processor), texts,
+                       {"source": str(root), "count": len(chosen), "available": len(samples), "seed": seed,
+                        "synthetic": False, "captions": texts is not None, "images": images})

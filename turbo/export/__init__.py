@@ -1,0 +1,1 @@
+"""The export pipeline: ONNX (encoder and decoder), quantization stage, TensorRT engines, validation."""

@@ -1,0 +1,122 @@
+"""Export BLIP's text decoder: a first-step graph and a with-past graph sharing one weights file.
+
+The image-token count N is the plan's final token count (r changes the cross-attention
+length), fixed in both graphs; batch, prompt length and past length are dynamic.
+"""
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from turbo.core.errors import TurboError
+from turbo.export.onnx_export import run_exporter
+from turbo.graph.shared_weights import save_with_shared_weights
+from turbo.graph.weight_quant import insert_dequantize
+from turbo.models.blip_decoder import CROSS_KV, SELF_KV, DecoderFirstStep, DecoderWithPast, cache_names
+from turbo.models.loading import ModelSource
+from turbo.runtimes.caption import DEFAULT_PROMPT, GENERATION_FILE
+
+FIRST_STEP_FILE = "decoder_model.onnx"
+WITH_PAST_FILE = "decoder_with_past_model.onnx"
+WEIGHTS_FILE = "decoder.onnx.data"
+IDS, IMAGE_EMBEDS, LOGITS = "input_ids", "image_embeds", "logits"
+
+
+@dataclass(frozen=True)
+class DecoderGraphs:
+    """Input and output names of both decoder graphs (the runner's contract)."""
+
+    layers: int
+    first_inputs: list[str]
+    first_outputs: list[str]
+    past_inputs: list[str]
+    past_outputs: list[str]
+
+    @classmethod
+    def for_layers(cls, layers: int) -> "DecoderGraphs":
+        return cls(
+            layers,
+            [IDS, IMAGE_EMBEDS], [LOGITS, *cache_names("present", layers, SELF_KV + CROSS_KV)],
+            [IDS, *cache_names("past", layers, SELF_KV + CROSS_KV)], [LOGITS, *cache_names("present", layers, SELF_KV)],
+        )
+
+
+def export_decoder(text_decoder: nn.Module, directory: Path, image_tokens: int, opset: int,
+                   dtype: torch.dtype = torch.float32, quantized: dict | None = None) -> dict:
+    """Write FIRST_STEP_FILE, WITH_PAST_FILE and their shared WEIGHTS_FILE into `directory`;
+    returns what the manifest records of them. `quantized` (name -> QuantizedWeight, already
+    fake-quantized in `text_decoder`) become integer weights + DequantizeLinear in both graphs."""
+
+    config = text_decoder.config
+    graphs = DecoderGraphs.for_layers(config.num_hidden_layers)
+    first, with_past = DecoderFirstStep(text_decoder).to(dtype), DecoderWithPast(text_decoder).to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (2, 3), generator=generator)  # sizes ≥ 2: not specialised
+    image_embeds = torch.randn(2, image_tokens, config.encoder_hidden_size, generator=generator).to(dtype)
+    with torch.inference_mode():
+        cache = first(ids, image_embeds)[1:]
+    batch, sequence, past = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past")
+    first_dynamic = ({0: batch, 1: sequence}, {0: batch})
+    past_dynamic = ({0: batch}, tuple({0: batch, 2: past} if name.split(".", 2)[2] in SELF_KV else {0: batch}
+                                      for name in graphs.past_inputs[1:]))  # forward(input_ids, *past)
+    with tempfile.TemporaryDirectory() as scratch:
+        protos = {}
+        for module, args, inputs, outputs, dynamic, name in (
+            (first, (ids, image_embeds), graphs.first_inputs, graphs.first_outputs, first_dynamic, FIRST_STEP_FILE),
+            (with_past, (ids[:, :1], *cache), graphs.past_inputs, graphs.past_outputs, past_dynamic, WITH_PAST_FILE),
+        ):
+            program = run_exporter(module, args, inputs, outputs, dynamic, opset)
+            program.save(str(Path(scratch) / name), external_data=True)
+            protos[directory / name] = onnx.load(str(Path(scratch) / name))
+        if quantized:
+            _dequantize_weights(protos, quantized)
+        stats = save_with_shared_weights(protos, directory / WEIGHTS_FILE)
+    return {
+        "first_step": FIRST_STEP_FILE,
+        "with_past": WITH_PAST_FILE,
+        "weights": WEIGHTS_FILE,
+        "image_tokens": image_tokens,
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
+        "vocab_size": config.vocab_size,
+        "weights_bytes": stats["data_bytes"],
+        "shared_bytes": stats["shared_bytes"],
+    }
+
+
+def _dequantize_weights(protos: dict, quantized: dict) -> None:
+    """Integer weights in both graphs; every quantized Linear must appear in one of them (the
+    with-past graph has no cross-attention key/value projections: they are cached)."""
+
+    missing = set(quantized)
+    for path, proto in protos.items():
+        protos[path], absent = insert_dequantize(proto, quantized)
+        missing &= set(absent)
+    if missing:
+        raise TurboError(f"{len(missing)} quantized decoder Linears were not found in the decoder graphs "
+                         f"(first: {sorted(missing)[0]})")
+
+
+def write_generation_config(directory: Path, ids: dict[str, int], max_new_tokens: int = 20) -> None:
+    """generation_config.json (transformers' format) with the ids BLIP's generate uses."""
+
+    GenerationConfig(**ids, max_new_tokens=max_new_tokens).save_pretrained(directory)
+
+
+def export_captioner(model: nn.Module, source: ModelSource, tokenizer: tuple[object, str], directory: Path,
+                     image_tokens: int, opset: int, quantized: dict | None = None) -> dict:
+    """The decoder graphs, tokenizer (and its origin) and generation config of a captioning model;
+    the manifest's `decoder` section. The decoder stays fp32 whatever the encoder's precision."""
+    caption = source.adapter.caption_decoder
+    tokenizer, origin = tokenizer
+    info = export_decoder(caption.module(model), directory, image_tokens, opset, quantized=quantized)
+    tokenizer.save_pretrained(directory)
+    write_generation_config(directory, caption.generation_ids(source.config))
+    precision = "fp32" if not quantized else "fp32 with quantized weights"
+    return {**info, "precision": precision, "prompt": DEFAULT_PROMPT, "generation_config": GENERATION_FILE,
+            "tokenizer": {"origin": origin}}

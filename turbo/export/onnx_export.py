@@ -1,0 +1,143 @@
+"""Export a patched model to static-shape ONNX with torch's dynamo exporter.
+
+Only the batch axis may be dynamic; token counts are fixed by the plan, so every token
+dimension is static and every TopK K is a constant.
+"""
+
+import contextlib
+import io
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from onnxscript import opset18 as op
+from torch import nn
+
+from turbo.core.errors import TurboError, UsageError
+from turbo.graph.merge_functions import fold_merge_blocks
+from turbo.merging.merge import KERNELS  # also registers turbo::gather_tokens
+from turbo.models.build import BuiltPlan
+
+INPUT_NAME = "pixel_values"
+TOKEN_SIZES = "token_sizes"  # (B, N_final): patches each output token stands for, the merge fingerprint
+MIN_OPSET, MAX_OPSET = 18, 23
+EXTERNAL_DATA_BYTES = 1 << 30  # weights at or above this size go to model.onnx.data
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class ExportError(TurboError):
+    """torch.onnx could not export the model."""
+
+
+class ExportModule(nn.Module):
+    """pixel_values (B, 3, S, S) -> the family's outputs, plus token_sizes when the plan merges."""
+
+    def __init__(self, model: nn.Module, built: BuiltPlan) -> None:
+        super().__init__()
+        self.model = model
+        self.adapter = built.source.adapter
+        self.interpolate = built.interpolate_pos_encoding
+        self.merges = any(built.plan.r)
+
+    def named_outputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.adapter.export_outputs(self.model, pixel_values, self.interpolate)
+        if self.merges:
+            outputs[TOKEN_SIZES] = self.model.turbo_state.size.squeeze(-1)  # (B, N_final)
+        return outputs
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.named_outputs(pixel_values).values())
+
+    def output_names(self, image_size: int) -> list[str]:
+        """The names forward's outputs get (found with one small dry run)."""
+        dtype = next(self.model.parameters()).dtype
+        with torch.inference_mode():
+            return list(self.named_outputs(torch.zeros(1, 3, image_size, image_size, dtype=dtype)))
+
+
+def check_export_options(opset: int, precision: str, batch: int | None, kernel: str,
+                         merge_op: str = "function") -> None:
+    """Bad export options raise UsageError before anything is loaded or written."""
+    if merge_op not in ("function", "inline"):
+        raise UsageError(f"unknown --merge-op {merge_op!r}; choose function or inline")
+    if kernel not in KERNELS:
+        raise UsageError(f"unknown merge kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UsageError(f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} (default 20)")
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if batch is not None and batch < 1:
+        raise UsageError(f"--batch must be a positive integer or 'dynamic', not {batch}")
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_onnx(module: ExportModule, path: Path, image_size: int, opset: int = 20,
+                batch: int | None = None, external_data: bool | None = None) -> list[str]:
+    """Write `path` (+ `path.data` for external weights); returns the output names.
+
+    batch None exports a dynamic batch axis (traced at batch 2: a size-1 example would be
+    specialised); an int fixes the batch.
+    """
+    dtype = next(module.parameters()).dtype
+    names = module.output_names(image_size)
+    example = torch.randn(batch or 2, 3, image_size, image_size, dtype=dtype)
+    dynamic = None if batch else {INPUT_NAME: {0: torch.export.Dim("batch")}}
+    if external_data is None:
+        external_data = parameter_bytes(module) >= EXTERNAL_DATA_BYTES
+    program = run_exporter(module, (example,), [INPUT_NAME], names, dynamic, opset)
+    program.save(str(path), external_data=external_data)
+    return names
+
+
+def _gather_tokens_onnx(x, index):
+    """turbo::gather_tokens: x (B, N, C), index (B, K, 1) -> (B, K, C) in one node."""
+
+    return op.GatherND(x, index, batch_dims=1)
+
+
+def run_exporter(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+                 dynamic_shapes: dict | tuple | None, opset: int):
+    """torch.onnx.export (dynamo) without its chatter; an ONNXProgram, or ExportError in one line."""
+    chatter = io.StringIO()
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(
+                module.eval(), args, input_names=input_names, output_names=output_names,
+                opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False,
+                custom_translation_table={torch.ops.turbo.gather_tokens.default: _gather_tokens_onnx},
+            )
+    except Exception as exc:  # the exporter's errors are long; the first line says what failed
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
+        sys.stderr.write(chatter.getvalue())
+        raise ExportError(f"torch.onnx.export failed: {exc.__class__.__name__}: {first}") from exc
+    finally:
+        exporter_log.setLevel(level)
+
+
+def fold_merge_ops(path: Path, kernel: str) -> None:
+    """Rewrite `path` with one `turbo::TurboMerge` function node per merge block (in place;
+    external weights stay external)."""
+
+    rewrite_onnx(path, lambda model: fold_merge_blocks(model, kernel))
+
+
+def rewrite_onnx(path: Path, transform) -> None:
+    """Apply `transform` (ModelProto -> ModelProto) to the model at `path`, in place; weights that
+    were external stay external."""
+
+    data = path.with_name(path.name + ".data")
+    model = transform(onnx.load(str(path)))
+    external = data.exists()
+    if external:
+        data.unlink()  # onnx appends to an existing data file
+    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data.name)

@@ -1,0 +1,1 @@
+"""ONNX graph passes: TurboMerge function nodes, summaries, TensorRT lint, precision, weight dequantization."""

@@ -1,0 +1,87 @@
+"""BLIP adapter (transformers 5.x `BlipForConditionalGeneration`): only the vision encoder merges;
+the text decoder cross-attends to the fewer image tokens unchanged."""
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import BertTokenizer
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+from transformers.models.blip.modeling_blip import BlipEncoderLayer
+
+from turbo.models.adapters import BlockParts, CaptionDecoder, FamilyAdapter
+
+RANDOM_INIT_RANGE = 0.02  # BLIP's vision default (1e-10) makes every random token identical
+
+
+def _layer_class() -> type[nn.Module]:
+    return BlipEncoderLayer
+
+
+def _block_parts(layer: nn.Module) -> BlockParts:
+    attn = layer.self_attn
+
+    def qkv(x):
+        batch, tokens, width = x.shape
+        mixed = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, width // attn.num_heads)
+        q, k, v = mixed.permute(2, 0, 3, 1, 4)  # 3×(B, H, N, d)
+        return q, k, v
+
+    return BlockParts(layer.layer_norm1, layer.layer_norm2, layer.mlp, attn.projection, qkv, attn.scale, False)  # eager
+
+
+def _prepare_random_config(config) -> None:
+    config.vision_config.initializer_range = RANDOM_INIT_RANGE
+
+
+def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> dict[str, torch.Tensor]:
+    """The image embeddings the text decoder cross-attends to: (B, N_final, C)."""
+    out = model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate)
+    return {"image_embeds": out.last_hidden_state}
+
+
+def _image_processor(image_size: int) -> object:
+    return BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+
+
+def _generation_ids(config) -> dict[str, int]:
+    """As BlipForConditionalGeneration.generate sets them: [DEC] starts, [SEP] ends, [PAD] pads."""
+    text = config.text_config
+    return {"bos_token_id": text.bos_token_id, "eos_token_id": text.sep_token_id, "pad_token_id": text.pad_token_id}
+
+
+# bert-base-uncased ids of the prompt words, so the placeholder tokenizer encodes BLIP's prompt as the real one does
+_PROMPT_WORDS = {1037: "a", 3861: "picture", 1997: "of"}
+
+
+def _placeholder_tokenizer(config) -> object:
+    """A BERT word-piece tokenizer with BLIP's special-token ids and made-up words ("w123") for
+    the rest: decodes random-weight captions, which are noise whatever the vocabulary."""
+
+
+    text = config.text_config
+    vocab = [f"w{i}" for i in range(text.vocab_size)]
+    specials = {text.pad_token_id: "[PAD]", 100: "[UNK]", 101: "[CLS]", text.sep_token_id: "[SEP]", 103: "[MASK]",
+                text.bos_token_id: "[DEC]"}
+    for index, token in {**_PROMPT_WORDS, **specials}.items():
+        vocab[index] = token
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "vocab.txt"
+        path.write_text("\n".join(vocab) + "\n")
+        return BertTokenizer(str(path), bos_token="[DEC]", model_max_length=512)
+
+
+BLIP = FamilyAdapter(
+    family="blip",
+    architectures=("BlipForConditionalGeneration",),
+    layer_class=_layer_class,
+    vision_config=lambda config: config.vision_config,
+    encoder_layers=lambda model: model.vision_model.encoder.layers,
+    block_parts=_block_parts,
+    prepare_random_config=_prepare_random_config,
+    export_outputs=_export_outputs,
+    image_processor=_image_processor,
+    caption_decoder=CaptionDecoder(lambda model: model.text_decoder, _generation_ids, _placeholder_tokenizer,
+                                   lambda decoder: decoder.cls.predictions.decoder),
+)

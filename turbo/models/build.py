@@ -1,0 +1,83 @@
+"""From user choices to a plan and a patched model: the one path export, bench and plan share."""
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from turbo.core.errors import UsageError
+from turbo.merging.matching import MergeConfig
+from turbo.merging.plan import TokenPlan, make_plan
+from turbo.merging.schedule import parse_schedule
+from turbo.models.loading import ModelSource, load_model, resolve_source
+from turbo.models.patch import TurboState, apply_turbo
+
+
+@dataclass
+class BuiltPlan:
+    source: ModelSource
+    plan: TokenPlan
+    merge_config: MergeConfig
+    schedule: str | list[int]
+    r_requested: int
+    image_size: int  # the exported input resolution (the config's unless overridden)
+
+    @property
+    def interpolate_pos_encoding(self) -> bool:
+        """Whether the position embeddings must be resized to `image_size`."""
+        return self.image_size != self.source.adapter.image_size(self.source.config)
+
+    @property
+    def r_text(self) -> str:
+        """How the user asked for r: `16`, `8 (decreasing)` or the explicit list."""
+        if isinstance(self.schedule, list):
+            return ",".join(map(str, self.schedule))
+        return str(self.r_requested) if self.schedule == "constant" else f"{self.r_requested} ({self.schedule})"
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.source.name,
+            "hf_id": self.source.location,
+            "architecture": self.source.architecture,
+            "alpha": self.merge_config.alpha,
+            "fusion": self.merge_config.fusion,
+            "schedule": self.schedule,
+            "r_requested": self.r_requested,
+            "image_size": self.image_size,
+            **self.plan.to_dict(),
+        }
+
+
+def build_plan(model: str, r: int | None = None, method: str = "turbo", alpha: float | None = None,
+               schedule: str = "constant", threshold: int | None = None, fusion: str = "s1",
+               tiny: bool = False, image_size: int | None = None) -> BuiltPlan:
+    """Resolve the model and the user's choices into a plan; bad choices raise UsageError."""
+    source = resolve_source(model, tiny=tiny)
+    r = source.default_r if r is None else r
+    image_size = _check_image_size(source, image_size)
+    try:
+        config = MergeConfig(method, source.alpha if alpha is None else alpha, fusion)
+        parsed = parse_schedule(schedule)
+        plan = make_plan(source.adapter.arch_spec(source.config, image_size), r, parsed,
+                         source.threshold if threshold is None else threshold, method)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return BuiltPlan(source, plan, config, parsed, r, image_size)
+
+
+def _check_image_size(source: ModelSource, image_size: int | None) -> int:
+    native = source.adapter.image_size(source.config)
+    if image_size is None:
+        return native
+    patch = source.adapter.patch_size(source.config)
+    if image_size < patch or image_size % patch:
+        raise UsageError(f"--image-size {image_size} must be a positive multiple of the patch size {patch} "
+                         f"(the model's own size is {native})")
+    return image_size
+
+
+def build_merged_model(built: BuiltPlan, random_weights: bool = False, kernel: str = "matmul",
+                       seed: int = 0) -> tuple[nn.Module, TurboState]:
+    """Load (or randomly initialise) the model and patch it with the plan."""
+    model = load_model(built.source, random_weights=random_weights, seed=seed)
+    state = apply_turbo(model, built.source.adapter, built.plan, built.merge_config, kernel)
+    return model, state

@@ -1,0 +1,102 @@
+"""Patch a transformers encoder so each block runs proportional attention and a TokenMerge.
+
+Like ToMe's patches, blocks get a subclass (state-dict names unchanged). A block whose r is 0
+and that sees unmerged tokens runs the upstream forward untouched, so r=0 equals upstream
+bit for bit.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from turbo.core.errors import PatchError
+from turbo.merging.attention import proportional_attention
+from turbo.merging.matching import MergeConfig
+from turbo.merging.module import TokenMerge
+from turbo.merging.plan import TokenPlan
+from turbo.models.adapters import FamilyAdapter
+
+
+@dataclass
+class TurboState:
+    """Shared by the blocks of one model during a forward; reset by block 0."""
+
+    size: torch.Tensor | None = None  # (B, N, 1): patches each token stands for
+    token_counts: list[tuple[int, int]] = field(default_factory=list)  # (entering, leaving) per block
+
+    def reset(self) -> None:
+        self.size = None
+        self.token_counts = []
+
+
+_TURBO_CLASSES: dict[type, type] = {}
+
+
+def _turbo_class(base: type[nn.Module], adapter: FamilyAdapter) -> type[nn.Module]:
+    if base in _TURBO_CLASSES:
+        return _TURBO_CLASSES[base]
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        state: TurboState = self.turbo_state
+        if self.turbo_index == 0:
+            state.reset()
+        tokens_in = hidden_states.shape[1]
+        if self.turbo_merge.r == 0 and state.size is None:
+            out = base.forward(self, hidden_states, *args, **kwargs)
+        else:
+            out = turbo_block(self, adapter, hidden_states, state)
+        state.token_counts.append((tokens_in, out.shape[1]))
+        return out
+
+    cls = type(f"Turbo{base.__name__}", (base,), {"forward": forward, "turbo_family": adapter.family})
+    _TURBO_CLASSES[base] = cls
+    return cls
+
+
+def turbo_block(layer: nn.Module, adapter: FamilyAdapter, hidden: torch.Tensor, state: TurboState) -> torch.Tensor:
+    """Pre-norm block: x + attn(norm1(x)) → merge → x + mlp(norm2(x))."""
+    parts = adapter.block_parts(layer)
+    q, k, v = parts.qkv(parts.norm1(hidden))  # 3×(B, H, N, d)
+    merge = layer.turbo_merge
+    fused_step = merge.fused_step_for(hidden)  # computes the CLS attention row itself
+    context, cls_attn = proportional_attention(q, k, v, state.size, parts.scale, parts.fused_attention,
+                                               cls_row=merge.needs_cls_attention and fused_step is None)
+    hidden = hidden + parts.out_proj(context)
+    if fused_step is None:
+        hidden, state.size = merge(hidden, state.size, k, cls_attn)  # (B, N - r, C)
+    else:
+        hidden, state.size = fused_step(hidden, state.size, q, k, merge.r, merge.config, parts.scale)
+    return hidden + parts.mlp(parts.norm2(hidden))
+
+
+def is_patched(layer: nn.Module) -> bool:
+    return type(layer) in _TURBO_CLASSES.values()
+
+
+def apply_turbo(
+    model: nn.Module, adapter: FamilyAdapter, plan: TokenPlan, config: MergeConfig, kernel: str = "matmul"
+) -> TurboState:
+    """Patch every encoder block with its planned r; prove that each block was patched."""
+    layers = adapter.encoder_layers(model)
+    if len(layers) != len(plan.layers):
+        raise PatchError(f"the plan has {len(plan.layers)} layers but the model has {len(layers)} encoder blocks")
+    expected = adapter.layer_class()
+    state = TurboState()
+    for index, layer in enumerate(layers):
+        base = type(layer).__mro__[1] if is_patched(layer) else type(layer)
+        if base is not expected:
+            raise PatchError(
+                f"encoder block {index} is {base.__name__}, not {expected.__name__}: "
+                "this transformers version is not supported by the turbo patch"
+            )
+        layer.__class__ = _turbo_class(base, adapter)
+        layer.turbo_index = index
+        layer.turbo_state = state
+        layer.turbo_merge = TokenMerge(plan.layers[index].r, config, kernel)
+    patched = sum(is_patched(module) for module in model.modules())
+    if patched != len(plan.layers):
+        raise PatchError(f"patched {patched} blocks but the model has {len(plan.layers)} layers")
+    model.turbo_state = state
+    model.turbo_plan = plan
+    return state

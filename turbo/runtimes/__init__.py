@@ -1,0 +1,1 @@
+"""One runner interface over PyTorch, ONNX Runtime and TensorRT: loaders and runners only."""

@@ -1,0 +1,402 @@
+"""`turbo bench` as a library call: merged vs r=0 latency per runtime, workload and batch,
+interleaved, with the plan's FLOPs bound beside every measured speedup."""
+
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from turbo.core.cache import cache_root
+from turbo.core.errors import EXIT_MISSING_RUNTIME, TurboError, UsageError
+from turbo.core.manifest import now, read_export_manifest, read_manifest, versions
+from turbo.export.onnx_export import ExportModule
+from turbo.export.pipeline import ExportOptions, run_export
+from turbo.export.tensorrt.stage import TrtOptions
+from turbo.export.validate import seeded_pixels
+from turbo.kernels.cpu_kernels import kernel_library
+from turbo.kernels.ort_merge_kernel import check_merge_kernel
+from turbo.kernels.torch_merge_kernel import check_torch_merge, fused_step
+from turbo.models.build import build_merged_model, build_plan
+from turbo.models.loading import resolve_source
+from turbo.runtimes.availability import DEVICES, RUNTIMES, unavailable_reason
+from turbo.runtimes.base import Runner
+from turbo.runtimes.caption import CaptionPipeline, CaptionRunner
+from turbo.runtimes.onnxrt import OnnxRuntimeRunner
+from turbo.runtimes.pytorch import TorchRunner
+from turbo.runtimes.tensorrt import TensorRTRunner
+from turbo.tools.timing import TimingStats, interleaved
+
+SCHEMA = "turbo-bench/1"
+PRECISIONS = ("fp32", "fp16", "bf16")
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NO_DECODER = "the export has no text decoder (re-export it with this turbo version)"
+NO_CAPTION_ENGINES = "an export has no TensorRT decoder engines (re-export it with --trt and its text decoder)"
+EXPORT_FORMAT = 5  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface;
+#                    4: leaner merge graph; 5: batched GatherND, one ranking TopK)
+Progress = Callable[[str], None]
+
+
+class MissingRuntimeError(TurboError):
+    exit_code = EXIT_MISSING_RUNTIME
+
+
+@dataclass
+class BenchOptions:
+    model: str = "blip-caption"
+    rs: list[int] | None = None  # None: 0 and the model's default r
+    runtimes: tuple[str, ...] = ("torch", "ort")
+    device: str = "cpu"
+    batches: tuple[int, ...] = (1,)
+    precision: str = "fp32"
+    warmup_s: float = 1.0
+    iters: int | None = 20  # None: time for duration_s
+    duration_s: float | None = None
+    random_weights: bool = False
+    include_transfers: bool = False
+    caption: bool = True  # BLIP: also end-to-end caption generation
+    caption_tokens: int = 20
+    threads: int | None = None  # None: one per CPU
+    ort_merge: str = "auto"  # how ONNX Runtime runs TurboMerge nodes: auto | fused | graph
+    torch_merge: str = "auto"  # how PyTorch runs each Turbo step: auto | fused | ops
+    method: str = "turbo"
+    alpha: float | None = None
+    threshold: int | None = None
+    kernel: str = "matmul"
+    seed: int = 0
+    tiny: bool = False  # the registry's tiny variant (tests)
+    export_dirs: list[Path] = field(default_factory=list)  # bench these ONNX exports (runtime ort)
+    baseline_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model variant to time: its r, the plan's numbers and how to build its runner."""
+
+    r: int
+    final_tokens: int
+    flops_bound: float
+    make_runner: Callable[[], Runner]
+    directory: Path | None = None  # the export it runs, when it is one
+
+
+def _check(options: BenchOptions) -> None:
+    for runtime in options.runtimes:
+        if runtime not in RUNTIMES:
+            raise UsageError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)} or all")
+    if options.device not in DEVICES:
+        raise UsageError(f"unknown device {options.device!r}; choose cpu or cuda")
+    if options.precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if not options.batches or min(options.batches) < 1:
+        raise UsageError("--batch takes positive integers, e.g. 1,8,64")
+    if options.iters is not None and options.iters < 1:
+        raise UsageError("--iters must be at least 1")
+    if options.warmup_s < 0 or (options.duration_s is not None and options.duration_s <= 0):
+        raise UsageError("--warmup must be >= 0 and --duration > 0 seconds")
+    check_merge_kernel(options.ort_merge, _ort_providers(options), "--ort-merge")
+    check_torch_merge(options.torch_merge, options.device == "cpu", options.precision == "fp32", "--torch-merge")
+    if options.ort_merge == "fused" and "ort" in options.runtimes:
+        kernel_library()  # fail now, not after the exports were built
+    if options.torch_merge == "fused" and "torch" in options.runtimes:
+        fused_step(torch.device(options.device), TORCH_DTYPES[options.precision])
+
+
+def _ort_providers(options: BenchOptions) -> tuple[str, ...]:
+    return ("CUDAExecutionProvider",) if options.device == "cuda" else ("CPUExecutionProvider",)
+
+
+def _threads(options: BenchOptions) -> int:
+    return options.threads or os.cpu_count() or 1
+
+
+def _peak_memory(runner: Runner, feeds: dict, device: str) -> dict:
+    """CUDA: torch's max allocated during one run. CPU: peak RSS growth during one warm run, so
+    pass a runner without memory pools (`Runner.memory_probe`)."""
+    if device == "cuda":
+        if runner.name != "torch":
+            return {"kind": "not measured", "peak_mb": None}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        runner.run(feeds)
+        torch.cuda.synchronize()
+        return {"kind": "cuda_max_allocated", "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * page
+
+    runner.run(feeds)  # lazy initialisation is not the run's memory
+    _release_freed_memory()
+    before, peak, done = rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        runner.run(feeds)
+    finally:
+        done.set()
+        sampler.join()
+    return {"kind": "rss_growth", "peak_mb": max(peak[0] - before, 0) / 2**20}
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc), so a run's allocations show up as RSS growth
+    instead of reusing what earlier runs freed."""
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _time_candidates(candidates: list[Candidate], runtime: str, workload: str, options: BenchOptions,
+                     image_size: int, progress: Progress) -> list[dict]:
+    rows = []
+    runners = {c.r: c.make_runner() for c in candidates}
+    for batch in options.batches:
+        feeds = {"pixel_values": seeded_pixels(batch, image_size, options.seed)}
+        progress(f"timing {runtime} {workload} batch {batch}: r={','.join(str(c.r) for c in candidates)}")
+        timers = {r: runner.timer(feeds, options.include_transfers) for r, runner in runners.items()}
+        samples = interleaved(timers, options.warmup_s, options.iters, options.duration_s)
+        stats = {r: TimingStats.from_samples(values, batch) for r, values in samples.items()}
+        base = stats[0].median_ms
+        for candidate in candidates:
+            s = stats[candidate.r]
+            speedup = base / s.median_ms
+            bound = candidate.flops_bound if workload == "encoder" else None
+            rows.append({
+                "runtime": runtime, "workload": workload, "device": options.device, "precision": options.precision,
+                "batch": batch, "r": candidate.r, "final_tokens": candidate.final_tokens,
+                "latency": s.to_dict(), "noisy": s.noisy, "speedup": speedup, "flops_bound": bound,
+                "efficiency": speedup / bound if bound else None,
+                "memory": _peak_memory(runners[candidate.r].memory_probe(), feeds, options.device),
+                "runner": runners[candidate.r].describe(),
+            })
+    return rows
+
+
+def _caption_module(model, tokens: int):
+    """pixel_values -> greedy caption ids of a fixed length (min = max new tokens)."""
+
+    class Caption(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return (self.model.generate(pixel_values=pixel_values, max_new_tokens=tokens, min_new_tokens=tokens,
+                                        num_beams=1, do_sample=False),)
+
+    return Caption()
+
+
+def _torch_candidates(plans: dict, workload: str, options: BenchOptions) -> list[Candidate]:
+    dtype = TORCH_DTYPES[options.precision]
+
+    def make(built) -> Runner:
+        model, _ = build_merged_model(built, options.random_weights, options.kernel, options.seed)
+        if workload == "caption":
+            module, names = _caption_module(model, options.caption_tokens), ["sequences"]
+        else:
+            module = ExportModule(model, built)
+            names = module.output_names(built.image_size)
+        return TorchRunner(module, ["pixel_values"], names, options.device, dtype, options.torch_merge)
+
+    return [Candidate(r, b.plan.final_tokens, b.plan.speedup_bound, lambda b=b: make(b)) for r, b in plans.items()]
+
+
+def _cached_export(export_options, progress: Progress) -> Path:
+    """A validated export from the cache (built once per distinct option set)."""
+
+
+    key = hashlib.sha256(json.dumps([asdict(export_options), versions()["turbo"], EXPORT_FORMAT], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    out = cache_root() / "exports" / f"{Path(export_options.model).name}-r{export_options.r}-{key}"
+    if (out / "turbo.json").exists() and read_manifest(out)["status"] == "passed":
+        progress(f"using cached export {out}")
+        return out
+    progress(f"exporting {export_options.model} r={export_options.r} ({export_options.precision}) to {out}")
+    result = run_export(export_options, out, force=True)
+    if not result.passed:
+        raise TurboError(f"the r={export_options.r} export failed validation ({out}/turbo.json); not benchmarking it")
+    return out
+
+
+def _ort_runner(directory: Path, options: BenchOptions, workload: str = "encoder") -> Runner:
+    """The export's encoder, or (caption) its whole captioner at a fixed caption length."""
+
+    providers = _ort_providers(options)
+    if workload == "caption":
+        return CaptionRunner(CaptionPipeline.open(directory, _threads(options), providers,
+                                                  merge_kernel=options.ort_merge), options.caption_tokens)
+    return OnnxRuntimeRunner(directory / "model.onnx", providers, threads=_threads(options),
+                             merge_kernel=options.ort_merge)
+
+
+def _trt_runner(directory: Path, options: BenchOptions, workload: str = "encoder") -> Runner:
+    """The export's encoder engine (one CUDA-graph replay per run), or (caption) its captioner on
+    the encoder and decoder engines at a fixed caption length."""
+
+    engine = read_manifest(directory).get("tensorrt") or {}
+    if not engine.get("built"):
+        raise UsageError(f"{directory} has no TensorRT engine; export it with --trt")
+    if workload == "caption":
+        return CaptionRunner(CaptionPipeline.open(directory, tensorrt=True), options.caption_tokens)
+    return TensorRTRunner(directory / engine["file"], cuda_graph=True)
+
+
+def _has_caption_engines(candidate: Candidate) -> bool:
+    engine = read_manifest(candidate.directory).get("tensorrt") or {}
+    return bool((engine.get("decoder") or {}).get("built"))
+
+
+def _export_candidates(plans: dict, options: BenchOptions, progress: Progress, runtime: str,
+                       workload: str, decoder: bool) -> list[Candidate]:
+    """Cached exports (ONNX; for trt also an engine whose profile covers the benched batches)."""
+
+    trt = TrtOptions(options.precision, min_batch=min(options.batches), opt_batch=max(options.batches),
+                     max_batch=max(options.batches)) if runtime == "trt" else None
+    candidates = []
+    for r, built in plans.items():
+        directory = _cached_export(ExportOptions(
+            model=options.model, r=r, method=options.method, alpha=options.alpha, threshold=options.threshold,
+            kernel=options.kernel, precision=trt.onnx_precision() if trt else options.precision,
+            random_weights=options.random_weights, seed=options.seed, tiny=options.tiny, trt=trt,
+            decoder=decoder), progress)
+        runner = _trt_runner if trt else _ort_runner
+        make = lambda d=directory: runner(d, options, workload)  # noqa: E731
+        candidates.append(Candidate(r, built.plan.final_tokens, built.plan.speedup_bound, make))
+    return candidates
+
+
+def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, list[Candidate], list[Candidate]]:
+    """Candidates from exported directories; the baseline is --baseline or an r=0 export built alike."""
+
+    manifests = []
+    for directory in options.export_dirs:
+        manifest = read_export_manifest(directory)
+        if manifest["status"] == "failed":
+            raise TurboError(f"{directory} failed validation at export; not benchmarking an unfaithful export")
+        manifests.append((Path(directory), manifest))
+    if len({m["model"]["source"] for _, m in manifests}) > 1:
+        raise UsageError("the directories hold different models; bench one model at a time")
+    first = manifests[0][1]
+    static = {m["onnx"]["batch"] for _, m in manifests} - {"dynamic"}
+    if static and set(options.batches) != static:
+        raise UsageError(f"the exports have a static batch {sorted(static)}; pass --batch {','.join(map(str, static))}")
+    if options.baseline_dir:
+        baseline = read_manifest(options.baseline_dir)
+        if any(baseline["plan"]["r"]):
+            raise UsageError(f"--baseline {options.baseline_dir} merges tokens (r={baseline['plan']['r']}); "
+                             "it must be an r=0 export")
+        manifests.insert(0, (Path(options.baseline_dir), baseline))
+    elif all(any(m["plan"]["r"]) for _, m in manifests):  # no r=0 export given: build one alike
+        baseline = replace(ExportOptions.from_manifest(first), r=0, schedule="constant")
+        baseline_dir = _cached_export(baseline, progress)
+        manifests.insert(0, (baseline_dir, read_manifest(baseline_dir)))
+    if manifests[0][1]["plan"]["tokens_in"] != first["plan"]["tokens_in"]:
+        raise UsageError(f"the baseline has {manifests[0][1]['plan']['tokens_in']} tokens but the exports "
+                         f"{first['plan']['tokens_in']}; pass --baseline with an r=0 export of the same model")
+    candidates, captioners, seen = [], [], set()
+    for directory, manifest in manifests:
+        r = 0 if not any(manifest["plan"]["r"]) else manifest["turbo"]["r_requested"]
+        if r in seen:
+            raise UsageError(f"two exports with r={r}; bench them in separate runs")
+        seen.add(r)
+        plan = manifest["plan"]
+        candidates.append(Candidate(r, plan["final_tokens"], plan["speedup_bound"],
+                                    lambda d=directory: _ort_runner(d, options), directory))
+        captioners.append(Candidate(r, plan["final_tokens"], plan["speedup_bound"],
+                                    lambda d=directory: _ort_runner(d, options, "caption"), directory))
+    captioners = captioners if all("decoder" in m for _, m in manifests) else []
+    return first, sorted(candidates, key=lambda c: c.r), sorted(captioners, key=lambda c: c.r)
+
+
+def run_bench(options: BenchOptions, progress: Progress = lambda message: None) -> dict:
+    """Time every requested runtime and workload; the report follows docs/bench.schema.json."""
+
+    _check(options)
+    started = now()
+    torch.set_num_threads(_threads(options))
+    runtimes = options.runtimes
+    if options.export_dirs and set(options.runtimes) - {"ort", "trt"}:
+        raise UsageError("exported directories run on ONNX Runtime or, with an engine, TensorRT; "
+                         "use --runtime ort or trt")
+    skipped, runnable = [], []
+    for runtime in runtimes:
+        reason = unavailable_reason(runtime, options.device)
+        if reason is None and runtime == "ort" and options.precision == "bf16":
+            reason = "turbo exports ONNX in fp32 or fp16, not bf16"
+        if reason:
+            skipped.append({"runtime": runtime, "workload": "all", "reason": reason})
+        else:
+            runnable.append(runtime)
+    if not runnable:
+        raise MissingRuntimeError("; ".join(f"{s['runtime']}: {s['reason']}" for s in skipped))
+    rows = []
+    if options.export_dirs:
+        first, candidates, captioners = _dir_candidates(options, progress)
+        name, source, random_weights = (first["model"][k] for k in ("name", "source", "random_weights"))
+        image_size = first["onnx"]["image_size"]
+        captioning = first["model"]["architecture"].startswith("Blip") and options.caption
+        for runtime in runnable:
+            runner = _trt_runner if runtime == "trt" else _ort_runner
+            for workload, chosen in (("encoder", candidates), ("caption", captioners if captioning else None)):
+                if chosen is None:
+                    continue
+                if not chosen:
+                    skipped.append({"runtime": runtime, "workload": "caption", "reason": NO_DECODER})
+                    continue
+                if runtime == "trt" and workload == "caption" and not all(map(_has_caption_engines, chosen)):
+                    skipped.append({"runtime": "trt", "workload": "caption", "reason": NO_CAPTION_ENGINES})
+                    continue
+                chosen = [replace(c, make_runner=lambda d=c.directory, w=workload: runner(d, options, w))
+                          for c in chosen]
+                rows += _time_candidates(chosen, runtime, workload, options, image_size, progress)
+    else:
+        rs = sorted({0, *(options.rs if options.rs is not None
+                          else [resolve_source(options.model, tiny=options.tiny).default_r])})
+        plans = {r: build_plan(options.model, r, options.method, options.alpha, "constant", options.threshold,
+                               tiny=options.tiny) for r in rs}
+        source_info = plans[0].source
+        name, source, random_weights = source_info.name, source_info.location, options.random_weights
+        workloads = ["encoder"] + (["caption"] if source_info.adapter.family == "blip" and options.caption else [])
+        image_size = plans[0].image_size
+        for runtime in runnable:
+            for workload in workloads:
+                candidates = (_torch_candidates(plans, workload, options) if runtime == "torch" else
+                              _export_candidates(plans, options, progress, runtime, workload,
+                                                 decoder=runtime == "ort" or "caption" in workloads))
+                rows += _time_candidates(candidates, runtime, workload, options, image_size, progress)
+    return {
+        "schema": SCHEMA,
+        "model": name,
+        "source": source,
+        "random_weights": random_weights,
+        "config": {"device": options.device, "precision": options.precision, "batches": list(options.batches),
+                   "warmup_s": options.warmup_s, "iters": options.iters, "duration_s": options.duration_s,
+                   "include_transfers": options.include_transfers, "threads": _threads(options),
+                   "caption_tokens": options.caption_tokens},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "python": platform.python_version()},
+        "versions": versions(),
+        "results": rows,
+        "skipped": skipped,
+        "started": started,
+        "finished": now(),
+    }

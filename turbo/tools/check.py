@@ -1,0 +1,276 @@
+"""`turbo check`: is an export directory what its manifest says, and does it still hold up?
+
+For CI gates. Every check is one line in the report; any failed check fails the run.
+"""
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from transformers import AutoTokenizer
+
+from turbo.core.errors import TurboError, UsageError
+from turbo.core.manifest import MANIFEST_FILE
+from turbo.export.decoder_validate import captions_are_exact, validate_decoder
+from turbo.export.onnx_export import TOKEN_SIZES, ExportModule
+from turbo.export.pipeline import ExportOptions
+from turbo.export.quant_export import quantize_model
+from turbo.export.validate import ValidationReport, graph_problems, seeded_pixels, validate_export
+from turbo.graph.summary import summarize
+from turbo.graph.trt_lint import lint
+from turbo.models.loading import load_model
+from turbo.models.patch import apply_turbo
+from turbo.runtimes.caption import GENERATION_FILE, CaptionPipeline
+from turbo.runtimes.onnxrt import OnnxRuntimeRunner
+from turbo.tools.bench import BenchOptions, run_bench
+
+REQUIRED = {"status": str, "model": dict, "turbo": dict, "plan": dict, "onnx": dict, "validation": dict}
+
+
+@dataclass(frozen=True)
+class CheckItem:
+    name: str
+    passed: bool | None  # None: skipped (with the reason in detail)
+    detail: str = ""
+
+
+@dataclass
+class CheckReport:
+    directory: str
+    items: list[CheckItem] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.items) and all(item.passed is not False for item in self.items)
+
+    def add(self, name: str, passed: bool | None, detail: str = "") -> bool | None:
+        self.items.append(CheckItem(name, passed, detail))
+        return passed
+
+    def to_dict(self) -> dict:
+        return {"directory": self.directory, "passed": self.passed, "checks": [asdict(item) for item in self.items]}
+
+
+def _read_manifest(directory: Path, report: CheckReport) -> dict | None:
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        report.add("manifest", False, f"{MANIFEST_FILE} is unreadable ({exc.__class__.__name__}); re-export")
+        return None
+    missing = [key for key, kind in REQUIRED.items() if not isinstance(manifest.get(key), kind)]
+    if missing:
+        report.add("manifest", False, f"{MANIFEST_FILE} lacks {', '.join(missing)}; re-export")
+        return None
+    report.add("manifest", manifest["status"] != "failed", f"export status {manifest['status']}")
+    return manifest
+
+
+def _graph_checks(directory: Path, manifest: dict, built, report: CheckReport):
+
+
+    onnx_info = manifest["onnx"]
+    model_path = directory / onnx_info.get("file", "model.onnx")
+    missing = [name for name in [onnx_info.get("file", "model.onnx"), *onnx_info.get("external_data", [])]
+               if not (directory / name).is_file()]
+    if report.add("files", not missing, f"missing {', '.join(missing)}" if missing else "model and weights present") \
+            is False:
+        return None
+    try:
+        onnx.checker.check_model(str(model_path), full_check=True)
+        report.add("onnx.checker (full)", True)
+    except Exception as exc:  # the checker's own errors and protobuf decode errors alike
+        report.add("onnx.checker (full)", False, f"{exc.__class__.__name__}: {str(exc).strip()[:200]}")
+    summary = summarize(model_path)
+    graph = summary.to_dict()
+    opset = summary.opset
+    differing = [key for key in ("merge_r", "inputs", "outputs") if graph[key] != onnx_info.get(key)]
+    if opset != onnx_info.get("opset"):
+        differing.append("opset")
+    report.add("graph vs manifest", not differing,
+               f"differ: {', '.join(differing)}" if differing else
+               f"{graph['merge_blocks']} merge blocks, r {graph['merge_r']}, opset {opset}")
+    batch = None if onnx_info.get("batch") == "dynamic" else onnx_info.get("batch")
+    if built is not None:
+        problems = graph_problems(summary, built.plan, manifest["turbo"]["merge_kernel"], batch)
+        report.add("graph vs plan", not problems, "; ".join(problems) or f"final tokens {built.plan.final_tokens}")
+    findings = lint(model_path)
+    errors = [f for f in findings if f.severity == "error"]
+    warnings = [f for f in findings if f.severity == "warning"]
+    report.add("TensorRT lint", not errors,
+               "; ".join(sorted({f"{f.op_type}: {f.message}" for f in errors + warnings})) or "no findings")
+    return summary
+
+
+def run_check(directory: str | Path, max_diff: float | None = None, min_agreement: float | None = None,
+              min_speedup: float | None = None, iters: int = 10) -> CheckReport:
+    """Check one export directory; gates (max_diff, min_agreement, min_speedup) run only when given."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory; pass a `turbo export` output directory")
+    report = CheckReport(str(directory))
+    manifest = _read_manifest(directory, report)
+    if manifest is None:
+        return report
+    try:
+        built = ExportOptions.from_manifest(manifest).plan()
+    except Exception as exc:  # a manifest whose settings no longer plan is a failed check, not a crash
+        report.add("plan vs manifest", False, f"cannot re-plan: {exc}")
+        built = None
+    else:
+        same = built.plan.to_dict() == manifest["plan"]
+        report.add("plan vs manifest", same, "re-planned from the manifest's settings" + ("" if same else
+                                                                                            ": the plans differ"))
+    summary = _graph_checks(directory, manifest, built, report)
+    if "decoder" in manifest:
+        _decoder_checks(directory, manifest, built, report)
+    if summary is not None and built is not None:
+        _revalidate(directory, manifest, built, report, max_diff, min_agreement)
+    if min_speedup is not None:
+        _speed_gate(directory, manifest, report, min_speedup, iters)
+    return report
+
+
+def _decoder_checks(directory: Path, manifest: dict, built, report: CheckReport) -> None:
+    """A captioning export's decoder: files, onnx.checker, and image tokens that match the plan
+    and the encoder (an encoder and decoder exported for different r do not fit)."""
+
+
+    decoder = manifest["decoder"]
+    names = [decoder["first_step"], decoder["with_past"], decoder["weights"], GENERATION_FILE, "tokenizer_config.json"]
+    missing = [name for name in names if not (directory / name).is_file()]
+    if report.add("decoder files", not missing, f"missing {', '.join(missing)}" if missing else
+                  "first-step and with-past graphs, shared weights, tokenizer, generation config") is False:
+        return
+    problems = []
+    for name in names[:2]:
+        try:
+            onnx.checker.check_model(str(directory / name), full_check=True)
+        except Exception as exc:  # checker and protobuf errors alike
+            problems.append(f"{name}: {exc.__class__.__name__}: {str(exc).strip()[:160]}")
+    report.add("decoder onnx.checker (full)", not problems, "; ".join(problems))
+    encoder = onnx.load(str(directory / manifest["onnx"]["file"]), load_external_data=False).graph.output[0]
+    produced = encoder.type.tensor_type.shape.dim[1].dim_value
+    tokens = {}
+    for name in names[:2]:
+        graph = onnx.load(str(directory / name), load_external_data=False).graph
+        cross = next(i for i in graph.input if i.name in ("image_embeds", "past.0.cross.key"))
+        dims = cross.type.tensor_type.shape.dim
+        tokens[name] = dims[1].dim_value if cross.name == "image_embeds" else dims[2].dim_value
+    planned = built.plan.final_tokens if built is not None else produced
+    fits = set(tokens.values()) == {produced} == {planned}
+    report.add("decoder image tokens", fits, f"encoder gives {produced}, plan {planned}, decoder graphs expect "
+               + ", ".join(f"{count} ({name})" for name, count in tokens.items())
+               + ("" if fits else ": exported for different r; re-export"))
+
+
+def _revalidate(directory: Path, manifest: dict, built, report: CheckReport, max_diff: float | None,
+                min_agreement: float | None) -> None:
+    """ONNX Runtime vs PyTorch again, when the weights can be had; then the fidelity gate."""
+
+
+    model_info, onnx_info = manifest["model"], manifest["onnx"]
+    gated = max_diff is not None or min_agreement is not None
+    try:
+        model = load_model(built.source, model_info["random_weights"], model_info.get("seed", 0))
+    except TurboError as exc:
+        report.add("ORT vs PyTorch", False if gated else None, f"skipped, no weights: {exc}")
+        return
+    unmerged = copy.deepcopy(model) if min_agreement is not None else None
+    kernel = manifest["turbo"]["merge_kernel"]
+    apply_turbo(model, built.source.adapter, built.plan, built.merge_config, kernel)
+    quantized = None
+    if manifest.get("quantization"):  # quantize again, from the manifest's calibration source and seed
+
+        try:
+            tokenizer = None
+            if "decoder" in manifest:  # the decoder calibrates on captions tokenized as at export
+
+                tokenizer = AutoTokenizer.from_pretrained(directory)
+            quantized = quantize_model(model, built, ExportOptions.from_manifest(manifest), tokenizer)
+        except TurboError as exc:
+            report.add("ORT vs PyTorch", False if gated else None, f"skipped, cannot re-quantize: {exc}")
+            return
+    int8 = quantized is not None and quantized.mode == "int8"
+    module = ExportModule(model, built)
+    path = directory / onnx_info.get("file", "model.onnx")
+    batch = None if onnx_info["batch"] == "dynamic" else onnx_info["batch"]
+    validation = validate_export(module, module.output_names(built.image_size), path, summarize(path), built.plan,
+                                 kernel, batch, onnx_info["precision"], built.image_size, static_checks=False,
+                                 compare=not int8)
+    worst = max((c.max_abs_diff for c in validation.outputs), default=float("inf"))
+    decisions = sum(max(d.tokens_differing, 0) for d in validation.decisions if d.gated)
+    if int8:  # activations are quantized: no PyTorch model computes this graph; quality vs fp32 instead
+        quantized.check_quality(module, validation, path, built.image_size)
+        report.add("quantized vs fp32", validation.passed,
+                   "; ".join(f"{q.name} {q.value:.4f} (min {q.minimum:g}{'' if q.gated else ', not gated'})"
+                             for q in validation.quality))
+    else:
+        report.add("ORT vs PyTorch", validation.passed,
+                   validation.runtime_error or f"max abs diff {worst:.2e}, {decisions} gated merge decisions differ")
+    if "decoder" in manifest:
+        _revalidate_decoder(directory, manifest, built, model, report)
+    if max_diff is not None:
+        report.add("gate: max diff", worst <= max_diff, f"{worst:.2e} (limit {max_diff:g})")
+    if min_agreement is not None:
+        value, what = _agreement(path, unmerged, built, batch)
+        report.add("gate: agreement", value >= min_agreement, f"{what} {value:.4f} (limit {min_agreement:g})")
+
+
+def _revalidate_decoder(directory: Path, manifest: dict, built, model, report: CheckReport) -> None:
+    try:
+        pipeline = CaptionPipeline.open(directory, exact=True)
+    except TurboError as exc:
+        report.add("decoder vs PyTorch", False, str(exc))
+        return
+    validation = ValidationReport("pytorch", "onnxruntime")
+    quant = (manifest.get("quantization") or {}).get("mode")
+    validate_decoder(model, built.source.adapter.caption_decoder.module(model), pipeline, validation,
+                     built.image_size, built.interpolate_pos_encoding, manifest["decoder"]["prompt"],
+                     captions_are_exact(manifest["onnx"]["precision"], quant), manifest["model"].get("seed", 0))
+    worst = max((c.max_abs_diff for c in validation.outputs), default=float("inf"))
+    differing = sum(c.sequences_differing for c in validation.captions)
+    passed = validation.runtime_error is None and all(c.passed for c in validation.outputs + validation.captions)
+    report.add("decoder vs PyTorch", passed and bool(validation.outputs),
+               validation.runtime_error or f"logits max abs diff {worst:.2e}, {differing} greedy captions differ")
+
+
+def _agreement(path: Path, unmerged, built, batch: int | None) -> tuple[float, str]:
+    """Fidelity to the unmerged model on seeded inputs: ViT top-1 agreement; BLIP cosine of the
+    size-weighted mean image token with the unmerged mean token."""
+
+
+    count = batch or 16
+    pixels = seeded_pixels(count, built.image_size, seed=7)
+    runner = OnnxRuntimeRunner(path)
+    merged = runner.run({runner.input_names[0]: pixels})
+    with torch.inference_mode():
+        reference = built.source.adapter.export_outputs(unmerged.eval(), torch.from_numpy(pixels),
+                                                        built.interpolate_pos_encoding)
+    if "logits" in merged:
+        agree = merged["logits"].argmax(-1) == reference["logits"].numpy().argmax(-1)
+        return float(agree.mean()), f"top-1 agreement with the unmerged model on {count} seeded inputs"
+    name = next(iter(reference))
+    tokens = merged[name].astype(np.float64)  # (B, N', C)
+    sizes = merged.get(TOKEN_SIZES, np.ones(tokens.shape[:2]))[..., None]
+    pooled = (tokens * sizes).sum(1) / sizes.sum(1)
+    base = reference[name].numpy().astype(np.float64).mean(1)
+    cosine = (pooled * base).sum(-1) / (np.linalg.norm(pooled, axis=-1) * np.linalg.norm(base, axis=-1))
+    return float(cosine.mean()), f"mean-token cosine with the unmerged model on {count} seeded inputs"
+
+
+def _speed_gate(directory: Path, manifest: dict, report: CheckReport, min_speedup: float, iters: int) -> None:
+    batch = 1 if manifest["onnx"]["batch"] == "dynamic" else manifest["onnx"]["batch"]
+    try:
+        bench = run_bench(BenchOptions(runtimes=("ort",), batches=(batch,), iters=iters, warmup_s=0.5,
+                                       caption=False, export_dirs=[directory]))
+    except TurboError as exc:
+        report.add("gate: speedup", False, f"could not bench: {exc}")
+        return
+    row = max(bench["results"], key=lambda row: row["r"])
+    report.add("gate: speedup", row["speedup"] >= min_speedup,
+               f"{row['speedup']:.2f}x vs r=0 on ORT CPU, batch {batch} (limit {min_speedup:g}x; "
+               f"FLOPs bound {row['flops_bound']:.2f}x)")

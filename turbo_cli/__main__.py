@@ -1,3 +1,0 @@
-from turbo_cli.app import main
-
-main()
