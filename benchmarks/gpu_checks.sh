@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check of issues 7 and 8 that needs a CUDA GPU, about 13 minutes at most (name steps to split
+# Every check that needs a CUDA GPU, about 13 minutes at most (name steps to split
 # it into runs under 10 minutes; the device step always runs):
 #
 #     bash benchmarks/gpu_checks.sh OUTDIR [STEP ...]
@@ -10,7 +10,7 @@
 # A failing step does not stop the others; the script exits 1 if any failed, 4 without a CUDA GPU.
 # Steps (all, or those named): the gpu-marked kernel tests (the TurboMerge kernel, the Triton Turbo
 # step); the TurboMerge kernel against the torch merge; torch CUDA fp16 speedups of ViT-B/16 r=16
-# (the Triton step, then the ops at batch 64) and BLIP vision r=30 (issue 7's ≥ 1.8× and ≥ 1.4× at
+# (the Triton step, then the ops at batch 64) and BLIP vision r=30 (targets ≥ 1.8× and ≥ 1.4× at
 # batch 64); the eager merge forms' times and op counts; the Turbo step's cost per layer on CUDA,
 # ops and Triton, at batch 64 and 1.
 set -u

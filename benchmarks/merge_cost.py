@@ -143,7 +143,7 @@ def export_pair(model: str, r: int, work_dir: Path) -> tuple[Path, Path, int]:
     with merge_free():
         run_export(options, work_dir / "merge-free", force=True)
     return work_dir / "merged" / "model.onnx", work_dir / "merge-free" / "model.onnx", \
-        result.manifest["onnx"]["image_size"]
+        result.manifest.onnx.image_size
 
 
 def torch_pair(model: str, r: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.ModuleList]:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from turbo.export.pipeline import MODEL_FILE, ExportOptions, run_export
+from turbo.core.files import MODEL_FILE
+from turbo.export.pipeline import ExportOptions, run_export
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
 
@@ -59,12 +60,12 @@ def main() -> None:
                 times[r].append(time.perf_counter() - begin)
         base = statistics.median(times[0])
         for r in rs:
-            plan = exports[r]["plan"]
+            plan = exports[r].plan
             latency = statistics.median(times[r])
             speedup = base / latency
-            export_s = exports[r]["stage_seconds"]["export"]
-            print(f"| {batch} | {r} | {plan['final_tokens']} | {latency * 1e3:.1f} | {speedup:.2f}x | "
-                  f"{plan['speedup_bound']:.2f}x | {speedup / plan['speedup_bound']:.2f} | {export_s:.0f} |")
+            export_s = exports[r].stage_seconds["export"]
+            print(f"| {batch} | {r} | {plan.final_tokens} | {latency * 1e3:.1f} | {speedup:.2f}x | "
+                  f"{plan.speedup_bound:.2f}x | {speedup / plan.speedup_bound:.2f} | {export_s:.0f} |")
 
 
 if __name__ == "__main__":

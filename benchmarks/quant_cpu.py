@@ -46,7 +46,7 @@ def main() -> None:
             runners[(r, mode)] = OnnxRuntimeRunner(out / "model.onnx", threads=os.cpu_count())
             rows[(r, mode)] = {"size_mb": size / 1e6, "export_s": seconds}
             print(f"exported r={r} {mode}: {size / 1e6:.0f} MB in {seconds:.0f} s", flush=True)
-    image_size = result.manifest["onnx"]["image_size"]
+    image_size = result.manifest.onnx.image_size
     print("| batch | r | mode | file MB | median ms | vs fp32 r=0 |")
     print("|---|---|---|---|---|---|")
     for batch in map(int, args.batch.split(",")):

@@ -1,5 +1,8 @@
 """Shared fixtures: tiny variants of every registered model, built from the registry."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +10,11 @@ from turbo.export.pipeline import ExportOptions, ExportResult, run_export
 from turbo.models.build import BuiltPlan, build_merged_model, build_plan
 from turbo.models.loading import load_model, resolve_source
 from turbo.models.registry import list_models
+
+
+def manifest_json(directory) -> dict:
+    """An export's turbo.json as written: the file format, not the typed record."""
+    return json.loads((Path(directory) / "turbo.json").read_text())
 
 
 def tiny_plan(name: str, r: int | None = 4, **kwargs) -> BuiltPlan:

@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 import turbo.export.pipeline
+from tests.conftest import manifest_json
 from turbo.cli.app import app
-from turbo.core.manifest import read_manifest
 from turbo.export.onnx_export import ExportError
 from turbo.models.loading import resolve_source
 
@@ -42,10 +42,10 @@ def test_json_manifest_on_stdout_and_the_table_on_stderr(tmp_path):
     out = tmp_path / "out"
     result = export(tmp_path, "-o", str(out), "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == read_manifest(out)
+    assert json.loads(result.stdout) == manifest_json(out)
     assert "validation PASSED" in result.stderr and "FAILED" not in result.stderr
     assert all(f"✓ {stage}" in result.stderr for stage in ("load", "patch", "export", "validate"))
-    manifest = read_manifest(out)
+    manifest = manifest_json(out)
     assert manifest["status"] == "passed" and manifest["command"].startswith("turbo ")
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "preprocessor_config.json", "turbo.json"]
 
@@ -68,7 +68,7 @@ def test_a_perturbed_model_fails_validation_with_exit_3(tmp_path, monkeypatch):
     result = export(tmp_path, "-o", str(out), "--force")
     assert result.exit_code == 3, result.output
     assert "FAILED" in result.stderr and "validation failed" in result.stderr
-    assert read_manifest(out)["status"] == "failed" and not (out / "old.txt").exists()
+    assert manifest_json(out)["status"] == "failed" and not (out / "old.txt").exists()
     assert not leftovers(tmp_path)
 
 
@@ -76,7 +76,7 @@ def test_no_validate_says_so(tmp_path):
     out = tmp_path / "out"
     result = export(tmp_path, "-o", str(out), "--no-validate", "--merge-kernel", "scatter")
     assert result.exit_code == 0, result.output
-    manifest = read_manifest(out)
+    manifest = manifest_json(out)
     assert manifest["status"] == "not validated" and manifest["validation"] == {"skipped": True}
     assert "not validated (--no-validate)" in result.stderr and "PASSED" not in result.stderr
 
@@ -171,7 +171,7 @@ def test_a_local_model_with_weights_and_processor(tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["export", "-m", str(local), "--r", "4", "-o", str(out), "--no-decoder"])
     assert result.exit_code == 0, result.output  # no tokenizer needed: the vision encoder only
-    manifest = read_manifest(out)
+    manifest = manifest_json(out)
     assert "decoder" not in manifest and not list(out.glob("decoder*"))
     assert manifest["model"]["random_weights"] is False and manifest["image_processor"]["origin"] == str(local)
     assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == [0.1, 0.2, 0.3]

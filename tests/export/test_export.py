@@ -11,8 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.conftest import encoder_output, pixels, tiny_export, tiny_pair
-from turbo.core.manifest import read_manifest
-from turbo.export.pipeline import MODEL_FILE
+from turbo.core.files import MODEL_FILE
 from turbo.export.validate import graph_problems
 from turbo.graph.summary import summarize
 from turbo.kernels.cpu_kernels import c_compiler
@@ -31,7 +30,7 @@ def ort_outputs(directory: Path, x: np.ndarray) -> list[np.ndarray]:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_ort_equals_torch_at_batch_1_and_3(tmp_path_factory, name, r, kernel):
     result = tiny_export(tmp_path_factory, name, r, kernel, external_data=kernel == "scatter")
-    assert result.passed and result.manifest["status"] == "passed"
+    assert result.passed and result.manifest.status == "passed"
     merged, _, upstream, built = tiny_pair(name, r=r, kernel=kernel)
     reference = upstream if r == 0 else merged  # r=0 must equal upstream transformers
     for batch in (1, 3):
@@ -74,12 +73,12 @@ def test_graph_agrees_with_the_plan(tmp_path_factory, name, r, kernel):
         assert all(d.HasField("dim_value") for d in dims[1:])
         if len(dims) == 3 or output.name == "token_sizes":
             assert dims[1].dim_value == plan.final_tokens
-    onnx_manifest = result.manifest["onnx"]
-    assert onnx_manifest["merge_r"] == [layer.r for layer in merging]
-    assert [(layer["tokens_in"], layer["r"]) for layer in result.manifest["plan"]["layers"]] == [
+    onnx_manifest = result.manifest.onnx
+    assert onnx_manifest.merge_r == [layer.r for layer in merging]
+    assert [(layer["tokens_in"], layer["r"]) for layer in result.manifest.plan.layers] == [
         (layer.tokens_in, layer.r) for layer in plan.layers]
     assert ("token_sizes" in [o.name for o in graph.output]) == bool(merging)
-    assert (onnx_manifest["external_data"] != []) == (kernel == "scatter")
+    assert (onnx_manifest.external_data != []) == (kernel == "scatter")
 
 
 def test_graph_check_catches_a_plan_that_differs(tmp_path_factory):
@@ -98,33 +97,33 @@ def test_clamped_layers_export_their_clamped_r(tmp_path_factory):
     """r=8 on 37 tokens is clamped to 6 in the last layer, where the kept-token TopK has K=0."""
     result = tiny_export(tmp_path_factory, "vit-b16", 8)
     assert result.passed
-    assert result.manifest["onnx"]["merge_r"] == [8, 8, 8, 6]
-    assert result.manifest["plan"]["final_tokens"] == 7
+    assert result.manifest.onnx.merge_r == [8, 8, 8, 6]
+    assert result.manifest.plan.final_tokens == 7
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_fp16_export_is_half_precision_and_validates(tmp_path_factory, name):
     result = tiny_export(tmp_path_factory, name, 4, precision="fp16")
-    assert result.passed, result.manifest["validation"]
+    assert result.passed, result.manifest.validation
     model = onnx.load(str(result.directory / MODEL_FILE))
     weights = [init for init in model.graph.initializer if init.data_type in (onnx.TensorProto.FLOAT,
                                                                               onnx.TensorProto.FLOAT16)]
     assert sum(w.data_type == onnx.TensorProto.FLOAT16 for w in weights) > 0.9 * len(weights)
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-    checks = result.manifest["validation"]["outputs"]
+    checks = result.manifest.validation["outputs"]
     exact = [c for c in checks if c["run"] == "fp16 graph in fp32"]
     half = [c for c in checks if c["run"] == "fp16"]
     assert exact and half and len(exact) == len(half)
     assert {c["atol"] for c in exact} == {1e-3} and {c["atol"] for c in half} == {1e-2}
     assert max(c["max_abs_diff"] for c in half) > 1e-4  # really computed in half precision
-    decisions = result.manifest["validation"]["merge_decisions"]
+    decisions = result.manifest.validation["merge_decisions"]
     assert all(d["tokens_differing"] == 0 for d in decisions if d["run"] == "fp16 graph in fp32")
 
 
 def test_static_batch_and_image_size(tmp_path_factory):
     result = tiny_export(tmp_path_factory, "vit-b16", 4, batch=2, image_size=64)
     assert result.passed
-    manifest = result.manifest
+    manifest = result.manifest.to_dict()
     assert manifest["plan"]["tokens_in"] == 65 and manifest["onnx"]["image_size"] == 64
     assert manifest["onnx"]["inputs"][0]["shape"] == [2, 3, 64, 64]
     assert {c["batch"] for c in manifest["validation"]["outputs"]} == {2}
@@ -134,8 +133,8 @@ def test_static_batch_and_image_size(tmp_path_factory):
 
 def test_manifest_records_the_export(tmp_path_factory):
     result = tiny_export(tmp_path_factory, "blip-caption", 4, decoder=True)
-    manifest = read_manifest(result.directory)
-    assert manifest == result.manifest
+    manifest = json.loads((result.directory / "turbo.json").read_text())
+    assert manifest == result.manifest.to_dict() and manifest["schema_version"] == 2
     assert manifest["model"]["random_weights"] is True and manifest["model"]["revision"] is None
     assert manifest["turbo"] == {"method": "turbo", "alpha": 5.0, "fusion": "s1", "threshold": 0,
                                  "schedule": "constant", "r_requested": 4, "merge_kernel": "matmul",
@@ -157,8 +156,8 @@ def test_manifest_records_the_export(tmp_path_factory):
 def test_function_nodes_compute_exactly_what_plain_ops_do(tmp_path_factory):
     folded = tiny_export(tmp_path_factory, "vit-b16", 4)
     inline = tiny_export(tmp_path_factory, "vit-b16", 4, merge_op="inline")
-    assert inline.manifest["onnx"]["turbo_merge_nodes"] == 0 and folded.manifest["onnx"]["turbo_merge_nodes"] == 4
-    assert inline.manifest["onnx"]["merge_r"] == folded.manifest["onnx"]["merge_r"] == [4, 4, 4, 4]
+    assert inline.manifest.onnx.turbo_merge_nodes == 0 and folded.manifest.onnx.turbo_merge_nodes == 4
+    assert inline.manifest.onnx.merge_r == folded.manifest.onnx.merge_r == [4, 4, 4, 4]
     x = pixels("vit-b16", batch=3, seed=5).numpy()
     for got, want in zip(ort_outputs(folded.directory, x), ort_outputs(inline.directory, x)):
         np.testing.assert_array_equal(got, want)
@@ -189,7 +188,7 @@ def test_fused_kernel_runs_every_merge_and_equals_the_function(tmp_path_factory,
     want = graph.run({"pixel_values": x})
     for output, got in fused.run({"pixel_values": x}).items():
         np.testing.assert_allclose(got, want[output], **({"atol": 2e-2} if precision == "fp16" else {"atol": 1e-5}))
-    merges = result.manifest["onnx"]["turbo_merge_nodes"]
+    merges = result.manifest.onnx.turbo_merge_nodes
     ran = profiled_op_counts(path, x, "fused", tmp_path)
     assert merges == 4 and ran["TurboMerge"] == merges and ran["GatherND"] == 0  # one kernel per merge, no function
     assert profiled_op_counts(path, x, "graph", tmp_path)["GatherND"] == 4 * merges  # the function, inlined

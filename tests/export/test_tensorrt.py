@@ -6,6 +6,7 @@ without TensorRT and a GPU."""
 
 import ast
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +138,8 @@ def test_turbo_merge_nodes_have_the_plugin_interface_and_compute_the_kernel(tmp_
 
     probe = _with_outputs(model, [name for node in nodes for name in [*node.input, *node.output]])
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    pixels = np.random.default_rng(0).standard_normal((2, 3, result.manifest["onnx"]["image_size"],
-                                                        result.manifest["onnx"]["image_size"])).astype(np.float32)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, result.manifest.onnx.image_size,
+                                                        result.manifest.onnx.image_size)).astype(np.float32)
     values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"pixel_values": pixels})))
     for node in nodes:
         r = next(a.i for a in node.attribute if a.name == "r")
@@ -154,7 +155,7 @@ def test_the_native_form_equals_the_function_graph_in_ort(tmp_path_factory, tmp_
     native = inline_merge_functions(result.directory / "model.onnx", tmp_path / "native.onnx")
     inlined = onnx.load(str(native))
     assert not inlined.functions and not any(n.op_type == "TurboMerge" for n in inlined.graph.node)
-    size = result.manifest["onnx"]["image_size"]
+    size = result.manifest.onnx.image_size
     pixels = np.random.default_rng(1).standard_normal((3, 3, size, size)).astype(np.float32)
     want = ort.InferenceSession(str(result.directory / "model.onnx")).run(None, {"pixel_values": pixels})
     got = ort.InferenceSession(str(native)).run(None, {"pixel_values": pixels})
@@ -270,18 +271,18 @@ def test_decoder_engine_profiles_cover_every_shape_captioning_feeds(tmp_path_fac
     from turbo.runtimes.caption import CaptionPipeline
 
     result = tiny_export(tmp_path_factory, "blip-caption", 4, decoder=True)  # shared with test_export
-    directory, decoder = result.directory, result.manifest["decoder"]
+    directory, decoder = result.directory, result.manifest.decoder
     pipeline = CaptionPipeline.open(directory)
     plan = decoder_engine_plan(decoder, BatchProfile(1, 2, 6), pipeline)
     assert plan["built"], plan
-    profiles = {key: profile_shapes(onnx_input_dims(directory / decoder[key]), plan["ranges"])
+    profiles = {key: profile_shapes(onnx_input_dims(directory / getattr(decoder, key)), plan["ranges"])
                 for key in ("first_step", "with_past")}
-    prompt = len(pipeline.prompt_ids(decoder["prompt"]))
+    prompt = len(pipeline.prompt_ids(decoder.prompt))
     assert profiles["first_step"]["input_ids"] == ((1, 1), (2, prompt), (6, MAX_PROMPT_TOKENS))
-    assert {s[1] for s in profiles["first_step"]["image_embeds"]} == {decoder["image_tokens"]}
+    assert {s[1] for s in profiles["first_step"]["image_embeds"]} == {decoder.image_tokens}
     first, with_past = RecordingRunner(pipeline.decoder.first), RecordingRunner(pipeline.decoder.with_past)
     pipeline.decoder.first, pipeline.decoder.with_past = first, with_past
-    size, longest = result.manifest["onnx"]["image_size"], pipeline.settings.max_new_tokens
+    size, longest = result.manifest.onnx.image_size, pipeline.settings.max_new_tokens
     pixels = np.random.default_rng(0).standard_normal((6, 3, size, size)).astype(np.float32)
     pipeline.caption(pixels, batch=6, min_new_tokens=longest)  # greedy, the generation config's full length
     pipeline.caption(pixels[:2], batch=2, num_beams=3)  # 6 rows
@@ -294,8 +295,8 @@ def test_decoder_engine_profiles_cover_every_shape_captioning_feeds(tmp_path_fac
                 assert all(a <= s <= b for a, s, b in zip(low, shape, high)), (key, name, shape, low, high)
     assert max(fed["past.0.self.key"][2] for fed in with_past.shapes) == prompt + longest - 2  # all tokens made
     for key in ("first_step", "with_past"):
-        assert not [f for f in lint(directory / decoder[key]) if f.severity == "error"]
-    quantized = decoder_engine_plan({**decoder, "precision": "fp32 with quantized weights"}, BatchProfile(1, 2, 6),
+        assert not [f for f in lint(directory / getattr(decoder, key)) if f.severity == "error"]
+    quantized = decoder_engine_plan(replace(decoder, precision="fp32 with quantized weights"), BatchProfile(1, 2, 6),
                                     pipeline)
     assert not quantized["built"] and "quantized" in quantized["reason"]
     plan = decoder_builder_plan((10, 13))
@@ -347,7 +348,7 @@ def test_engine_builds_and_matches_onnx_runtime(tmp_path, merge):
 
     result = run_export(ExportOptions(model="vit-b16", r=4, threshold=0, tiny=True, random_weights=True,
                                       trt=TrtOptions("fp32", merge=merge, max_batch=4)), tmp_path / "out")
-    engine = result.manifest["tensorrt"]
+    engine = result.manifest.tensorrt.to_dict()
     assert engine["built"] and (tmp_path / "out" / "model.plan").stat().st_size > 0
     assert result.engine_report is not None and result.engine_report.passed, engine["validation"]
     assert engine["merge"] == merge and (tmp_path / "out" / engine["build_log"]).exists()
@@ -362,10 +363,10 @@ def test_caption_engines_build_and_caption_like_onnx_runtime(tmp_path):
     out = tmp_path / "out"
     result = run_export(ExportOptions(model="blip-caption", r=4, threshold=0, tiny=True, random_weights=True,
                                       trt=TrtOptions("fp32", max_batch=4)), out)
-    decoder = result.manifest["tensorrt"]["decoder"]
+    decoder = result.manifest.tensorrt.decoder
     assert decoder["built"] and all((out / e["file"]).stat().st_size > 0 for e in decoder["engines"].values())
-    assert result.engine_report.passed, result.manifest["tensorrt"]["validation"]
+    assert result.engine_report.passed, result.manifest.tensorrt.build["validation"]
     assert any(c.run == "greedy, tensorrt vs onnx" for c in result.engine_report.captions)
-    size = result.manifest["onnx"]["image_size"]
+    size = result.manifest.onnx.image_size
     captions = CaptionPipeline.open(out, tensorrt=True).caption(np.zeros((2, 3, size, size), np.float32))
     assert len(captions) == 2 and all(c["ids"] for c in captions)

@@ -58,19 +58,3 @@ def test_unknown_name_lists_the_registry():
 def test_uncached_hub_id_fails_fast_with_a_hint():
     with pytest.raises(ModelLoadError, match="cannot get its config.*registry names work offline"):
         resolve_source("nobody/no-such-model")
-
-
-def test_local_vit_model_directory_is_patched_and_merges(tmp_path):
-    import transformers
-
-    from turbo.models.build import build_merged_model, build_plan
-
-    config = resolve_source("vit-b16", tiny=True).config
-    transformers.ViTModel(config).save_pretrained(tmp_path)
-    built = build_plan(str(tmp_path), r=4)
-    assert built.source.architecture == "ViTModel"
-    model, state = build_merged_model(built)
-    with torch.no_grad():
-        hidden = model(pixel_values=pixels("vit-b16")).last_hidden_state
-    assert hidden.shape[1] == built.plan.final_tokens == 21
-    assert state.token_counts == [(layer.tokens_in, layer.tokens_out) for layer in built.plan.layers]

@@ -106,7 +106,7 @@ def exports(tmp_path_factory):
 @pytest.mark.parametrize("r", [0, 4])
 def test_ort_captions_equal_pytorch_token_for_token(exports, r, beams):
     result = exports[f"r{r}"]
-    assert result.passed and result.manifest["validation"]["captions"][0]["passed"]
+    assert result.passed and result.manifest.validation["captions"][0]["passed"]
     pipeline = CaptionPipeline.open(result.directory)
     built = build_plan(str(exports["local"]), r=r)
     assert pipeline.decoder.image_tokens == built.plan.final_tokens == (37 if r == 0 else 21)
@@ -134,17 +134,17 @@ def test_bench_of_captioner_exports_times_encoder_and_captions(exports):
 
 def test_export_writes_the_decoder_with_weights_stored_once(exports):
     result = exports["r4"]
-    directory, decoder = result.directory, result.manifest["decoder"]
-    assert decoder["image_tokens"] == result.manifest["plan"]["final_tokens"] == 21
-    assert decoder["tokenizer"]["origin"] == str(exports["local"]) and decoder["precision"] == "fp32"
+    directory, decoder = result.directory, result.manifest.decoder
+    assert decoder.image_tokens == result.manifest.plan.final_tokens == 21
+    assert decoder.tokenizer["origin"] == str(exports["local"]) and decoder.precision == "fp32"
     first_step_weights = sum(p.numel() * 4 for p in captioning_model()[0].text_decoder.parameters()
                              if p is not captioning_model()[0].text_decoder.cls.predictions.decoder.weight)
-    data = (directory / decoder["weights"]).stat().st_size
-    assert decoder["shared_bytes"] > 0.9 * decoder["weights_bytes"]  # the with-past graph reuses every weight
+    data = (directory / decoder.weights).stat().st_size
+    assert decoder.shared_bytes > 0.9 * decoder.weights_bytes  # the with-past graph reuses every weight
     assert data < 1.1 * first_step_weights
     generation = json.loads((directory / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (BOS, EOS, PAD)
-    steps = [c for c in result.manifest["validation"]["outputs"] if c["run"].startswith("decoder")]
+    steps = [c for c in result.manifest.validation["outputs"] if c["run"].startswith("decoder")]
     assert len(steps) == 2 and all(c["passed"] and c["max_abs_diff"] < 1e-4 for c in steps)
 
 

@@ -69,7 +69,7 @@ def test_a_corrupted_manifest(exported, tmp_path):
     (directory / "turbo.json").write_text('{"status": "passed", "plan": ')
     result = check(directory)
     assert result.exit_code == 3
-    assert "turbo.json is unreadable (JSONDecodeError); re-export" in result.output
+    assert "turbo.json is not readable JSON" in result.output and "re-export" in result.output
     assert "error:" in result.output and "Traceback" not in result.output
 
 

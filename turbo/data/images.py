@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from turbo.core.errors import UsageError
+from turbo.core.manifest import CalibrationRecord
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -128,7 +129,7 @@ SYNTHETIC = "synthetic"
 class Calibration:
     pixels: np.ndarray  # (n, 3, S, S), preprocessed
     texts: list[str] | None  # one reference caption per image (COCO-format sources), else None
-    info: dict  # what the manifest records
+    info: CalibrationRecord  # what the manifest records
 
 
 def calibration_set(source: str, count: int, seed: int, processor, image_size: int,
@@ -141,7 +142,7 @@ def calibration_set(source: str, count: int, seed: int, processor, image_size: i
     rng = np.random.default_rng(seed)
     if source == SYNTHETIC:
         pixels = rng.standard_normal((count, 3, image_size, image_size)).astype(np.float32)
-        return Calibration(pixels, None, {"source": SYNTHETIC, "count": count, "seed": seed, "synthetic": True})
+        return Calibration(pixels, None, CalibrationRecord(SYNTHETIC, count, seed, synthetic=True))
     root = Path(source)
     images = None
     if root.is_file() and root.suffix == ".json":
@@ -158,5 +159,5 @@ def calibration_set(source: str, count: int, seed: int, processor, image_size: i
     chosen = [samples[i] for i in sorted(rng.choice(len(samples), size=min(count, len(samples)), replace=False))]
     texts = [s.references[0] for s in chosen] if all(s.references for s in chosen) else None
     return Calibration(pixel_batch(chosen, processor), texts,
-                       {"source": str(root), "count": len(chosen), "available": len(samples), "seed": seed,
-                        "synthetic": False, "captions": texts is not None, "images": images})
+                       CalibrationRecord(str(root), len(chosen), seed, available=len(samples), images=images,
+                                         captions=texts is not None))

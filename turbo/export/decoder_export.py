@@ -14,16 +14,16 @@ from torch import nn
 from transformers import GenerationConfig
 
 from turbo.core.errors import TurboError
+from turbo.core.files import DECODER_WEIGHTS_FILE as WEIGHTS_FILE
+from turbo.core.files import FIRST_STEP_FILE, GENERATION_FILE, WITH_PAST_FILE
+from turbo.core.manifest import DecoderRecord
 from turbo.export.onnx_export import run_exporter
 from turbo.graph.shared_weights import save_with_shared_weights
 from turbo.graph.weight_quant import insert_dequantize
 from turbo.models.blip_decoder import CROSS_KV, SELF_KV, DecoderFirstStep, DecoderWithPast, cache_names
 from turbo.models.loading import ModelSource
-from turbo.runtimes.caption import DEFAULT_PROMPT, GENERATION_FILE
+from turbo.runtimes.caption import DEFAULT_PROMPT
 
-FIRST_STEP_FILE = "decoder_model.onnx"
-WITH_PAST_FILE = "decoder_with_past_model.onnx"
-WEIGHTS_FILE = "decoder.onnx.data"
 IDS, IMAGE_EMBEDS, LOGITS = "input_ids", "image_embeds", "logits"
 
 
@@ -109,7 +109,7 @@ def write_generation_config(directory: Path, ids: dict[str, int], max_new_tokens
 
 
 def export_captioner(model: nn.Module, source: ModelSource, tokenizer: tuple[object, str], directory: Path,
-                     image_tokens: int, opset: int, quantized: dict | None = None) -> dict:
+                     image_tokens: int, opset: int, quantized: dict | None = None) -> DecoderRecord:
     """The decoder graphs, tokenizer (and its origin) and generation config of a captioning model;
     the manifest's `decoder` section. The decoder stays fp32 whatever the encoder's precision."""
     caption = source.adapter.caption_decoder
@@ -118,5 +118,5 @@ def export_captioner(model: nn.Module, source: ModelSource, tokenizer: tuple[obj
     tokenizer.save_pretrained(directory)
     write_generation_config(directory, caption.generation_ids(source.config))
     precision = "fp32" if not quantized else "fp32 with quantized weights"
-    return {**info, "precision": precision, "prompt": DEFAULT_PROMPT, "generation_config": GENERATION_FILE,
-            "tokenizer": {"origin": origin}}
+    return DecoderRecord(**info, precision=precision, prompt=DEFAULT_PROMPT, generation_config=GENERATION_FILE,
+                         tokenizer={"origin": origin})

@@ -3,7 +3,6 @@ all inside a staging directory that replaces the output only when complete."""
 
 import contextlib
 import copy
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -12,7 +11,22 @@ from pathlib import Path
 
 from turbo.core.cache import cache_root
 from turbo.core.errors import UsageError
-from turbo.core.manifest import now, versions, write_manifest
+from turbo.core.files import MODEL_FILE, PROCESSOR_FILE
+from turbo.core.manifest import (
+    DecoderRecord,
+    ImageProcessorRecord,
+    Manifest,
+    ModelRecord,
+    OnnxRecord,
+    PlanRecord,
+    QuantizationRecord,
+    TensorRTRecord,
+    TurboRecord,
+    now,
+    read_export_manifest,
+    versions,
+    write_manifest,
+)
 from turbo.core.staging import check_target, staged_directory
 from turbo.export.decoder_export import export_captioner
 from turbo.export.decoder_validate import captions_are_exact, validate_decoder
@@ -27,7 +41,6 @@ from turbo.models.patch import apply_turbo
 from turbo.runtimes.availability import tensorrt_reason, tensorrt_version
 from turbo.runtimes.caption import CaptionPipeline
 
-MODEL_FILE = "model.onnx"
 Stage = Callable[[str], AbstractContextManager]
 
 
@@ -64,19 +77,18 @@ class ExportOptions:
     trt: TrtOptions | None = None  # also build a TensorRT engine (model.plan) from the validated ONNX
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "ExportOptions":
+    def from_manifest(cls, manifest: Manifest) -> "ExportOptions":
         """The options an export was made with, read back from its turbo.json."""
-        model, turbo, onnx_info = manifest["model"], manifest["turbo"], manifest["onnx"]
-        schedule = turbo["schedule"]
+        model, turbo, onnx_info = manifest.model, manifest.turbo, manifest.onnx
+        schedule = turbo.schedule
         return cls(
-            model=model["name"], r=turbo["r_requested"], method=turbo["method"], alpha=turbo["alpha"],
-            threshold=turbo["threshold"], fusion=turbo["fusion"], kernel=turbo["merge_kernel"],
+            model=model.name, r=turbo.r_requested, method=turbo.method, alpha=turbo.alpha,
+            threshold=turbo.threshold, fusion=turbo.fusion, kernel=turbo.merge_kernel,
             schedule=",".join(map(str, schedule)) if isinstance(schedule, list) else schedule,
-            opset=onnx_info["opset"], batch=None if onnx_info["batch"] == "dynamic" else onnx_info["batch"],
-            image_size=onnx_info["image_size"], precision=onnx_info["precision"],
-            random_weights=model["random_weights"], seed=model.get("seed", 0), tiny=model.get("tiny", False),
-            merge_op=onnx_info.get("merge_op", "inline"), **_quant_options(manifest.get("quantization")),
-            decoder="decoder" in manifest,
+            opset=onnx_info.opset, batch=onnx_info.static_batch, image_size=onnx_info.image_size,
+            precision=onnx_info.precision, random_weights=model.random_weights,
+            seed=model.seed if model.seed is not None else 0, tiny=model.tiny, merge_op=onnx_info.merge_op,
+            **_quant_options(manifest.quantization), decoder=manifest.decoder is not None,
         )
 
     def plan(self) -> BuiltPlan:
@@ -84,20 +96,19 @@ class ExportOptions:
                           self.tiny, self.image_size)
 
 
-def _quant_options(quantization: dict | None) -> dict:
-    if not quantization:
+def _quant_options(quantization: QuantizationRecord | None) -> dict:
+    if quantization is None:
         return {}
-    calibration = quantization["calibration"]
-    return {"quant": quantization["mode"], "group_size": quantization["group_size"],
-            "act_order": quantization["act_order"], "calib": calibration["source"],
-            "calib_size": calibration["count"], "calib_seed": calibration["seed"],
-            "calib_images": calibration.get("images"), "quant_heads": quantization.get("heads", False)}
+    calibration = quantization.calibration
+    return {"quant": quantization.mode, "group_size": quantization.group_size or 128,
+            "act_order": quantization.act_order, "calib": calibration.source, "calib_size": calibration.count,
+            "calib_seed": calibration.seed, "calib_images": calibration.images, "quant_heads": quantization.heads}
 
 
 @dataclass
 class ExportResult:
     directory: Path
-    manifest: dict
+    manifest: Manifest
     report: ValidationReport | None
     warnings: list[str] = field(default_factory=list)
     engine_report: ValidationReport | None = None
@@ -179,96 +190,76 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
                     quantized.check_quality(module, report, staging / MODEL_FILE, built.image_size)
                 if quantized is not None and decoder is not None:
                     quantized.check_captions(CaptionPipeline.load(staging, MODEL_FILE, decoder, options.batch), report,
-                                             built.image_size, built.interpolate_pos_encoding, decoder["prompt"])
+                                             built.image_size, built.interpolate_pos_encoding, decoder.prompt)
         warnings = []
         if not options.random_weights and processor_origin.endswith("default"):
             warnings.append(f"{built.source.location} has no image processor config; wrote the "
                             f"{processor_origin} (check its mean/std and resize before serving)")
-        manifest = json.loads(json.dumps(_manifest(  # exactly what turbo.json holds
-            built, options, model, summary, report, staging, processor_origin, seconds, started, command_line)))
-        if decoder is not None:
-            manifest["decoder"] = decoder
-        if quantized is not None:
-            manifest["quantization"] = quantized.to_dict()
+        manifest = _manifest(built, options, model, summary, report, staging, processor_origin, seconds, started,
+                             command_line)
+        manifest.decoder = decoder
+        manifest.quantization = quantized.record() if quantized is not None else None
         engine_report = missing = None
         if options.trt is not None:
             with timed("tensorrt"):
-                manifest["tensorrt"], engine_report, missing = _engine_stage(options, staging, manifest)
-            manifest["stage_seconds"] = seconds
+                manifest.tensorrt, engine_report, missing = _engine_stage(options, staging, manifest)
+            manifest.stage_seconds = seconds
         write_manifest(staging, manifest)
-    return ExportResult(Path(output), manifest, report, warnings, engine_report, missing)
+    return ExportResult(Path(output), read_export_manifest(output), report, warnings, engine_report, missing)
 
 
 def _engine_stage(options: ExportOptions, staging: Path,
-                  manifest: dict) -> tuple[dict, ValidationReport | None, str | None]:
+                  manifest: Manifest) -> tuple[TensorRTRecord, ValidationReport | None, str | None]:
     """(the manifest's "tensorrt" entry, the engine's validation, what is missing to build it)."""
-
     missing = tensorrt_reason()
     if missing is not None:
-        return {"built": False, "reason": missing}, None, missing
-    if manifest["status"] == "failed":
-        return {"built": False, "reason": "the ONNX failed validation"}, None, None
+        return TensorRTRecord(False, reason=missing), None, missing
+    if manifest.failed:
+        return TensorRTRecord(False, reason="the ONNX failed validation"), None, None
     engine, engine_report = build_and_validate(options.trt, staging, manifest, options.quant,
                                                cache_root() / "tensorrt")
     if engine_report is not None:
         engine["validation"] = engine_report.to_dict()
         if not engine_report.passed:
-            manifest["status"] = "failed"
-    return {"built": True, **engine}, engine_report, None
+            manifest.status = "failed"
+    return TensorRTRecord.from_dict({"built": True, **engine}, "tensorrt"), engine_report, None
 
 
-def _validate_captioner(model, built: BuiltPlan, options: ExportOptions, staging: Path, decoder: dict,
+def _validate_captioner(model, built: BuiltPlan, options: ExportOptions, staging: Path, decoder: DecoderRecord,
                         report: ValidationReport) -> None:
     """The decoder graphs and the whole ONNX captioner against upstream generate."""
 
     pipeline = CaptionPipeline.load(staging, MODEL_FILE, decoder, options.batch, exact=True)
     validate_decoder(model, built.source.adapter.caption_decoder.module(model), pipeline, report, built.image_size,
-                     built.interpolate_pos_encoding, decoder["prompt"],
+                     built.interpolate_pos_encoding, decoder.prompt,
                      captions_are_exact(options.precision, options.quant), options.seed)
 
 
 def _manifest(built: BuiltPlan, options: ExportOptions, model, summary: GraphSummary,
               report: ValidationReport | None, staging: Path, processor_origin: str, seconds: dict[str, float],
-              started: str, command_line: str | None) -> dict:
+              started: str, command_line: str | None) -> Manifest:
     status = "not validated" if report is None else "passed" if report.passed else "failed"
     data_files = sorted(p.name for p in staging.iterdir() if p.name.startswith(MODEL_FILE) and p.name != MODEL_FILE)
-    return {
-        "status": status,
-        "model": {
-            "name": built.source.name,
-            "source": built.source.location,
-            "architecture": built.source.architecture,
-            "revision": None if options.random_weights else getattr(model.config, "_commit_hash", None),
-            "random_weights": options.random_weights,
-            "tiny": options.tiny,
-            **({"seed": options.seed} if options.random_weights else {}),
-        },
-        "turbo": {
-            "method": built.merge_config.method,
-            "alpha": built.merge_config.alpha,
-            "fusion": built.merge_config.fusion,
-            "threshold": built.plan.threshold,
-            "schedule": built.schedule,
-            "r_requested": built.r_requested,
-            "r_auto": options.r_auto,
-            "merge_kernel": options.kernel,
-        },
-        "plan": built.plan.to_dict(),
-        "onnx": {
-            "file": MODEL_FILE,
-            "external_data": data_files,
-            "opset": options.opset,
-            "precision": options.precision,
-            "merge_op": options.merge_op,
-            "batch": options.batch or "dynamic",
-            "image_size": built.image_size,
-            **summary.to_dict(),
-        },
-        "image_processor": {"file": "preprocessor_config.json", "origin": processor_origin},
-        "validation": report.to_dict() if report else {"skipped": True},
-        "versions": versions(),
-        "command": command_line or "python API (turbo.export.pipeline.run_export)",
-        "started": started,
-        "finished": now(),
-        "stage_seconds": seconds,
-    }
+    return Manifest(
+        status=status,
+        model=ModelRecord(
+            name=built.source.name, source=built.source.location, architecture=built.source.architecture,
+            revision=None if options.random_weights else getattr(model.config, "_commit_hash", None),
+            random_weights=options.random_weights, tiny=options.tiny,
+            seed=options.seed if options.random_weights else None),
+        turbo=TurboRecord(
+            method=built.merge_config.method, alpha=built.merge_config.alpha, fusion=built.merge_config.fusion,
+            threshold=built.plan.threshold, schedule=built.schedule, r_requested=built.r_requested,
+            merge_kernel=options.kernel, r_auto=options.r_auto),
+        plan=PlanRecord(**built.plan.to_dict()),
+        onnx=OnnxRecord(file=MODEL_FILE, opset=options.opset, precision=options.precision,
+                        batch=options.batch or "dynamic", image_size=built.image_size, external_data=data_files,
+                        merge_op=options.merge_op, **summary.to_dict()),
+        image_processor=ImageProcessorRecord(PROCESSOR_FILE, processor_origin),
+        validation=report.to_dict() if report else {"skipped": True},
+        versions=versions(),
+        command=command_line or "python API (turbo.export.pipeline.run_export)",
+        started=started,
+        finished=now(),
+        stage_seconds=seconds,
+    )

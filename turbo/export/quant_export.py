@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from turbo.core.errors import TurboError, UsageError
+from turbo.core.manifest import CalibrationRecord, QuantizationRecord
 from turbo.data.images import calibration_set
 from turbo.export.decoder_validate import reference_ids
 from turbo.export.onnx_export import rewrite_onnx
@@ -70,7 +71,7 @@ class QuantizedModel:
     mode: str
     group: int
     act_order: bool
-    calibration: dict
+    calibration: CalibrationRecord
     weights: dict[str, QuantizedWeight]
     layers: list[LayerReport]
     reference: nn.Module  # the fp32 merged model, for the quality check
@@ -140,24 +141,23 @@ class QuantizedModel:
         self.quality.append(check)
         report.quality.append(check)
 
-    def to_dict(self) -> dict:
-        return {
-            "mode": self.mode, "bits": BITS[self.mode],
-            "method": WEIGHT_ONLY[self.mode][1] if self.mode in WEIGHT_ONLY else "onnxruntime static (MinMax)",
-            "group_size": self.group if self.mode in WEIGHT_ONLY else None,
-            "act_order": self.act_order, "heads": self.heads, "calibration": self.calibration,
-            "quantized_linears": len(self.weights) if self.mode in WEIGHT_ONLY else None,
-            "format": ("DequantizeLinear (opset 21, blocked, symmetric)" if self.mode in WEIGHT_ONLY else
-                       "QDQ: int8 weights per channel and activations per tensor, symmetric; weight MatMuls only"),
-            "decoder": ({"quantized_linears": len(self.decoder_weights), "calibration_text": self.decoder_text}
-                        if self.decoder_weights else None),
-            "layers": [asdict(layer) for layer in self.layers],
-            "quality": [{**asdict(q), "passed": q.passed} for q in self.quality],
-        }
+    def record(self) -> QuantizationRecord:
+        weight_only = self.mode in WEIGHT_ONLY
+        return QuantizationRecord(
+            mode=self.mode, bits=BITS[self.mode],
+            method=WEIGHT_ONLY[self.mode][1] if weight_only else "onnxruntime static (MinMax)",
+            group_size=self.group if weight_only else None, act_order=self.act_order, heads=self.heads,
+            calibration=self.calibration, quantized_linears=len(self.weights) if weight_only else None,
+            format=("DequantizeLinear (opset 21, blocked, symmetric)" if weight_only else
+                    "QDQ: int8 weights per channel and activations per tensor, symmetric; weight MatMuls only"),
+            decoder=({"quantized_linears": len(self.decoder_weights), "calibration_text": self.decoder_text}
+                     if self.decoder_weights else None),
+            layers=[asdict(layer) for layer in self.layers],
+            quality=[{**asdict(q), "passed": q.passed} for q in self.quality],
+        )
 
 
 def _quantize_int8_in_place(path: Path, pixels: np.ndarray, keep_float: tuple[np.ndarray, ...]) -> None:
-
 
     root = logging.getLogger()
     level = root.level

@@ -59,7 +59,6 @@ def _placeholder_tokenizer(config) -> object:
     """A BERT word-piece tokenizer with BLIP's special-token ids and made-up words ("w123") for
     the rest: decodes random-weight captions, which are noise whatever the vocabulary."""
 
-
     text = config.text_config
     vocab = [f"w{i}" for i in range(text.vocab_size)]
     specials = {text.pad_token_id: "[PAD]", 100: "[UNK]", 101: "[CLS]", text.sep_token_id: "[SEP]", 103: "[MASK]",

@@ -3,6 +3,7 @@ works offline), a tiny variant for tests, and Turbo defaults."""
 
 from dataclasses import dataclass, field
 
+from turbo.core.errors import UsageError
 from turbo.models.adapters import FamilyAdapter
 from turbo.models.blip import BLIP
 from turbo.models.vit import VIT
@@ -70,3 +71,11 @@ def list_models() -> list[str]:
 
 def supported_architectures() -> list[str]:
     return sorted(ADAPTERS)
+
+
+def adapter_for(architecture: str) -> FamilyAdapter:
+    """The adapter of a transformers class name, or a UsageError naming the supported ones."""
+    if architecture not in ADAPTERS:
+        raise UsageError(f"architecture {architecture} is not supported; "
+                         f"supported: {', '.join(supported_architectures())}")
+    return ADAPTERS[architecture]

@@ -20,7 +20,6 @@ def quantize_int8(source: Path, target: Path, input_name: str, pixels: np.ndarra
     """Write the QDQ model of `source` to `target`, activation ranges from `pixels` (MinMax).
     Weights equal to one of `keep_float` (either orientation: the classifier head) stay float."""
 
-
     graph = onnx.load(str(source)).graph
     constants = {tensor.name: tensor for tensor in graph.initializer}
     kept = {value_key(w) for weight in keep_float for w in (weight, weight.T)}

@@ -11,13 +11,13 @@ import onnx
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from turbo.core.errors import TurboError, UsageError
-from turbo.core.manifest import read_export_manifest
+from turbo.core.files import GENERATION_FILE
+from turbo.core.manifest import DecoderRecord, Manifest, TensorRTRecord, read_export_manifest
 from turbo.runtimes.base import Runner
 from turbo.runtimes.generation import GenerationSettings, generate
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.runtimes.tensorrt import TensorRTRunner
 
-GENERATION_FILE = "generation_config.json"
 DEFAULT_PROMPT = "a picture of"  # BLIP's COCO captioning prompt
 
 
@@ -47,10 +47,10 @@ class GraphDecoder:
     TensorRT engines built from them), as a `StepDecoder` for one batch of image embeddings at a
     time (`image_embeds` is set before each search). Outputs are read by the ONNX graphs' names."""
 
-    def __init__(self, first: Runner, with_past: Runner, directory: Path, decoder: dict) -> None:
+    def __init__(self, first: Runner, with_past: Runner, directory: Path, decoder: DecoderRecord) -> None:
         self.first, self.with_past = first, with_past
-        first_graph = onnx_graph(directory / decoder["first_step"])
-        past_graph = onnx_graph(directory / decoder["with_past"])
+        first_graph = onnx_graph(directory / decoder.first_step)
+        past_graph = onnx_graph(directory / decoder.with_past)
         self.first_outputs = [o.name for o in first_graph.output]
         self.past_names = [i.name for i in past_graph.input][1:]  # per layer: self K, V, cross K, V
         self.past_outputs = [o.name for o in past_graph.output]
@@ -58,10 +58,10 @@ class GraphDecoder:
         self.image_embeds: np.ndarray | None = None
 
     @classmethod
-    def onnxruntime(cls, directory: Path, decoder: dict, threads: int | None = None,
+    def onnxruntime(cls, directory: Path, decoder: DecoderRecord, threads: int | None = None,
                     providers: tuple[str, ...] = ("CPUExecutionProvider",), exact: bool = False) -> "GraphDecoder":
-        return cls(OnnxRuntimeRunner(directory / decoder["first_step"], providers, threads, exact=exact),
-                   OnnxRuntimeRunner(directory / decoder["with_past"], providers, threads, exact=exact),
+        return cls(OnnxRuntimeRunner(directory / decoder.first_step, providers, threads, exact=exact),
+                   OnnxRuntimeRunner(directory / decoder.with_past, providers, threads, exact=exact),
                    directory, decoder)
 
     def first_step(self, input_ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -99,11 +99,11 @@ class CaptionPipeline:
     """`turbo caption`'s engine: pixels -> (merged) image embeddings -> token ids -> text."""
 
     def __init__(self, encoder: Runner, decoder: GraphDecoder, tokenizer, settings: GenerationSettings,
-                 bos_token_id: int, static_batch: int | None = None, manifest: dict | None = None,
+                 bos_token_id: int, static_batch: int | None = None, manifest: Manifest | None = None,
                  processor=None) -> None:
         self.encoder, self.decoder, self.tokenizer, self.processor = encoder, decoder, tokenizer, processor
         self.settings, self.bos_token_id, self.static_batch = settings, bos_token_id, static_batch
-        self.manifest = manifest or {}
+        self.manifest = manifest  # None while an export is being validated
 
     @classmethod
     def open(cls, directory: str | Path, threads: int | None = None,
@@ -114,38 +114,37 @@ class CaptionPipeline:
         merge_kernel: how ONNX Runtime runs the encoder's TurboMerge nodes (see OnnxRuntimeRunner)."""
         directory = Path(directory)
         manifest = read_export_manifest(directory)
-        decoder = manifest.get("decoder")
+        decoder = manifest.decoder
         if decoder is None:
-            raise UsageError(f"{directory} has no text decoder (a {manifest['model']['architecture']} vision "
+            raise UsageError(f"{directory} has no text decoder (a {manifest.model.architecture} vision "
                              "export); captioning needs a BLIP export: turbo export --model blip-caption")
-        missing = [name for name in (manifest["onnx"]["file"], decoder["first_step"], decoder["with_past"],
-                                     decoder["weights"], GENERATION_FILE) if not (directory / name).is_file()]
+        missing = [name for name in (manifest.onnx.file, *decoder.files) if not (directory / name).is_file()]
         if missing:
             raise ExportMismatchError(f"{directory} is missing {', '.join(missing)}; re-export it")
         engines = None
         if tensorrt:
-            engines = manifest.get("tensorrt") or {}
-            if not (engines.get("decoder") or {}).get("built"):
-                reason = (engines.get("decoder") or {}).get("reason") or "export it with --trt"
+            engines = manifest.tensorrt
+            engine_decoder = (engines.decoder if engines else None) or {}
+            if not engine_decoder.get("built"):
+                reason = engine_decoder.get("reason") or "export it with --trt"
                 raise UsageError(f"{directory} has no TensorRT caption engines: {reason}")
-        static = manifest["onnx"]["batch"]
         try:
-            return cls.load(directory, manifest["onnx"]["file"], decoder, static if isinstance(static, int) else None,
+            return cls.load(directory, manifest.onnx.file, decoder, manifest.onnx.static_batch,
                             threads, providers, exact, manifest, engines, merge_kernel)
         except ExportMismatchError as exc:
             raise ExportMismatchError(f"{directory}: {exc}") from None
 
     @classmethod
-    def load(cls, directory: Path, encoder_file: str, decoder: dict, static_batch: int | None = None,
+    def load(cls, directory: Path, encoder_file: str, decoder: DecoderRecord, static_batch: int | None = None,
              threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",), exact: bool = False,
-             manifest: dict | None = None, engines: dict | None = None,
+             manifest: Manifest | None = None, engines: TensorRTRecord | None = None,
              merge_kernel: str = "auto") -> "CaptionPipeline":
         """The pipeline from the files themselves (an export being validated has no turbo.json yet).
         engines: the manifest's `tensorrt` entry, to run its engines instead of ONNX Runtime."""
 
         if engines is not None:
-            files = engines["decoder"]["engines"]
-            encoder = TensorRTRunner(directory / engines["file"])
+            files = engines.decoder["engines"]
+            encoder = TensorRTRunner(directory / engines.file)
             graphs = GraphDecoder(TensorRTRunner(directory / files["first_step"]["file"]),
                                   TensorRTRunner(directory / files["with_past"]["file"]), directory, decoder)
         else:
@@ -163,7 +162,7 @@ class CaptionPipeline:
 
     @property
     def random_weights(self) -> bool:
-        return bool(self.manifest.get("model", {}).get("random_weights"))
+        return self.manifest is not None and self.manifest.model.random_weights
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """BLIP's decoder prompt: its BOS ([DEC]) then the prompt's word pieces."""

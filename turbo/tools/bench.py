@@ -17,7 +17,8 @@ from torch import nn
 
 from turbo.core.cache import cache_root
 from turbo.core.errors import EXIT_MISSING_RUNTIME, TurboError, UsageError
-from turbo.core.manifest import now, read_export_manifest, read_manifest, versions
+from turbo.core.files import MANIFEST_FILE, MODEL_FILE
+from turbo.core.manifest import ManifestError, now, read_export_manifest, versions
 from turbo.export.onnx_export import ExportModule
 from turbo.export.pipeline import ExportOptions, run_export
 from turbo.export.tensorrt.stage import TrtOptions
@@ -27,6 +28,7 @@ from turbo.kernels.ort_merge_kernel import check_merge_kernel
 from turbo.kernels.torch_merge_kernel import check_torch_merge, fused_step
 from turbo.models.build import build_merged_model, build_plan
 from turbo.models.loading import resolve_source
+from turbo.models.registry import adapter_for
 from turbo.runtimes.availability import DEVICES, RUNTIMES, unavailable_reason
 from turbo.runtimes.base import Runner
 from turbo.runtimes.caption import CaptionPipeline, CaptionRunner
@@ -220,14 +222,20 @@ def _torch_candidates(plans: dict, workload: str, options: BenchOptions) -> list
     return [Candidate(r, b.plan.final_tokens, b.plan.speedup_bound, lambda b=b: make(b)) for r, b in plans.items()]
 
 
+def _passed(directory: Path) -> bool:
+    try:
+        return read_export_manifest(directory).status == "passed"
+    except ManifestError:  # a cached export written by another turbo, or cut short: export again
+        return False
+
+
 def _cached_export(export_options, progress: Progress) -> Path:
     """A validated export from the cache (built once per distinct option set)."""
-
 
     key = hashlib.sha256(json.dumps([asdict(export_options), versions()["turbo"], EXPORT_FORMAT], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
     out = cache_root() / "exports" / f"{Path(export_options.model).name}-r{export_options.r}-{key}"
-    if (out / "turbo.json").exists() and read_manifest(out)["status"] == "passed":
+    if (out / MANIFEST_FILE).exists() and _passed(out):
         progress(f"using cached export {out}")
         return out
     progress(f"exporting {export_options.model} r={export_options.r} ({export_options.precision}) to {out}")
@@ -244,7 +252,7 @@ def _ort_runner(directory: Path, options: BenchOptions, workload: str = "encoder
     if workload == "caption":
         return CaptionRunner(CaptionPipeline.open(directory, _threads(options), providers,
                                                   merge_kernel=options.ort_merge), options.caption_tokens)
-    return OnnxRuntimeRunner(directory / "model.onnx", providers, threads=_threads(options),
+    return OnnxRuntimeRunner(directory / MODEL_FILE, providers, threads=_threads(options),
                              merge_kernel=options.ort_merge)
 
 
@@ -252,17 +260,17 @@ def _trt_runner(directory: Path, options: BenchOptions, workload: str = "encoder
     """The export's encoder engine (one CUDA-graph replay per run), or (caption) its captioner on
     the encoder and decoder engines at a fixed caption length."""
 
-    engine = read_manifest(directory).get("tensorrt") or {}
-    if not engine.get("built"):
+    engine = read_export_manifest(directory).tensorrt
+    if engine is None or not engine.built:
         raise UsageError(f"{directory} has no TensorRT engine; export it with --trt")
     if workload == "caption":
         return CaptionRunner(CaptionPipeline.open(directory, tensorrt=True), options.caption_tokens)
-    return TensorRTRunner(directory / engine["file"], cuda_graph=True)
+    return TensorRTRunner(directory / engine.file, cuda_graph=True)
 
 
 def _has_caption_engines(candidate: Candidate) -> bool:
-    engine = read_manifest(candidate.directory).get("tensorrt") or {}
-    return bool((engine.get("decoder") or {}).get("built"))
+    engine = read_export_manifest(candidate.directory).tensorrt
+    return engine is not None and bool((engine.decoder or {}).get("built"))
 
 
 def _export_candidates(plans: dict, options: BenchOptions, progress: Progress, runtime: str,
@@ -290,40 +298,40 @@ def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, li
     manifests = []
     for directory in options.export_dirs:
         manifest = read_export_manifest(directory)
-        if manifest["status"] == "failed":
+        if manifest.failed:
             raise TurboError(f"{directory} failed validation at export; not benchmarking an unfaithful export")
         manifests.append((Path(directory), manifest))
-    if len({m["model"]["source"] for _, m in manifests}) > 1:
+    if len({m.model.source for _, m in manifests}) > 1:
         raise UsageError("the directories hold different models; bench one model at a time")
     first = manifests[0][1]
-    static = {m["onnx"]["batch"] for _, m in manifests} - {"dynamic"}
+    static = {m.onnx.static_batch for _, m in manifests} - {None}
     if static and set(options.batches) != static:
         raise UsageError(f"the exports have a static batch {sorted(static)}; pass --batch {','.join(map(str, static))}")
     if options.baseline_dir:
-        baseline = read_manifest(options.baseline_dir)
-        if any(baseline["plan"]["r"]):
-            raise UsageError(f"--baseline {options.baseline_dir} merges tokens (r={baseline['plan']['r']}); "
+        baseline = read_export_manifest(options.baseline_dir)
+        if baseline.plan.merges:
+            raise UsageError(f"--baseline {options.baseline_dir} merges tokens (r={baseline.plan.r}); "
                              "it must be an r=0 export")
         manifests.insert(0, (Path(options.baseline_dir), baseline))
-    elif all(any(m["plan"]["r"]) for _, m in manifests):  # no r=0 export given: build one alike
+    elif all(m.plan.merges for _, m in manifests):  # no r=0 export given: build one alike
         baseline = replace(ExportOptions.from_manifest(first), r=0, schedule="constant")
         baseline_dir = _cached_export(baseline, progress)
-        manifests.insert(0, (baseline_dir, read_manifest(baseline_dir)))
-    if manifests[0][1]["plan"]["tokens_in"] != first["plan"]["tokens_in"]:
-        raise UsageError(f"the baseline has {manifests[0][1]['plan']['tokens_in']} tokens but the exports "
-                         f"{first['plan']['tokens_in']}; pass --baseline with an r=0 export of the same model")
+        manifests.insert(0, (baseline_dir, read_export_manifest(baseline_dir)))
+    if manifests[0][1].plan.tokens_in != first.plan.tokens_in:
+        raise UsageError(f"the baseline has {manifests[0][1].plan.tokens_in} tokens but the exports "
+                         f"{first.plan.tokens_in}; pass --baseline with an r=0 export of the same model")
     candidates, captioners, seen = [], [], set()
     for directory, manifest in manifests:
-        r = 0 if not any(manifest["plan"]["r"]) else manifest["turbo"]["r_requested"]
+        r = manifest.turbo.r_requested if manifest.plan.merges else 0
         if r in seen:
             raise UsageError(f"two exports with r={r}; bench them in separate runs")
         seen.add(r)
-        plan = manifest["plan"]
-        candidates.append(Candidate(r, plan["final_tokens"], plan["speedup_bound"],
+        plan = manifest.plan
+        candidates.append(Candidate(r, plan.final_tokens, plan.speedup_bound,
                                     lambda d=directory: _ort_runner(d, options), directory))
-        captioners.append(Candidate(r, plan["final_tokens"], plan["speedup_bound"],
+        captioners.append(Candidate(r, plan.final_tokens, plan.speedup_bound,
                                     lambda d=directory: _ort_runner(d, options, "caption"), directory))
-    captioners = captioners if all("decoder" in m for _, m in manifests) else []
+    captioners = captioners if all(m.decoder is not None for _, m in manifests) else []
     return first, sorted(candidates, key=lambda c: c.r), sorted(captioners, key=lambda c: c.r)
 
 
@@ -351,9 +359,9 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
     rows = []
     if options.export_dirs:
         first, candidates, captioners = _dir_candidates(options, progress)
-        name, source, random_weights = (first["model"][k] for k in ("name", "source", "random_weights"))
-        image_size = first["onnx"]["image_size"]
-        captioning = first["model"]["architecture"].startswith("Blip") and options.caption
+        name, source, random_weights = first.model.name, first.model.source, first.model.random_weights
+        image_size = first.onnx.image_size
+        captioning = adapter_for(first.model.architecture).caption_decoder is not None and options.caption
         for runtime in runnable:
             runner = _trt_runner if runtime == "trt" else _ort_runner
             for workload, chosen in (("encoder", candidates), ("caption", captioners if captioning else None)):
@@ -375,7 +383,8 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
                                tiny=options.tiny) for r in rs}
         source_info = plans[0].source
         name, source, random_weights = source_info.name, source_info.location, options.random_weights
-        workloads = ["encoder"] + (["caption"] if source_info.adapter.family == "blip" and options.caption else [])
+        captioning = source_info.adapter.caption_decoder is not None and options.caption
+        workloads = ["encoder"] + (["caption"] if captioning else [])
         image_size = plans[0].image_size
         for runtime in runnable:
             for workload in workloads:

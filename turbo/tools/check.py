@@ -4,7 +4,6 @@ For CI gates. Every check is one line in the report; any failed check fails the 
 """
 
 import copy
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import torch
 from transformers import AutoTokenizer
 
 from turbo.core.errors import TurboError, UsageError
-from turbo.core.manifest import MANIFEST_FILE
+from turbo.core.files import TOKENIZER_FILE
+from turbo.core.manifest import Manifest, ManifestError, PlanRecord, read_export_manifest
 from turbo.export.decoder_validate import captions_are_exact, validate_decoder
 from turbo.export.onnx_export import TOKEN_SIZES, ExportModule
 from turbo.export.pipeline import ExportOptions
@@ -24,11 +24,9 @@ from turbo.graph.summary import summarize
 from turbo.graph.trt_lint import lint
 from turbo.models.loading import load_model
 from turbo.models.patch import apply_turbo
-from turbo.runtimes.caption import GENERATION_FILE, CaptionPipeline
+from turbo.runtimes.caption import CaptionPipeline
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.tools.bench import BenchOptions, run_bench
-
-REQUIRED = {"status": str, "model": dict, "turbo": dict, "plan": dict, "onnx": dict, "validation": dict}
 
 
 @dataclass(frozen=True)
@@ -55,27 +53,20 @@ class CheckReport:
         return {"directory": self.directory, "passed": self.passed, "checks": [asdict(item) for item in self.items]}
 
 
-def _read_manifest(directory: Path, report: CheckReport) -> dict | None:
+def _read_manifest(directory: Path, report: CheckReport) -> Manifest | None:
     try:
-        manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        report.add("manifest", False, f"{MANIFEST_FILE} is unreadable ({exc.__class__.__name__}); re-export")
+        manifest = read_export_manifest(directory)
+    except ManifestError as exc:
+        report.add("manifest", False, str(exc))
         return None
-    missing = [key for key, kind in REQUIRED.items() if not isinstance(manifest.get(key), kind)]
-    if missing:
-        report.add("manifest", False, f"{MANIFEST_FILE} lacks {', '.join(missing)}; re-export")
-        return None
-    report.add("manifest", manifest["status"] != "failed", f"export status {manifest['status']}")
+    report.add("manifest", not manifest.failed, f"export status {manifest.status}")
     return manifest
 
 
-def _graph_checks(directory: Path, manifest: dict, built, report: CheckReport):
-
-
-    onnx_info = manifest["onnx"]
-    model_path = directory / onnx_info.get("file", "model.onnx")
-    missing = [name for name in [onnx_info.get("file", "model.onnx"), *onnx_info.get("external_data", [])]
-               if not (directory / name).is_file()]
+def _graph_checks(directory: Path, manifest: Manifest, built, report: CheckReport):
+    onnx_info = manifest.onnx
+    model_path = directory / onnx_info.file
+    missing = [name for name in [onnx_info.file, *onnx_info.external_data] if not (directory / name).is_file()]
     if report.add("files", not missing, f"missing {', '.join(missing)}" if missing else "model and weights present") \
             is False:
         return None
@@ -87,15 +78,14 @@ def _graph_checks(directory: Path, manifest: dict, built, report: CheckReport):
     summary = summarize(model_path)
     graph = summary.to_dict()
     opset = summary.opset
-    differing = [key for key in ("merge_r", "inputs", "outputs") if graph[key] != onnx_info.get(key)]
-    if opset != onnx_info.get("opset"):
+    differing = [key for key in ("merge_r", "inputs", "outputs") if graph[key] != getattr(onnx_info, key)]
+    if opset != onnx_info.opset:
         differing.append("opset")
     report.add("graph vs manifest", not differing,
                f"differ: {', '.join(differing)}" if differing else
                f"{graph['merge_blocks']} merge blocks, r {graph['merge_r']}, opset {opset}")
-    batch = None if onnx_info.get("batch") == "dynamic" else onnx_info.get("batch")
     if built is not None:
-        problems = graph_problems(summary, built.plan, manifest["turbo"]["merge_kernel"], batch)
+        problems = graph_problems(summary, built.plan, manifest.turbo.merge_kernel, onnx_info.static_batch)
         report.add("graph vs plan", not problems, "; ".join(problems) or f"final tokens {built.plan.final_tokens}")
     findings = lint(model_path)
     errors = [f for f in findings if f.severity == "error"]
@@ -121,11 +111,11 @@ def run_check(directory: str | Path, max_diff: float | None = None, min_agreemen
         report.add("plan vs manifest", False, f"cannot re-plan: {exc}")
         built = None
     else:
-        same = built.plan.to_dict() == manifest["plan"]
+        same = PlanRecord(**built.plan.to_dict()) == manifest.plan
         report.add("plan vs manifest", same, "re-planned from the manifest's settings" + ("" if same else
                                                                                             ": the plans differ"))
     summary = _graph_checks(directory, manifest, built, report)
-    if "decoder" in manifest:
+    if manifest.decoder is not None:
         _decoder_checks(directory, manifest, built, report)
     if summary is not None and built is not None:
         _revalidate(directory, manifest, built, report, max_diff, min_agreement)
@@ -134,13 +124,11 @@ def run_check(directory: str | Path, max_diff: float | None = None, min_agreemen
     return report
 
 
-def _decoder_checks(directory: Path, manifest: dict, built, report: CheckReport) -> None:
+def _decoder_checks(directory: Path, manifest: Manifest, built, report: CheckReport) -> None:
     """A captioning export's decoder: files, onnx.checker, and image tokens that match the plan
     and the encoder (an encoder and decoder exported for different r do not fit)."""
 
-
-    decoder = manifest["decoder"]
-    names = [decoder["first_step"], decoder["with_past"], decoder["weights"], GENERATION_FILE, "tokenizer_config.json"]
+    names = [*manifest.decoder.files, TOKENIZER_FILE]
     missing = [name for name in names if not (directory / name).is_file()]
     if report.add("decoder files", not missing, f"missing {', '.join(missing)}" if missing else
                   "first-step and with-past graphs, shared weights, tokenizer, generation config") is False:
@@ -152,7 +140,7 @@ def _decoder_checks(directory: Path, manifest: dict, built, report: CheckReport)
         except Exception as exc:  # checker and protobuf errors alike
             problems.append(f"{name}: {exc.__class__.__name__}: {str(exc).strip()[:160]}")
     report.add("decoder onnx.checker (full)", not problems, "; ".join(problems))
-    encoder = onnx.load(str(directory / manifest["onnx"]["file"]), load_external_data=False).graph.output[0]
+    encoder = onnx.load(str(directory / manifest.onnx.file), load_external_data=False).graph.output[0]
     produced = encoder.type.tensor_type.shape.dim[1].dim_value
     tokens = {}
     for name in names[:2]:
@@ -167,27 +155,26 @@ def _decoder_checks(directory: Path, manifest: dict, built, report: CheckReport)
                + ("" if fits else ": exported for different r; re-export"))
 
 
-def _revalidate(directory: Path, manifest: dict, built, report: CheckReport, max_diff: float | None,
+def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport, max_diff: float | None,
                 min_agreement: float | None) -> None:
     """ONNX Runtime vs PyTorch again, when the weights can be had; then the fidelity gate."""
 
-
-    model_info, onnx_info = manifest["model"], manifest["onnx"]
+    model_info, onnx_info = manifest.model, manifest.onnx
     gated = max_diff is not None or min_agreement is not None
     try:
-        model = load_model(built.source, model_info["random_weights"], model_info.get("seed", 0))
+        model = load_model(built.source, model_info.random_weights, model_info.seed or 0)
     except TurboError as exc:
         report.add("ORT vs PyTorch", False if gated else None, f"skipped, no weights: {exc}")
         return
     unmerged = copy.deepcopy(model) if min_agreement is not None else None
-    kernel = manifest["turbo"]["merge_kernel"]
+    kernel = manifest.turbo.merge_kernel
     apply_turbo(model, built.source.adapter, built.plan, built.merge_config, kernel)
     quantized = None
-    if manifest.get("quantization"):  # quantize again, from the manifest's calibration source and seed
+    if manifest.quantization is not None:  # quantize again, from the manifest's calibration source and seed
 
         try:
             tokenizer = None
-            if "decoder" in manifest:  # the decoder calibrates on captions tokenized as at export
+            if manifest.decoder is not None:  # the decoder calibrates on captions tokenized as at export
 
                 tokenizer = AutoTokenizer.from_pretrained(directory)
             quantized = quantize_model(model, built, ExportOptions.from_manifest(manifest), tokenizer)
@@ -196,10 +183,10 @@ def _revalidate(directory: Path, manifest: dict, built, report: CheckReport, max
             return
     int8 = quantized is not None and quantized.mode == "int8"
     module = ExportModule(model, built)
-    path = directory / onnx_info.get("file", "model.onnx")
-    batch = None if onnx_info["batch"] == "dynamic" else onnx_info["batch"]
+    path = directory / onnx_info.file
+    batch = onnx_info.static_batch
     validation = validate_export(module, module.output_names(built.image_size), path, summarize(path), built.plan,
-                                 kernel, batch, onnx_info["precision"], built.image_size, static_checks=False,
+                                 kernel, batch, onnx_info.precision, built.image_size, static_checks=False,
                                  compare=not int8)
     worst = max((c.max_abs_diff for c in validation.outputs), default=float("inf"))
     decisions = sum(max(d.tokens_differing, 0) for d in validation.decisions if d.gated)
@@ -211,7 +198,7 @@ def _revalidate(directory: Path, manifest: dict, built, report: CheckReport, max
     else:
         report.add("ORT vs PyTorch", validation.passed,
                    validation.runtime_error or f"max abs diff {worst:.2e}, {decisions} gated merge decisions differ")
-    if "decoder" in manifest:
+    if manifest.decoder is not None:
         _revalidate_decoder(directory, manifest, built, model, report)
     if max_diff is not None:
         report.add("gate: max diff", worst <= max_diff, f"{worst:.2e} (limit {max_diff:g})")
@@ -220,17 +207,17 @@ def _revalidate(directory: Path, manifest: dict, built, report: CheckReport, max
         report.add("gate: agreement", value >= min_agreement, f"{what} {value:.4f} (limit {min_agreement:g})")
 
 
-def _revalidate_decoder(directory: Path, manifest: dict, built, model, report: CheckReport) -> None:
+def _revalidate_decoder(directory: Path, manifest: Manifest, built, model, report: CheckReport) -> None:
     try:
         pipeline = CaptionPipeline.open(directory, exact=True)
     except TurboError as exc:
         report.add("decoder vs PyTorch", False, str(exc))
         return
     validation = ValidationReport("pytorch", "onnxruntime")
-    quant = (manifest.get("quantization") or {}).get("mode")
+    quant = manifest.quantization.mode if manifest.quantization is not None else None
     validate_decoder(model, built.source.adapter.caption_decoder.module(model), pipeline, validation,
-                     built.image_size, built.interpolate_pos_encoding, manifest["decoder"]["prompt"],
-                     captions_are_exact(manifest["onnx"]["precision"], quant), manifest["model"].get("seed", 0))
+                     built.image_size, built.interpolate_pos_encoding, manifest.decoder.prompt,
+                     captions_are_exact(manifest.onnx.precision, quant), manifest.model.seed or 0)
     worst = max((c.max_abs_diff for c in validation.outputs), default=float("inf"))
     differing = sum(c.sequences_differing for c in validation.captions)
     passed = validation.runtime_error is None and all(c.passed for c in validation.outputs + validation.captions)
@@ -241,7 +228,6 @@ def _revalidate_decoder(directory: Path, manifest: dict, built, model, report: C
 def _agreement(path: Path, unmerged, built, batch: int | None) -> tuple[float, str]:
     """Fidelity to the unmerged model on seeded inputs: ViT top-1 agreement; BLIP cosine of the
     size-weighted mean image token with the unmerged mean token."""
-
 
     count = batch or 16
     pixels = seeded_pixels(count, built.image_size, seed=7)
@@ -262,8 +248,8 @@ def _agreement(path: Path, unmerged, built, batch: int | None) -> tuple[float, s
     return float(cosine.mean()), f"mean-token cosine with the unmerged model on {count} seeded inputs"
 
 
-def _speed_gate(directory: Path, manifest: dict, report: CheckReport, min_speedup: float, iters: int) -> None:
-    batch = 1 if manifest["onnx"]["batch"] == "dynamic" else manifest["onnx"]["batch"]
+def _speed_gate(directory: Path, manifest: Manifest, report: CheckReport, min_speedup: float, iters: int) -> None:
+    batch = manifest.onnx.static_batch or 1
     try:
         bench = run_bench(BenchOptions(runtimes=("ort",), batches=(batch,), iters=iters, warmup_s=0.5,
                                        caption=False, export_dirs=[directory]))

@@ -19,12 +19,13 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from turbo.core.errors import TurboError, UsageError
-from turbo.core.manifest import read_export_manifest
+from turbo.core.manifest import Manifest, read_export_manifest
 from turbo.data.images import coco_captions, image_folder, pixel_batch
 from turbo.export.pipeline import ExportOptions
 from turbo.merging.plan import max_r
 from turbo.models.build import build_merged_model, build_plan
 from turbo.models.loading import from_cache_or_hub, load_image_processor, resolve_source
+from turbo.models.registry import adapter_for
 from turbo.runtimes.caption import CaptionPipeline
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
@@ -144,7 +145,6 @@ def _tokenizer(source, random_weights: bool):
 
 def _evaluate(built, options: EvalOptions, pixels: np.ndarray) -> EvalRun:
 
-
     model, _ = build_merged_model(built, options.random_weights, seed=options.seed)
     adapter = built.source.adapter
     outputs = []
@@ -170,21 +170,21 @@ def _evaluate(built, options: EvalOptions, pixels: np.ndarray) -> EvalRun:
                    outputs=outputs)
 
 
-def _evaluate_onnx(directory: Path, manifest: dict, pixels: np.ndarray, options: EvalOptions) -> EvalRun:
+def _evaluate_onnx(directory: Path, manifest: Manifest, pixels: np.ndarray, options: EvalOptions) -> EvalRun:
     """A ViT export's logits, or a BLIP export's caption ids (no prompt, as upstream `generate`
     without input_ids), on ONNX Runtime; a static batch is filled up to its size."""
 
-    plan = manifest["plan"]
-    if "decoder" in manifest:
+    plan, r_requested = manifest.plan, manifest.turbo.r_requested
+    if manifest.decoder is not None:
         pipeline = CaptionPipeline.open(directory)
         begin = time.perf_counter()
         results = pipeline.caption(pixels, "", options.batch, num_beams=options.beams,
                                    max_new_tokens=options.max_tokens)
-        return EvalRun(manifest["turbo"]["r_requested"], plan["final_tokens"], plan["speedup_bound"],
-                       len(pixels) / (time.perf_counter() - begin), outputs=[r["ids"] for r in results], runtime="ort")
+        return EvalRun(r_requested, plan.final_tokens, plan.speedup_bound, len(pixels) / (time.perf_counter() - begin),
+                       outputs=[r["ids"] for r in results], runtime="ort")
     batch = options.batch
-    runner = OnnxRuntimeRunner(directory / manifest["onnx"]["file"])
-    static = manifest["onnx"]["batch"] if manifest["onnx"]["batch"] != "dynamic" else None
+    runner = OnnxRuntimeRunner(directory / manifest.onnx.file)
+    static = manifest.onnx.static_batch
     size = static or batch
     runner.run({"pixel_values": pixels[:size]})  # warm-up
     logits = []
@@ -194,18 +194,17 @@ def _evaluate_onnx(directory: Path, manifest: dict, pixels: np.ndarray, options:
         filled = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)]) if static else chunk
         logits.append(runner.run({"pixel_values": filled})["logits"][: len(chunk)])
     seconds = time.perf_counter() - begin
-    return EvalRun(manifest["turbo"]["r_requested"], plan["final_tokens"], plan["speedup_bound"],
-                   len(pixels) / seconds, outputs=np.concatenate(logits), runtime="ort")
+    return EvalRun(r_requested, plan.final_tokens, plan.speedup_bound, len(pixels) / seconds,
+                   outputs=np.concatenate(logits), runtime="ort")
 
 
-def _from_export(options: EvalOptions) -> tuple[EvalOptions, dict]:
+def _from_export(options: EvalOptions) -> tuple[EvalOptions, Manifest]:
     """The model, weights and merge settings an export was made with (its r=0 is the baseline)."""
-
 
     if options.max_drop is not None:
         raise UsageError("--r auto searches over models; use --model, not an export directory")
     manifest = read_export_manifest(options.export_dir)
-    if not manifest["model"]["architecture"].startswith("ViT") and "decoder" not in manifest:
+    if adapter_for(manifest.model.architecture).caption_decoder is not None and manifest.decoder is None:
         raise UsageError(f"{options.export_dir} has no text decoder (exported by an older turbo); re-export it")
     made = ExportOptions.from_manifest(manifest)
     return replace(options, model=made.model, tiny=made.tiny, random_weights=made.random_weights, seed=made.seed,

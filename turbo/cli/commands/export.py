@@ -102,29 +102,29 @@ def run_export_command(options, output: str, force: bool, json_output: bool) -> 
     manifest = result.manifest
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-    validation = manifest["validation"]
+    validation = manifest.validation
     if not validation.get("skipped"):
         stderr.print(_validation_table(validation))
         for problem in [validation["onnx_checker"], validation["runtime_error"], *validation["graph_problems"]]:
             if problem and problem != "passed":
                 stderr.print(f"[red]•[/] {escape(problem)}", highlight=False)
-    plan = manifest["plan"]
+    plan = manifest.plan
     status = {"passed": "validation PASSED", "failed": "validation FAILED"}.get(
-        manifest["status"], "not validated (--no-validate)")
-    decoder = " + text decoder (fp32, with past)" if "decoder" in manifest else ""
-    onnx_info = manifest["onnx"]
-    stderr.print(f"wrote {result.directory}{decoder}: {onnx_info['precision']}, opset {onnx_info['opset']}, "
-                 f"{plan['final_tokens']} of {plan['tokens_in']} tokens, FLOPs bound {plan['speedup_bound']:.2f}x, "
+        manifest.status, "not validated (--no-validate)")
+    decoder = " + text decoder (fp32, with past)" if manifest.decoder is not None else ""
+    onnx_info = manifest.onnx
+    stderr.print(f"wrote {result.directory}{decoder}: {onnx_info.precision}, opset {onnx_info.opset}, "
+                 f"{plan.final_tokens} of {plan.tokens_in} tokens, FLOPs bound {plan.speedup_bound:.2f}x, "
                  f"{status}", highlight=False)
-    engine = manifest.get("tensorrt")
-    if engine and engine["built"]:
-        validation = engine.get("validation")
-        if validation:
-            stderr.print(_validation_table(validation))
-        stderr.print(f"wrote {result.directory}/{engine['file']}: TensorRT {engine['tensorrt']} on {engine['device']}, "
-                     f"merge {engine['merge']}, batch {'/'.join(map(str, engine['batch_profile']))}, "
-                     f"built in {engine['build_seconds']} s", highlight=False)
-        decoder = engine.get("decoder")
+    engine = manifest.tensorrt
+    if engine is not None and engine.built:
+        build = engine.build
+        if build.get("validation"):
+            stderr.print(_validation_table(build["validation"]))
+        stderr.print(f"wrote {result.directory}/{engine.file}: TensorRT {build['tensorrt']} on {build['device']}, "
+                     f"merge {build['merge']}, batch {'/'.join(map(str, build['batch_profile']))}, "
+                     f"built in {build['build_seconds']} s", highlight=False)
+        decoder = engine.decoder
         if decoder and decoder["built"]:
             files = ", ".join(e["file"] for e in decoder["engines"].values())
             stderr.print(f"wrote decoder engines {files}: profile "
@@ -133,7 +133,7 @@ def run_export_command(options, output: str, force: bool, json_output: bool) -> 
         elif decoder:
             stderr.print(f"no decoder engines: {decoder['reason']}", highlight=False)
     if json_output:
-        print_json(manifest)
+        print_json(manifest.to_dict())
     if not result.passed:
         fail(f"validation failed; {result.directory}/turbo.json records the failure", EXIT_VALIDATION)
     if result.engine_missing:

@@ -14,10 +14,9 @@ import onnx.inliner
 import torch
 
 from turbo.core.errors import TurboError
+from turbo.core.files import BUILD_LOG, ENGINE_FILE
 from turbo.export.tensorrt.settings import BuilderPlan, Shapes, parse_version, plugin_mode, timing_cache_name
 
-ENGINE_FILE = "model.plan"
-BUILD_LOG = "trt_build.log"  # one log for every engine of an export, each build appending
 NATIVE_ONNX = "model.native.onnx"  # the TurboMerge functions inlined, for --trt-merge native
 
 

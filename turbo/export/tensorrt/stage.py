@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from turbo.core.errors import TurboError, UsageError
+from turbo.core.manifest import DecoderRecord, Manifest, OnnxRecord, TensorRTRecord
 from turbo.export.decoder_validate import CAPTION_BATCH, CaptionCheck
 from turbo.export.tensorrt.engine import EngineRequest, build_engine
 from turbo.export.tensorrt.settings import (
@@ -72,35 +73,34 @@ def check_trt_options(options: TrtOptions, onnx_batch: int | None, quant: str | 
         plugin_mode(parse_version(version))
 
 
-def build_and_validate(options: TrtOptions, directory: Path, manifest: dict, quant: str | None,
+def build_and_validate(options: TrtOptions, directory: Path, manifest: Manifest, quant: str | None,
                        cache_dir: Path) -> tuple[dict, ValidationReport | None]:
     """Lint, build model.plan (and a captioning export's decoder engines) into `directory`, and
     compare the engines with ONNX Runtime."""
     import tensorrt as trt
 
-
-    onnx_info = manifest["onnx"]
-    onnx_path = directory / onnx_info["file"]
+    onnx_info = manifest.onnx
+    onnx_path = directory / onnx_info.file
     _lint(onnx_path)
     version = parse_version(trt.__version__)
-    profile = batch_profile(onnx_info["batch"], options.min_batch, options.opt_batch, options.max_batch)
-    plan = builder_plan(version, options.precision, onnx_info["precision"], quant, options.merge)
+    profile = batch_profile(onnx_info.batch, options.min_batch, options.opt_batch, options.max_batch)
+    plan = builder_plan(version, options.precision, onnx_info.precision, quant, options.merge)
     shapes = profile_shapes(onnx_input_dims(onnx_path), {"batch": profile.range()})
     engine = build_engine(EngineRequest(onnx_path, shapes, plan, options.merge, options.workspace_gb, cache_dir),
                           directory)
     engine["batch_profile"] = list(profile.range())
     pipeline = None
-    if "decoder" in manifest:
+    if manifest.decoder is not None:
         pipeline = _ort_captioner(directory, manifest)
-        engine["decoder"] = decoder_engine_plan(manifest["decoder"], profile, pipeline)
+        engine["decoder"] = decoder_engine_plan(manifest.decoder, profile, pipeline)
         if engine["decoder"]["built"]:
             engine["decoder"]["engines"] = {}
             for key in ("first_step", "with_past"):
-                graph = directory / manifest["decoder"][key]
+                graph = directory / getattr(manifest.decoder, key)
                 _lint(graph)
                 request = EngineRequest(graph, profile_shapes(onnx_input_dims(graph), engine["decoder"]["ranges"]),
                                         decoder_builder_plan(version), None, options.workspace_gb, cache_dir,
-                                        Path(manifest["decoder"][key]).with_suffix(".plan").name)
+                                        graph.with_suffix(".plan").name)
                 engine["decoder"]["engines"][key] = build_engine(request, directory)
     if not options.validate:
         return engine, None
@@ -111,15 +111,15 @@ def build_and_validate(options: TrtOptions, directory: Path, manifest: dict, qua
     return engine, report
 
 
-def decoder_engine_plan(decoder: dict, profile: BatchProfile, pipeline: CaptionPipeline) -> dict:
+def decoder_engine_plan(decoder: DecoderRecord, profile: BatchProfile, pipeline: CaptionPipeline) -> dict:
     """The decoder engines' profile ranges (rows = images x the generation config's beams; the
     prompt and caption lengths it allows), or why none are built."""
-    if decoder["precision"] != "fp32":
-        return {"built": False, "reason": f"the decoder has {decoder['precision']}; turbo builds TensorRT decoder "
+    if decoder.precision != "fp32":
+        return {"built": False, "reason": f"the decoder has {decoder.precision}; turbo builds TensorRT decoder "
                                           "engines for fp32 decoders only (export without --quant)"}
     beams = max(1, pipeline.settings.num_beams)
     rows = BatchProfile(profile.minimum, profile.optimum * beams, profile.maximum * beams)
-    ranges = decoder_ranges(rows, len(pipeline.prompt_ids(decoder["prompt"])), pipeline.settings.max_new_tokens)
+    ranges = decoder_ranges(rows, len(pipeline.prompt_ids(decoder.prompt)), pipeline.settings.max_new_tokens)
     return {"built": True, "ranges": {name: list(span) for name, span in ranges.items()}}
 
 
@@ -130,31 +130,30 @@ def _lint(onnx_path: Path) -> None:
             f"{f.node or 'graph'} ({f.op_type}): {f.message}" for f in errors))
 
 
-def _ort_captioner(directory: Path, manifest: dict) -> CaptionPipeline:
-    static = manifest["onnx"]["batch"]
-    return CaptionPipeline.load(directory, manifest["onnx"]["file"], manifest["decoder"],
-                                static if isinstance(static, int) else None, exact=True)
+def _ort_captioner(directory: Path, manifest: Manifest) -> CaptionPipeline:
+    return CaptionPipeline.load(directory, manifest.onnx.file, manifest.decoder, manifest.onnx.static_batch,
+                                exact=True)
 
 
-def _validate_encoder(options: TrtOptions, directory: Path, onnx_info: dict, engine: dict, profile: BatchProfile,
+def _validate_encoder(options: TrtOptions, directory: Path, onnx_info: OnnxRecord, engine: dict, profile: BatchProfile,
                       report: ValidationReport) -> None:
     batches = tuple(sorted({profile.minimum, max(profile.minimum, min(3, profile.maximum))}))
-    compare_runners(f"tensorrt {options.precision}", OnnxRuntimeRunner(directory / onnx_info["file"], exact=True),
-                    TensorRTRunner(directory / engine["file"]), report, onnx_info["image_size"], batches,
+    compare_runners(f"tensorrt {options.precision}", OnnxRuntimeRunner(directory / onnx_info.file, exact=True),
+                    TensorRTRunner(directory / engine["file"]), report, onnx_info.image_size, batches,
                     ENGINE_TOLERANCE[options.precision])
 
 
-def _validate_captioner(directory: Path, manifest: dict, engine: dict, reference: CaptionPipeline,
+def _validate_captioner(directory: Path, manifest: Manifest, engine: dict, reference: CaptionPipeline,
                         report: ValidationReport) -> None:
     """Decoder engines against the ONNX decoder, fed the same image embeddings and greedy ids
     (logits, gated), and whole greedy captions of both pipelines (reported: the encoder engine
     may flip near-tied merges)."""
-    candidate = CaptionPipeline.load(directory, manifest["onnx"]["file"], manifest["decoder"],
-                                     reference.static_batch, engines=engine)
+    candidate = CaptionPipeline.load(directory, manifest.onnx.file, manifest.decoder, reference.static_batch,
+                                     engines=TensorRTRecord.from_dict({"built": True, **engine}, "tensorrt"))
     low, _, high = engine["batch_profile"]
     batch = reference.static_batch or min(max(CAPTION_BATCH, low), high)
-    pixels = seeded_pixels(batch, manifest["onnx"]["image_size"])
-    prompt_ids = reference.prompt_ids(manifest["decoder"]["prompt"])
+    pixels = seeded_pixels(batch, manifest.onnx.image_size)
+    prompt_ids = reference.prompt_ids(manifest.decoder.prompt)
     settings = replace(reference.settings, num_beams=1)
     ids = reference.generate(pixels, prompt_ids, settings)
     embeds = reference.decoder.image_embeds

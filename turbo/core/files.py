@@ -1,0 +1,12 @@
+"""The files of an export directory, by name (docs/reference/manifest.md lists what each holds)."""
+
+MANIFEST_FILE = "turbo.json"
+MODEL_FILE = "model.onnx"  # the (merged) vision encoder; weights of 1 GiB or more in model.onnx.data
+PROCESSOR_FILE = "preprocessor_config.json"  # the image processor, as transformers saves it
+ENGINE_FILE = "model.plan"  # the encoder's TensorRT engine (--trt)
+BUILD_LOG = "trt_build.log"  # one log for every engine of an export
+FIRST_STEP_FILE = "decoder_model.onnx"  # captioning: the decoder's first step over the prompt
+WITH_PAST_FILE = "decoder_with_past_model.onnx"  # captioning: one token with the key/value cache
+DECODER_WEIGHTS_FILE = "decoder.onnx.data"  # both decoder graphs' weights, each tensor once
+GENERATION_FILE = "generation_config.json"  # captioning: token ids and lengths, transformers' format
+TOKENIZER_FILE = "tokenizer_config.json"
