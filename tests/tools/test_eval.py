@@ -10,8 +10,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from turbo.cli.app import app
+from turbo.models.adapters import CLASSIFICATION
 from turbo.models.build import build_plan
-from turbo.tools.eval import EvalOptions, EvalRun, _search, blip_metrics, caption_scores, vit_metrics
+from turbo.tools.eval import EvalOptions, EvalRun, _search, caption_metrics, caption_scores, classification_metrics
 
 runner = CliRunner()
 
@@ -27,14 +28,14 @@ def class_folders(tmp_path) -> Path:
     return tmp_path / "imgs"
 
 
-def test_vit_metrics_on_known_logits():
+def test_classification_metrics_on_known_logits():
     base = np.array([[5.0, 0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0, 0], [0, 0, 5.0, 0, 0, 0]])
     merged = np.array([[5.0, 0, 0, 0, 0, 0], [0, 0, 5.0, 0, 0, 0], [0, 0, 4.0, 0, 0, 0]])
-    metrics = vit_metrics(merged, [0, 1, 3], base)
+    metrics = classification_metrics(merged, [0, 1, 3], base)
     assert metrics["agreement"] == pytest.approx(2 / 3)
     assert metrics["top1"] == pytest.approx(1 / 3)  # only the first is right
     assert metrics["top5"] == pytest.approx(1.0)  # ties rank the rest; every label is within five of six
-    same = vit_metrics(base, None, base)
+    same = classification_metrics(base, None, base)
     assert same["kl"] == pytest.approx(0.0, abs=1e-9) and metrics["kl"] > 0.1 and "top1" not in same
 
 
@@ -43,7 +44,7 @@ def test_caption_metrics():
     perfect = caption_scores(["a dog runs on the grass", "two cats sleep on a bed"], refs)
     worse = caption_scores(["a car on a road", "a plate of food"], refs)
     assert perfect["bleu4"] > 0.9 and perfect["cider"] > worse["cider"] and worse["bleu4"] < 0.1
-    ids = blip_metrics([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 7]], None, None, None)
+    ids = caption_metrics([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 7]], None, None, None)
     assert ids["exact_match"] == 0.5 and 0 < ids["bleu4_vs_r0"] < 1
 
 
@@ -56,7 +57,7 @@ def test_auto_search_finds_the_largest_r_within_the_drop():
         evaluated.append(r)
         return EvalRun(r, 0, 1.0, 1.0, {"agreement": 1.0 - 0.05 * r})
 
-    auto = _search(options, "vit", base_plan, evaluate, cap=18)
+    auto = _search(options, CLASSIFICATION, base_plan, evaluate, cap=18)
     assert auto["chosen_r"] == 5  # 0.25 drop at r=5, 0.30 at r=6
     assert len(evaluated) <= 6 and auto["candidates"] <= 18  # bisection, not a sweep
     assert all(point["within"] == (point["drop"] <= 0.25) for point in auto["curve"])

@@ -110,25 +110,28 @@ def export_command(
     Exit code 3 when validation fails (the directory is still written, its manifest says failed);
     4 when --trt is asked for where TensorRT or a GPU is missing (the validated ONNX is still written).
     """
-    from turbo.cli.commands.export import choose_r, parse_batch, run_export_command
+    from pathlib import Path
+
+    from turbo.cli.commands.export import parse_batch, parse_r, run_export_command
     from turbo.core.errors import UsageError
     from turbo.export.pipeline import ExportOptions
     from turbo.export.tensorrt.stage import TrtOptions
+    from turbo.tools.eval import AutoR
 
     trt_options = (TrtOptions(precision, workspace, min_batch, opt_batch, max_batch, trt_merge, validate)
                    if trt else None)
     if not trt and (min_batch, opt_batch, max_batch) != (None, None, None):
         raise UsageError("--min-batch, --opt-batch and --max-batch belong to --trt")
-    chosen, r_auto = choose_r(r, model, data, max_drop, metric, method, alpha, threshold, tiny, random_weights)
-    options = ExportOptions(model=model, r=chosen, method=method, alpha=alpha, threshold=threshold, schedule=schedule,
-                            kernel=merge_kernel, opset=opset or (21 if quant else 20), batch=parse_batch(batch),
-                            image_size=image_size, random_weights=random_weights, trt=trt_options,
-                            precision=trt_options.onnx_precision() if trt_options else precision,
-                            validate=validate, tiny=tiny, r_auto=r_auto, merge_op=merge_op, quant=quant,
-                            group_size=group_size, act_order=act_order, calib=calib, calib_size=calib_size,
-                            calib_seed=calib_seed, calib_images=calib_images, quant_heads=quant_heads,
-                            decoder=decoder)
-    run_export_command(options, output, force, json_output)
+    chosen = parse_r(r, data, max_drop)
+    options = ExportOptions(model=model, r=None if chosen == "auto" else chosen, method=method, alpha=alpha,
+                            threshold=threshold, schedule=schedule, kernel=merge_kernel, opset=opset,
+                            batch=parse_batch(batch), image_size=image_size, random_weights=random_weights,
+                            trt=trt_options, precision=None if trt else precision, validate=validate, tiny=tiny,
+                            merge_op=merge_op, quant=quant, group_size=group_size, act_order=act_order, calib=calib,
+                            calib_size=calib_size, calib_seed=calib_seed, calib_images=calib_images,
+                            quant_heads=quant_heads, decoder=decoder)
+    auto = AutoR(Path(data), max_drop, metric) if chosen == "auto" else None
+    run_export_command(options, auto, output, force, json_output)
 
 
 @app.command("bench")
@@ -168,9 +171,9 @@ def bench_command(
 
     options = BenchOptions(
         model=model, rs=parse_ints(r, "--r") if r else None,
-        runtimes=("ort",) if dirs and runtime == "all" else parse_runtimes(runtime), device=device,
+        runtimes=None if runtime == "all" else parse_runtimes(runtime), device=device,
         batches=tuple(parse_ints(batch, "--batch")), precision=precision, warmup_s=warmup,
-        iters=iters if iters is not None or duration is not None else 20, duration_s=duration,
+        iters=iters, duration_s=duration,
         random_weights=random_weights, include_transfers=include_transfers, caption=caption,
         caption_tokens=caption_tokens, threads=threads, ort_merge=ort_merge, torch_merge=torch_merge,
         export_dirs=[Path(d) for d in dirs or []],

@@ -24,3 +24,10 @@ class ModelLoadError(TurboError):
 
 class PatchError(TurboError):
     """The Turbo patch did not apply to every encoder block."""
+
+
+def describe_error(exc: BaseException, limit: int = 300) -> str:
+    """`Class: first line of the message`, for errors whose full text is long (exporter, checker,
+    ONNX Runtime, compilers): enough to say what failed in one line."""
+    first = (str(exc).strip().splitlines() or [""])[0][:limit]
+    return f"{exc.__class__.__name__}: {first}" if first else exc.__class__.__name__

@@ -3,6 +3,7 @@ COCO-format caption annotations. Images are read with PIL and preprocessed by th
 image processor."""
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,17 @@ def coco_captions(annotations: str | Path, image_root: str | Path) -> list[Sampl
         raise UsageError(f"{annotations}: {len(missing)} of {len(samples)} images missing under {root}"
                          + (f" (first: {missing[0]})" if missing else ""))
     return samples
+
+
+def batches(pixels: np.ndarray, size: int, static: bool) -> Iterator[tuple[np.ndarray, int]]:
+    """(chunk, images in it) of `size` images; for a fixed-batch (static) graph the last chunk is
+    filled up with copies of its last image, whose outputs the caller drops."""
+    for start in range(0, len(pixels), size):
+        chunk = pixels[start:start + size]  # (B, C, H, W)
+        count = len(chunk)
+        if static and count < size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - count, 0)])
+        yield chunk, count
 
 
 def pixel_batch(samples: list[Sample], processor) -> np.ndarray:

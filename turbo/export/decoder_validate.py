@@ -7,7 +7,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from turbo.core.errors import describe_error
 from turbo.export.validate import EXACT, OutputCheck, ValidationReport, seeded_pixels
+from turbo.models.adapters import CaptionDecoder
 from turbo.runtimes.caption import CaptionPipeline
 from turbo.runtimes.generation import GenerationSettings
 
@@ -44,16 +46,15 @@ def reference_ids(model: nn.Module, pixels: np.ndarray, prompt_ids: list[int], s
     return ids.numpy()
 
 
-def _logit_checks(model: nn.Module, text_decoder: nn.Module, pipeline: CaptionPipeline, pixels: np.ndarray,
+def _logit_checks(model: nn.Module, caption: CaptionDecoder, pipeline: CaptionPipeline, pixels: np.ndarray,
                   prompt_ids: list[int], interpolate: bool) -> list[OutputCheck]:
     """First-step and with-past logits, both fed PyTorch's image embeddings and token ids."""
     settings = GenerationSettings(pipeline.settings.eos_token_id, pipeline.settings.pad_token_id,
                                   max_new_tokens=LOGIT_STEPS, min_new_tokens=LOGIT_STEPS)
     ids = reference_ids(model, pixels, prompt_ids, settings, interpolate)  # (B, T + steps), no EOS inside
     with torch.inference_mode():
-        embeds = model.vision_model(pixel_values=torch.from_numpy(pixels),
-                                    interpolate_pos_encoding=interpolate).last_hidden_state
-        expected = text_decoder(input_ids=torch.from_numpy(ids), encoder_hidden_states=embeds).logits.numpy()
+        embeds = caption.image_embeds(model, torch.from_numpy(pixels), interpolate)
+        expected = caption.module(model)(input_ids=torch.from_numpy(ids), encoder_hidden_states=embeds).logits.numpy()
     decoder, prompt_len = pipeline.decoder, len(prompt_ids)
     decoder.image_embeds = embeds.numpy()
     first, stepped = decoder.teacher_forced(ids, prompt_len)  # (B, T, V), (B, L - T, V)
@@ -72,18 +73,18 @@ def captions_are_exact(precision: str, quant: str | None) -> bool:
     return precision == "fp32" and quant != "int8"
 
 
-def validate_decoder(model: nn.Module, text_decoder: nn.Module, pipeline: CaptionPipeline, report: ValidationReport,
+def validate_decoder(model: nn.Module, caption: CaptionDecoder, pipeline: CaptionPipeline, report: ValidationReport,
                      image_size: int, interpolate: bool, prompt: str, exact_captions: bool, seed: int = 0) -> None:
     """Append the decoder's logit checks and a greedy caption check to `report`."""
     batch = pipeline.static_batch or CAPTION_BATCH
     pixels = seeded_pixels(batch, image_size, seed)
     prompt_ids = pipeline.prompt_ids(prompt)
     try:
-        report.outputs.extend(_logit_checks(model, text_decoder, pipeline, pixels, prompt_ids, interpolate))
+        report.outputs.extend(_logit_checks(model, caption, pipeline, pixels, prompt_ids, interpolate))
         want = reference_ids(model, pixels, prompt_ids, pipeline.settings, interpolate)
         got = pipeline.generate(pixels, prompt_ids, pipeline.settings)
     except Exception as exc:  # ORT load or run failures of the decoder graphs are validation failures
-        report.runtime_error = f"decoder: {exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        report.runtime_error = f"decoder: {describe_error(exc)}"
         return
     differing = batch if want.shape != got.shape else int((want != got).any(axis=1).sum())
     report.captions.append(CaptionCheck("greedy, onnx vs generate", batch,

@@ -16,7 +16,7 @@ import torch
 from onnxscript import opset18 as op
 from torch import nn
 
-from turbo.core.errors import TurboError, UsageError
+from turbo.core.errors import TurboError, UsageError, describe_error
 from turbo.graph.merge_functions import fold_merge_blocks
 from turbo.merging.merge import KERNELS  # also registers turbo::gather_tokens
 from turbo.models.build import BuiltPlan
@@ -24,6 +24,7 @@ from turbo.models.build import BuiltPlan
 INPUT_NAME = "pixel_values"
 TOKEN_SIZES = "token_sizes"  # (B, N_final): patches each output token stands for, the merge fingerprint
 MIN_OPSET, MAX_OPSET = 18, 23
+DEFAULT_OPSET = 20
 EXTERNAL_DATA_BYTES = 1 << 30  # weights at or above this size go to model.onnx.data
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -66,7 +67,7 @@ def check_export_options(opset: int, precision: str, batch: int | None, kernel: 
     if kernel not in KERNELS:
         raise UsageError(f"unknown merge kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UsageError(f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} (default 20)")
+        raise UsageError(f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if batch is not None and batch < 1:
@@ -117,9 +118,8 @@ def run_exporter(module: nn.Module, args: tuple, input_names: list[str], output_
                 custom_translation_table={torch.ops.turbo.gather_tokens.default: _gather_tokens_onnx},
             )
     except Exception as exc:  # the exporter's errors are long; the first line says what failed
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
         sys.stderr.write(chatter.getvalue())
-        raise ExportError(f"torch.onnx.export failed: {exc.__class__.__name__}: {first}") from exc
+        raise ExportError(f"torch.onnx.export failed: {describe_error(exc)}") from exc
     finally:
         exporter_log.setLevel(level)
 

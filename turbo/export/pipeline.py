@@ -30,11 +30,19 @@ from turbo.core.manifest import (
 from turbo.core.staging import check_target, staged_directory
 from turbo.export.decoder_export import export_captioner
 from turbo.export.decoder_validate import captions_are_exact, validate_decoder
-from turbo.export.onnx_export import PRECISIONS, ExportModule, check_export_options, export_onnx, fold_merge_ops
+from turbo.export.onnx_export import (
+    DEFAULT_OPSET,
+    PRECISIONS,
+    ExportModule,
+    check_export_options,
+    export_onnx,
+    fold_merge_ops,
+)
 from turbo.export.quant_export import check_quant_options, quantize_model
 from turbo.export.tensorrt.stage import TrtOptions, build_and_validate, check_trt_options
 from turbo.export.validate import ValidationReport, validate_export
 from turbo.graph.summary import GraphSummary, summarize
+from turbo.graph.weight_quant import MIN_OPSET as QUANT_OPSET
 from turbo.models.build import BuiltPlan, build_plan
 from turbo.models.loading import load_image_processor, load_model, load_tokenizer
 from turbo.models.patch import apply_turbo
@@ -54,10 +62,10 @@ class ExportOptions:
     schedule: str = "constant"
     fusion: str = "s1"
     kernel: str = "matmul"
-    opset: int = 20
+    opset: int | None = None  # None: 20, or 21 with quant (blocked DequantizeLinear)
     batch: int | None = None  # None: dynamic batch axis
     image_size: int | None = None
-    precision: str = "fp32"
+    precision: str | None = None  # None: fp32, or the ONNX a `trt` engine is built from
     random_weights: bool = False
     validate: bool = True
     seed: int = 0
@@ -75,6 +83,12 @@ class ExportOptions:
     quant_heads: bool = False  # also the classifier (ViT) and the LM head (BLIP), excluded by default
     decoder: bool = True  # captioning models: also the text decoder (False: the vision encoder only)
     trt: TrtOptions | None = None  # also build a TensorRT engine (model.plan) from the validated ONNX
+
+    def __post_init__(self) -> None:
+        if self.opset is None:
+            self.opset = QUANT_OPSET if self.quant else DEFAULT_OPSET
+        if self.precision is None:
+            self.precision = self.trt.onnx_precision() if self.trt is not None else "fp32"
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "ExportOptions":
@@ -121,11 +135,12 @@ class ExportResult:
 
 
 @contextlib.contextmanager
-def _no_stage(name: str) -> Iterator[None]:
+def no_stage(name: str) -> Iterator[None]:
+    """A `Stage` that only runs the stage (the CLI's shows progress)."""
     yield
 
 
-def run_export(options: ExportOptions, output: str | Path, force: bool = False, stage: Stage = _no_stage,
+def run_export(options: ExportOptions, output: str | Path, force: bool = False, stage: Stage = no_stage,
                command_line: str | None = None) -> ExportResult:
     """Export into `output`. Bad options raise UsageError before anything is written; a failed
     validation still writes the directory, with the manifest saying failed."""
@@ -230,7 +245,7 @@ def _validate_captioner(model, built: BuiltPlan, options: ExportOptions, staging
     """The decoder graphs and the whole ONNX captioner against upstream generate."""
 
     pipeline = CaptionPipeline.load(staging, MODEL_FILE, decoder, options.batch, exact=True)
-    validate_decoder(model, built.source.adapter.caption_decoder.module(model), pipeline, report, built.image_size,
+    validate_decoder(model, built.source.adapter.caption_decoder, pipeline, report, built.image_size,
                      built.interpolate_pos_encoding, decoder.prompt,
                      captions_are_exact(options.precision, options.quant), options.seed)
 

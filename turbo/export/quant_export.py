@@ -17,7 +17,7 @@ from turbo.core.manifest import CalibrationRecord, QuantizationRecord
 from turbo.data.images import calibration_set
 from turbo.export.decoder_validate import reference_ids
 from turbo.export.onnx_export import rewrite_onnx
-from turbo.export.validate import seeded_pixels
+from turbo.export.validate import mean_cosine, seeded_pixels, weighted_mean_token
 from turbo.graph.weight_quant import MIN_OPSET, QuantizedWeight, insert_dequantize
 from turbo.models.loading import load_image_processor
 from turbo.quant.int8 import quantize_int8
@@ -111,7 +111,7 @@ class QuantizedModel:
         got = list(runner.run({runner.input_names[0]: pixels}).values())
         bits = BITS[self.mode]
         a, b = (_summary(outputs, module.merges) for outputs in (want, got))
-        cosine = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean())
+        cosine = mean_cosine(a, b)
         self.quality = [QualityCheck("output cosine with fp32", cosine, MIN_COSINE[bits], True)]
         if want[0].ndim == 2:  # classifier logits
             agreement = float((want[0].argmax(-1) == got[0].argmax(-1)).mean())
@@ -179,8 +179,7 @@ def _summary(outputs: list[np.ndarray], merges: bool) -> np.ndarray:
     first = outputs[0].astype(np.float64)
     if first.ndim == 2:
         return first
-    sizes = outputs[-1].astype(np.float64)[..., None] if merges else np.ones(first.shape[:2] + (1,))
-    return np.concatenate([first[:, 0], (first * sizes).sum(1) / sizes.sum(1)], axis=1)
+    return np.concatenate([first[:, 0], weighted_mean_token(first, outputs[-1] if merges else None)], axis=1)
 
 
 def quantize_model(model: nn.Module, built, options, tokenizer=None) -> QuantizedModel:
@@ -233,8 +232,8 @@ def _quantize_decoder(model: nn.Module, decoder: nn.Module, built, calibration, 
     bos, eos = ids_config["bos_token_id"], ids_config["eos_token_id"]
     pixels = torch.from_numpy(calibration.pixels)
     with torch.inference_mode():
-        embeds = model.vision_model(pixel_values=pixels, interpolate_pos_encoding=built.interpolate_pos_encoding
-                                    ).last_hidden_state  # the quantized encoder's, as deployed
+        embeds = built.source.adapter.caption_decoder.image_embeds(  # the quantized encoder's, as deployed
+            model, pixels, built.interpolate_pos_encoding)
         if calibration.texts is not None and tokenizer is not None:
             source = "calibration captions"
             ids = [[bos, *tokenizer(f"{DEFAULT_PROMPT} {text}", add_special_tokens=False)["input_ids"], eos]

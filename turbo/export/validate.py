@@ -11,9 +11,10 @@ import onnx
 import onnxruntime
 from torch import nn
 
+from turbo.core.errors import describe_error
 from turbo.export.onnx_export import INPUT_NAME, TOKEN_SIZES
 from turbo.graph.precision import upcast_fp16
-from turbo.graph.summary import GraphSummary
+from turbo.graph.summary import GraphSummary, checker_error
 from turbo.merging.plan import TokenPlan
 from turbo.runtimes.base import Runner
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
@@ -116,9 +117,17 @@ def seeded_pixels(batch: int, image_size: int, seed: int = 0) -> np.ndarray:
     return rng.standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
 
 
-def _weighted_mean(tokens: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """(S, N, C), (S, N) -> (S, C): the mean over the original patches."""
+def weighted_mean_token(tokens: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
+    """(S, N, C), token sizes (S, N) -> (S, C): the mean over the original patches, whatever was
+    merged (without sizes, every token counts once)."""
+    tokens = tokens.astype(np.float64)
+    sizes = np.ones(tokens.shape[:2]) if sizes is None else sizes.astype(np.float64)
     return (tokens * sizes[..., None]).sum(axis=1) / sizes.sum(axis=1, keepdims=True)
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """(S, C), (S, C) -> the cosine of each row pair, averaged."""
+    return float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).mean())
 
 
 def _compare(run: str, name: str, batch: int, want: np.ndarray, got: np.ndarray, flipped: np.ndarray,
@@ -134,7 +143,7 @@ def _compare(run: str, name: str, batch: int, want: np.ndarray, got: np.ndarray,
     w, g = want[flipped], got[flipped]
     if want.ndim == 3:
         cls = np.abs(w[:, 0] - g[:, 0]).max()  # CLS is never merged
-        mean = np.abs(_weighted_mean(w, sizes[0][flipped]) - _weighted_mean(g, sizes[1][flipped])).max()
+        mean = np.abs(weighted_mean_token(w, sizes[0][flipped]) - weighted_mean_token(g, sizes[1][flipped])).max()
         flipped_diff = max(cls, mean)
     else:
         flipped_diff = np.abs(w - g).max()
@@ -221,10 +230,7 @@ def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path,
     report = ValidationReport(reference="pytorch (cpu, fp32)",
                               candidate=f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider")
     if static_checks:
-        try:
-            onnx.checker.check_model(str(onnx_path), full_check=True)
-        except Exception as exc:  # ValidationError and shape-inference errors alike
-            report.checker_error = _first_line(exc)
+        report.checker_error = checker_error(onnx_path)
         report.graph_problems = graph_problems(summary, plan, kernel, batch)
     if not compare:
         return report
@@ -245,10 +251,7 @@ def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path,
         else:
             compare_runners("fp32", reference, runner, report, image_size, batches, EXACT, seed)
     except Exception as exc:  # ORT load or run failures are validation failures, reported as such
-        report.runtime_error = _first_line(exc)
+        report.runtime_error = describe_error(exc)
     return report
 
 
-def _first_line(exc: Exception) -> str:
-    line = (str(exc).strip().splitlines() or [""])[0][:300]
-    return f"{exc.__class__.__name__}: {line}"

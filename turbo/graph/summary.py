@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, numpy_helper
 
+from turbo.core.errors import describe_error
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -148,3 +150,12 @@ def summarize(path: str | Path) -> GraphSummary:
         outputs=tuple(_tensor_info(v) for v in graph.output),
         opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0),
     )
+
+
+def checker_error(path: str | Path) -> str | None:
+    """None when `onnx.checker`'s full check (shape inference included) passes, else its error in one line."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # ValidationError, shape-inference and protobuf decode errors alike
+        return describe_error(exc)
+    return None

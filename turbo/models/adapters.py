@@ -23,10 +23,26 @@ class BlockParts:
 
 
 @dataclass(frozen=True)
+class Task:
+    """What a family's models are deployed for, and how `turbo eval` measures them."""
+
+    name: str  # image-classification | image-captioning
+    fidelity_metric: str  # agreement with r=0, the metric `--metric fidelity` bounds
+    accuracy_metric: str  # the task metric `--metric accuracy` bounds
+    accuracy_data: str  # what the accuracy metric needs, for the error that asks for it
+
+
+CLASSIFICATION = Task("image-classification", "agreement", "top1", "class folders")
+CAPTIONING = Task("image-captioning", "exact_match", "cider", "--captions")
+
+
+@dataclass(frozen=True)
 class CaptionDecoder:
     """A family's text decoder, for captioning exports."""
 
     module: Callable[[nn.Module], nn.Module]  # model -> its language-model-head decoder
+    # (model, pixel_values, interpolate_pos_encoding) -> the image embeddings it cross-attends to (B, N, C)
+    image_embeds: Callable[[nn.Module, torch.Tensor, bool], torch.Tensor]
     generation_ids: Callable[[object], dict[str, int]]  # config -> bos/eos/pad token ids as generate uses them
     placeholder_tokenizer: Callable[[object], object]  # config -> a made-up vocabulary (random weights only)
     lm_head: Callable[[nn.Module], nn.Linear]  # decoder -> its vocabulary projection
@@ -46,6 +62,7 @@ class FamilyAdapter:
     # (model, pixel_values, interpolate_pos_encoding) -> named outputs, the deployed ones first
     export_outputs: Callable[[nn.Module, torch.Tensor, bool], dict[str, torch.Tensor]]
     image_processor: Callable[[int], object]  # image size -> the family's default (PIL) image processor
+    task: Task = CLASSIFICATION
     caption_decoder: CaptionDecoder | None = None
     classifier: Callable[[nn.Module], nn.Module | None] = lambda model: None  # model -> its class head, if any
 

@@ -10,7 +10,7 @@ from transformers import BertTokenizer
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.blip.modeling_blip import BlipEncoderLayer
 
-from turbo.models.adapters import BlockParts, CaptionDecoder, FamilyAdapter
+from turbo.models.adapters import CAPTIONING, BlockParts, CaptionDecoder, FamilyAdapter
 
 RANDOM_INIT_RANGE = 0.02  # BLIP's vision default (1e-10) makes every random token identical
 
@@ -35,10 +35,13 @@ def _prepare_random_config(config) -> None:
     config.vision_config.initializer_range = RANDOM_INIT_RANGE
 
 
-def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> dict[str, torch.Tensor]:
+def _image_embeds(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> torch.Tensor:
     """The image embeddings the text decoder cross-attends to: (B, N_final, C)."""
-    out = model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate)
-    return {"image_embeds": out.last_hidden_state}
+    return model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate).last_hidden_state
+
+
+def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> dict[str, torch.Tensor]:
+    return {"image_embeds": _image_embeds(model, pixel_values, interpolate)}
 
 
 def _image_processor(image_size: int) -> object:
@@ -81,6 +84,7 @@ BLIP = FamilyAdapter(
     prepare_random_config=_prepare_random_config,
     export_outputs=_export_outputs,
     image_processor=_image_processor,
-    caption_decoder=CaptionDecoder(lambda model: model.text_decoder, _generation_ids, _placeholder_tokenizer,
-                                   lambda decoder: decoder.cls.predictions.decoder),
+    task=CAPTIONING,
+    caption_decoder=CaptionDecoder(lambda model: model.text_decoder, _image_embeds, _generation_ids,
+                                   _placeholder_tokenizer, lambda decoder: decoder.cls.predictions.decoder),
 )

@@ -12,7 +12,7 @@ from huggingface_hub.utils import logging as hub_logging
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-from turbo.core.errors import ModelLoadError, UsageError
+from turbo.core.errors import ModelLoadError, UsageError, describe_error
 from turbo.models.adapters import FamilyAdapter
 from turbo.models.registry import ADAPTERS, REGISTRY, ModelSpec, list_models, supported_architectures
 
@@ -115,8 +115,7 @@ def from_cache_or_hub(load: Callable, location: str):
 
 
 def _reason(exc: Exception) -> str:
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    return f"{exc.__class__.__name__}: {first_line[:160]}" if first_line else exc.__class__.__name__
+    return describe_error(exc, limit=160)
 
 
 def _cache_hint(hf_id: str, random_weights_help: bool = True) -> str:

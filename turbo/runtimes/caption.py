@@ -13,6 +13,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from turbo.core.errors import TurboError, UsageError
 from turbo.core.files import GENERATION_FILE
 from turbo.core.manifest import DecoderRecord, Manifest, TensorRTRecord, read_export_manifest
+from turbo.data.images import Sample, batches, pixel_batch
 from turbo.runtimes.base import Runner
 from turbo.runtimes.generation import GenerationSettings, generate
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
@@ -176,6 +177,17 @@ class CaptionPipeline:
         prompt = np.tile(np.asarray(prompt_ids, dtype=np.int64), (len(pixel_values), 1))
         return generate(self.decoder, prompt, settings)
 
+    def caption_files(self, images: list[str | Path], prompt: str = DEFAULT_PROMPT, batch: int = 8,
+                      **overrides) -> list[dict]:
+        """`caption` of image files, preprocessed with the export's own image processor; a missing
+        or unreadable file is a one-line UsageError before anything runs."""
+        missing = [str(image) for image in images if not Path(image).is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise UsageError(f"no such image file: {missing[0]}{more}")
+        return self.caption(pixel_batch([Sample(Path(image)) for image in images], self.processor), prompt, batch,
+                            **overrides)
+
     def caption(self, pixel_values: np.ndarray, prompt: str = DEFAULT_PROMPT, batch: int = 8,
                 **overrides) -> list[dict]:
         """One {caption, ids} per image; `overrides` replace generation settings (num_beams, ...)."""
@@ -184,16 +196,23 @@ class CaptionPipeline:
         static = self.static_batch
         batch = static or batch
         results = []
-        for start in range(0, len(pixel_values), batch):
-            chunk = pixel_values[start:start + batch]
-            count = len(chunk)
-            if static:  # a fixed-batch encoder: fill up with the last image
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static - count, 0)])
+        for chunk, count in batches(pixel_values, batch, static=bool(static)):
             for row in self.generate(chunk, prompt_ids, settings)[:count]:
                 generated = row[len(prompt_ids):]
                 results.append({"caption": self.tokenizer.decode(generated, skip_special_tokens=True).strip(),
                                 "ids": row.tolist()})
         return results
+
+
+def check_caption_settings(batch: int, num_beams: int | None = None, max_new_tokens: int | None = None,
+                           min_new_tokens: int | None = None) -> None:
+    """A UsageError naming the option for a batch, beam count or length out of range."""
+    for name, value, least in (("--beams", num_beams, 1), ("--max-length", max_new_tokens, 1),
+                               ("--min-length", min_new_tokens, 0), ("--batch", batch, 1)):
+        if value is not None and value < least:
+            raise UsageError(f"{name} must be at least {least}, not {value}")
+    if max_new_tokens is not None and min_new_tokens is not None and min_new_tokens > max_new_tokens:
+        raise UsageError(f"--min-length {min_new_tokens} is above --max-length {max_new_tokens}")
 
 
 def settings_from_config(config: dict) -> GenerationSettings:

@@ -40,10 +40,11 @@ from turbo.tools.timing import TimingStats, interleaved
 SCHEMA = "turbo-bench/1"
 PRECISIONS = ("fp32", "fp16", "bf16")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_ITERS = 20  # timed rounds when neither iters nor duration_s is given
 NO_DECODER = "the export has no text decoder (re-export it with this turbo version)"
 NO_CAPTION_ENGINES = "an export has no TensorRT decoder engines (re-export it with --trt and its text decoder)"
-EXPORT_FORMAT = 5  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface;
-#                    4: leaner merge graph; 5: batched GatherND, one ranking TopK)
+EXPORT_FORMAT = 6  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface;
+#                    4: leaner merge graph; 5: batched GatherND, one ranking TopK; 6: the turbo package, manifest v2)
 Progress = Callable[[str], None]
 
 
@@ -55,12 +56,12 @@ class MissingRuntimeError(TurboError):
 class BenchOptions:
     model: str = "blip-caption"
     rs: list[int] | None = None  # None: 0 and the model's default r
-    runtimes: tuple[str, ...] = ("torch", "ort")
+    runtimes: tuple[str, ...] | None = None  # None: every runtime for a model, ONNX Runtime for export_dirs
     device: str = "cpu"
     batches: tuple[int, ...] = (1,)
     precision: str = "fp32"
     warmup_s: float = 1.0
-    iters: int | None = 20  # None: time for duration_s
+    iters: int | None = None  # None: DEFAULT_ITERS rounds, or as many as fit in duration_s
     duration_s: float | None = None
     random_weights: bool = False
     include_transfers: bool = False
@@ -77,6 +78,12 @@ class BenchOptions:
     tiny: bool = False  # the registry's tiny variant (tests)
     export_dirs: list[Path] = field(default_factory=list)  # bench these ONNX exports (runtime ort)
     baseline_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.runtimes is None:
+            self.runtimes = ("ort",) if self.export_dirs else RUNTIMES
+        if self.iters is None and self.duration_s is None:
+            self.iters = DEFAULT_ITERS
 
 
 @dataclass(frozen=True)

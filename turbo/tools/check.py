@@ -7,7 +7,6 @@ import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from transformers import AutoTokenizer
@@ -19,8 +18,15 @@ from turbo.export.decoder_validate import captions_are_exact, validate_decoder
 from turbo.export.onnx_export import TOKEN_SIZES, ExportModule
 from turbo.export.pipeline import ExportOptions
 from turbo.export.quant_export import quantize_model
-from turbo.export.validate import ValidationReport, graph_problems, seeded_pixels, validate_export
-from turbo.graph.summary import summarize
+from turbo.export.validate import (
+    ValidationReport,
+    graph_problems,
+    mean_cosine,
+    seeded_pixels,
+    validate_export,
+    weighted_mean_token,
+)
+from turbo.graph.summary import checker_error, summarize
 from turbo.graph.trt_lint import lint
 from turbo.models.loading import load_model
 from turbo.models.patch import apply_turbo
@@ -70,11 +76,8 @@ def _graph_checks(directory: Path, manifest: Manifest, built, report: CheckRepor
     if report.add("files", not missing, f"missing {', '.join(missing)}" if missing else "model and weights present") \
             is False:
         return None
-    try:
-        onnx.checker.check_model(str(model_path), full_check=True)
-        report.add("onnx.checker (full)", True)
-    except Exception as exc:  # the checker's own errors and protobuf decode errors alike
-        report.add("onnx.checker (full)", False, f"{exc.__class__.__name__}: {str(exc).strip()[:200]}")
+    error = checker_error(model_path)
+    report.add("onnx.checker (full)", error is None, error or "")
     summary = summarize(model_path)
     graph = summary.to_dict()
     opset = summary.opset
@@ -133,12 +136,7 @@ def _decoder_checks(directory: Path, manifest: Manifest, built, report: CheckRep
     if report.add("decoder files", not missing, f"missing {', '.join(missing)}" if missing else
                   "first-step and with-past graphs, shared weights, tokenizer, generation config") is False:
         return
-    problems = []
-    for name in names[:2]:
-        try:
-            onnx.checker.check_model(str(directory / name), full_check=True)
-        except Exception as exc:  # checker and protobuf errors alike
-            problems.append(f"{name}: {exc.__class__.__name__}: {str(exc).strip()[:160]}")
+    problems = [f"{name}: {error}" for name in names[:2] if (error := checker_error(directory / name))]
     report.add("decoder onnx.checker (full)", not problems, "; ".join(problems))
     encoder = onnx.load(str(directory / manifest.onnx.file), load_external_data=False).graph.output[0]
     produced = encoder.type.tensor_type.shape.dim[1].dim_value
@@ -215,7 +213,7 @@ def _revalidate_decoder(directory: Path, manifest: Manifest, built, model, repor
         return
     validation = ValidationReport("pytorch", "onnxruntime")
     quant = manifest.quantization.mode if manifest.quantization is not None else None
-    validate_decoder(model, built.source.adapter.caption_decoder.module(model), pipeline, validation,
+    validate_decoder(model, built.source.adapter.caption_decoder, pipeline, validation,
                      built.image_size, built.interpolate_pos_encoding, manifest.decoder.prompt,
                      captions_are_exact(manifest.onnx.precision, quant), manifest.model.seed or 0)
     worst = max((c.max_abs_diff for c in validation.outputs), default=float("inf"))
@@ -240,12 +238,9 @@ def _agreement(path: Path, unmerged, built, batch: int | None) -> tuple[float, s
         agree = merged["logits"].argmax(-1) == reference["logits"].numpy().argmax(-1)
         return float(agree.mean()), f"top-1 agreement with the unmerged model on {count} seeded inputs"
     name = next(iter(reference))
-    tokens = merged[name].astype(np.float64)  # (B, N', C)
-    sizes = merged.get(TOKEN_SIZES, np.ones(tokens.shape[:2]))[..., None]
-    pooled = (tokens * sizes).sum(1) / sizes.sum(1)
-    base = reference[name].numpy().astype(np.float64).mean(1)
-    cosine = (pooled * base).sum(-1) / (np.linalg.norm(pooled, axis=-1) * np.linalg.norm(base, axis=-1))
-    return float(cosine.mean()), f"mean-token cosine with the unmerged model on {count} seeded inputs"
+    pooled = weighted_mean_token(merged[name], merged.get(TOKEN_SIZES))  # (B, N', C) -> (B, C)
+    cosine = mean_cosine(pooled, weighted_mean_token(reference[name].numpy()))
+    return cosine, f"mean-token cosine with the unmerged model on {count} seeded inputs"
 
 
 def _speed_gate(directory: Path, manifest: Manifest, report: CheckReport, min_speedup: float, iters: int) -> None:

@@ -20,9 +20,10 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from turbo.core.errors import TurboError, UsageError
 from turbo.core.manifest import Manifest, read_export_manifest
-from turbo.data.images import coco_captions, image_folder, pixel_batch
-from turbo.export.pipeline import ExportOptions
+from turbo.data.images import batches, coco_captions, image_folder, pixel_batch
+from turbo.export.pipeline import ExportOptions, ExportResult, Stage, no_stage, run_export
 from turbo.merging.plan import max_r
+from turbo.models.adapters import CAPTIONING, Task
 from turbo.models.build import build_merged_model, build_plan
 from turbo.models.loading import from_cache_or_hub, load_image_processor, resolve_source
 from turbo.models.registry import adapter_for
@@ -99,7 +100,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def vit_metrics(logits: np.ndarray, labels: list[int] | None, base: np.ndarray) -> dict[str, float]:
+def classification_metrics(logits: np.ndarray, labels: list[int] | None, base: np.ndarray) -> dict[str, float]:
     metrics = {"agreement": float((logits.argmax(-1) == base.argmax(-1)).mean())}
     p, q = _softmax(base.astype(np.float64)), _softmax(logits.astype(np.float64))
     metrics["kl"] = float((p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(-1).mean())
@@ -112,7 +113,7 @@ def vit_metrics(logits: np.ndarray, labels: list[int] | None, base: np.ndarray) 
     return metrics
 
 
-def blip_metrics(ids: list[list[int]], base: list[list[int]], texts: list[str] | None,
+def caption_metrics(ids: list[list[int]], base: list[list[int]], texts: list[str] | None,
                  base_texts: list[str] | None, references: list[list[str]] | None) -> dict[str, float]:
     metrics = {"exact_match": float(np.mean([a == b for a, b in zip(ids, base)]))}
     merged = texts if texts is not None else [" ".join(map(str, x)) for x in ids]
@@ -123,8 +124,8 @@ def blip_metrics(ids: list[list[int]], base: list[list[int]], texts: list[str] |
     return metrics
 
 
-def _load_samples(options: EvalOptions, family: str):
-    if family == "blip" and options.captions is not None:
+def _load_samples(options: EvalOptions, task: Task):
+    if task is CAPTIONING and options.captions is not None:
         samples, classes = coco_captions(options.captions, options.data), None
     else:
         samples, classes = image_folder(options.data, options.labels_file)
@@ -147,14 +148,15 @@ def _evaluate(built, options: EvalOptions, pixels: np.ndarray) -> EvalRun:
 
     model, _ = build_merged_model(built, options.random_weights, seed=options.seed)
     adapter = built.source.adapter
+    captioning = adapter.task is CAPTIONING
     outputs = []
     with torch.inference_mode():
-        if adapter.family != "blip":  # one warm-up forward, so images/s is not the first call's
+        if not captioning:  # one warm-up forward, so images/s is not the first call's
             adapter.export_outputs(model, torch.from_numpy(pixels[: options.batch]), built.interpolate_pos_encoding)
         begin = time.perf_counter()
         for start in range(0, len(pixels), options.batch):
             x = torch.from_numpy(pixels[start:start + options.batch])
-            if adapter.family == "blip":
+            if captioning:
                 ids = model.generate(pixel_values=x, num_beams=options.beams, max_new_tokens=options.max_tokens,
                                      do_sample=False)
                 outputs.extend(row.tolist() for row in ids)
@@ -164,7 +166,7 @@ def _evaluate(built, options: EvalOptions, pixels: np.ndarray) -> EvalRun:
                     raise UsageError(f"{built.source.name} has no classifier head; eval needs logits")
                 outputs.append(named["logits"].numpy())
     seconds = time.perf_counter() - begin
-    if adapter.family != "blip":
+    if not captioning:
         outputs = np.concatenate(outputs)
     return EvalRun(built.r_requested, built.plan.final_tokens, built.plan.speedup_bound, len(pixels) / seconds,
                    outputs=outputs)
@@ -189,10 +191,8 @@ def _evaluate_onnx(directory: Path, manifest: Manifest, pixels: np.ndarray, opti
     runner.run({"pixel_values": pixels[:size]})  # warm-up
     logits = []
     begin = time.perf_counter()
-    for start in range(0, len(pixels), size):
-        chunk = pixels[start:start + size]
-        filled = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)]) if static else chunk
-        logits.append(runner.run({"pixel_values": filled})["logits"][: len(chunk)])
+    for chunk, count in batches(pixels, size, static=bool(static)):
+        logits.append(runner.run({"pixel_values": chunk})["logits"][:count])
     seconds = time.perf_counter() - begin
     return EvalRun(r_requested, plan.final_tokens, plan.speedup_bound, len(pixels) / seconds,
                    outputs=np.concatenate(logits), runtime="ort")
@@ -211,13 +211,12 @@ def _from_export(options: EvalOptions) -> tuple[EvalOptions, Manifest]:
                    method=made.method, alpha=made.alpha, threshold=made.threshold, rs=[made.r]), manifest
 
 
-def _drop(metric: str, base: dict, run: dict, family: str) -> float:
+def _drop(metric: str, base: dict, run: dict, task: Task) -> float:
     if metric == "fidelity":
-        return 1.0 - (run["agreement"] if family == "vit" else run["exact_match"])
-    key = "top1" if family == "vit" else "cider"
+        return 1.0 - run[task.fidelity_metric]
+    key = task.accuracy_metric
     if key not in base:
-        raise UsageError(f"--metric accuracy needs {'class folders' if family == 'vit' else '--captions'}; "
-                         "use --metric fidelity on unlabeled images")
+        raise UsageError(f"--metric accuracy needs {task.accuracy_data}; use --metric fidelity on unlabeled images")
     return base[key] - run[key]
 
 
@@ -232,8 +231,9 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
     if options.export_dir is not None:
         options, manifest = _from_export(options)
     source = resolve_source(options.model, tiny=options.tiny)
-    family = source.adapter.family
-    samples, classes = _load_samples(options, family)
+    task = source.adapter.task
+    captioning = task is CAPTIONING
+    samples, classes = _load_samples(options, task)
     if not samples:
         raise UsageError(f"--data {options.data}: no images to evaluate")
     base_plan = build_plan(options.model, 0, options.method, options.alpha, "constant", options.threshold,
@@ -247,7 +247,7 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
     pixels = pixel_batch(samples, processor)
     labels = [s.label for s in samples] if classes else None
     references = [list(s.references) for s in samples] if any(s.references for s in samples) else None
-    tokenizer = _tokenizer(source, options.random_weights) if family == "blip" else None
+    tokenizer = _tokenizer(source, options.random_weights) if captioning else None
     if references is not None and tokenizer is None:
         raise UsageError(f"BLEU-4/CIDEr against references need the tokenizer of {source.location} in the "
                          "Hugging Face cache; without it, drop --captions for label-free fidelity")
@@ -265,18 +265,18 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
             run = (_evaluate_onnx(options.export_dir, manifest, pixels, options) if manifest and r
                    else _evaluate(built, options, pixels))
             base = runs[0] if r else run
-            if family == "blip":
-                run.metrics = blip_metrics(run.outputs, base.outputs, decode(run.outputs), decode(base.outputs),
+            if captioning:
+                run.metrics = caption_metrics(run.outputs, base.outputs, decode(run.outputs), decode(base.outputs),
                                            references)
             else:
-                run.metrics = vit_metrics(run.outputs, labels, base.outputs)
+                run.metrics = classification_metrics(run.outputs, labels, base.outputs)
             runs[r] = run
         return runs[r]
 
     evaluate(0)
     auto = None
     if options.max_drop is not None:
-        auto = _search(options, family, base_plan, evaluate, max_r(base_plan.plan.tokens_in))
+        auto = _search(options, task, base_plan, evaluate, max_r(base_plan.plan.tokens_in))
     else:
         for r in options.rs if options.rs is not None else [source.default_r]:
             evaluate(r)
@@ -285,7 +285,7 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         "export": str(options.export_dir) if manifest else None,
         "data": str(options.data), "samples": len(samples), "classes": len(classes) if classes else None,
         "caption_tokenizer": caption_tokenizer_name() if references is not None else None,
-        "captions_compared_as": None if family != "blip" else ("text" if tokenizer else "token ids"),
+        "captions_compared_as": None if not captioning else ("text" if tokenizer else "token ids"),
         "results": [{"r": run.r, "runtime": run.runtime, "final_tokens": run.final_tokens,
                      "flops_bound": run.flops_bound, "images_per_s": run.images_per_s, "metrics": run.metrics}
                     for _, run in sorted(runs.items())],
@@ -293,7 +293,7 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
     }
 
 
-def _search(options: EvalOptions, family: str, base_plan, evaluate, cap: int) -> dict:
+def _search(options: EvalOptions, task: Task, base_plan, evaluate, cap: int) -> dict:
     """Largest constant r whose drop stays within max_drop, by bisection over the r values that
     change the plan's FLOPs (clamped or threshold-bound values that plan alike are skipped);
     it assumes the drop grows with r."""
@@ -310,7 +310,7 @@ def _search(options: EvalOptions, family: str, base_plan, evaluate, cap: int) ->
     while low <= high:
         middle = (low + high) // 2
         r = candidates[middle]
-        drop = _drop(options.metric, base, evaluate(r).metrics, family)
+        drop = _drop(options.metric, base, evaluate(r).metrics, task)
         curve.append({"r": r, "drop": drop, "within": drop <= options.max_drop})
         if drop <= options.max_drop:
             chosen, low = r, middle + 1
@@ -318,3 +318,28 @@ def _search(options: EvalOptions, family: str, base_plan, evaluate, cap: int) ->
             high = middle - 1
     return {"metric": options.metric, "max_drop": options.max_drop, "candidates": len(candidates),
             "curve": sorted(curve, key=lambda point: point["r"]), "chosen_r": chosen}
+
+
+@dataclass(frozen=True)
+class AutoR:
+    """`turbo export --r auto`: choose r by the eval search on these images."""
+
+    data: Path
+    max_drop: float
+    metric: str = "fidelity"
+
+
+def export_with_r(options: ExportOptions, output: str | Path, auto: AutoR | None = None, force: bool = False,
+                  stage: Stage = no_stage, command_line: str | None = None,
+                  progress=lambda message: None) -> ExportResult:
+    """`turbo export`: with `auto`, r is the largest within the drop on `auto.data` (the search's
+    curve goes into the manifest's `turbo.r_auto`); then the export itself."""
+    if auto is not None:
+        report = run_eval(EvalOptions(model=options.model, data=auto.data, max_drop=auto.max_drop, metric=auto.metric,
+                                      method=options.method, alpha=options.alpha, threshold=options.threshold,
+                                      tiny=options.tiny, random_weights=options.random_weights), progress)
+        r_auto = {**report["auto"], "data": report["data"], "samples": report["samples"]}
+        progress(f"--r auto chose r={r_auto['chosen_r']} ({auto.metric} drop ≤ {auto.max_drop:g} on "
+                 f"{r_auto['samples']} images)")
+        options = replace(options, r=r_auto["chosen_r"], r_auto=r_auto)
+    return run_export(options, output, force, stage, command_line)

@@ -21,9 +21,7 @@ def parse_ints(text: str, option: str) -> list[int]:
 
 
 def parse_runtimes(text: str) -> tuple[str, ...]:
-    from turbo.runtimes.availability import RUNTIMES
-
-    return RUNTIMES if text == "all" else tuple(v.strip() for v in text.split(","))
+    return tuple(v.strip() for v in text.split(","))
 
 
 def _check_plot_dependency(plot: str | None) -> None:

@@ -10,29 +10,15 @@ NOISE_WARNING = ("this export has random weights (--random-weights): its caption
 
 def run_caption_command(directory: str, images: list[str], beams: int | None, max_length: int | None,
                         min_length: int | None, prompt: str, batch: int, json_output: bool) -> None:
-    from pathlib import Path
+    from turbo.runtimes.caption import CaptionPipeline, check_caption_settings
 
-    from turbo.core.errors import UsageError
-    from turbo.data.images import Sample, pixel_batch
-    from turbo.runtimes.caption import CaptionPipeline
-
-    for name, value, least in (("--beams", beams, 1), ("--max-length", max_length, 1), ("--min-length", min_length, 0),
-                               ("--batch", batch, 1)):
-        if value is not None and value < least:
-            raise UsageError(f"{name} must be at least {least}, not {value}")
-    if max_length is not None and min_length is not None and min_length > max_length:
-        raise UsageError(f"--min-length {min_length} is above --max-length {max_length}")
-    missing = [image for image in images if not Path(image).is_file()]
-    if missing:
-        raise UsageError(f"no such image file: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
-                                                                 else ""))
+    check_caption_settings(batch, beams, max_length, min_length)
     pipeline = CaptionPipeline.open(directory)
-    pixels = pixel_batch([Sample(Path(image)) for image in images], pipeline.processor)
     if pipeline.random_weights:
         stderr.print(f"[yellow]warning:[/] {NOISE_WARNING}", highlight=False)
     begin = time.perf_counter()
-    results = pipeline.caption(pixels, prompt, batch, num_beams=beams, max_new_tokens=max_length,
-                               min_new_tokens=min_length)
+    results = pipeline.caption_files(images, prompt, batch, num_beams=beams, max_new_tokens=max_length,
+                                     min_new_tokens=min_length)
     seconds = time.perf_counter() - begin
     settings = pipeline.settings
     if json_output:

@@ -23,12 +23,8 @@ def parse_batch(text: str) -> int | None:
     return int(text)
 
 
-def choose_r(r: str | None, model: str, data: str | None, max_drop: float | None, metric: str, method: str,
-             alpha: float | None, threshold: int | None, tiny: bool,
-             random_weights: bool) -> tuple[int | None, dict | None]:
-    """`--r N` as given, or `--r auto`: the eval search's choice and its curve (for the manifest)."""
-    from pathlib import Path
-
+def parse_r(r: str | None, data: str | None, max_drop: float | None) -> int | str | None:
+    """`--r N` -> N, `--r auto` -> "auto" (with --data and --max-drop), no --r -> None (the model's)."""
     from turbo.core.errors import UsageError
 
     if r != "auto":
@@ -36,18 +32,14 @@ def choose_r(r: str | None, model: str, data: str | None, max_drop: float | None
             raise UsageError("--data and --max-drop belong to --r auto")
         if r is not None and not r.isdigit():
             raise UsageError(f"--r takes a non-negative integer or 'auto', not {r!r}")
-        return (None if r is None else int(r)), None
+        return None if r is None else int(r)
     if data is None or max_drop is None:
         raise UsageError("--r auto needs --data IMAGES and --max-drop X")
-    from turbo.tools.eval import EvalOptions, run_eval
+    return "auto"
 
-    report = run_eval(EvalOptions(model=model, data=Path(data), max_drop=max_drop, metric=metric, method=method,
-                                  alpha=alpha, threshold=threshold, tiny=tiny, random_weights=random_weights),
-                      lambda message: stderr.print(f"[dim]{escape(message)}[/]", highlight=False))
-    auto = {**report["auto"], "data": report["data"], "samples": report["samples"]}
-    stderr.print(f"--r auto chose r={auto['chosen_r']} ({metric} drop ≤ {max_drop:g} on {auto['samples']} images)",
-                 highlight=False)
-    return auto["chosen_r"], auto
+
+def _progress(message: str) -> None:
+    stderr.print(f"[dim]{escape(message)}[/]", highlight=False)
 
 
 @contextlib.contextmanager
@@ -94,11 +86,11 @@ def _validation_table(validation: dict) -> Table:
     return table
 
 
-def run_export_command(options, output: str, force: bool, json_output: bool) -> None:
+def run_export_command(options, auto, output: str, force: bool, json_output: bool) -> None:
     from turbo.core.errors import EXIT_MISSING_RUNTIME, EXIT_VALIDATION
-    from turbo.export.pipeline import run_export
+    from turbo.tools.eval import export_with_r
 
-    result = run_export(options, output, force, _stage, shlex.join(["turbo", *sys.argv[1:]]))
+    result = export_with_r(options, output, auto, force, _stage, shlex.join(["turbo", *sys.argv[1:]]), _progress)
     manifest = result.manifest
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
