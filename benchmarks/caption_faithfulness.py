@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 
 from turbo.export.decoder_validate import reference_ids
-from turbo.export.pipeline import ExportOptions
+from turbo.export.options import ExportOptions
 from turbo.export.validate import seeded_pixels
 from turbo.models.build import build_merged_model
 from turbo.runtimes.caption import CaptionPipeline

@@ -34,7 +34,8 @@ import onnxruntime as ort
 import torch
 
 from turbo.export.onnx_export import ExportModule
-from turbo.export.pipeline import ExportOptions, run_export
+from turbo.export.options import ExportOptions
+from turbo.export.pipeline import run_export
 from turbo.merging.module import TokenMerge
 from turbo.models.build import build_merged_model, build_plan
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner

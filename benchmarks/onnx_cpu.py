@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from turbo.core.files import MODEL_FILE
-from turbo.export.pipeline import ExportOptions, run_export
+from turbo.export.options import ExportOptions
+from turbo.export.pipeline import run_export
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
 

@@ -14,7 +14,8 @@ import statistics
 import time
 from pathlib import Path
 
-from turbo.export.pipeline import ExportOptions, run_export
+from turbo.export.options import ExportOptions
+from turbo.export.pipeline import run_export
 from turbo.export.validate import seeded_pixels
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 

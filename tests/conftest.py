@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from turbo.export.pipeline import ExportOptions, ExportResult, run_export
+from turbo.export.options import ExportOptions
+from turbo.export.pipeline import ExportResult, run_export
 from turbo.models.build import BuiltPlan, build_merged_model, build_plan
 from turbo.models.loading import load_model, resolve_source
 from turbo.models.registry import list_models

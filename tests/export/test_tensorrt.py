@@ -343,7 +343,8 @@ def test_profile_flags_need_trt(tmp_path):
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("merge", ["plugin", "native"])
 def test_engine_builds_and_matches_onnx_runtime(tmp_path, merge):
-    from turbo.export.pipeline import ExportOptions, run_export
+    from turbo.export.options import ExportOptions
+    from turbo.export.pipeline import run_export
     from turbo.export.tensorrt.stage import TrtOptions
 
     result = run_export(ExportOptions(model="vit-b16", r=4, threshold=0, tiny=True, random_weights=True,
@@ -356,7 +357,8 @@ def test_engine_builds_and_matches_onnx_runtime(tmp_path, merge):
 
 @pytest.mark.tensorrt
 def test_caption_engines_build_and_caption_like_onnx_runtime(tmp_path):
-    from turbo.export.pipeline import ExportOptions, run_export
+    from turbo.export.options import ExportOptions
+    from turbo.export.pipeline import run_export
     from turbo.export.tensorrt.stage import TrtOptions
     from turbo.runtimes.caption import CaptionPipeline
 

@@ -156,7 +156,13 @@ def test_merge_and_quant_export_validates_and_runs(tmp_path, name, args):
     if "{calib}" in args:  # turbo check quantizes again from the manifest's calibration source and seed
         check = CliRunner().invoke(app, ["check", str(out), "--json"])
         assert check.exit_code == 0, check.output
-        assert {c["name"]: c["passed"] for c in json.loads(check.stdout)["checks"]}["ORT vs PyTorch"] is True
+        checks = {c["name"]: c for c in json.loads(check.stdout)["checks"]}
+        assert checks["ORT vs PyTorch"]["passed"] is True
+        # the export's own quality gate, re-run: the same checks with the same values
+        recorded = "; ".join(f"{q['name']} {q['value']:.4f}" for q in manifest["quantization"]["quality"])
+        assert checks["quantized vs fp32"]["passed"] is True
+        assert [part.split(" (min")[0] for part in checks["quantized vs fp32"]["detail"].split("; ")] == \
+            recorded.split("; ")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -14,7 +14,8 @@ from tests.conftest import tiny_export
 from tests.tools.test_bench import checked_report
 from turbo.cli.app import app
 from turbo.export.decoder_validate import reference_ids
-from turbo.export.pipeline import ExportOptions, run_export
+from turbo.export.options import ExportOptions
+from turbo.export.pipeline import run_export
 from turbo.export.validate import seeded_pixels
 from turbo.kernels.cpu_kernels import c_compiler
 from turbo.models.blip_decoder import DecoderFirstStep, DecoderWithPast

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from turbo.cli.app import app
-from turbo.export.pipeline import ExportOptions, run_export
+from turbo.export.options import ExportOptions
+from turbo.export.pipeline import run_export
 from turbo.kernels.cpu_kernels import c_compiler
 from turbo.models.loading import resolve_source
 from turbo.runtimes.base import Runner

@@ -128,7 +128,8 @@ def test_export_with_r_auto_records_the_choice(class_folders, tmp_path):
 def test_eval_of_an_export_directory(class_folders, tmp_path):
     """The ONNX export on ONNX Runtime against the unmerged PyTorch model, with the export's
     own preprocessing; a static batch is filled up for the last, smaller chunk."""
-    from turbo.export.pipeline import ExportOptions, run_export
+    from turbo.export.options import ExportOptions
+    from turbo.export.pipeline import run_export
 
     out = run_export(ExportOptions(model="vit-b16", r=4, tiny=True, threshold=0, random_weights=True, batch=4),
                      tmp_path / "export").directory

@@ -114,7 +114,7 @@ def export_command(
 
     from turbo.cli.commands.export import parse_batch, parse_r, run_export_command
     from turbo.core.errors import UsageError
-    from turbo.export.pipeline import ExportOptions
+    from turbo.export.options import ExportOptions
     from turbo.export.tensorrt.stage import TrtOptions
     from turbo.tools.eval import AutoR
 

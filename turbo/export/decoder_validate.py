@@ -15,6 +15,7 @@ from turbo.runtimes.generation import GenerationSettings
 
 LOGIT_STEPS = 4  # tokens generated after the prompt whose logits are compared
 CAPTION_BATCH = 2
+DECODER_RUN = "decoder"  # how the decoder's checks and errors are named in a ValidationReport
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,9 @@ def _logit_checks(model: nn.Module, caption: CaptionDecoder, pipeline: CaptionPi
     first, stepped = decoder.teacher_forced(ids, prompt_len)  # (B, T, V), (B, L - T, V)
     batch = len(pixels)
     want_first, want_steps = expected[:, :prompt_len], expected[:, prompt_len:]
-    return [OutputCheck("decoder first step", "logits", batch, want_first.shape, first.shape,
+    return [OutputCheck(f"{DECODER_RUN} first step", "logits", batch, want_first.shape, first.shape,
                         float(np.abs(want_first - first).max()), EXACT.atol),
-            OutputCheck(f"decoder with past ({ids.shape[1] - prompt_len} steps)", "logits", batch,
+            OutputCheck(f"{DECODER_RUN} with past ({ids.shape[1] - prompt_len} steps)", "logits", batch,
                         want_steps.shape, stepped.shape, float(np.abs(want_steps - stepped).max()), EXACT.atol)]
 
 
@@ -84,7 +85,7 @@ def validate_decoder(model: nn.Module, caption: CaptionDecoder, pipeline: Captio
         want = reference_ids(model, pixels, prompt_ids, pipeline.settings, interpolate)
         got = pipeline.generate(pixels, prompt_ids, pipeline.settings)
     except Exception as exc:  # ORT load or run failures of the decoder graphs are validation failures
-        report.runtime_error = f"decoder: {describe_error(exc)}"
+        report.runtime_error = f"{DECODER_RUN}: {describe_error(exc)}"
         return
     differing = batch if want.shape != got.shape else int((want != got).any(axis=1).sum())
     report.captions.append(CaptionCheck("greedy, onnx vs generate", batch,

@@ -55,6 +55,20 @@ def check_quant_options(quant: str | None, calib: str | None, opset: int, precis
 
 
 @dataclass(frozen=True)
+class QuantOptions:
+    """The quantization stage's options: `--quant` and its calibration."""
+
+    mode: str  # gptq-int4 | gptq-int8 | rtn-int4 | int8
+    calib: str | None  # image folder, HF datasets directory, COCO-format captions .json, or "synthetic"
+    group_size: int = 128
+    act_order: bool = False
+    calib_size: int = 128
+    calib_seed: int = 0
+    calib_images: str | None = None  # image root of a captions file (default: its folder)
+    heads: bool = False  # also the classifier (ViT) and the LM head (BLIP)
+
+
+@dataclass(frozen=True)
 class QualityCheck:
     name: str
     value: float
@@ -182,42 +196,44 @@ def _summary(outputs: list[np.ndarray], merges: bool) -> np.ndarray:
     return np.concatenate([first[:, 0], weighted_mean_token(first, outputs[-1] if merges else None)], axis=1)
 
 
-def quantize_model(model: nn.Module, built, options, tokenizer=None) -> QuantizedModel:
+def quantize_model(model: nn.Module, built, options: QuantOptions, random_weights: bool,
+                   tokenizer=None) -> QuantizedModel:
     """Calibrate on the merged model and quantize its encoder Linears in place, then (captioning
     models) the text decoder's, calibrated on the quantized encoder's image embeddings and the
     calibration captions (or, for image-only sources, the model's own greedy captions)."""
 
     adapter = built.source.adapter
     layers = adapter.encoder_layers(model)
-    decoder = adapter.caption_decoder.module(model) if adapter.caption_decoder else None
-    processor, _ = load_image_processor(built.source, built.image_size, options.random_weights)
-    if options.quant != INT8:
-        quantized_modules = [layers, *([decoder.bert.encoder.layer] if decoder is not None else [])]
+    caption = adapter.caption_decoder
+    decoder = caption.module(model) if caption is not None else None
+    processor, _ = load_image_processor(built.source, built.image_size, random_weights)
+    if options.mode != INT8:
+        quantized_modules = [layers, *([caption.layers(decoder)] if decoder is not None else [])]
         widths = {m.in_features for blocks in quantized_modules for m in blocks.modules() if isinstance(m, nn.Linear)}
         if any(width % options.group_size for width in widths):
             raise UsageError(f"--group-size {options.group_size} must divide every quantized layer's input width "
                              f"({', '.join(map(str, sorted(widths)))})")
     calibration = calibration_set(options.calib, options.calib_size, options.calib_seed, processor, built.image_size,
                                   options.calib_images)
-    if options.quant == INT8:  # the graph is quantized after export, from these calibration images
+    if options.mode == INT8:  # the graph is quantized after export, from these calibration images
         head = adapter.classifier(model)
-        keep = () if options.quant_heads or not isinstance(head, nn.Linear) else (head.weight.detach().numpy(),)
-        return QuantizedModel(INT8, 0, False, calibration.info, {}, [], model, options.random_weights,
-                              pixels=calibration.pixels, heads=options.quant_heads, float_heads=keep)
+        keep = () if options.heads or not isinstance(head, nn.Linear) else (head.weight.detach().numpy(),)
+        return QuantizedModel(INT8, 0, False, calibration.info, {}, [], model, random_weights,
+                              pixels=calibration.pixels, heads=options.heads, float_heads=keep)
     reference = copy.deepcopy(model)
     pixels = calibration.pixels
     batches = [torch.from_numpy(pixels[i:i + CALIBRATION_BATCH]) for i in range(0, len(pixels), CALIBRATION_BATCH)]
     run = lambda x: adapter.export_outputs(model, x, built.interpolate_pos_encoding)  # noqa: E731
-    weights, reports = quantize_blocks(layers, run, batches, options.quant, options.group_size, options.act_order,
+    weights, reports = quantize_blocks(layers, run, batches, options.mode, options.group_size, options.act_order,
                                        prefix="encoder.")
     head = adapter.classifier(model)
-    if options.quant_heads and isinstance(head, nn.Linear):
-        head_weights, head_reports = quantize_blocks(nn.ModuleList([head]), run, batches, options.quant,
+    if options.heads and isinstance(head, nn.Linear):
+        head_weights, head_reports = quantize_blocks(nn.ModuleList([head]), run, batches, options.mode,
                                                      options.group_size, options.act_order, prefix="classifier.")
         weights.update(head_weights)
         reports += head_reports
-    quantized = QuantizedModel(options.quant, options.group_size, options.act_order, calibration.info, weights,
-                               reports, reference, options.random_weights, heads=options.quant_heads)
+    quantized = QuantizedModel(options.mode, options.group_size, options.act_order, calibration.info, weights,
+                               reports, reference, random_weights, heads=options.heads)
     if decoder is not None:
         quantized.decoder_weights, decoder_reports, quantized.decoder_text = _quantize_decoder(
             model, decoder, built, calibration, tokenizer, options)
@@ -225,7 +241,7 @@ def quantize_model(model: nn.Module, built, options, tokenizer=None) -> Quantize
     return quantized
 
 
-def _quantize_decoder(model: nn.Module, decoder: nn.Module, built, calibration, tokenizer, options):
+def _quantize_decoder(model: nn.Module, decoder: nn.Module, built, calibration, tokenizer, options: QuantOptions):
     """The text decoder's Linears, one calibration image (and its caption ids) per batch."""
 
     ids_config = built.source.adapter.caption_decoder.generation_ids(built.source.config)
@@ -248,12 +264,12 @@ def _quantize_decoder(model: nn.Module, decoder: nn.Module, built, calibration, 
     def run(batch):
         return decoder(input_ids=batch[0], encoder_hidden_states=batch[1])
 
-    weights, reports = quantize_blocks(decoder.bert.encoder.layer, run, batches, options.quant, options.group_size,
-                                       options.act_order, prefix="decoder.")
-    if options.quant_heads:  # untied first: the word embeddings keep their fp32 values
+    weights, reports = quantize_blocks(built.source.adapter.caption_decoder.layers(decoder), run, batches,
+                                       options.mode, options.group_size, options.act_order, prefix="decoder.")
+    if options.heads:  # untied first: the word embeddings keep their fp32 values
         head = built.source.adapter.caption_decoder.lm_head(decoder)
         head.weight = nn.Parameter(head.weight.detach().clone())
-        head_weights, head_reports = quantize_blocks(nn.ModuleList([head]), run, batches, options.quant,
+        head_weights, head_reports = quantize_blocks(nn.ModuleList([head]), run, batches, options.mode,
                                                      options.group_size, options.act_order, prefix="decoder.lm_head.")
         weights.update(head_weights)
         reports += head_reports

@@ -41,6 +41,7 @@ class CaptionDecoder:
     """A family's text decoder, for captioning exports."""
 
     module: Callable[[nn.Module], nn.Module]  # model -> its language-model-head decoder
+    layers: Callable[[nn.Module], nn.ModuleList]  # decoder -> its transformer layers (quantized block by block)
     # (model, pixel_values, interpolate_pos_encoding) -> the image embeddings it cross-attends to (B, N, C)
     image_embeds: Callable[[nn.Module, torch.Tensor, bool], torch.Tensor]
     generation_ids: Callable[[object], dict[str, int]]  # config -> bos/eos/pad token ids as generate uses them

@@ -85,6 +85,12 @@ BLIP = FamilyAdapter(
     export_outputs=_export_outputs,
     image_processor=_image_processor,
     task=CAPTIONING,
-    caption_decoder=CaptionDecoder(lambda model: model.text_decoder, _image_embeds, _generation_ids,
-                                   _placeholder_tokenizer, lambda decoder: decoder.cls.predictions.decoder),
+    caption_decoder=CaptionDecoder(
+        module=lambda model: model.text_decoder,
+        layers=lambda decoder: decoder.bert.encoder.layer,
+        image_embeds=_image_embeds,
+        generation_ids=_generation_ids,
+        placeholder_tokenizer=_placeholder_tokenizer,
+        lm_head=lambda decoder: decoder.cls.predictions.decoder,
+    ),
 )

@@ -20,7 +20,8 @@ from turbo.core.errors import EXIT_MISSING_RUNTIME, TurboError, UsageError
 from turbo.core.files import MANIFEST_FILE, MODEL_FILE
 from turbo.core.manifest import ManifestError, now, read_export_manifest, versions
 from turbo.export.onnx_export import ExportModule
-from turbo.export.pipeline import ExportOptions, run_export
+from turbo.export.options import ExportOptions
+from turbo.export.pipeline import run_export
 from turbo.export.tensorrt.stage import TrtOptions
 from turbo.export.validate import seeded_pixels
 from turbo.kernels.cpu_kernels import kernel_library

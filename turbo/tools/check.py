@@ -3,7 +3,6 @@
 For CI gates. Every check is one line in the report; any failed check fails the run.
 """
 
-import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,23 +13,20 @@ from transformers import AutoTokenizer
 from turbo.core.errors import TurboError, UsageError
 from turbo.core.files import TOKENIZER_FILE
 from turbo.core.manifest import Manifest, ManifestError, PlanRecord, read_export_manifest
-from turbo.export.decoder_validate import captions_are_exact, validate_decoder
-from turbo.export.onnx_export import TOKEN_SIZES, ExportModule
-from turbo.export.pipeline import ExportOptions
-from turbo.export.quant_export import quantize_model
+from turbo.export.decoder_validate import DECODER_RUN
+from turbo.export.onnx_export import TOKEN_SIZES
+from turbo.export.options import ExportOptions
+from turbo.export.quant_export import INT8
+from turbo.export.reference import prepare_model, validate_files
 from turbo.export.validate import (
-    ValidationReport,
     graph_problems,
     mean_cosine,
     seeded_pixels,
-    validate_export,
     weighted_mean_token,
 )
 from turbo.graph.summary import checker_error, summarize
 from turbo.graph.trt_lint import lint
 from turbo.models.loading import load_model
-from turbo.models.patch import apply_turbo
-from turbo.runtimes.caption import CaptionPipeline
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.tools.bench import BenchOptions, run_bench
 
@@ -155,72 +151,50 @@ def _decoder_checks(directory: Path, manifest: Manifest, built, report: CheckRep
 
 def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport, max_diff: float | None,
                 min_agreement: float | None) -> None:
-    """ONNX Runtime vs PyTorch again, when the weights can be had; then the fidelity gate."""
-
-    model_info, onnx_info = manifest.model, manifest.onnx
+    """The export's own validation again (export.reference: the same PyTorch model, the same
+    comparisons), when the weights can be had; then the gates."""
+    options = ExportOptions.from_manifest(manifest)
     gated = max_diff is not None or min_agreement is not None
-    try:
-        model = load_model(built.source, model_info.random_weights, model_info.seed or 0)
+    try:  # a quantized captioner's decoder calibrates on captions tokenized as at export
+        tokenizer = AutoTokenizer.from_pretrained(directory) if manifest.decoder and manifest.quantization else None
+        reference = prepare_model(built, options, tokenizer)
     except TurboError as exc:
-        report.add("ORT vs PyTorch", False if gated else None, f"skipped, no weights: {exc}")
+        report.add("ORT vs PyTorch", False if gated else None, f"skipped, no reference model: {exc}")
         return
-    unmerged = copy.deepcopy(model) if min_agreement is not None else None
-    kernel = manifest.turbo.merge_kernel
-    apply_turbo(model, built.source.adapter, built.plan, built.merge_config, kernel)
-    quantized = None
-    if manifest.quantization is not None:  # quantize again, from the manifest's calibration source and seed
-
-        try:
-            tokenizer = None
-            if manifest.decoder is not None:  # the decoder calibrates on captions tokenized as at export
-
-                tokenizer = AutoTokenizer.from_pretrained(directory)
-            quantized = quantize_model(model, built, ExportOptions.from_manifest(manifest), tokenizer)
-        except TurboError as exc:
-            report.add("ORT vs PyTorch", False if gated else None, f"skipped, cannot re-quantize: {exc}")
-            return
-    int8 = quantized is not None and quantized.mode == "int8"
-    module = ExportModule(model, built)
-    path = directory / onnx_info.file
-    batch = onnx_info.static_batch
-    validation = validate_export(module, module.output_names(built.image_size), path, summarize(path), built.plan,
-                                 kernel, batch, onnx_info.precision, built.image_size, static_checks=False,
-                                 compare=not int8)
-    worst = max((c.max_abs_diff for c in validation.outputs), default=float("inf"))
-    decisions = sum(max(d.tokens_differing, 0) for d in validation.decisions if d.gated)
-    if int8:  # activations are quantized: no PyTorch model computes this graph; quality vs fp32 instead
-        quantized.check_quality(module, validation, path, built.image_size)
-        report.add("quantized vs fp32", validation.passed,
+    path = directory / manifest.onnx.file
+    try:
+        validation = validate_files(reference, built, options, directory, summarize(path), manifest.decoder,
+                                    static_checks=False)
+    except TurboError as exc:  # the decoder graphs do not fit the encoder (checked above, reported here too)
+        report.add("ORT vs PyTorch", False, str(exc))
+        return
+    encoder = [c for c in validation.outputs if not c.run.startswith(DECODER_RUN)]
+    decoder = [c for c in validation.outputs if c.run.startswith(DECODER_RUN)]
+    error = validation.runtime_error
+    worst = max((c.max_abs_diff for c in encoder), default=float("inf"))
+    if options.quant != INT8:
+        decisions = sum(max(d.tokens_differing, 0) for d in validation.decisions if d.gated)
+        passed = (not error or error.startswith(DECODER_RUN)) and validation.names_match and bool(encoder) \
+            and all(c.passed for c in encoder + validation.decisions)
+        report.add("ORT vs PyTorch", passed,
+                   error or f"max abs diff {worst:.2e}, {decisions} gated merge decisions differ")
+    if validation.quality:  # no PyTorch model computes an INT8 graph: its quality vs fp32 is the check
+        report.add("quantized vs fp32", all(q.passed for q in validation.quality),
                    "; ".join(f"{q.name} {q.value:.4f} (min {q.minimum:g}{'' if q.gated else ', not gated'})"
                              for q in validation.quality))
-    else:
-        report.add("ORT vs PyTorch", validation.passed,
-                   validation.runtime_error or f"max abs diff {worst:.2e}, {decisions} gated merge decisions differ")
     if manifest.decoder is not None:
-        _revalidate_decoder(directory, manifest, built, model, report)
+        worst_logits = max((c.max_abs_diff for c in decoder), default=float("inf"))
+        differing = sum(c.sequences_differing for c in validation.captions)
+        decoder_error = error if error and error.startswith(DECODER_RUN) else None
+        report.add("decoder vs PyTorch",
+                   decoder_error is None and bool(decoder) and all(c.passed for c in decoder + validation.captions),
+                   decoder_error or f"logits max abs diff {worst_logits:.2e}, {differing} greedy captions differ")
     if max_diff is not None:
         report.add("gate: max diff", worst <= max_diff, f"{worst:.2e} (limit {max_diff:g})")
     if min_agreement is not None:
-        value, what = _agreement(path, unmerged, built, batch)
+        unmerged = load_model(built.source, options.random_weights, options.seed)
+        value, what = _agreement(path, unmerged, built, options.batch)
         report.add("gate: agreement", value >= min_agreement, f"{what} {value:.4f} (limit {min_agreement:g})")
-
-
-def _revalidate_decoder(directory: Path, manifest: Manifest, built, model, report: CheckReport) -> None:
-    try:
-        pipeline = CaptionPipeline.open(directory, exact=True)
-    except TurboError as exc:
-        report.add("decoder vs PyTorch", False, str(exc))
-        return
-    validation = ValidationReport("pytorch", "onnxruntime")
-    quant = manifest.quantization.mode if manifest.quantization is not None else None
-    validate_decoder(model, built.source.adapter.caption_decoder, pipeline, validation,
-                     built.image_size, built.interpolate_pos_encoding, manifest.decoder.prompt,
-                     captions_are_exact(manifest.onnx.precision, quant), manifest.model.seed or 0)
-    worst = max((c.max_abs_diff for c in validation.outputs), default=float("inf"))
-    differing = sum(c.sequences_differing for c in validation.captions)
-    passed = validation.runtime_error is None and all(c.passed for c in validation.outputs + validation.captions)
-    report.add("decoder vs PyTorch", passed and bool(validation.outputs),
-               validation.runtime_error or f"logits max abs diff {worst:.2e}, {differing} greedy captions differ")
 
 
 def _agreement(path: Path, unmerged, built, batch: int | None) -> tuple[float, str]:

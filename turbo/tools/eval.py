@@ -21,7 +21,8 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from turbo.core.errors import TurboError, UsageError
 from turbo.core.manifest import Manifest, read_export_manifest
 from turbo.data.images import batches, coco_captions, image_folder, pixel_batch
-from turbo.export.pipeline import ExportOptions, ExportResult, Stage, no_stage, run_export
+from turbo.export.options import ExportOptions, Stage, no_stage
+from turbo.export.pipeline import ExportResult, run_export
 from turbo.merging.plan import max_r
 from turbo.models.adapters import CAPTIONING, Task
 from turbo.models.build import build_merged_model, build_plan

@@ -1,0 +1,71 @@
+"""The PyTorch model an export is made from, and every comparison of the export's files with it.
+
+`turbo export` validates with these before it writes its directory; `turbo check` runs the same
+two calls on a finished export, so the two can never drift apart.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from turbo.core.files import MODEL_FILE
+from turbo.core.manifest import DecoderRecord
+from turbo.export.decoder_validate import captions_are_exact, validate_decoder
+from turbo.export.onnx_export import ExportModule
+from turbo.export.options import ExportOptions, Stage, no_stage
+from turbo.export.quant_export import INT8, QuantizedModel, quantize_model
+from turbo.export.validate import ValidationReport, validate_export
+from turbo.graph.summary import GraphSummary
+from turbo.models.build import BuiltPlan
+from turbo.models.loading import load_model
+from turbo.models.patch import apply_turbo
+from turbo.runtimes.caption import CaptionPipeline
+
+
+@dataclass
+class ReferenceModel:
+    """The merged (and, with --quant, fake-quantized) PyTorch model and its export wrapper."""
+
+    model: nn.Module
+    module: ExportModule
+    quantized: QuantizedModel | None = None
+
+
+def prepare_model(built: BuiltPlan, options: ExportOptions, tokenizer=None, stage: Stage = no_stage) -> ReferenceModel:
+    """Load the weights (or the seeded random ones), patch in the plan's merges, and quantize as
+    the options say (`tokenizer`: a captioning model's, for its decoder's calibration captions)."""
+    with stage("load"):
+        model = load_model(built.source, options.random_weights, options.seed)
+    with stage("patch"):
+        apply_turbo(model, built.source.adapter, built.plan, built.merge_config, options.kernel)
+        module = ExportModule(model, built)
+    quantized = None
+    if options.quant:
+        with stage("quantize"):
+            quantized = quantize_model(model, built, options.quantization(), options.random_weights, tokenizer)
+    return ReferenceModel(model, module, quantized)
+
+
+def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportOptions, directory: Path,
+                   summary: GraphSummary, decoder: DecoderRecord | None,
+                   static_checks: bool = True) -> ValidationReport:
+    """The encoder graph against the PyTorch model (and against the plan, with static_checks); a
+    captioning export's decoder graphs and whole captions against upstream generate; a quantized
+    export's quality against the fp32 model."""
+    path = directory / MODEL_FILE
+    report = validate_export(reference.module, reference.module.output_names(built.image_size), path, summary,
+                             built.plan, options.kernel, options.batch, options.precision, built.image_size,
+                             options.seed, static_checks=static_checks, compare=options.quant != INT8)
+    quantized = reference.quantized
+    if decoder is not None:
+        pipeline = CaptionPipeline.load(directory, MODEL_FILE, decoder, options.batch, exact=True)
+        validate_decoder(reference.model, built.source.adapter.caption_decoder, pipeline, report, built.image_size,
+                         built.interpolate_pos_encoding, decoder.prompt,
+                         captions_are_exact(options.precision, options.quant), options.seed)
+    if quantized is not None:
+        quantized.check_quality(reference.module, report, path, built.image_size)
+        if decoder is not None:  # as deployed: ONNX Runtime's default kernels
+            quantized.check_captions(CaptionPipeline.load(directory, MODEL_FILE, decoder, options.batch), report,
+                                     built.image_size, built.interpolate_pos_encoding, decoder.prompt)
+    return report
