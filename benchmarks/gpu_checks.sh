@@ -45,7 +45,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, append to the l
 
 step device 60 "$python" -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, \
 transformers.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-step kernel-tests 200 "$python" -m pytest -q -m gpu tests/test_tensorrt.py tests/test_triton_turbo_step.py
+step kernel-tests 200 "$python" -m pytest -q -m gpu tests/export/test_tensorrt.py tests/kernels/test_triton_turbo_step.py
 step kernel-timing 90 "$python" benchmarks/merge_kernel.py --batch 1,8,64 --dtype fp16
 step bench-vit 100 sh -c "$python -m turbo bench --model vit-b16 --r 16 --runtime torch --device cuda \
 --precision fp16 --batch 1,8,64 --iters 50 --random-weights --json >'$out/bench-vit.json'"
