@@ -26,12 +26,7 @@ from turbo.core.manifest import (
 )
 from turbo.core.staging import check_target, staged_directory
 from turbo.export.decoder_export import export_captioner
-from turbo.export.onnx_export import (
-    PRECISIONS,
-    check_export_options,
-    export_onnx,
-    fold_merge_ops,
-)
+from turbo.export.onnx_export import PRECISIONS, check_export_options, export_onnx, fold_merge_ops
 from turbo.export.options import ExportOptions, Stage, no_stage
 from turbo.export.quant_export import check_quant_options
 from turbo.export.reference import prepare_model, validate_files

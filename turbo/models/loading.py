@@ -182,3 +182,18 @@ def load_tokenizer(source: ModelSource, random_weights: bool) -> tuple[object, s
                              f"than the decoder's special token id {largest_id} (tokenizer files missing?); "
                              + _cache_hint(source.location, False))
     return tokenizer, source.location
+
+
+def registry_rows() -> list[dict]:
+    """`turbo models`: each registry model's hub id, architecture, input, tokens, layers and Turbo defaults."""
+    rows = []
+    for name in list_models():
+        source = resolve_source(name)
+        arch = source.adapter.arch_spec(source.config)
+        rows.append({
+            "name": name, "hf_id": source.location, "architecture": source.architecture,
+            "image_size": source.adapter.image_size(source.config), "tokens": arch.num_tokens,
+            "layers": arch.num_layers, "default_r": source.default_r, "alpha": source.alpha,
+            "threshold": source.threshold,
+        })
+    return rows

@@ -6,19 +6,10 @@ from turbo.cli.output import print_json, stderr
 
 
 def run_models(json_output: bool) -> None:
-    from turbo.models.loading import resolve_source
-    from turbo.models.registry import list_models
+    from turbo.models.loading import registry_rows
+    from turbo.models.registry import supported_architectures
 
-    rows = []
-    for name in list_models():
-        source = resolve_source(name)
-        arch = source.adapter.arch_spec(source.config)
-        rows.append({
-            "name": name, "hf_id": source.location, "architecture": source.architecture,
-            "image_size": source.adapter.image_size(source.config), "tokens": arch.num_tokens,
-            "layers": arch.num_layers, "default_r": source.default_r, "alpha": source.alpha,
-            "threshold": source.threshold,
-        })
+    rows = registry_rows()
     if json_output:
         print_json({"models": rows})
         return
@@ -30,4 +21,4 @@ def run_models(json_output: bool) -> None:
                       str(row["default_r"]), f"{row['alpha']:g}", str(row["threshold"]))
     stderr.print(table)
     stderr.print("Also accepted: any Hugging Face id or local directory of a supported architecture "
-                 "(ViTForImageClassification, ViTModel, BlipForConditionalGeneration).")
+                 f"({', '.join(supported_architectures())}).")

@@ -1,0 +1,40 @@
+"""Image sources and batching: class folders give labels, static batches are filled with copies
+of the last image (dropped again by the caller), calibration samples are seeded."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from turbo.core.errors import UsageError
+from turbo.data.images import batches, calibration_set, image_folder
+
+
+def test_batches_fill_a_static_batch_and_count_the_real_images():
+    pixels = np.arange(5, dtype=np.float32).reshape(5, 1, 1, 1)
+    static = list(batches(pixels, 2, static=True))
+    assert [count for _, count in static] == [2, 2, 1]
+    assert static[-1][0][:, 0, 0, 0].tolist() == [4.0, 4.0]  # the last image, repeated
+    dynamic = list(batches(pixels, 2, static=False))
+    assert [chunk.shape[0] for chunk, _ in dynamic] == [2, 2, 1]
+    assert np.concatenate([chunk[:count] for chunk, count in static]).tolist() == pixels.tolist()
+
+
+def test_class_folders_are_labels_in_sorted_order(tmp_path):
+    for label in ("dog", "cat"):
+        (tmp_path / label).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / label / "a.png")
+    samples, classes = image_folder(tmp_path)
+    assert classes == ["cat", "dog"]
+    assert sorted((s.path.parent.name, s.label) for s in samples) == [("cat", 0), ("dog", 1)]
+
+
+def test_synthetic_calibration_is_seeded_and_recorded():
+    first = calibration_set("synthetic", 3, seed=5, processor=None, image_size=8)
+    again = calibration_set("synthetic", 3, seed=5, processor=None, image_size=8)
+    assert np.array_equal(first.pixels, again.pixels) and first.pixels.shape == (3, 3, 8, 8)
+    assert first.info.synthetic and (first.info.count, first.info.seed) == (3, 5)
+
+
+def test_an_empty_calibration_folder_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="holds no images"):
+        calibration_set(str(tmp_path), 3, seed=0, processor=None, image_size=8)
