@@ -74,13 +74,12 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
         begin = time.perf_counter()
         with stage(name):
             yield
-        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - begin, 2)  # load: tokenizer, model
+        seconds[name] = round(time.perf_counter() - begin, 2)
 
     with staged_directory(output, force) as staging:
         captioning = built.source.adapter.caption_decoder is not None and options.decoder
-        with timed("load"):
-            tokenizer = load_tokenizer(built.source, options.random_weights) if captioning else None
-        reference = prepare_model(built, options, tokenizer[0] if tokenizer else None, timed)
+        tokenizer = (lambda: load_tokenizer(built.source, options.random_weights)) if captioning else None
+        reference = prepare_model(built, options, tokenizer, timed)
         model, module, quantized = reference.model, reference.module, reference.quantized
         with timed("export"):
             dtype = PRECISIONS[options.precision]
@@ -97,7 +96,7 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
         decoder = None
         if captioning:
             with timed("decoder"):
-                decoder = export_captioner(model, built.source, tokenizer, staging, built.plan.final_tokens,
+                decoder = export_captioner(model, built.source, reference.tokenizer, staging, built.plan.final_tokens,
                                            options.opset, quantized.decoder_weights if quantized else None)
         summary = summarize(staging / MODEL_FILE)
         report = None

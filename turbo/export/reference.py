@@ -4,6 +4,7 @@
 two calls on a finished export, so the two can never drift apart.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,21 +31,27 @@ class ReferenceModel:
     model: nn.Module
     module: ExportModule
     quantized: QuantizedModel | None = None
+    tokenizer: tuple[object, str] | None = None  # a captioning model's tokenizer and where it came from
 
 
-def prepare_model(built: BuiltPlan, options: ExportOptions, tokenizer=None, stage: Stage = no_stage) -> ReferenceModel:
-    """Load the weights (or the seeded random ones), patch in the plan's merges, and quantize as
-    the options say (`tokenizer`: a captioning model's, for its decoder's calibration captions)."""
+def prepare_model(built: BuiltPlan, options: ExportOptions,
+                  load_tokenizer: Callable[[], tuple[object, str]] | None = None,
+                  stage: Stage = no_stage) -> ReferenceModel:
+    """Load the weights (or the seeded random ones) and, for a captioning model, its tokenizer
+    (the decoder's calibration captions are tokenized with it); patch in the plan's merges; quantize
+    as the options say."""
     with stage("load"):
         model = load_model(built.source, options.random_weights, options.seed)
+        tokenizer = load_tokenizer() if load_tokenizer is not None else None
     with stage("patch"):
         apply_turbo(model, built.source.adapter, built.plan, built.merge_config, options.kernel)
         module = ExportModule(model, built)
     quantized = None
     if options.quant:
         with stage("quantize"):
-            quantized = quantize_model(model, built, options.quantization(), options.random_weights, tokenizer)
-    return ReferenceModel(model, module, quantized)
+            quantized = quantize_model(model, built, options.quantization(), options.random_weights,
+                                       tokenizer[0] if tokenizer else None)
+    return ReferenceModel(model, module, quantized, tokenizer)
 
 
 def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportOptions, directory: Path,

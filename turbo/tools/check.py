@@ -156,7 +156,8 @@ def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport,
     options = ExportOptions.from_manifest(manifest)
     gated = max_diff is not None or min_agreement is not None
     try:  # a quantized captioner's decoder calibrates on captions tokenized as at export
-        tokenizer = AutoTokenizer.from_pretrained(directory) if manifest.decoder and manifest.quantization else None
+        tokenizer = ((lambda: (AutoTokenizer.from_pretrained(directory), "the export's"))
+                     if manifest.decoder and manifest.quantization else None)
         reference = prepare_model(built, options, tokenizer)
     except TurboError as exc:
         report.add("ORT vs PyTorch", False if gated else None, f"skipped, no reference model: {exc}")
