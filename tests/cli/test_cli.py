@@ -79,3 +79,11 @@ def test_python_dash_m_runs_the_cli():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["final_tokens"] == 101
+
+
+def test_the_cli_starts_without_the_heavy_libraries():
+    """`turbo --help` stays fast: the CLI layer imports torch, transformers and ONNX only inside commands."""
+    heavy = ("torch", "transformers", "onnx", "onnxruntime")
+    code = f"import sys, turbo.cli.app; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
