@@ -58,3 +58,31 @@ def test_unknown_name_lists_the_registry():
 def test_uncached_hub_id_fails_fast_with_a_hint():
     with pytest.raises(ModelLoadError, match="cannot get its config.*registry names work offline"):
         resolve_source("nobody/no-such-model")
+
+
+def test_a_checkpoint_without_its_pooler_exports_without_it(tmp_path):
+    """transformers initialises a missing pooler at random; turbo drops it instead of exporting it."""
+    import transformers
+
+    from turbo.export.options import ExportOptions
+    from turbo.export.pipeline import run_export
+
+    checkpoint = tmp_path / "vit-no-pooler"
+    transformers.ViTModel(resolve_source("vit-b16", tiny=True).config, add_pooling_layer=False).save_pretrained(
+        checkpoint)
+    model = load_model(resolve_source(str(checkpoint)))
+    assert model.pooler is None
+    result = run_export(ExportOptions(model=str(checkpoint), r=4, threshold=0), tmp_path / "out")
+    assert result.passed and [o["name"] for o in result.manifest.onnx.outputs] == ["last_hidden_state", "token_sizes"]
+
+
+def test_a_checkpoint_missing_a_needed_head_is_refused(tmp_path):
+    """A headless checkpoint relabelled as a classifier: its classifier would be random."""
+    import transformers
+
+    config = resolve_source("vit-b16", tiny=True).config
+    transformers.ViTModel(config).save_pretrained(tmp_path)
+    values = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**values, "architectures": ["ViTForImageClassification"]}))
+    with pytest.raises(ModelLoadError, match=r"lacks 2 weights .*first: classifier\.bias.*never exports randomly"):
+        load_model(resolve_source(str(tmp_path)))

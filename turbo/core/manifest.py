@@ -247,7 +247,6 @@ def _record(cls: type, data: Any, where: str) -> Any:
     return cls(**values)
 
 
-
 def _value(hint: Any, value: Any, where: str) -> Any:
     """`value` as `hint` (a record, a plain type, a union of them); a ManifestError when it is not."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \

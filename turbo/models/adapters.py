@@ -1,7 +1,7 @@
 """One small config per model family: where its encoder blocks are and how to run one."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -66,6 +66,9 @@ class FamilyAdapter:
     task: Task = CLASSIFICATION
     caption_decoder: CaptionDecoder | None = None
     classifier: Callable[[nn.Module], nn.Module | None] = lambda model: None  # model -> its class head, if any
+    # Parts a checkpoint may lack, by weight-name prefix, and how to remove them so that nothing
+    # randomly initialised is exported; any other missing weight refuses the checkpoint.
+    optional_parts: dict[str, Callable[[nn.Module], None]] = field(default_factory=dict)
 
     def arch_spec(self, config: object, image_size: int | None = None) -> ArchSpec:
         vision = self.vision_config(config)

@@ -4,6 +4,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -137,13 +138,32 @@ def load_model(source: ModelSource, random_weights: bool = False, seed: int = 0)
         model = model_class(source.config)
     else:
         try:
-            model = from_cache_or_hub(model_class.from_pretrained, source.location)
+            model, info = from_cache_or_hub(partial(model_class.from_pretrained, output_loading_info=True),
+                                            source.location)
         except Exception as exc:  # missing files, no network, corrupt weights
             raise ModelLoadError(
                 f"cannot load weights for {source.name} from {source.location} ({_reason(exc)}); "
                 + _cache_hint(source.location)
             ) from None
+        _drop_missing_parts(model, source, info)
     return model.eval()
+
+
+def _drop_missing_parts(model: nn.Module, source: ModelSource, info: dict) -> None:
+    """Remove the optional parts the checkpoint lacks (transformers initialised them at random);
+    refuse it when any other weight is missing (a weight of another shape fails the load itself)."""
+    missing = set(info.get("missing_keys") or [])
+    for prefix, drop in source.adapter.optional_parts.items():
+        lacking = {key for key in missing if key.startswith(prefix)}
+        if lacking:
+            drop(model)
+            missing -= lacking
+    if missing:
+        names = sorted(missing)
+        raise ModelLoadError(
+            f"{source.location} lacks {len(names)} weights its {source.architecture} needs (first: {names[0]}); "
+            "turbo never exports randomly initialised weights: use a checkpoint with them, or the architecture "
+            "the checkpoint was saved as (its config.json's architectures)")
 
 
 def load_image_processor(source: ModelSource, image_size: int, random_weights: bool) -> tuple[object, str]:

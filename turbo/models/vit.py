@@ -39,6 +39,11 @@ def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: b
     return {"last_hidden_state": hidden}
 
 
+def _drop_pooler(model: nn.Module) -> None:
+    """Without its pooler, ViTModel returns no pooler_output (and the export has none)."""
+    model.pooler = None
+
+
 def _image_processor(image_size: int) -> object:
     return ViTImageProcessorPil(size={"height": image_size, "width": image_size})
 
@@ -54,4 +59,5 @@ VIT = FamilyAdapter(
     export_outputs=_export_outputs,
     image_processor=_image_processor,
     classifier=lambda model: getattr(model, "classifier", None),  # ViTModel has none
+    optional_parts={"pooler.": _drop_pooler},  # a ViTModel saved with add_pooling_layer=False
 )
