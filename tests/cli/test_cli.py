@@ -29,6 +29,7 @@ def test_models_json_lists_the_registry():
     assert (blip["hf_id"], blip["image_size"], blip["tokens"], blip["layers"], blip["default_r"], blip["alpha"]) == (
         "Salesforce/blip-image-captioning-base", 384, 577, 12, 30, 5.0)
     assert models["vit-l16"]["layers"] == 24
+    assert {m["family"] for m in models.values()} == {"vit", "blip"}
 
 
 def test_plan_json_for_the_default_model():
@@ -38,6 +39,15 @@ def test_plan_json_for_the_default_model():
     assert (plan["model"], plan["r"], plan["final_tokens"]) == ("blip-caption", [30] * 12, 217)
     assert plan["speedup_bound"] == pytest.approx(1.50, abs=0.01)
     assert [layer["tokens_out"] for layer in plan["layers"]] == [577 - 30 * (i + 1) for i in range(12)]
+
+
+def test_plan_takes_the_export_model_options():
+    """--tiny and --image-size plan what `turbo export` with the same options exports."""
+    tiny = json.loads(invoke("plan", "--model", "vit-b16", "--tiny", "--r", "4", "--json").stdout)
+    assert (tiny["tokens_in"], tiny["final_tokens"], len(tiny["layers"])) == (37, 21, 4)
+    large = json.loads(invoke("plan", "--model", "vit-b16", "--image-size", "384", "--r", "16", "--json").stdout)
+    assert (large["image_size"], large["tokens_in"]) == (384, 577)
+    assert invoke("plan", "--model", "org/name", "--tiny").exit_code == 2
 
 
 def test_plan_table_shows_the_clamp():

@@ -46,12 +46,14 @@ def plan_command(
     alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
     schedule: str = typer.Option("constant", "--schedule", help="constant | decreasing | per-layer list like 8,8,4,4."),
     threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Input resolution (default: the model's)."),
+    tiny: bool = typer.Option(False, "--tiny", help="The registry model's 4-layer tiny variant (CI smoke checks)."),
     json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
 ) -> None:
     """Per-layer tokens and FLOPs, final tokens and the FLOPs speedup bound. Needs no weights."""
     from turbo.cli.commands.plan import run_plan
 
-    run_plan(model, r, method, alpha, schedule, threshold, json_output)
+    run_plan(model, r, method, alpha, schedule, threshold, image_size, tiny, json_output)
 
 
 @app.command("export")

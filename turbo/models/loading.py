@@ -211,7 +211,8 @@ def registry_rows() -> list[dict]:
         source = resolve_source(name)
         arch = source.adapter.arch_spec(source.config)
         rows.append({
-            "name": name, "hf_id": source.location, "architecture": source.architecture,
+            "name": name, "hf_id": source.location, "family": source.adapter.family,
+            "architecture": source.architecture,
             "image_size": source.adapter.image_size(source.config), "tokens": arch.num_tokens,
             "layers": arch.num_layers, "default_r": source.default_r, "alpha": source.alpha,
             "threshold": source.threshold,

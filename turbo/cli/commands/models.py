@@ -14,11 +14,11 @@ def run_models(json_output: bool) -> None:
         print_json({"models": rows})
         return
     table = Table(title="turbo model registry")
-    for column in ("name", "HF id", "image", "tokens", "layers", "default r", "alpha", "threshold"):
-        table.add_column(column, justify="left" if column in ("name", "HF id") else "right")
+    for column in ("name", "HF id", "family", "image", "tokens", "layers", "default r", "alpha", "threshold"):
+        table.add_column(column, justify="left" if column in ("name", "HF id", "family") else "right")
     for row in rows:
-        table.add_row(row["name"], row["hf_id"], str(row["image_size"]), str(row["tokens"]), str(row["layers"]),
-                      str(row["default_r"]), f"{row['alpha']:g}", str(row["threshold"]))
+        table.add_row(row["name"], row["hf_id"], row["family"], str(row["image_size"]), str(row["tokens"]),
+                      str(row["layers"]), str(row["default_r"]), f"{row['alpha']:g}", str(row["threshold"]))
     stderr.print(table)
     stderr.print("Also accepted: any Hugging Face id or local directory of a supported architecture "
                  f"({', '.join(supported_architectures())}).")

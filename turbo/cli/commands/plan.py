@@ -6,10 +6,10 @@ from turbo.cli.output import print_json, stderr
 
 
 def run_plan(model: str, r: int | None, method: str, alpha: float | None, schedule: str,
-             threshold: int | None, json_output: bool) -> None:
+             threshold: int | None, image_size: int | None, tiny: bool, json_output: bool) -> None:
     from turbo.models.build import build_plan
 
-    built = build_plan(model, r, method, alpha, schedule, threshold)
+    built = build_plan(model, r, method, alpha, schedule, threshold, tiny=tiny, image_size=image_size)
     plan = built.plan
     if json_output:
         print_json(built.to_dict())
