@@ -29,7 +29,7 @@ def main() -> None:
         options = ExportOptions.from_manifest(pipeline.manifest)
         built = options.plan()
         model, _ = build_merged_model(built, options.random_weights, options.kernel, options.seed)
-        pixels = seeded_pixels(args.batch, built.image_size, 5)
+        pixels = seeded_pixels(args.batch, built.pixel_shape, 5)
         for beams in (1, 3):
             for prompt in ("a picture of", ""):
                 settings = replace(pipeline.settings, num_beams=beams, max_new_tokens=args.tokens)

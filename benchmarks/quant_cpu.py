@@ -47,11 +47,11 @@ def main() -> None:
             runners[(r, mode)] = OnnxRuntimeRunner(out / "model.onnx", threads=os.cpu_count())
             rows[(r, mode)] = {"size_mb": size / 1e6, "export_s": seconds}
             print(f"exported r={r} {mode}: {size / 1e6:.0f} MB in {seconds:.0f} s", flush=True)
-    image_size = result.manifest.onnx.image_size
+    pixel_shape = result.manifest.onnx.pixel_shape
     print("| batch | r | mode | file MB | median ms | vs fp32 r=0 |")
     print("|---|---|---|---|---|---|")
     for batch in map(int, args.batch.split(",")):
-        feeds = {"pixel_values": seeded_pixels(batch, image_size)}
+        feeds = {"pixel_values": seeded_pixels(batch, pixel_shape)}
         times = {key: [] for key in runners}
         for runner in runners.values():
             runner.run(feeds)

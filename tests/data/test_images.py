@@ -29,12 +29,12 @@ def test_class_folders_are_labels_in_sorted_order(tmp_path):
 
 
 def test_synthetic_calibration_is_seeded_and_recorded():
-    first = calibration_set("synthetic", 3, seed=5, processor=None, image_size=8)
-    again = calibration_set("synthetic", 3, seed=5, processor=None, image_size=8)
-    assert np.array_equal(first.pixels, again.pixels) and first.pixels.shape == (3, 3, 8, 8)
+    first = calibration_set("synthetic", 3, seed=5, processor=None, pixel_shape=(1, 8, 8))
+    again = calibration_set("synthetic", 3, seed=5, processor=None, pixel_shape=(1, 8, 8))
+    assert np.array_equal(first.pixels, again.pixels) and first.pixels.shape == (3, 1, 8, 8)
     assert first.info.synthetic and (first.info.count, first.info.seed) == (3, 5)
 
 
 def test_an_empty_calibration_folder_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="holds no images"):
-        calibration_set(str(tmp_path), 3, seed=0, processor=None, image_size=8)
+        calibration_set(str(tmp_path), 3, seed=0, processor=None, pixel_shape=(3, 8, 8))

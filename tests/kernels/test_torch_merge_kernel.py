@@ -84,7 +84,7 @@ def test_registry_models_give_the_same_outputs_fused(model_name):
     """Every merging block runs the kernel once (the ops path never runs) and the outputs equal the ops'."""
     model, _, _, built = tiny_pair(model_name, r=4)
     module = ExportModule(model, built)
-    names = module.output_names(built.image_size)
+    names = module.output_names()
     feeds = {"pixel_values": pixels(model_name, batch=3).numpy()}
     want = TorchRunner(module, ["pixel_values"], names, merge_kernel="ops").run(feeds)
     fused_runner = TorchRunner(module, ["pixel_values"], names, merge_kernel="fused")

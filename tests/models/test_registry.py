@@ -5,6 +5,7 @@ goes untested; the tiny variants are small enough for the suite."""
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 import transformers
@@ -58,3 +59,27 @@ def test_an_architecture_without_a_registry_model_loads_patches_and_merges(archi
         hidden = model(pixel_values=x).last_hidden_state
     assert hidden.shape[1] == built.plan.final_tokens < built.plan.tokens_in
     assert state.token_counts == [(layer.tokens_in, layer.tokens_out) for layer in built.plan.layers]
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_a_checkpoint_with_other_channel_counts_exports_and_checks(channels, tmp_path):
+    """The input's channels come from the checkpoint's config: export, validation, check and bench
+    feed (B, channels, H, W), never an assumed 3."""
+    from typer.testing import CliRunner
+
+    from turbo.cli.app import app
+
+    config = resolve_source("vit-b16", tiny=True).config
+    config.num_channels = channels
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "checkpoint")
+    out = tmp_path / "out"
+    runner = CliRunner()
+    export = runner.invoke(app, ["export", "-m", str(tmp_path / "checkpoint"), "--r", "4", "--threshold", "0",
+                                 "-o", str(out)])
+    assert export.exit_code == 0, export.output
+    check = runner.invoke(app, ["check", str(out), "--max-diff", "1e-4"])
+    assert check.exit_code == 0, check.output
+    bench = runner.invoke(app, ["bench", str(out), "--iters", "2", "--warmup", "0"])
+    assert bench.exit_code == 0, bench.output
+    model = onnx.load(str(out / "model.onnx"))
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]] == [channels, 48, 48]

@@ -77,7 +77,7 @@ def test_dequantize_graph_equals_the_fake_quantized_model(tmp_path):
     weights, _ = quantize_blocks(layers, lambda x: adapter.export_outputs(model, x, False), batches,
                                  "rtn-int4", group=8)
     module = ExportModule(model, built)
-    export_onnx(module, tmp_path / "fp32.onnx", built.image_size, opset=21)
+    export_onnx(module, tmp_path / "fp32.onnx", opset=21)
     quantized, missing = insert_dequantize(onnx.load(str(tmp_path / "fp32.onnx")), weights)
     assert missing == []
     onnx.save(quantized, str(tmp_path / "int4.onnx"))

@@ -112,7 +112,7 @@ def test_ort_captions_equal_pytorch_token_for_token(exports, r, beams):
     built = build_plan(str(exports["local"]), r=r)
     assert pipeline.decoder.image_tokens == built.plan.final_tokens == (37 if r == 0 else 21)
     model, _ = build_merged_model(built)  # the saved weights, merged in PyTorch (r=0: upstream itself)
-    x = seeded_pixels(5, 48, seed=11)
+    x = seeded_pixels(5, (3, 48, 48), seed=11)
     ended = 0
     for prompt in ("a picture of", ""):
         ids = pipeline.prompt_ids(prompt)

@@ -93,6 +93,12 @@ class OnnxRecord:
     def static_batch(self) -> int | None:
         return self.batch if isinstance(self.batch, int) else None
 
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one input image, as the graph takes it."""
+        channels, height, width = self.inputs[0]["shape"][1:]
+        return channels, height, width
+
 
 @dataclass
 class ImageProcessorRecord:

@@ -144,7 +144,7 @@ class Calibration:
     info: CalibrationRecord  # what the manifest records
 
 
-def calibration_set(source: str, count: int, seed: int, processor, image_size: int,
+def calibration_set(source: str, count: int, seed: int, processor, pixel_shape: tuple[int, int, int],
                     image_root: str | None = None) -> Calibration:
     """`count` calibration images (with their first caption for a COCO-format file), sampled
     without replacement by `seed` (sorted, so the choice is deterministic), preprocessed.
@@ -153,7 +153,7 @@ def calibration_set(source: str, count: int, seed: int, processor, image_size: i
         raise UsageError(f"--calib-size must be at least 1, not {count}")
     rng = np.random.default_rng(seed)
     if source == SYNTHETIC:
-        pixels = rng.standard_normal((count, 3, image_size, image_size)).astype(np.float32)
+        pixels = rng.standard_normal((count, *pixel_shape)).astype(np.float32)  # (n, C, H, W)
         return Calibration(pixels, None, CalibrationRecord(SYNTHETIC, count, seed, synthetic=True))
     root = Path(source)
     images = None

@@ -75,10 +75,11 @@ def captions_are_exact(precision: str, quant: str | None) -> bool:
 
 
 def validate_decoder(model: nn.Module, caption: CaptionDecoder, pipeline: CaptionPipeline, report: ValidationReport,
-                     image_size: int, interpolate: bool, prompt: str, exact_captions: bool, seed: int = 0) -> None:
+                     pixel_shape: tuple[int, int, int], interpolate: bool, prompt: str, exact_captions: bool,
+                     seed: int = 0) -> None:
     """Append the decoder's logit checks and a greedy caption check to `report`."""
     batch = pipeline.static_batch or CAPTION_BATCH
-    pixels = seeded_pixels(batch, image_size, seed)
+    pixels = seeded_pixels(batch, pixel_shape, seed)
     prompt_ids = pipeline.prompt_ids(prompt)
     try:
         report.outputs.extend(_logit_checks(model, caption, pipeline, pixels, prompt_ids, interpolate))

@@ -42,6 +42,7 @@ class ExportModule(nn.Module):
         self.adapter = built.source.adapter
         self.interpolate = built.interpolate_pos_encoding
         self.merges = any(built.plan.r)
+        self.pixel_shape = built.pixel_shape  # (C, H, W)
 
     def named_outputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = self.adapter.export_outputs(self.model, pixel_values, self.interpolate)
@@ -52,11 +53,11 @@ class ExportModule(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.named_outputs(pixel_values).values())
 
-    def output_names(self, image_size: int) -> list[str]:
+    def output_names(self) -> list[str]:
         """The names forward's outputs get (found with one small dry run)."""
         dtype = next(self.model.parameters()).dtype
         with torch.inference_mode():
-            return list(self.named_outputs(torch.zeros(1, 3, image_size, image_size, dtype=dtype)))
+            return list(self.named_outputs(torch.zeros(1, *self.pixel_shape, dtype=dtype)))
 
 
 def check_export_options(opset: int, precision: str, batch: int | None, kernel: str,
@@ -78,7 +79,7 @@ def parameter_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def export_onnx(module: ExportModule, path: Path, image_size: int, opset: int = 20,
+def export_onnx(module: ExportModule, path: Path, opset: int = 20,
                 batch: int | None = None, external_data: bool | None = None) -> list[str]:
     """Write `path` (+ `path.data` for external weights); returns the output names.
 
@@ -86,8 +87,8 @@ def export_onnx(module: ExportModule, path: Path, image_size: int, opset: int = 
     specialised); an int fixes the batch.
     """
     dtype = next(module.parameters()).dtype
-    names = module.output_names(image_size)
-    example = torch.randn(batch or 2, 3, image_size, image_size, dtype=dtype)
+    names = module.output_names()
+    example = torch.randn(batch or 2, *module.pixel_shape, dtype=dtype)
     dynamic = None if batch else {INPUT_NAME: {0: torch.export.Dim("batch")}}
     if external_data is None:
         external_data = parameter_bytes(module) >= EXTERNAL_DATA_BYTES

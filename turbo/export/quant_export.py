@@ -113,11 +113,11 @@ class QuantizedModel:
 
         rewrite_onnx(path, dequantize)
 
-    def check_quality(self, module: nn.Module, report, path: Path, image_size: int) -> None:
+    def check_quality(self, module: nn.Module, report, path: Path, pixel_shape: tuple[int, int, int]) -> None:
         """The quantized graph (ONNX Runtime) against the fp32 merged model on seeded inputs."""
 
         runner = OnnxRuntimeRunner(path)  # as deployed: ORT's default int4 kernels
-        pixels = seeded_pixels(QUALITY_SAMPLES, image_size, seed=3)
+        pixels = seeded_pixels(QUALITY_SAMPLES, pixel_shape, seed=3)
         reference = copy.copy(module)
         reference.model = self.reference
         with torch.inference_mode():
@@ -133,13 +133,14 @@ class QuantizedModel:
                                              not self.random_weights))
         report.quality.extend(self.quality)
 
-    def check_captions(self, pipeline, report, image_size: int, interpolate: bool, prompt: str) -> None:
+    def check_captions(self, pipeline, report, pixel_shape: tuple[int, int, int], interpolate: bool,
+                       prompt: str) -> None:
         """Next-token agreement of the quantized ONNX captioner (default kernels) with the fp32
         merged model, teacher-forced on the fp32 model's greedy captions: at each position up to
         its EOS, does the quantized model pick the fp32 model's token? (Free-running captions
         would count every token after a first difference as different.)"""
 
-        pixels = seeded_pixels(pipeline.static_batch or 4, image_size, seed=4)
+        pixels = seeded_pixels(pipeline.static_batch or 4, pixel_shape, seed=4)
         prompt_ids = pipeline.prompt_ids(prompt)
         ids = reference_ids(self.reference, pixels, prompt_ids, pipeline.settings, interpolate)  # (B, P + n)
         decoder, start = pipeline.decoder, len(prompt_ids)
@@ -213,7 +214,7 @@ def quantize_model(model: nn.Module, built, options: QuantOptions, random_weight
         if any(width % options.group_size for width in widths):
             raise UsageError(f"--group-size {options.group_size} must divide every quantized layer's input width "
                              f"({', '.join(map(str, sorted(widths)))})")
-    calibration = calibration_set(options.calib, options.calib_size, options.calib_seed, processor, built.image_size,
+    calibration = calibration_set(options.calib, options.calib_size, options.calib_seed, processor, built.pixel_shape,
                                   options.calib_images)
     if options.mode == INT8:  # the graph is quantized after export, from these calibration images
         head = adapter.classifier(model)

@@ -61,18 +61,18 @@ def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportO
     captioning export's decoder graphs and whole captions against upstream generate; a quantized
     export's quality against the fp32 model."""
     path = directory / MODEL_FILE
-    report = validate_export(reference.module, reference.module.output_names(built.image_size), path, summary,
-                             built.plan, options.kernel, options.batch, options.precision, built.image_size,
+    report = validate_export(reference.module, reference.module.output_names(), path, summary,
+                             built.plan, options.kernel, options.batch, options.precision, built.pixel_shape,
                              options.seed, static_checks=static_checks, compare=options.quant != INT8)
     quantized = reference.quantized
     if decoder is not None:
         pipeline = CaptionPipeline.load(directory, MODEL_FILE, decoder, options.batch, exact=True)
-        validate_decoder(reference.model, built.source.adapter.caption_decoder, pipeline, report, built.image_size,
+        validate_decoder(reference.model, built.source.adapter.caption_decoder, pipeline, report, built.pixel_shape,
                          built.interpolate_pos_encoding, decoder.prompt,
                          captions_are_exact(options.precision, options.quant), options.seed)
     if quantized is not None:
-        quantized.check_quality(reference.module, report, path, built.image_size)
+        quantized.check_quality(reference.module, report, path, built.pixel_shape)
         if decoder is not None:  # as deployed: ONNX Runtime's default kernels
             quantized.check_captions(CaptionPipeline.load(directory, MODEL_FILE, decoder, options.batch), report,
-                                     built.image_size, built.interpolate_pos_encoding, decoder.prompt)
+                                     built.pixel_shape, built.interpolate_pos_encoding, decoder.prompt)
     return report

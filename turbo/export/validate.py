@@ -111,10 +111,10 @@ class ValidationReport:
         }
 
 
-def seeded_pixels(batch: int, image_size: int, seed: int = 0) -> np.ndarray:
-    """Fixed inputs: normalised-image statistics, one seed per batch size."""
+def seeded_pixels(batch: int, pixel_shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """Fixed inputs (batch, C, H, W): normalised-image statistics, one seed per batch size."""
     rng = np.random.default_rng(seed * 1000 + batch)
-    return rng.standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+    return rng.standard_normal((batch, *pixel_shape)).astype(np.float32)
 
 
 def weighted_mean_token(tokens: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
@@ -150,7 +150,8 @@ def _compare(run: str, name: str, batch: int, want: np.ndarray, got: np.ndarray,
     return OutputCheck(run, name, batch, want.shape, got.shape, diff, atol, int(flipped.sum()), float(flipped_diff))
 
 
-def compare_runners(run: str, reference: Runner, candidate: Runner, report: ValidationReport, image_size: int,
+def compare_runners(run: str, reference: Runner, candidate: Runner, report: ValidationReport,
+                    pixel_shape: tuple[int, int, int],
                     batches: tuple[int, ...], tolerance: Tolerance, seed: int = 0,
                     input_dtype: type = np.float32) -> None:
     """Run both on the same seeded inputs (rounded through `input_dtype`); append one check per
@@ -158,7 +159,7 @@ def compare_runners(run: str, reference: Runner, candidate: Runner, report: Vali
     report.names_match = report.names_match and reference.output_names == candidate.output_names
     input_name = reference.input_names[0]
     for batch in batches:
-        pixels = seeded_pixels(batch, image_size, seed).astype(input_dtype).astype(np.float32)
+        pixels = seeded_pixels(batch, pixel_shape, seed).astype(input_dtype).astype(np.float32)
         expected = {k: v.astype(np.float64) for k, v in reference.run({input_name: pixels}).items()}
         actual = {k: v.astype(np.float64) for k, v in candidate.run({input_name: pixels}).items()}
         flipped = np.zeros(batch, dtype=bool)  # (B,) samples whose decisions differ
@@ -215,8 +216,9 @@ def graph_problems(summary: GraphSummary, plan: TokenPlan, kernel: str, batch: i
 
 
 def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path, summary: GraphSummary,
-                    plan: TokenPlan, kernel: str, batch: int | None, precision: str, image_size: int,
-                    seed: int = 0, static_checks: bool = True, compare: bool = True) -> ValidationReport:
+                    plan: TokenPlan, kernel: str, batch: int | None, precision: str,
+                    pixel_shape: tuple[int, int, int], seed: int = 0, static_checks: bool = True,
+                    compare: bool = True) -> ValidationReport:
     """The full check of one export: onnx.checker, graph vs plan, ONNX Runtime (CPU) vs PyTorch.
 
     `module` is the fp32 PyTorch model. An fp16 export is checked twice: upcast to fp32, it must
@@ -245,11 +247,11 @@ def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path,
                 upcast_path = Path(scratch) / "upcast.onnx"
                 onnx.save(upcast_fp16(onnx.load(str(onnx_path))), str(upcast_path), save_as_external_data=True)
                 upcast = OnnxRuntimeRunner(upcast_path, exact=True, merge_kernel=AS_WRITTEN)
-                compare_runners("fp16 graph in fp32", rounded, upcast, report, image_size, batches, UPCAST, seed,
+                compare_runners("fp16 graph in fp32", rounded, upcast, report, pixel_shape, batches, UPCAST, seed,
                                 np.float16)
-            compare_runners("fp16", reference, runner, report, image_size, batches, HALF, seed)
+            compare_runners("fp16", reference, runner, report, pixel_shape, batches, HALF, seed)
         else:
-            compare_runners("fp32", reference, runner, report, image_size, batches, EXACT, seed)
+            compare_runners("fp32", reference, runner, report, pixel_shape, batches, EXACT, seed)
     except Exception as exc:  # ORT load or run failures are validation failures, reported as such
         report.runtime_error = describe_error(exc)
     return report

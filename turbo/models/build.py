@@ -27,6 +27,11 @@ class BuiltPlan:
         return self.image_size != self.source.adapter.image_size(self.source.config)
 
     @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one input image, from the config and the export's size."""
+        return self.source.adapter.arch_spec(self.source.config).channels, self.image_size, self.image_size
+
+    @property
     def r_text(self) -> str:
         """How the user asked for r: `16`, `8 (decreasing)` or the explicit list."""
         if isinstance(self.schedule, list):

@@ -175,11 +175,11 @@ def _release_freed_memory() -> None:
 
 
 def _time_candidates(candidates: list[Candidate], runtime: str, workload: str, options: BenchOptions,
-                     image_size: int, progress: Progress) -> list[dict]:
+                     pixel_shape: tuple[int, int, int], progress: Progress) -> list[dict]:
     rows = []
     runners = {c.r: c.make_runner() for c in candidates}
     for batch in options.batches:
-        feeds = {"pixel_values": seeded_pixels(batch, image_size, options.seed)}
+        feeds = {"pixel_values": seeded_pixels(batch, pixel_shape, options.seed)}
         progress(f"timing {runtime} {workload} batch {batch}: r={','.join(str(c.r) for c in candidates)}")
         timers = {r: runner.timer(feeds, options.include_transfers) for r, runner in runners.items()}
         samples = interleaved(timers, options.warmup_s, options.iters, options.duration_s)
@@ -224,7 +224,7 @@ def _torch_candidates(plans: dict, workload: str, options: BenchOptions) -> list
             module, names = _caption_module(model, options.caption_tokens), ["sequences"]
         else:
             module = ExportModule(model, built)
-            names = module.output_names(built.image_size)
+            names = module.output_names()
         return TorchRunner(module, ["pixel_values"], names, options.device, dtype, options.torch_merge)
 
     return [Candidate(r, b.plan.final_tokens, b.plan.speedup_bound, lambda b=b: make(b)) for r, b in plans.items()]
@@ -368,7 +368,7 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
     if options.export_dirs:
         first, candidates, captioners = _dir_candidates(options, progress)
         name, source, random_weights = first.model.name, first.model.source, first.model.random_weights
-        image_size = first.onnx.image_size
+        pixel_shape = first.onnx.pixel_shape
         captioning = adapter_for(first.model.architecture).caption_decoder is not None and options.caption
         for runtime in runnable:
             runner = _trt_runner if runtime == "trt" else _ort_runner
@@ -383,7 +383,7 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
                     continue
                 chosen = [replace(c, make_runner=lambda d=c.directory, w=workload: runner(d, options, w))
                           for c in chosen]
-                rows += _time_candidates(chosen, runtime, workload, options, image_size, progress)
+                rows += _time_candidates(chosen, runtime, workload, options, pixel_shape, progress)
     else:
         rs = sorted({0, *(options.rs if options.rs is not None
                           else [resolve_source(options.model, tiny=options.tiny).default_r])})
@@ -393,13 +393,13 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
         name, source, random_weights = source_info.name, source_info.location, options.random_weights
         captioning = source_info.adapter.caption_decoder is not None and options.caption
         workloads = ["encoder"] + (["caption"] if captioning else [])
-        image_size = plans[0].image_size
+        pixel_shape = plans[0].pixel_shape
         for runtime in runnable:
             for workload in workloads:
                 candidates = (_torch_candidates(plans, workload, options) if runtime == "torch" else
                               _export_candidates(plans, options, progress, runtime, workload,
                                                  decoder=runtime == "ort" or "caption" in workloads))
-                rows += _time_candidates(candidates, runtime, workload, options, image_size, progress)
+                rows += _time_candidates(candidates, runtime, workload, options, pixel_shape, progress)
     return {
         "schema": SCHEMA,
         "model": name,

@@ -203,7 +203,7 @@ def _agreement(path: Path, unmerged, built, batch: int | None) -> tuple[float, s
     size-weighted mean image token with the unmerged mean token."""
 
     count = batch or 16
-    pixels = seeded_pixels(count, built.image_size, seed=7)
+    pixels = seeded_pixels(count, built.pixel_shape, seed=7)
     runner = OnnxRuntimeRunner(path)
     merged = runner.run({runner.input_names[0]: pixels})
     with torch.inference_mode():

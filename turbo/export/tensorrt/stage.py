@@ -139,7 +139,7 @@ def _validate_encoder(options: TrtOptions, directory: Path, onnx_info: OnnxRecor
                       report: ValidationReport) -> None:
     batches = tuple(sorted({profile.minimum, max(profile.minimum, min(3, profile.maximum))}))
     compare_runners(f"tensorrt {options.precision}", OnnxRuntimeRunner(directory / onnx_info.file, exact=True),
-                    TensorRTRunner(directory / engine["file"]), report, onnx_info.image_size, batches,
+                    TensorRTRunner(directory / engine["file"]), report, onnx_info.pixel_shape, batches,
                     ENGINE_TOLERANCE[options.precision])
 
 
@@ -152,7 +152,7 @@ def _validate_captioner(directory: Path, manifest: Manifest, engine: dict, refer
                                      engines=TensorRTRecord.from_dict({"built": True, **engine}, "tensorrt"))
     low, _, high = engine["batch_profile"]
     batch = reference.static_batch or min(max(CAPTION_BATCH, low), high)
-    pixels = seeded_pixels(batch, manifest.onnx.image_size)
+    pixels = seeded_pixels(batch, manifest.onnx.pixel_shape)
     prompt_ids = reference.prompt_ids(manifest.decoder.prompt)
     settings = replace(reference.settings, num_beams=1)
     ids = reference.generate(pixels, prompt_ids, settings)
