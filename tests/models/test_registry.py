@@ -1,8 +1,9 @@
-"""Every registered model, every family and every supported architecture has a tiny test model
-(the registry's tiny variant, or an entry of TINY_ARCHITECTURES), so no supported checkpoint type
-goes untested; the tiny variants are small enough for the suite."""
+"""Every registered model, every family, every supported architecture and every config variant
+users bring has a tiny test model (the registry's tiny variant, or an entry of TINY_CHECKPOINTS),
+so no supported checkpoint type goes untested; the tiny variants are small enough for the suite."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -10,24 +11,44 @@ import pytest
 import torch
 import transformers
 
-from tests.conftest import pixels
 from turbo.models.build import build_merged_model, build_plan
 from turbo.models.loading import load_model, resolve_source
 from turbo.models.registry import ADAPTERS, REGISTRY, supported_architectures
 
 
-def _tiny_vit_model(directory: Path) -> str:
-    """A headless ViT checkpoint (`ViTModel`), the tiny ViT's config."""
-    transformers.ViTModel(resolve_source("vit-b16", tiny=True).config).save_pretrained(directory)
-    return "vit-b16"  # the registry model whose tiny inputs fit
+@dataclass(frozen=True)
+class TinyCheckpoint:
+    """A config variant users bring that no registry model covers, saved as a tiny checkpoint."""
+
+    architecture: str
+    model: Callable[[object], torch.nn.Module]  # the tiny ViT's config -> the upstream model to save
+    num_channels: int = 3
 
 
-# Supported architectures that no registry model uses: how to save a tiny checkpoint of each.
-TINY_ARCHITECTURES: dict[str, Callable[[Path], str]] = {"ViTModel": _tiny_vit_model}
+# Every such variant: r=0 must equal transformers for each, and r>0 must merge by the plan.
+TINY_CHECKPOINTS: dict[str, TinyCheckpoint] = {
+    "ViTModel": TinyCheckpoint("ViTModel", transformers.ViTModel),
+    "ViTModel without pooler": TinyCheckpoint(
+        "ViTModel", lambda config: transformers.ViTModel(config, add_pooling_layer=False)),
+    "1-channel ViT classifier": TinyCheckpoint(
+        "ViTForImageClassification", transformers.ViTForImageClassification, num_channels=1),
+    "4-channel ViT classifier": TinyCheckpoint(
+        "ViTForImageClassification", transformers.ViTForImageClassification, num_channels=4),
+}
+
+
+def save_tiny_checkpoint(name: str, directory: Path) -> Path:
+    variant = TINY_CHECKPOINTS[name]
+    config = resolve_source("vit-b16", tiny=True).config
+    config.num_channels = variant.num_channels
+    torch.manual_seed(0)
+    variant.model(config).save_pretrained(directory)
+    return directory
 
 
 def test_every_supported_architecture_has_a_tiny_model():
-    tested = {spec.architecture for spec in REGISTRY.values()} | set(TINY_ARCHITECTURES)
+    tested = {spec.architecture for spec in REGISTRY.values()}
+    tested |= {variant.architecture for variant in TINY_CHECKPOINTS.values()}
     assert sorted(set(supported_architectures()) - tested) == []
 
 
@@ -44,19 +65,22 @@ def test_every_tiny_variant_is_tiny(model_name):
     assert sum(p.numel() for p in load_model(source, random_weights=True).parameters()) < 5_000_000
 
 
-@pytest.mark.parametrize("architecture", sorted(TINY_ARCHITECTURES))
-def test_an_architecture_without_a_registry_model_loads_patches_and_merges(architecture, tmp_path):
-    inputs_of = TINY_ARCHITECTURES[architecture](tmp_path)
-    reference = load_model(resolve_source(str(tmp_path)))
-    x = pixels(inputs_of)
-    exact, _ = build_merged_model(build_plan(str(tmp_path), r=0))
+@pytest.mark.parametrize("name", sorted(TINY_CHECKPOINTS))
+def test_a_checkpoint_variant_equals_transformers_at_r0_and_merges_by_the_plan(name, tmp_path):
+    directory = str(save_tiny_checkpoint(name, tmp_path))
+    reference = load_model(resolve_source(directory))
+    exact_plan = build_plan(directory, r=0)
+    x = torch.randn(2, *exact_plan.pixel_shape, generator=torch.Generator().manual_seed(0))
+    adapter = exact_plan.source.adapter
+    exact, _ = build_merged_model(exact_plan)
     with torch.no_grad():
-        assert torch.equal(exact(pixel_values=x).last_hidden_state, reference(pixel_values=x).last_hidden_state)
-    built = build_plan(str(tmp_path), r=4)
-    assert built.source.architecture == architecture
+        want, got = adapter.export_outputs(reference, x, False), adapter.export_outputs(exact, x, False)
+    assert list(got) == list(want) and all(torch.equal(got[key], want[key]) for key in want)
+    built = build_plan(directory, r=4)
+    assert built.source.architecture == TINY_CHECKPOINTS[name].architecture
     model, state = build_merged_model(built)
     with torch.no_grad():
-        hidden = model(pixel_values=x).last_hidden_state
+        hidden = adapter.export_outputs(model, x, False)["last_hidden_state"]
     assert hidden.shape[1] == built.plan.final_tokens < built.plan.tokens_in
     assert state.token_counts == [(layer.tokens_in, layer.tokens_out) for layer in built.plan.layers]
 
@@ -69,9 +93,7 @@ def test_a_checkpoint_with_other_channel_counts_exports_and_checks(channels, tmp
 
     from turbo.cli.app import app
 
-    config = resolve_source("vit-b16", tiny=True).config
-    config.num_channels = channels
-    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "checkpoint")
+    save_tiny_checkpoint(f"{channels}-channel ViT classifier", tmp_path / "checkpoint")
     out = tmp_path / "out"
     runner = CliRunner()
     export = runner.invoke(app, ["export", "-m", str(tmp_path / "checkpoint"), "--r", "4", "--threshold", "0",
