@@ -43,6 +43,7 @@ class ExportModule(nn.Module):
         self.interpolate = built.interpolate_pos_encoding
         self.merges = any(built.plan.r)
         self.pixel_shape = built.pixel_shape  # (C, H, W)
+        self._output_names: list[str] | None = None
 
     def named_outputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = self.adapter.export_outputs(self.model, pixel_values, self.interpolate)
@@ -54,10 +55,12 @@ class ExportModule(nn.Module):
         return tuple(self.named_outputs(pixel_values).values())
 
     def output_names(self) -> list[str]:
-        """The names forward's outputs get (found with one small dry run)."""
-        dtype = next(self.model.parameters()).dtype
-        with torch.inference_mode():
-            return list(self.named_outputs(torch.zeros(1, *self.pixel_shape, dtype=dtype)))
+        """The names forward's outputs get (found with one small dry run, once)."""
+        if self._output_names is None:
+            dtype = next(self.model.parameters()).dtype
+            with torch.inference_mode():
+                self._output_names = list(self.named_outputs(torch.zeros(1, *self.pixel_shape, dtype=dtype)))
+        return self._output_names
 
 
 def check_export_options(opset: int, precision: str, batch: int | None, kernel: str,

@@ -84,9 +84,10 @@ def _quant_options(quantization: QuantizationRecord | None) -> dict:
     if quantization is None:
         return {}
     calibration = quantization.calibration
-    return {"quant": quantization.mode, "group_size": quantization.group_size or 128,
-            "act_order": quantization.act_order, "calib": calibration.source, "calib_size": calibration.count,
-            "calib_seed": calibration.seed, "calib_images": calibration.images, "quant_heads": quantization.heads}
+    group = {"group_size": quantization.group_size} if quantization.group_size is not None else {}  # INT8: none
+    return {"quant": quantization.mode, **group, "act_order": quantization.act_order, "calib": calibration.source,
+            "calib_size": calibration.count, "calib_seed": calibration.seed, "calib_images": calibration.images,
+            "quant_heads": quantization.heads}
 
 
 @contextlib.contextmanager

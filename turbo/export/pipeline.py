@@ -84,8 +84,7 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
         with timed("export"):
             dtype = PRECISIONS[options.precision]
             exported = module if options.precision == "fp32" else copy.deepcopy(module).to(dtype)
-            export_onnx(exported, staging / MODEL_FILE, options.opset, options.batch,
-                        options.external_data)
+            export_onnx(exported, staging / MODEL_FILE, options.opset, options.batch, options.external_data)
             if options.merge_op == "function":
                 fold_merge_ops(staging / MODEL_FILE, options.kernel)
             if quantized is not None:

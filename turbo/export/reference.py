@@ -4,6 +4,7 @@
 two calls on a finished export, so the two can never drift apart.
 """
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +33,19 @@ class ReferenceModel:
     module: ExportModule
     quantized: QuantizedModel | None = None
     tokenizer: tuple[object, str] | None = None  # a captioning model's tokenizer and where it came from
+    unmerged: nn.Module | None = None  # the same weights without the merges (keep_unmerged)
 
 
 def prepare_model(built: BuiltPlan, options: ExportOptions,
                   load_tokenizer: Callable[[], tuple[object, str]] | None = None,
-                  stage: Stage = no_stage) -> ReferenceModel:
+                  stage: Stage = no_stage, keep_unmerged: bool = False) -> ReferenceModel:
     """Load the weights (or the seeded random ones) and, for a captioning model, its tokenizer
     (the decoder's calibration captions are tokenized with it); patch in the plan's merges; quantize
     as the options say."""
     with stage("load"):
         model = load_model(built.source, options.random_weights, options.seed)
         tokenizer = load_tokenizer() if load_tokenizer is not None else None
+        unmerged = copy.deepcopy(model) if keep_unmerged else None
     with stage("patch"):
         apply_turbo(model, built.source.adapter, built.plan, built.merge_config, options.kernel)
         module = ExportModule(model, built)
@@ -51,7 +54,7 @@ def prepare_model(built: BuiltPlan, options: ExportOptions,
         with stage("quantize"):
             quantized = quantize_model(model, built, options.quantization(), options.random_weights,
                                        tokenizer[0] if tokenizer else None)
-    return ReferenceModel(model, module, quantized, tokenizer)
+    return ReferenceModel(model, module, quantized, tokenizer, unmerged)
 
 
 def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportOptions, directory: Path,

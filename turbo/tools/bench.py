@@ -17,7 +17,7 @@ from torch import nn
 
 from turbo.core.cache import cache_root
 from turbo.core.errors import EXIT_MISSING_RUNTIME, TurboError, UsageError
-from turbo.core.files import MANIFEST_FILE, MODEL_FILE
+from turbo.core.files import MODEL_FILE
 from turbo.core.manifest import ManifestError, now, read_export_manifest, versions
 from turbo.export.onnx_export import ExportModule
 from turbo.export.options import ExportOptions
@@ -243,7 +243,7 @@ def _cached_export(export_options, progress: Progress) -> Path:
     key = hashlib.sha256(json.dumps([asdict(export_options), versions()["turbo"], EXPORT_FORMAT], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
     out = cache_root() / "exports" / f"{Path(export_options.model).name}-r{export_options.r}-{key}"
-    if (out / MANIFEST_FILE).exists() and _passed(out):
+    if _passed(out):
         progress(f"using cached export {out}")
         return out
     progress(f"exporting {export_options.model} r={export_options.r} ({export_options.precision}) to {out}")

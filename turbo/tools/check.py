@@ -26,7 +26,6 @@ from turbo.export.validate import (
 )
 from turbo.graph.summary import checker_error, summarize
 from turbo.graph.trt_lint import lint
-from turbo.models.loading import load_model
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.tools.bench import BenchOptions, run_bench
 
@@ -158,7 +157,7 @@ def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport,
     try:  # a quantized captioner's decoder calibrates on captions tokenized as at export
         tokenizer = ((lambda: (AutoTokenizer.from_pretrained(directory), "the export's"))
                      if manifest.decoder and manifest.quantization else None)
-        reference = prepare_model(built, options, tokenizer)
+        reference = prepare_model(built, options, tokenizer, keep_unmerged=min_agreement is not None)
     except TurboError as exc:
         report.add("ORT vs PyTorch", False if gated else None, f"skipped, no reference model: {exc}")
         return
@@ -193,8 +192,7 @@ def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport,
     if max_diff is not None:
         report.add("gate: max diff", worst <= max_diff, f"{worst:.2e} (limit {max_diff:g})")
     if min_agreement is not None:
-        unmerged = load_model(built.source, options.random_weights, options.seed)
-        value, what = _agreement(path, unmerged, built, options.batch)
+        value, what = _agreement(path, reference.unmerged, built, options.batch)
         report.add("gate: agreement", value >= min_agreement, f"{what} {value:.4f} (limit {min_agreement:g})")
 
 
