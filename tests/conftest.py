@@ -10,7 +10,7 @@ from turbo.export.options import ExportOptions
 from turbo.export.pipeline import ExportResult, run_export
 from turbo.models.build import BuiltPlan, build_merged_model, build_plan
 from turbo.models.loading import load_model, resolve_source
-from turbo.models.registry import list_models
+from turbo.models.registry import ADAPTERS, list_models
 
 
 def manifest_json(directory) -> dict:
@@ -47,17 +47,22 @@ def tiny_pair(name: str, r: int | None = 4, kernel: str = "matmul", **kwargs):
 
 
 def encoder_output(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The output a deployment uses: ViT logits, BLIP image embeddings."""
+    """The output a deployment uses (the family's first export output): logits, image embeddings."""
     with torch.no_grad():
-        if hasattr(model, "vision_model"):
-            return model.vision_model(pixel_values=pixel_values).last_hidden_state
-        return model(pixel_values=pixel_values).logits
+        return next(iter(ADAPTERS[type(model).__name__].export_outputs(model, pixel_values, False).values()))
+
+
+def upstream_outputs(model, pixel_values: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+    """transformers' own forward, by output name (BLIP: its vision model's, the image embeddings)."""
+    with torch.no_grad():
+        if hasattr(model, "text_decoder"):
+            return {"image_embeds": model.vision_model(pixel_values=pixel_values, **kwargs).last_hidden_state}
+        return {name: value for name, value in model(pixel_values=pixel_values, **kwargs).items() if value is not None}
 
 
 def pixels(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    source = tiny_plan(name).source
-    size = source.adapter.image_size(source.config)
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    built = tiny_plan(name)
+    return torch.randn(batch, *built.pixel_shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(params=list_models())

@@ -22,14 +22,21 @@ def test_help(command):
     assert result.exit_code == 0 and "Usage" in result.output
 
 
-def test_models_json_lists_the_registry():
-    models = {m["name"]: m for m in json.loads(invoke("models", "--json").stdout)["models"]}
-    assert set(models) == {"vit-b16", "vit-l16", "blip-caption", "blip-caption-large"}
+def test_models_json_lists_the_registry_and_the_families():
+    listing = json.loads(invoke("models", "--json").stdout)
+    models = {m["name"]: m for m in listing["models"]}
+    assert {"vit-b16", "vit-l16", "deit-b16", "clip-b16", "siglip-b16", "dinov2-b14", "blip-caption"} <= set(models)
     blip = models["blip-caption"]
     assert (blip["hf_id"], blip["image_size"], blip["tokens"], blip["layers"], blip["default_r"], blip["alpha"]) == (
-        "Salesforce/blip-image-captioning-base", 384, 577, 12, 30, 5.0)
+        "Salesforce/blip-image-captioning-base", [384, 384], 577, 12, 30, 5.0)
     assert models["vit-l16"]["layers"] == 24
-    assert {m["family"] for m in models.values()} == {"vit", "blip"}
+    dinov2 = models["dinov2-b14"]  # exported at its image processor's 224, not its config's 518
+    assert (dinov2["image_size"], dinov2["tokens"], dinov2["protected_tokens"]) == ([224, 224], 257, 1)
+    assert (models["siglip-b16"]["method"], models["siglip-b16"]["protected_tokens"]) == ("tome", 0)
+    assert models["deit-b16"]["protected_tokens"] == 2
+    families = {f["family"]: f for f in listing["families"]}
+    assert {m["family"] for m in models.values()} == set(families)
+    assert families["siglip"]["methods"] == ["tome", "none"] and families["deit"]["protected"] == "CLS, distillation"
 
 
 def test_plan_json_for_the_default_model():
@@ -46,7 +53,10 @@ def test_plan_takes_the_export_model_options():
     tiny = json.loads(invoke("plan", "--model", "vit-b16", "--tiny", "--r", "4", "--json").stdout)
     assert (tiny["tokens_in"], tiny["final_tokens"], len(tiny["layers"])) == (37, 21, 4)
     large = json.loads(invoke("plan", "--model", "vit-b16", "--image-size", "384", "--r", "16", "--json").stdout)
-    assert (large["image_size"], large["tokens_in"]) == (384, 577)
+    assert (large["image_size"], large["tokens_in"]) == ([384, 384], 577)
+    wide = json.loads(invoke("plan", "--model", "vit-b16", "--image-size", "224x320", "--r", "8", "--json").stdout)
+    assert (wide["image_size"], wide["tokens_in"]) == ([224, 320], 14 * 20 + 1)
+    assert invoke("plan", "--model", "vit-b16", "--image-size", "224x").exit_code == 2
     assert invoke("plan", "--model", "org/name", "--tiny").exit_code == 2
 
 

@@ -115,7 +115,8 @@ def test_refuses_a_non_empty_directory_without_force(tmp_path):
         (["--batch", "many"], "--batch takes a positive integer or 'dynamic'"),
         (["--opset", "17"], "--opset 17 is not supported; use 18..23"),
         (["--precision", "int4"], "unknown precision 'int4'"),
-        (["--image-size", "50"], "--image-size 50 must be a positive multiple of the patch size 8"),
+        (["--image-size", "4"], "--image-size 4x4 is smaller than one patch (8x8)"),
+        (["--image-size", "48x"], "--image-size takes H or HxW in pixels"),
         (["--merge-kernel", "gather"], "unknown merge kernel 'gather'"),
     ],
 )
@@ -165,7 +166,7 @@ def test_a_local_model_with_weights_and_processor(tmp_path):
     model = load_model(source, random_weights=True, seed=7)
     local = tmp_path / "my-blip"
     model.save_pretrained(local)
-    processor = source.adapter.image_processor(48)
+    processor = source.adapter.image_processor((48, 48))
     processor.image_mean = [0.1, 0.2, 0.3]
     processor.save_pretrained(local)
     out = tmp_path / "out"

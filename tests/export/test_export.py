@@ -124,7 +124,7 @@ def test_static_batch_and_image_size(tmp_path_factory):
     result = tiny_export(tmp_path_factory, "vit-b16", 4, batch=2, image_size=64)
     assert result.passed
     manifest = result.manifest.to_dict()
-    assert manifest["plan"]["tokens_in"] == 65 and manifest["onnx"]["image_size"] == 64
+    assert manifest["plan"]["tokens_in"] == 65 and manifest["onnx"]["image_size"] == [64, 64]
     assert manifest["onnx"]["inputs"][0]["shape"] == [2, 3, 64, 64]
     assert {c["batch"] for c in manifest["validation"]["outputs"]} == {2}
     processor = (result.directory / "preprocessor_config.json").read_text()

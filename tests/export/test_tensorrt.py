@@ -138,8 +138,7 @@ def test_turbo_merge_nodes_have_the_plugin_interface_and_compute_the_kernel(tmp_
 
     probe = _with_outputs(model, [name for node in nodes for name in [*node.input, *node.output]])
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    pixels = np.random.default_rng(0).standard_normal((2, 3, result.manifest.onnx.image_size,
-                                                        result.manifest.onnx.image_size)).astype(np.float32)
+    pixels = np.random.default_rng(0).standard_normal((2, *result.manifest.onnx.pixel_shape)).astype(np.float32)
     values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"pixel_values": pixels})))
     for node in nodes:
         r = next(a.i for a in node.attribute if a.name == "r")
@@ -155,8 +154,7 @@ def test_the_native_form_equals_the_function_graph_in_ort(tmp_path_factory, tmp_
     native = inline_merge_functions(result.directory / "model.onnx", tmp_path / "native.onnx")
     inlined = onnx.load(str(native))
     assert not inlined.functions and not any(n.op_type == "TurboMerge" for n in inlined.graph.node)
-    size = result.manifest.onnx.image_size
-    pixels = np.random.default_rng(1).standard_normal((3, 3, size, size)).astype(np.float32)
+    pixels = np.random.default_rng(1).standard_normal((3, *result.manifest.onnx.pixel_shape)).astype(np.float32)
     want = ort.InferenceSession(str(result.directory / "model.onnx")).run(None, {"pixel_values": pixels})
     got = ort.InferenceSession(str(native)).run(None, {"pixel_values": pixels})
     for a, b in zip(want, got):
@@ -282,8 +280,8 @@ def test_decoder_engine_profiles_cover_every_shape_captioning_feeds(tmp_path_fac
     assert {s[1] for s in profiles["first_step"]["image_embeds"]} == {decoder.image_tokens}
     first, with_past = RecordingRunner(pipeline.decoder.first), RecordingRunner(pipeline.decoder.with_past)
     pipeline.decoder.first, pipeline.decoder.with_past = first, with_past
-    size, longest = result.manifest.onnx.image_size, pipeline.settings.max_new_tokens
-    pixels = np.random.default_rng(0).standard_normal((6, 3, size, size)).astype(np.float32)
+    shape, longest = result.manifest.onnx.pixel_shape, pipeline.settings.max_new_tokens
+    pixels = np.random.default_rng(0).standard_normal((6, *shape)).astype(np.float32)
     pipeline.caption(pixels, batch=6, min_new_tokens=longest)  # greedy, the generation config's full length
     pipeline.caption(pixels[:2], batch=2, num_beams=3)  # 6 rows
     pipeline.caption(pixels[:1], prompt="", batch=1)  # the shortest prompt: past starts at 1
@@ -369,6 +367,6 @@ def test_caption_engines_build_and_caption_like_onnx_runtime(tmp_path):
     assert decoder["built"] and all((out / e["file"]).stat().st_size > 0 for e in decoder["engines"].values())
     assert result.engine_report.passed, result.manifest.tensorrt.build["validation"]
     assert any(c.run == "greedy, tensorrt vs onnx" for c in result.engine_report.captions)
-    size = result.manifest.onnx.image_size
-    captions = CaptionPipeline.open(out, tensorrt=True).caption(np.zeros((2, 3, size, size), np.float32))
+    shape = result.manifest.onnx.pixel_shape
+    captions = CaptionPipeline.open(out, tensorrt=True).caption(np.zeros((2, *shape), np.float32))
     assert len(captions) == 2 and all(c["ids"] for c in captions)

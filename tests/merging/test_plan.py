@@ -5,8 +5,8 @@ import pytest
 from turbo.merging.plan import ArchSpec, make_plan, max_r
 from turbo.merging.schedule import parse_schedule, resolve_schedule
 
-VIT_B = ArchSpec(num_layers=12, num_tokens=197, hidden_size=768, mlp_size=3072, patch_size=16)
-BLIP_B = ArchSpec(num_layers=12, num_tokens=577, hidden_size=768, mlp_size=3072, patch_size=16)
+VIT_B = ArchSpec(num_layers=12, num_tokens=197, hidden_size=768, mlp_size=3072, patch_area=256)
+BLIP_B = ArchSpec(num_layers=12, num_tokens=577, hidden_size=768, mlp_size=3072, patch_area=256)
 
 
 @pytest.mark.parametrize(

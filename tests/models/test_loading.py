@@ -41,8 +41,35 @@ def test_registry_weights_missing_offline_name_random_weights():
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    with pytest.raises(UsageError, match="BertModel is not supported; supported: BlipForConditionalGeneration"):
+    with pytest.raises(UsageError, match="BertModel .model_type bert. is not supported; supported families: vit, "
+                                         "deit, clip, siglip, dinov2"):
         resolve_source(str(tmp_path))
+
+
+@pytest.mark.parametrize("model_type, architecture, reason", [
+    ("beit", "BeitForImageClassification", "relative position bias"),
+    ("data2vec-vision", "Data2VecVisionModel", "relative position bias"),
+    ("swin", "SwinForImageClassification", "windowed attention"),
+    ("convnext", "ConvNextForImageClassification", "convolutional"),
+])
+def test_families_merging_would_break_are_refused_by_name(tmp_path, model_type, architecture, reason):
+    """One line naming the family, why, and the supported ones; exit 2 from the CLI; nothing written."""
+    from typer.testing import CliRunner
+
+    from turbo.cli.app import app
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": [architecture]}))
+    with pytest.raises(UsageError, match=f"{model_type} models cannot be merged: .*{reason}.*supported families: vit"):
+        resolve_source(str(tmp_path))
+    result = CliRunner().invoke(app, ["export", "-m", str(tmp_path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_config_without_architectures_gets_its_family_base_model(tmp_path):
+    config = resolve_source("deit-b16", tiny=True).config.to_dict()
+    config.pop("architectures")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert resolve_source(str(tmp_path)).architecture == "DeiTModel"
 
 
 def test_unreadable_model_directory(tmp_path):

@@ -95,7 +95,7 @@ def exports(tmp_path_factory):
     local = tmp_path_factory.mktemp("blip") / "my-blip"
     model.save_pretrained(local)
     source.adapter.caption_decoder.placeholder_tokenizer(source.config).save_pretrained(local)
-    source.adapter.image_processor(48).save_pretrained(local)
+    source.adapter.image_processor((48, 48)).save_pretrained(local)
     made = {name: run_export(ExportOptions(model=str(local), r=r), tmp_path_factory.mktemp(name) / "out")
             for name, r in (("r0", 0), ("r4", 4))}
     made["random"] = tiny_export(tmp_path_factory, "blip-caption", 4, decoder=True)  # shared with test_export

@@ -12,7 +12,15 @@ from typer.testing import CliRunner
 from turbo.cli.app import app
 from turbo.models.adapters import CLASSIFICATION
 from turbo.models.build import build_plan
-from turbo.tools.eval import EvalOptions, EvalRun, _search, caption_metrics, caption_scores, classification_metrics
+from turbo.tools.eval import (
+    EvalOptions,
+    EvalRun,
+    _search,
+    caption_metrics,
+    caption_scores,
+    classification_metrics,
+    embedding_metrics,
+)
 
 runner = CliRunner()
 
@@ -75,6 +83,26 @@ def test_eval_command_on_class_folders(class_folders, tmp_path):
     assert report["results"][0]["metrics"]["agreement"] == 1.0
     assert {"top1", "agreement", "kl"} <= set(report["results"][1]["metrics"])
     assert "random weights" in result.stderr
+
+
+def test_embedding_metrics_on_known_vectors():
+    base = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    moved = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.8, 0.2]])  # the last moved next to class 0
+    metrics = embedding_metrics(moved, [0, 0, 1, 1], base)
+    assert metrics["cosine"] == pytest.approx((3 + 0.26 / (np.hypot(0.8, 0.2) * np.hypot(0.1, 0.9))) / 4)
+    assert metrics["knn_top1"] == pytest.approx(0.75)  # only the moved one's nearest neighbour is of another class
+    assert embedding_metrics(base, [0, 0, 1, 1], base) == {"cosine": pytest.approx(1.0), "knn_top1": 1.0}
+
+
+@pytest.mark.parametrize("model", ["clip-b16", "siglip-b16"])
+def test_eval_of_an_embedding_model_measures_cosine_and_neighbours(class_folders, model):
+    result = runner.invoke(app, ["eval", "--data", str(class_folders), "-m", model, "--tiny", "--random-weights",
+                                 "--threshold", "0", "--r", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["task"] == "image-embedding"
+    base, merged = (row["metrics"] for row in report["results"])
+    assert base["cosine"] == pytest.approx(1.0) and 0 < merged["cosine"] < 1 and "knn_top1" in merged
 
 
 def test_blip_fidelity_on_loose_images(class_folders):

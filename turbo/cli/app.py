@@ -5,6 +5,9 @@ import typer
 from turbo import __version__
 from turbo.cli.output import user_errors
 
+METHOD_HELP = "turbo | tome | semantic | none (default: the model's; tome for models without a CLS token)."
+IMAGE_SIZE_HELP = "Input size, H or HxW like 224x320 (default: the model's image processor's, else its config's)."
+
 app = typer.Typer(
     help="Turbo token merging for ViT and BLIP: plan, export and profile merged models.",
     no_args_is_help=True,
@@ -42,18 +45,19 @@ def models_command(
 def plan_command(
     model: str = typer.Option("blip-caption", "--model", "-m", help="Registry name, HF id or local model directory."),
     r: int | None = typer.Option(None, "--r", help="Tokens merged per layer (default: the model's)."),
-    method: str = typer.Option("turbo", "--method", help="turbo | tome | semantic | none."),
+    method: str | None = typer.Option(None, "--method", help=METHOD_HELP),
     alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
     schedule: str = typer.Option("constant", "--schedule", help="constant | decreasing | per-layer list like 8,8,4,4."),
     threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Input resolution (default: the model's)."),
+    image_size: str | None = typer.Option(None, "--image-size", help=IMAGE_SIZE_HELP),
     tiny: bool = typer.Option(False, "--tiny", help="The registry model's 4-layer tiny variant (CI smoke checks)."),
     json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
 ) -> None:
     """Per-layer tokens and FLOPs, final tokens and the FLOPs speedup bound. Needs no weights."""
+    from turbo.cli.commands.export import parse_image_size
     from turbo.cli.commands.plan import run_plan
 
-    run_plan(model, r, method, alpha, schedule, threshold, image_size, tiny, json_output)
+    run_plan(model, r, method, alpha, schedule, threshold, parse_image_size(image_size), tiny, json_output)
 
 
 @app.command("export")
@@ -65,7 +69,7 @@ def export_command(
     data: str | None = typer.Option(None, "--data", help="--r auto: images to evaluate on (see turbo eval)."),
     max_drop: float | None = typer.Option(None, "--max-drop", help="--r auto: the largest drop allowed."),
     metric: str = typer.Option("fidelity", "--metric", help="--r auto: accuracy | fidelity."),
-    method: str = typer.Option("turbo", "--method", help="turbo | tome | semantic | none."),
+    method: str | None = typer.Option(None, "--method", help=METHOD_HELP),
     alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
     threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
     schedule: str = typer.Option("constant", "--schedule", help="constant | decreasing | per-layer list like 8,8,4,4."),
@@ -74,7 +78,7 @@ def export_command(
         "function", "--merge-op", help="function: one turbo::TurboMerge node per layer (a local function) | inline."),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset, 18..23 (default 20; 21 with --quant)."),
     batch: str = typer.Option("dynamic", "--batch", help="Static batch size, or 'dynamic' for a dynamic batch axis."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Input resolution (default: the model's)."),
+    image_size: str | None = typer.Option(None, "--image-size", help=IMAGE_SIZE_HELP),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 (half-precision graph for GPU runtimes); "
                                   "with --trt the engine's: fp32 | fp16 | bf16 | int8 (int8 needs --quant int8)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Random weights from the config (speed work)."),
@@ -114,7 +118,7 @@ def export_command(
     """
     from pathlib import Path
 
-    from turbo.cli.commands.export import parse_batch, parse_r, run_export_command
+    from turbo.cli.commands.export import parse_batch, parse_image_size, parse_r, run_export_command
     from turbo.core.errors import UsageError
     from turbo.export.options import ExportOptions
     from turbo.export.tensorrt.stage import TrtOptions
@@ -127,7 +131,8 @@ def export_command(
     chosen = parse_r(r, data, max_drop)
     options = ExportOptions(model=model, r=None if chosen == "auto" else chosen, method=method, alpha=alpha,
                             threshold=threshold, schedule=schedule, kernel=merge_kernel, opset=opset,
-                            batch=parse_batch(batch), image_size=image_size, random_weights=random_weights,
+                            batch=parse_batch(batch), image_size=parse_image_size(image_size),
+                            random_weights=random_weights,
                             trt=trt_options, precision=None if trt else precision, validate=validate, tiny=tiny,
                             merge_op=merge_op, quant=quant, group_size=group_size, act_order=act_order, calib=calib,
                             calib_size=calib_size, calib_seed=calib_seed, calib_images=calib_images,

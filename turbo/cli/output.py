@@ -3,6 +3,7 @@
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable
 
 import typer
@@ -26,10 +27,17 @@ def user_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from turbo.core.errors import TurboError
+        from turbo.core.errors import TurboError, TurboNote
+
+        def show(message, category, *_args, **_kwargs) -> None:
+            if issubclass(category, TurboNote):
+                stderr.print(f"[yellow]note:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("once", TurboNote)
+                warnings.showwarning = show
+                return command(*args, **kwargs)
         except TurboError as exc:
             fail(str(exc), exc.exit_code)
 

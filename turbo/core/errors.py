@@ -18,6 +18,10 @@ class UsageError(TurboError):
     exit_code = EXIT_USAGE
 
 
+class TurboNote(UserWarning):
+    """Something the user should know once that is not an error (the CLI prints it as a note)."""
+
+
 class ModelLoadError(TurboError):
     """Weights or config could not be loaded."""
 

@@ -66,6 +66,7 @@ class PlanRecord:
     speedup_bound: float
     clamped_layers: list[int]
     layers: list[Json]
+    protected_tokens: int = 1  # leading tokens never merged (manifests before other families: CLS only)
 
     @property
     def merges(self) -> bool:
@@ -78,7 +79,7 @@ class OnnxRecord:
     opset: int
     precision: str
     batch: int | str  # a static batch, or "dynamic"
-    image_size: int
+    image_size: int | list[int]  # [height, width] (one int: square, manifests before non-square inputs)
     inputs: list[Json]  # name, shape, dtype
     outputs: list[Json]
     merge_r: list[int]  # r of every merge block found in the graph

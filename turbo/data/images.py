@@ -3,6 +3,7 @@ COCO-format caption annotations. Images are read with PIL and preprocessed by th
 image processor."""
 
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from turbo.core.errors import UsageError
+from turbo.core.errors import TurboNote, UsageError
 from turbo.core.manifest import CalibrationRecord
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -118,19 +119,34 @@ def batches(pixels: np.ndarray, size: int, static: bool) -> Iterator[tuple[np.nd
         yield chunk, count
 
 
-def pixel_batch(samples: list[Sample], processor) -> np.ndarray:
-    """Preprocessed (B, 3, S, S) float32 pixels; unreadable images are a one-line error."""
+MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # the PIL mode of a model's channel count
 
-    images = []
+
+def pixel_batch(samples: list[Sample], processor, channels: int = 3) -> np.ndarray:
+    """Preprocessed (B, channels, H, W) float32 pixels. Each image is converted to the model's
+    channels (grayscale or RGBA to RGB for an RGB model; a colour image to one channel is noted
+    once); unreadable images are a one-line error."""
+    if channels not in MODES:
+        raise UsageError(f"images cannot be converted to {channels} channels (only {', '.join(map(str, MODES))})")
+    mode, images, changed = MODES[channels], [], set()
+
+    def convert(image: Image.Image) -> Image.Image:
+        if len(image.getbands()) != channels and channels != 3:
+            changed.add(image.mode)
+        return image.convert(mode)
+
     for sample in samples:
         if sample.image is not None:
-            images.append(sample.image.convert("RGB"))
+            images.append(convert(sample.image))
             continue
         try:
             with Image.open(sample.path) as image:
-                images.append(image.convert("RGB"))
+                images.append(convert(image))
         except (OSError, UnidentifiedImageError):
             raise UsageError(f"{sample.path} is not a readable image") from None
+    if changed:
+        warnings.warn(f"{', '.join(sorted(changed))} images were converted to {mode} for the model's {channels} "
+                      "input channels", TurboNote, stacklevel=2)
     return np.asarray(processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
 
 
@@ -139,7 +155,7 @@ SYNTHETIC = "synthetic"
 
 @dataclass
 class Calibration:
-    pixels: np.ndarray  # (n, 3, S, S), preprocessed
+    pixels: np.ndarray  # (n, C, H, W), preprocessed
     texts: list[str] | None  # one reference caption per image (COCO-format sources), else None
     info: CalibrationRecord  # what the manifest records
 
@@ -170,6 +186,6 @@ def calibration_set(source: str, count: int, seed: int, processor, pixel_shape: 
                          "recursively)")
     chosen = [samples[i] for i in sorted(rng.choice(len(samples), size=min(count, len(samples)), replace=False))]
     texts = [s.references[0] for s in chosen] if all(s.references for s in chosen) else None
-    return Calibration(pixel_batch(chosen, processor), texts,
+    return Calibration(pixel_batch(chosen, processor, pixel_shape[0]), texts,
                        CalibrationRecord(str(root), len(chosen), seed, available=len(samples), images=images,
                                          captions=texts is not None))

@@ -19,7 +19,7 @@ Stage = Callable[[str], AbstractContextManager]
 class ExportOptions:
     model: str = "blip-caption"
     r: int | None = None  # None: the model's default
-    method: str = "turbo"
+    method: str | None = None  # None: the model's default (turbo; tome without a CLS token)
     alpha: float | None = None
     threshold: int | None = None
     schedule: str = "constant"
@@ -27,7 +27,7 @@ class ExportOptions:
     kernel: str = "matmul"
     opset: int | None = None  # None: 20, or 21 with quant (blocked DequantizeLinear)
     batch: int | None = None  # None: dynamic batch axis
-    image_size: int | None = None
+    image_size: int | tuple[int, int] | None = None  # (height, width); None: the model's input size
     precision: str | None = None  # None: fp32, or the ONNX a `trt` engine is built from
     random_weights: bool = False
     validate: bool = True

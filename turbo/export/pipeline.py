@@ -154,7 +154,7 @@ def _manifest(built: BuiltPlan, options: ExportOptions, model, summary: GraphSum
             merge_kernel=options.kernel, r_auto=options.r_auto),
         plan=PlanRecord(**built.plan.to_dict()),
         onnx=OnnxRecord(file=MODEL_FILE, opset=options.opset, precision=options.precision,
-                        batch=options.batch or "dynamic", image_size=built.image_size, external_data=data_files,
+                        batch=options.batch or "dynamic", image_size=list(built.image_size), external_data=data_files,
                         merge_op=options.merge_op, **summary.to_dict()),
         image_processor=ImageProcessorRecord(PROCESSOR_FILE, processor_origin),
         validation=report.to_dict() if report else {"skipped": True},

@@ -15,7 +15,7 @@ from turbo.core.errors import describe_error
 from turbo.export.onnx_export import INPUT_NAME, TOKEN_SIZES
 from turbo.graph.precision import upcast_fp16
 from turbo.graph.summary import GraphSummary, checker_error
-from turbo.merging.plan import TokenPlan
+from turbo.merging.plan import TokenPlan, max_r
 from turbo.runtimes.base import Runner
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.runtimes.pytorch import TorchRunner
@@ -125,6 +125,13 @@ def weighted_mean_token(tokens: np.ndarray, sizes: np.ndarray | None = None) -> 
     return (tokens * sizes[..., None]).sum(axis=1) / sizes.sum(axis=1, keepdims=True)
 
 
+def deployed_vector(named: dict[str, np.ndarray]) -> np.ndarray:
+    """The deployed (first) output per image: logits or an embedding (N, K); token outputs are
+    pooled by their size-weighted mean token."""
+    value = next(iter(named.values()))
+    return weighted_mean_token(value, named.get(TOKEN_SIZES)) if value.ndim == 3 else value
+
+
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """(S, C), (S, C) -> the cosine of each row pair, averaged."""
     return float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).mean())
@@ -190,9 +197,10 @@ def graph_problems(summary: GraphSummary, plan: TokenPlan, kernel: str, batch: i
     if len(blocks) != len(merging):
         problems.append(f"the graph has {len(blocks)} merge blocks but the plan merges in {len(merging)} layers")
     for block, layer in zip(blocks, merging):
-        if (block.r, block.a_side) != (layer.r, (layer.tokens_in - 1) // 2):
+        a_side = max_r(layer.tokens_in, plan.protected_tokens)  # the A side of the merge's view
+        if (block.r, block.a_side) != (layer.r, a_side):
             problems.append(f"{block.scope}: r={block.r} over {block.a_side} A-side tokens, but the plan has "
-                            f"r={layer.r} over {(layer.tokens_in - 1) // 2} in layer {layer.index}")
+                            f"r={layer.r} over {a_side} in layer {layer.index}")
     if summary.dynamic_topk or summary.unscoped_topk:
         problems.append(f"{summary.dynamic_topk} TopK with a run-time K and {summary.unscoped_topk} "
                         "outside merge blocks (every K must be a plan constant)")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 METHODS = ("turbo", "tome", "semantic", "none")
+CLS_METHODS = ("turbo", "semantic")  # the methods whose semantic term reads the CLS token's attention
 FUSIONS = ("s1", "s2")
 # The authors' code multiplies the CLS-attention term by a hidden 30: their alpha=5 is 150·A.
 # `alpha` here has their meaning, so `--alpha 5` reproduces their caption setting.

@@ -16,11 +16,12 @@ class ArchSpec:
     """What the plan needs to know of a ViT-style encoder."""
 
     num_layers: int
-    num_tokens: int  # patches + CLS
+    num_tokens: int  # patches + protected tokens
     hidden_size: int
     mlp_size: int
-    patch_size: int
+    patch_area: int  # pixels per patch and channel (patch height × width)
     channels: int = 3
+    protected_tokens: int = 1  # leading tokens never merged (CLS, distillation, registers); 0: none
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class TokenPlan:
     layers: tuple[LayerPlan, ...]
     patch_embed_flops: int
     baseline_flops: int
+    protected_tokens: int = 1
 
     @property
     def r(self) -> list[int]:
@@ -69,6 +71,7 @@ class TokenPlan:
         return {
             "method": self.method,
             "threshold": self.threshold,
+            "protected_tokens": self.protected_tokens,
             "r": self.r,
             "tokens_in": self.tokens_in,
             "final_tokens": self.final_tokens,
@@ -90,9 +93,9 @@ def layer_flops(arch: ArchSpec, tokens_in: int, tokens_out: int) -> int:
     return qkv_and_proj + attention + mlp
 
 
-def max_r(tokens: int) -> int:
-    """ToMe's cap with CLS protected: at most the A-side size, (tokens − 1) // 2."""
-    return max((tokens - 1) // 2, 0)
+def max_r(tokens: int, protected: int = 1) -> int:
+    """ToMe's cap: at most the A-side size of the mergeable tokens, (tokens − protected) // 2."""
+    return max((tokens - protected) // 2, 0)
 
 
 def make_plan(
@@ -117,7 +120,7 @@ def make_plan(
     requested = resolve_schedule(arch.num_layers, r, schedule)
     if method == "none":
         requested = [0] * arch.num_layers
-    first_cap = max_r(arch.num_tokens)
+    first_cap = max_r(arch.num_tokens, arch.protected_tokens)
     if requested[0] > first_cap:
         raise ValueError(
             f"r={requested[0]} is more than one layer can merge: {arch.num_tokens} tokens allow at most "
@@ -125,10 +128,11 @@ def make_plan(
         )
     layers, tokens = [], arch.num_tokens
     for index, want in enumerate(requested):
-        allowed = 0 if tokens < threshold else min(want, max_r(tokens))
+        allowed = 0 if tokens < threshold else min(want, max_r(tokens, arch.protected_tokens))
         layers.append(LayerPlan(index, tokens, want, allowed, tokens - allowed,
                                 layer_flops(arch, tokens, tokens - allowed)))
         tokens -= allowed
-    patch_embed = 2 * (arch.num_tokens - 1) * arch.channels * arch.patch_size**2 * arch.hidden_size
+    patches = arch.num_tokens - arch.protected_tokens
+    patch_embed = 2 * patches * arch.channels * arch.patch_area * arch.hidden_size
     baseline = patch_embed + arch.num_layers * layer_flops(arch, arch.num_tokens, arch.num_tokens)
-    return TokenPlan(method, threshold, tuple(layers), patch_embed, baseline)
+    return TokenPlan(method, threshold, tuple(layers), patch_embed, baseline, arch.protected_tokens)

@@ -1,6 +1,6 @@
 """One small config per model family: where its encoder blocks are and how to run one."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,8 +15,8 @@ class BlockParts:
 
     norm1: nn.Module
     norm2: nn.Module
-    mlp: nn.Module
-    out_proj: nn.Module
+    mlp: Callable[[torch.Tensor], torch.Tensor]  # the MLP branch, layer scale included where the family has one
+    out_proj: Callable[[torch.Tensor], torch.Tensor]  # attention output projection (and layer scale)
     qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (B,N,C) -> 3×(B,H,N,d)
     scale: float
     fused_attention: bool  # the upstream block uses a fused kernel (SDPA and kin), not eager softmax
@@ -34,6 +34,7 @@ class Task:
 
 CLASSIFICATION = Task("image-classification", "agreement", "top1", "class folders")
 CAPTIONING = Task("image-captioning", "exact_match", "cider", "--captions")
+EMBEDDING = Task("image-embedding", "cosine", "knn_top1", "class folders")  # backbones and retrieval towers
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class FamilyAdapter:
     """What turbo knows of one transformers model family."""
 
     family: str
-    architectures: tuple[str, ...]  # transformers class names this adapter supports
+    architectures: tuple[str, ...]  # transformers class names this adapter supports, the base model last
+    model_types: tuple[str, ...]  # config model_type values of those classes
     layer_class: Callable[[], type[nn.Module]]
     vision_config: Callable[[object], object]
     encoder_layers: Callable[[nn.Module], nn.ModuleList]
@@ -62,31 +64,64 @@ class FamilyAdapter:
     prepare_random_config: Callable[[object], None]
     # (model, pixel_values, interpolate_pos_encoding) -> named outputs, the deployed ones first
     export_outputs: Callable[[nn.Module, torch.Tensor, bool], dict[str, torch.Tensor]]
-    image_processor: Callable[[int], object]  # image size -> the family's default (PIL) image processor
-    task: Task = CLASSIFICATION
+    image_processor: Callable[[tuple[int, int]], object]  # (height, width) -> the family's default PIL processor
+    task: Task = CLASSIFICATION  # of its head architectures
+    embedders: tuple[str, ...] = ()  # its architectures that output embeddings (EMBEDDING), not the task's
     caption_decoder: CaptionDecoder | None = None
     classifier: Callable[[nn.Module], nn.Module | None] = lambda model: None  # model -> its class head, if any
     # Parts a checkpoint may lack, by weight-name prefix, and how to remove them so that nothing
     # randomly initialised is exported; any other missing weight refuses the checkpoint.
     optional_parts: dict[str, Callable[[nn.Module], None]] = field(default_factory=dict)
+    # config -> leading tokens never merged: CLS (1), CLS and distillation (2), CLS and registers, none (0)
+    protected_tokens: Callable[[object], int] = lambda config: 1
+    protected_names: str = "CLS"  # what the protected tokens are, for users
+    mlp_size: Callable[[object], int] = lambda vision: vision.intermediate_size
 
-    def arch_spec(self, config: object, image_size: int | None = None) -> ArchSpec:
+    def arch_spec(self, config: object, image_size: tuple[int, int] | None = None) -> ArchSpec:
         vision = self.vision_config(config)
-        patches = ((image_size or vision.image_size) // vision.patch_size) ** 2
+        height, width = image_size or self.image_size(config)
+        patch_h, patch_w = self.patch_size(config)
         return ArchSpec(
             num_layers=vision.num_hidden_layers,
-            num_tokens=patches + 1,
+            num_tokens=(height // patch_h) * (width // patch_w) + self.protected_tokens(config),
             hidden_size=vision.hidden_size,
-            mlp_size=vision.intermediate_size,
-            patch_size=vision.patch_size,
+            mlp_size=self.mlp_size(vision),
+            patch_area=patch_h * patch_w,
             channels=getattr(vision, "num_channels", 3),
+            protected_tokens=self.protected_tokens(config),
         )
 
-    def image_size(self, config: object) -> int:
-        return int(self.vision_config(config).image_size)
+    def image_size(self, config: object) -> tuple[int, int]:
+        """The config's (height, width): `image_size` as one int or a pair."""
+        return as_pair(self.vision_config(config).image_size)
 
-    def patch_size(self, config: object) -> int:
-        return int(self.vision_config(config).patch_size)
+    def patch_size(self, config: object) -> tuple[int, int]:
+        return as_pair(self.vision_config(config).patch_size)
+
+    def task_of(self, architecture: str) -> Task:
+        return EMBEDDING if architecture in self.embedders else self.task
+
+    def has_cls_token(self, config: object) -> bool:
+        """Whether token 0 is a CLS token, whose attention row Turbo's semantic term reads."""
+        return self.protected_tokens(config) > 0
+
+
+def as_pair(value: int | Iterable[int]) -> tuple[int, int]:
+    """An int or a (height, width) pair, as transformers configs give sizes -> (height, width)."""
+    if isinstance(value, Iterable):
+        height, width = value
+        return int(height), int(width)
+    return int(value), int(value)
+
+
+def fixed_size_processor(processor_class: type, **settings) -> Callable[[tuple[int, int]], object]:
+    """A family's default processor: resize straight to the export's (height, width), no crop."""
+
+    def build(image_size: tuple[int, int]) -> object:
+        height, width = image_size
+        return processor_class(size={"height": height, "width": width}, do_center_crop=False, **settings)
+
+    return build
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from transformers import BertTokenizer
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.blip.modeling_blip import BlipEncoderLayer
 
-from turbo.models.adapters import CAPTIONING, BlockParts, CaptionDecoder, FamilyAdapter
+from turbo.models.adapters import CAPTIONING, BlockParts, CaptionDecoder, FamilyAdapter, fixed_size_processor
 
 RANDOM_INIT_RANGE = 0.02  # BLIP's vision default (1e-10) makes every random token identical
 
@@ -44,10 +44,6 @@ def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: b
     return {"image_embeds": _image_embeds(model, pixel_values, interpolate)}
 
 
-def _image_processor(image_size: int) -> object:
-    return BlipImageProcessorPil(size={"height": image_size, "width": image_size})
-
-
 def _generation_ids(config) -> dict[str, int]:
     """As BlipForConditionalGeneration.generate sets them: [DEC] starts, [SEP] ends, [PAD] pads."""
     text = config.text_config
@@ -77,13 +73,14 @@ def _placeholder_tokenizer(config) -> object:
 BLIP = FamilyAdapter(
     family="blip",
     architectures=("BlipForConditionalGeneration",),
+    model_types=("blip",),
     layer_class=_layer_class,
     vision_config=lambda config: config.vision_config,
     encoder_layers=lambda model: model.vision_model.encoder.layers,
     block_parts=_block_parts,
     prepare_random_config=_prepare_random_config,
     export_outputs=_export_outputs,
-    image_processor=_image_processor,
+    image_processor=fixed_size_processor(BlipImageProcessorPil),
     task=CAPTIONING,
     caption_decoder=CaptionDecoder(
         module=lambda model: model.text_decoder,

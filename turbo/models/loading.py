@@ -9,13 +9,27 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import logging as hub_logging
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from turbo.core.errors import ModelLoadError, UsageError, describe_error
-from turbo.models.adapters import FamilyAdapter
-from turbo.models.registry import ADAPTERS, REGISTRY, ModelSpec, list_models, supported_architectures
+from turbo.merging.matching import CLS_METHODS, METHODS
+from turbo.models.adapters import FamilyAdapter, as_pair
+from turbo.models.registry import (
+    ADAPTERS,
+    BY_MODEL_TYPE,
+    FAMILIES,
+    REGISTRY,
+    UNSUPPORTED_FAMILIES,
+    ModelSpec,
+    list_models,
+    supported_architectures,
+    supported_families,
+)
+
+PROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 @dataclass
@@ -27,10 +41,23 @@ class ModelSource:
     architecture: str
     config: object  # transformers PretrainedConfig
     spec: ModelSpec | None
+    processor_size: tuple[int, int] | None = None  # the output size of its image processor, when it has one
 
     @property
     def adapter(self) -> FamilyAdapter:
         return ADAPTERS[self.architecture]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The default export size: its image processor's output size, else the config's image size."""
+        return self.processor_size or self.adapter.image_size(self.config)
+
+    @property
+    def method(self) -> str:
+        """The default merge method: the registry's, else turbo, or tome for a model without CLS."""
+        if self.spec:
+            return self.spec.method
+        return "turbo" if self.adapter.has_cls_token(self.config) else "tome"
 
     @property
     def default_r(self) -> int:
@@ -50,13 +77,51 @@ def _config_from_dict(values: dict) -> object:
     return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
-def _check_architecture(name: str, architecture: str | None) -> str:
-    if architecture not in ADAPTERS:
-        raise UsageError(
-            f"{name}: architecture {architecture or 'unknown'} is not supported; "
-            f"supported: {', '.join(supported_architectures())} (registry: {', '.join(list_models())})"
-        )
-    return architecture
+def _check_architecture(name: str, values: dict) -> str:
+    """The config's architecture, or its family's base model when it names none; a UsageError
+    naming the family and the supported ones otherwise."""
+    architecture, model_type = (values.get("architectures") or [None])[0], values.get("model_type")
+    if architecture in ADAPTERS:
+        return architecture
+    families = f"supported families: {', '.join(supported_families())} (registry: {', '.join(list_models())})"
+    if model_type in UNSUPPORTED_FAMILIES:
+        raise UsageError(f"{name}: {model_type} models cannot be merged: {UNSUPPORTED_FAMILIES[model_type]}; "
+                         + families)
+    if architecture is None and model_type in BY_MODEL_TYPE:
+        return BY_MODEL_TYPE[model_type].architectures[-1]
+    if model_type in BY_MODEL_TYPE:
+        raise UsageError(f"{name}: {architecture} is not supported (family {BY_MODEL_TYPE[model_type].family} "
+                         f"supports {', '.join(BY_MODEL_TYPE[model_type].architectures)}); " + families)
+    raise UsageError(f"{name}: architecture {architecture or 'unknown'} (model_type {model_type or 'unknown'}) is "
+                     f"not supported; {families}; architectures: {', '.join(supported_architectures())}")
+
+
+def processor_output_size(values: dict) -> tuple[int, int] | None:
+    """The fixed (height, width) an image processor config produces: its crop, or a fixed resize;
+    None when its output follows each image's aspect ratio (a shortest-edge resize, no crop)."""
+    if values.get("do_center_crop") and isinstance(values.get("crop_size"), (dict, int)):
+        crop = values["crop_size"]
+        return as_pair(crop) if isinstance(crop, int) else (int(crop["height"]), int(crop["width"]))
+    size = values.get("size")
+    if isinstance(size, dict) and "height" in size and "width" in size and values.get("do_resize", True):
+        return int(size["height"]), int(size["width"])
+    return None
+
+
+def _processor_size(location: Path | str) -> tuple[int, int] | None:
+    """The output size of a local directory's or a cached hub model's image processor config."""
+    if isinstance(location, Path):
+        path = location / PROCESSOR_CONFIG
+    else:
+        cached = try_to_load_from_cache(location, PROCESSOR_CONFIG)
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return processor_output_size(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path}: not a readable image processor config ({exc.__class__.__name__}); fix or "
+                         "remove it") from None
 
 
 def resolve_source(model: str, tiny: bool = False) -> ModelSource:
@@ -68,7 +133,8 @@ def resolve_source(model: str, tiny: bool = False) -> ModelSource:
         values = _merge(spec.config, spec.tiny_overrides) if tiny else spec.config
         config = _config_from_dict(values)
         config.architectures = [spec.architecture]
-        return ModelSource(model, spec.hf_id, spec.architecture, config, spec)
+        size = as_pair(spec.input_size) if spec.input_size and not tiny else None
+        return ModelSource(model, spec.hf_id, spec.architecture, config, spec, size)
     path = Path(model)
     if path.exists():
         config_file = path / "config.json"
@@ -77,8 +143,10 @@ def resolve_source(model: str, tiny: bool = False) -> ModelSource:
         except (OSError, ValueError) as exc:
             raise UsageError(f"{model}: cannot read {config_file.name} ({exc.__class__.__name__}); "
                              "a model directory needs a transformers config.json") from None
-        architecture = _check_architecture(model, (values.get("architectures") or [None])[0])
-        return ModelSource(model, str(path), architecture, _config_from_dict(values), None)
+        architecture = _check_architecture(model, values)
+        config = _config_from_dict({"model_type": ADAPTERS[architecture].model_types[0], **values})
+        config.architectures = [architecture]
+        return ModelSource(model, str(path), architecture, config, None, _processor_size(path))
     if "/" not in model:
         raise UsageError(f"unknown model {model!r}; use one of {', '.join(list_models())}, "
                          "a Hugging Face id (org/name) or a local model directory")
@@ -88,8 +156,9 @@ def resolve_source(model: str, tiny: bool = False) -> ModelSource:
     except Exception as exc:  # hub, cache and parse errors all mean the same to the user
         raise ModelLoadError(f"{model}: cannot get its config ({_reason(exc)}); {_cache_hint(model, False)}; "
                               f"registry names work offline: {', '.join(list_models())}") from None
-    architecture = _check_architecture(model, (config.architectures or [None])[0])
-    return ModelSource(model, model, architecture, config, None)
+    architecture = _check_architecture(model, {"architectures": config.architectures, "model_type": config.model_type})
+    config.architectures = [architecture]
+    return ModelSource(model, model, architecture, config, None, _processor_size(model))
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -166,21 +235,55 @@ def _drop_missing_parts(model: nn.Module, source: ModelSource, info: dict) -> No
             "the checkpoint was saved as (its config.json's architectures)")
 
 
-def load_image_processor(source: ModelSource, image_size: int, random_weights: bool) -> tuple[object, str]:
-    """The model's own image processor (cache or hub) resized to `image_size`, and where it came from.
+def load_image_processor(source: ModelSource, image_size: tuple[int, int], random_weights: bool) -> tuple[object, str]:
+    """The model's own image processor (cache or hub) set to produce `image_size` images with the
+    model's channels, and where it came from.
 
     Random weights, or a model that ships none, get the family's default processor (which
-    matches the registry models' hub configs); the origin says which.
+    matches the registry models' hub configs); the origin says which, and what was adapted.
     """
+    processor = None
     if not random_weights:
         try:
             processor = from_cache_or_hub(AutoImageProcessor.from_pretrained, source.location)
         except Exception:  # no processor files: the default below, reported through the origin
             pass
-        else:
-            processor.size = {"height": image_size, "width": image_size}
-            return processor, source.location
-    return source.adapter.image_processor(image_size), f"{source.adapter.family} default"
+    if processor is None:
+        processor, origin = source.adapter.image_processor(image_size), f"{source.adapter.family} default"
+    else:
+        origin = source.location + _set_output_size(processor, image_size)
+    return processor, origin + _fit_channels(processor, source.adapter.arch_spec(source.config).channels)
+
+
+def _set_output_size(processor, image_size: tuple[int, int]) -> str:
+    """Make the processor produce `image_size`: its crop (its resize scaled alike), or a fixed
+    resize; what changed, for the origin."""
+    settings = processor.to_dict()
+    current = processor_output_size(settings)
+    if current == image_size:
+        return ""
+    height, width = image_size
+    if settings.get("do_center_crop") and current is not None:
+        scale = max(height / current[0], width / current[1])
+        processor.size = {key: round(value * scale) for key, value in settings["size"].items() if value is not None}
+    else:
+        processor.size = {"height": height, "width": width}
+    processor.crop_size = {"height": height, "width": width}
+    return f" (set to {height}x{width})"
+
+
+def _fit_channels(processor, channels: int) -> str:
+    """Per-channel mean/std of the model's channel count; a processor made for another count gets
+    its values averaged (noted in the origin). No RGB conversion for a model that is not RGB."""
+    if channels != 3 and getattr(processor, "do_convert_rgb", None):
+        processor.do_convert_rgb = False
+    notes = []
+    for name in ("image_mean", "image_std"):
+        values = getattr(processor, name, None)
+        if isinstance(values, (list, tuple)) and len(values) != channels:
+            setattr(processor, name, [float(sum(values) / len(values))] * channels)
+            notes.append(name)
+    return f" ({' and '.join(notes)} averaged to {channels} channels)" if notes else ""
 
 
 def load_tokenizer(source: ModelSource, random_weights: bool) -> tuple[object, str]:
@@ -209,12 +312,21 @@ def registry_rows() -> list[dict]:
     rows = []
     for name in list_models():
         source = resolve_source(name)
-        arch = source.adapter.arch_spec(source.config)
+        arch = source.adapter.arch_spec(source.config, source.input_size)
         rows.append({
             "name": name, "hf_id": source.location, "family": source.adapter.family,
             "architecture": source.architecture,
-            "image_size": source.adapter.image_size(source.config), "tokens": arch.num_tokens,
-            "layers": arch.num_layers, "default_r": source.default_r, "alpha": source.alpha,
-            "threshold": source.threshold,
+            "image_size": list(source.input_size), "tokens": arch.num_tokens,
+            "layers": arch.num_layers, "protected_tokens": arch.protected_tokens, "method": source.method,
+            "default_r": source.default_r, "alpha": source.alpha, "threshold": source.threshold,
         })
     return rows
+
+
+def family_rows() -> list[dict]:
+    """`turbo models`: each family, its architectures, what it protects and the methods it takes."""
+    return [{"family": adapter.family, "model_types": list(adapter.model_types),
+             "architectures": list(adapter.architectures), "protected": adapter.protected_names,
+             "methods": [method for method in METHODS
+                         if adapter.protected_names != "none" or method not in CLS_METHODS]}
+            for adapter in FAMILIES]

@@ -15,6 +15,7 @@ from turbo.merging.attention import proportional_attention
 from turbo.merging.matching import MergeConfig
 from turbo.merging.module import TokenMerge
 from turbo.merging.plan import TokenPlan
+from turbo.merging.protect import full_sequence, merge_view, set_aside
 from turbo.models.adapters import FamilyAdapter
 
 
@@ -24,6 +25,7 @@ class TurboState:
 
     size: torch.Tensor | None = None  # (B, N, 1): patches each token stands for
     token_counts: list[tuple[int, int]] = field(default_factory=list)  # (entering, leaving) per block
+    protected: int = 1  # leading tokens never merged (the plan's protected_tokens)
 
     def reset(self) -> None:
         self.size = None
@@ -59,15 +61,31 @@ def turbo_block(layer: nn.Module, adapter: FamilyAdapter, hidden: torch.Tensor, 
     parts = adapter.block_parts(layer)
     q, k, v = parts.qkv(parts.norm1(hidden))  # 3×(B, H, N, d)
     merge = layer.turbo_merge
-    fused_step = merge.fused_step_for(hidden)  # computes the CLS attention row itself
+    # Whole-step kernels protect CLS alone; other protected counts run the merge's ops.
+    fused_step = merge.fused_step_for(hidden) if state.protected == 1 else None  # computes the CLS row itself
     context, cls_attn = proportional_attention(q, k, v, state.size, parts.scale, parts.fused_attention,
                                                cls_row=merge.needs_cls_attention and fused_step is None)
     hidden = hidden + parts.out_proj(context)
-    if fused_step is None:
+    if fused_step is not None:
+        hidden, state.size = fused_step(hidden, state.size, q, k, merge.r, merge.config, parts.scale)
+    elif state.protected == 1:
         hidden, state.size = merge(hidden, state.size, k, cls_attn)  # (B, N - r, C)
     else:
-        hidden, state.size = fused_step(hidden, state.size, q, k, merge.r, merge.config, parts.scale)
+        hidden, state.size = _merge_around_protected(merge, hidden, state.size, k, cls_attn, state.protected)
     return hidden + parts.mlp(parts.norm2(hidden))
+
+
+def _merge_around_protected(merge: TokenMerge, hidden: torch.Tensor, size: torch.Tensor | None, keys: torch.Tensor,
+                            cls_attn: torch.Tensor | None, protected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge with `protected` leading tokens kept as they are: (B, N, C) -> (B, N - r, C)."""
+    if size is None:
+        size = hidden[..., :1] * 0 + 1  # (B, N, 1), a run-time tensor as in TokenMerge
+    metric = keys.mean(dim=1)  # (B, N, d)
+    view_cls = None if cls_attn is None else merge_view(cls_attn, protected)
+    merged, merged_size = merge(merge_view(hidden, protected), merge_view(size, protected),
+                                merge_view(metric, protected), view_cls)
+    return (full_sequence(merged, set_aside(hidden, protected), protected),
+            full_sequence(merged_size, set_aside(size, protected), protected))
 
 
 def is_patched(layer: nn.Module) -> bool:
@@ -82,7 +100,7 @@ def apply_turbo(
     if len(layers) != len(plan.layers):
         raise PatchError(f"the plan has {len(plan.layers)} layers but the model has {len(layers)} encoder blocks")
     expected = adapter.layer_class()
-    state = TurboState()
+    state = TurboState(protected=plan.protected_tokens)
     for index, layer in enumerate(layers):
         base = type(layer).__mro__[1] if is_patched(layer) else type(layer)
         if base is not expected:

@@ -6,9 +6,26 @@ from dataclasses import dataclass, field
 from turbo.core.errors import UsageError
 from turbo.models.adapters import FamilyAdapter
 from turbo.models.blip import BLIP
+from turbo.models.clip import CLIP
+from turbo.models.deit import DEIT
+from turbo.models.dinov2 import DINOV2, DINOV2_REGISTERS
+from turbo.models.siglip import SIGLIP
 from turbo.models.vit import VIT
 
-ADAPTERS: dict[str, FamilyAdapter] = {arch: adapter for adapter in (VIT, BLIP) for arch in adapter.architectures}
+FAMILIES: tuple[FamilyAdapter, ...] = (VIT, DEIT, CLIP, SIGLIP, DINOV2, DINOV2_REGISTERS, BLIP)
+ADAPTERS: dict[str, FamilyAdapter] = {arch: adapter for adapter in FAMILIES for arch in adapter.architectures}
+BY_MODEL_TYPE: dict[str, FamilyAdapter] = {kind: adapter for adapter in FAMILIES for kind in adapter.model_types}
+
+# Families whose design merging would silently break: model_type -> why.
+_RELATIVE_BIAS = "its relative position bias is defined per pair of grid positions, which merged tokens no longer have"
+_WINDOWS = "its windowed attention needs the full token grid in every block"
+_CONVOLUTIONAL = "it is convolutional: it has no tokens to merge"
+UNSUPPORTED_FAMILIES: dict[str, str] = {
+    **dict.fromkeys(("beit", "data2vec-vision"), _RELATIVE_BIAS),
+    **dict.fromkeys(("swin", "swinv2", "donut-swin", "maskformer-swin"), _WINDOWS),
+    **dict.fromkeys(("convnext", "convnextv2", "resnet", "regnet", "efficientnet", "mobilenet_v1", "mobilenet_v2",
+                     "bit", "van", "poolformer", "levit", "mobilevit", "mobilevitv2", "dinat", "nat"), _CONVOLUTIONAL),
+}
 
 
 @dataclass(frozen=True)
@@ -21,6 +38,8 @@ class ModelSpec:
     default_r: int
     alpha: float = 5.0
     threshold: int = 0
+    method: str = "turbo"
+    input_size: int | None = None  # the hub image processor's output size, when not the config's image_size
     notes: str = field(default="")
 
     @property
@@ -41,6 +60,16 @@ def _blip(hidden: int, layers: int, heads: int, mlp: int) -> dict:
     return dict(model_type="blip", vision_config=vision, text_config=text)
 
 
+def _vision(model_type: str, hidden: int, layers: int, heads: int, mlp: int, **extra) -> dict:
+    return dict(model_type=model_type, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                intermediate_size=mlp, **extra)
+
+
+def _dinov2(model_type: str, hidden: int, layers: int, heads: int, **extra) -> dict:
+    return dict(model_type=model_type, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                mlp_ratio=4, image_size=518, patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6, **extra)
+
+
 _TINY_VIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
                  image_size=48, patch_size=8, num_labels=10)
 _TINY_BLIP = dict(
@@ -50,6 +79,11 @@ _TINY_BLIP = dict(
                      intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=64),
 )
 
+_TINY_TOWER = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                   image_size=48, patch_size=8)
+_TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2, image_size=48,
+                    patch_size=8, layerscale_value=0.5)
+
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -57,6 +91,22 @@ REGISTRY: dict[str, ModelSpec] = {
                   _vit(768, 12, 12, 3072), _TINY_VIT, default_r=16),
         ModelSpec("vit-l16", "google/vit-large-patch16-224", "ViTForImageClassification",
                   _vit(1024, 24, 16, 4096), _TINY_VIT, default_r=8),
+        ModelSpec("deit-b16", "facebook/deit-base-distilled-patch16-224", "DeiTForImageClassificationWithTeacher",
+                  _vision("deit", 768, 12, 12, 3072, image_size=224, patch_size=16, num_labels=1000,
+                          layer_norm_eps=1e-12), {**_TINY_VIT, "num_labels": 10}, default_r=16),
+        ModelSpec("clip-b16", "openai/clip-vit-base-patch16", "CLIPVisionModelWithProjection",
+                  _vision("clip_vision_model", 768, 12, 12, 3072, image_size=224, patch_size=16, projection_dim=512,
+                          hidden_act="quick_gelu", layer_norm_eps=1e-5), {**_TINY_TOWER, "projection_dim": 16},
+                  default_r=16, notes="the vision tower of the CLIP checkpoint"),
+        ModelSpec("siglip-b16", "google/siglip-base-patch16-224", "SiglipVisionModel",
+                  _vision("siglip_vision_model", 768, 12, 12, 3072, image_size=224, patch_size=16,
+                          hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6), _TINY_TOWER, default_r=16,
+                  method="tome", notes="the vision tower of the SigLIP checkpoint; no CLS token: tome"),
+        ModelSpec("dinov2-b14", "facebook/dinov2-base", "Dinov2Model", _dinov2("dinov2", 768, 12, 12),
+                  _TINY_DINOV2, default_r=21, input_size=224),
+        ModelSpec("dinov2-reg-b14", "facebook/dinov2-with-registers-base", "Dinov2WithRegistersModel",
+                  _dinov2("dinov2_with_registers", 768, 12, 12, num_register_tokens=4),
+                  {**_TINY_DINOV2, "num_register_tokens": 2}, default_r=21, input_size=224),
         ModelSpec("blip-caption", "Salesforce/blip-image-captioning-base", "BlipForConditionalGeneration",
                   _blip(768, 12, 12, 3072), _TINY_BLIP, default_r=30, threshold=40),
         ModelSpec("blip-caption-large", "Salesforce/blip-image-captioning-large", "BlipForConditionalGeneration",
@@ -71,6 +121,10 @@ def list_models() -> list[str]:
 
 def supported_architectures() -> list[str]:
     return sorted(ADAPTERS)
+
+
+def supported_families() -> list[str]:
+    return [adapter.family for adapter in FAMILIES]
 
 
 def adapter_for(architecture: str) -> FamilyAdapter:

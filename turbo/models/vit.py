@@ -5,18 +5,11 @@ from torch import nn
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 from transformers.models.vit.modeling_vit import ViTLayer
 
-from turbo.models.adapters import BlockParts, FamilyAdapter, split_heads
+from turbo.models.adapters import BlockParts, FamilyAdapter, fixed_size_processor, split_heads
 
 
-def _layer_class() -> type[nn.Module]:
-    return ViTLayer
-
-
-def _encoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.vit.layers if hasattr(model, "vit") else model.layers
-
-
-def _block_parts(layer: nn.Module) -> BlockParts:
+def vit_block_parts(layer: nn.Module) -> BlockParts:
+    """The parts of a ViT-style block (ViT, DeiT): layernorm_before/after, attention.{q,k,v,o}_proj, mlp."""
     attn = layer.attention
     heads = attn.num_attention_heads
 
@@ -25,6 +18,10 @@ def _block_parts(layer: nn.Module) -> BlockParts:
 
     fused = attn.config._attn_implementation != "eager"
     return BlockParts(layer.layernorm_before, layer.layernorm_after, layer.mlp, attn.o_proj, qkv, attn.scaling, fused)
+
+
+def _encoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.vit.layers if hasattr(model, "vit") else model.layers
 
 
 def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> dict[str, torch.Tensor]:
@@ -39,25 +36,23 @@ def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: b
     return {"last_hidden_state": hidden}
 
 
-def _drop_pooler(model: nn.Module) -> None:
-    """Without its pooler, ViTModel returns no pooler_output (and the export has none)."""
+def drop_pooler(model: nn.Module) -> None:
+    """Without its pooler, the base model returns no pooler_output (and the export has none)."""
     model.pooler = None
-
-
-def _image_processor(image_size: int) -> object:
-    return ViTImageProcessorPil(size={"height": image_size, "width": image_size})
 
 
 VIT = FamilyAdapter(
     family="vit",
     architectures=("ViTForImageClassification", "ViTModel"),
-    layer_class=_layer_class,
+    model_types=("vit",),
+    layer_class=lambda: ViTLayer,
     vision_config=lambda config: config,
     encoder_layers=_encoder_layers,
-    block_parts=_block_parts,
+    block_parts=vit_block_parts,
     prepare_random_config=lambda config: None,
     export_outputs=_export_outputs,
-    image_processor=_image_processor,
+    embedders=("ViTModel",),
+    image_processor=fixed_size_processor(ViTImageProcessorPil),
     classifier=lambda model: getattr(model, "classifier", None),  # ViTModel has none
-    optional_parts={"pooler.": _drop_pooler},  # a ViTModel saved with add_pooling_layer=False
+    optional_parts={"pooler.": drop_pooler},  # a ViTModel saved with add_pooling_layer=False
 )

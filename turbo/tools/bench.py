@@ -71,7 +71,7 @@ class BenchOptions:
     threads: int | None = None  # None: one per CPU
     ort_merge: str = "auto"  # how ONNX Runtime runs TurboMerge nodes: auto | fused | graph
     torch_merge: str = "auto"  # how PyTorch runs each Turbo step: auto | fused | ops
-    method: str = "turbo"
+    method: str | None = None  # None: the model's default (turbo; tome without a CLS token)
     alpha: float | None = None
     threshold: int | None = None
     kernel: str = "matmul"

@@ -14,16 +14,10 @@ from turbo.core.errors import TurboError, UsageError
 from turbo.core.files import TOKENIZER_FILE
 from turbo.core.manifest import Manifest, ManifestError, PlanRecord, read_export_manifest
 from turbo.export.decoder_validate import DECODER_RUN
-from turbo.export.onnx_export import TOKEN_SIZES
 from turbo.export.options import ExportOptions
 from turbo.export.quant_export import INT8
 from turbo.export.reference import prepare_model, validate_files
-from turbo.export.validate import (
-    graph_problems,
-    mean_cosine,
-    seeded_pixels,
-    weighted_mean_token,
-)
+from turbo.export.validate import deployed_vector, graph_problems, mean_cosine, seeded_pixels
 from turbo.graph.summary import checker_error, summarize
 from turbo.graph.trt_lint import lint
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
@@ -210,10 +204,11 @@ def _agreement(path: Path, unmerged, built, batch: int | None) -> tuple[float, s
     if "logits" in merged:
         agree = merged["logits"].argmax(-1) == reference["logits"].numpy().argmax(-1)
         return float(agree.mean()), f"top-1 agreement with the unmerged model on {count} seeded inputs"
-    name = next(iter(reference))
-    pooled = weighted_mean_token(merged[name], merged.get(TOKEN_SIZES))  # (B, N', C) -> (B, C)
-    cosine = mean_cosine(pooled, weighted_mean_token(reference[name].numpy()))
-    return cosine, f"mean-token cosine with the unmerged model on {count} seeded inputs"
+    expected = {name: value.numpy() for name, value in reference.items()}
+    token_output = next(iter(expected.values())).ndim == 3
+    cosine = mean_cosine(deployed_vector(merged), deployed_vector(expected))  # (B, C) each
+    what = "mean-token cosine" if token_output else f"{next(iter(expected))} cosine"
+    return cosine, f"{what} with the unmerged model on {count} seeded inputs"
 
 
 def _speed_gate(directory: Path, manifest: Manifest, report: CheckReport, min_speedup: float, iters: int) -> None:

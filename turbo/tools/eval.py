@@ -21,10 +21,12 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from turbo.core.errors import TurboError, UsageError
 from turbo.core.manifest import Manifest, read_export_manifest
 from turbo.data.images import batches, coco_captions, image_folder, pixel_batch
+from turbo.export.onnx_export import TOKEN_SIZES
 from turbo.export.options import ExportOptions, Stage, no_stage
 from turbo.export.pipeline import ExportResult, run_export
+from turbo.export.validate import deployed_vector, mean_cosine
 from turbo.merging.plan import max_r
-from turbo.models.adapters import CAPTIONING, Task
+from turbo.models.adapters import CAPTIONING, EMBEDDING, Task
 from turbo.models.build import build_merged_model, build_plan
 from turbo.models.loading import from_cache_or_hub, load_image_processor, resolve_source
 from turbo.models.registry import adapter_for
@@ -47,10 +49,11 @@ class EvalOptions:
     beams: int = 1
     random_weights: bool = False
     tiny: bool = False
-    method: str = "turbo"
+    method: str | None = None  # None: the model's default (turbo; tome without a CLS token)
     alpha: float | None = None
     threshold: int | None = None
     seed: int = 0
+    image_size: int | tuple[int, int] | None = None  # (height, width); None: the model's input size
     export_dir: Path | None = None  # evaluate this ONNX export (ONNX Runtime) against r=0 in PyTorch
 
 
@@ -114,6 +117,17 @@ def classification_metrics(logits: np.ndarray, labels: list[int] | None, base: n
     return metrics
 
 
+def embedding_metrics(embeddings: np.ndarray, labels: list[int] | None, base: np.ndarray) -> dict[str, float]:
+    """Cosine with the r=0 embeddings; with labels, leave-one-out nearest-neighbour top-1 (cosine)."""
+    metrics = {"cosine": mean_cosine(embeddings.astype(np.float64), base.astype(np.float64))}
+    if labels is not None and len(embeddings) > 1:
+        unit = embeddings / np.linalg.norm(embeddings, axis=-1, keepdims=True)
+        similarity = unit @ unit.T
+        np.fill_diagonal(similarity, -np.inf)
+        metrics["knn_top1"] = float((np.asarray(labels)[similarity.argmax(-1)] == np.asarray(labels)).mean())
+    return metrics
+
+
 def caption_metrics(ids: list[list[int]], base: list[list[int]], texts: list[str] | None,
                  base_texts: list[str] | None, references: list[list[str]] | None) -> dict[str, float]:
     metrics = {"exact_match": float(np.mean([a == b for a, b in zip(ids, base)]))}
@@ -149,7 +163,8 @@ def _evaluate(built, options: EvalOptions, pixels: np.ndarray) -> EvalRun:
 
     model, _ = build_merged_model(built, options.random_weights, seed=options.seed)
     adapter = built.source.adapter
-    captioning = adapter.task is CAPTIONING
+    task = adapter.task_of(built.source.architecture)
+    captioning = task is CAPTIONING
     outputs = []
     with torch.inference_mode():
         if not captioning:  # one warm-up forward, so images/s is not the first call's
@@ -162,10 +177,11 @@ def _evaluate(built, options: EvalOptions, pixels: np.ndarray) -> EvalRun:
                                      do_sample=False)
                 outputs.extend(row.tolist() for row in ids)
             else:
-                named = adapter.export_outputs(model, x, built.interpolate_pos_encoding)
-                if "logits" not in named:
-                    raise UsageError(f"{built.source.name} has no classifier head; eval needs logits")
-                outputs.append(named["logits"].numpy())
+                named = {name: value.numpy() for name, value in
+                         adapter.export_outputs(model, x, built.interpolate_pos_encoding).items()}
+                if model.turbo_state.size is not None:
+                    named[TOKEN_SIZES] = model.turbo_state.size[..., 0].numpy()
+                outputs.append(deployed_vector(named))
     seconds = time.perf_counter() - begin
     if not captioning:
         outputs = np.concatenate(outputs)
@@ -190,13 +206,13 @@ def _evaluate_onnx(directory: Path, manifest: Manifest, pixels: np.ndarray, opti
     static = manifest.onnx.static_batch
     size = static or batch
     runner.run({"pixel_values": pixels[:size]})  # warm-up
-    logits = []
+    vectors = []
     begin = time.perf_counter()
     for chunk, count in batches(pixels, size, static=bool(static)):
-        logits.append(runner.run({"pixel_values": chunk})["logits"][:count])
+        vectors.append(deployed_vector(runner.run({"pixel_values": chunk}))[:count])
     seconds = time.perf_counter() - begin
     return EvalRun(r_requested, plan.final_tokens, plan.speedup_bound, len(pixels) / seconds,
-                   outputs=np.concatenate(logits), runtime="ort")
+                   outputs=np.concatenate(vectors), runtime="ort")
 
 
 def _from_export(options: EvalOptions) -> tuple[EvalOptions, Manifest]:
@@ -209,7 +225,13 @@ def _from_export(options: EvalOptions) -> tuple[EvalOptions, Manifest]:
         raise UsageError(f"{options.export_dir} has no text decoder (exported by an older turbo); re-export it")
     made = ExportOptions.from_manifest(manifest)
     return replace(options, model=made.model, tiny=made.tiny, random_weights=made.random_weights, seed=made.seed,
-                   method=made.method, alpha=made.alpha, threshold=made.threshold, rs=[made.r]), manifest
+                   method=made.method, alpha=made.alpha, threshold=made.threshold, rs=[made.r],
+                   image_size=made.image_size), manifest
+
+
+def _plan(options: EvalOptions, r: int):
+    return build_plan(options.model, r, options.method, options.alpha, "constant", options.threshold,
+                      tiny=options.tiny, image_size=options.image_size)
 
 
 def _drop(metric: str, base: dict, run: dict, task: Task) -> float:
@@ -232,20 +254,19 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
     if options.export_dir is not None:
         options, manifest = _from_export(options)
     source = resolve_source(options.model, tiny=options.tiny)
-    task = source.adapter.task
+    task = source.adapter.task_of(source.architecture)
     captioning = task is CAPTIONING
     samples, classes = _load_samples(options, task)
     if not samples:
         raise UsageError(f"--data {options.data}: no images to evaluate")
-    base_plan = build_plan(options.model, 0, options.method, options.alpha, "constant", options.threshold,
-                           tiny=options.tiny)
+    base_plan = _plan(options, 0)
     if manifest is not None:  # the export's own preprocessing, as deployed
 
         processor = AutoImageProcessor.from_pretrained(options.export_dir)
     else:
         processor, _ = load_image_processor(source, base_plan.image_size, options.random_weights)
 
-    pixels = pixel_batch(samples, processor)
+    pixels = pixel_batch(samples, processor, base_plan.pixel_shape[0])
     labels = [s.label for s in samples] if classes else None
     references = [list(s.references) for s in samples] if any(s.references for s in samples) else None
     tokenizer = _tokenizer(source, options.random_weights) if captioning else None
@@ -261,14 +282,15 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
     def evaluate(r: int) -> EvalRun:
         if r not in runs:
             progress(f"evaluating r={r} on {len(samples)} images")
-            built = build_plan(options.model, r, options.method, options.alpha, "constant", options.threshold,
-                               tiny=options.tiny)
+            built = _plan(options, r)
             run = (_evaluate_onnx(options.export_dir, manifest, pixels, options) if manifest and r
                    else _evaluate(built, options, pixels))
             base = runs[0] if r else run
             if captioning:
                 run.metrics = caption_metrics(run.outputs, base.outputs, decode(run.outputs), decode(base.outputs),
                                            references)
+            elif task is EMBEDDING:
+                run.metrics = embedding_metrics(run.outputs, labels, base.outputs)
             else:
                 run.metrics = classification_metrics(run.outputs, labels, base.outputs)
             runs[r] = run
@@ -277,12 +299,14 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
     evaluate(0)
     auto = None
     if options.max_drop is not None:
-        auto = _search(options, task, base_plan, evaluate, max_r(base_plan.plan.tokens_in))
+        cap = max_r(base_plan.plan.tokens_in, base_plan.plan.protected_tokens)
+        auto = _search(options, task, base_plan, evaluate, cap)
     else:
         for r in options.rs if options.rs is not None else [source.default_r]:
             evaluate(r)
     return {
-        "model": source.name, "source": source.location, "random_weights": options.random_weights,
+        "model": source.name, "source": source.location, "task": task.name,
+        "random_weights": options.random_weights,
         "export": str(options.export_dir) if manifest else None,
         "data": str(options.data), "samples": len(samples), "classes": len(classes) if classes else None,
         "caption_tokenizer": caption_tokenizer_name() if references is not None else None,
@@ -301,8 +325,7 @@ def _search(options: EvalOptions, task: Task, base_plan, evaluate, cap: int) -> 
 
     candidates, seen = [], {base_plan.plan.flops}
     for r in range(1, cap + 1):
-        flops = build_plan(options.model, r, options.method, options.alpha, "constant", options.threshold,
-                           tiny=options.tiny).plan.flops
+        flops = _plan(options, r).plan.flops
         if flops not in seen:
             seen.add(flops)
             candidates.append(r)
@@ -337,6 +360,7 @@ def export_with_r(options: ExportOptions, output: str | Path, auto: AutoR | None
     curve goes into the manifest's `turbo.r_auto`); then the export itself."""
     if auto is not None:
         report = run_eval(EvalOptions(model=options.model, data=auto.data, max_drop=auto.max_drop, metric=auto.metric,
+                                      image_size=options.image_size,
                                       method=options.method, alpha=options.alpha, threshold=options.threshold,
                                       tiny=options.tiny, random_weights=options.random_weights), progress)
         r_auto = {**report["auto"], "data": report["data"], "samples": report["samples"]}

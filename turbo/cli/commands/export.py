@@ -23,6 +23,19 @@ def parse_batch(text: str) -> int | None:
     return int(text)
 
 
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """'224' -> (224, 224), '224x320' -> (224, 320) (height x width), None -> None (the model's)."""
+    from turbo.core.errors import UsageError
+
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise UsageError(f"--image-size takes H or HxW in pixels (like 224 or 224x320), not {text!r}")
+    height, width = (int(parts[0]), int(parts[-1]))
+    return height, width
+
+
 def parse_r(r: str | None, data: str | None, max_drop: float | None) -> int | str | None:
     """`--r N` -> N, `--r auto` -> "auto" (with --data and --max-drop), no --r -> None (the model's)."""
     from turbo.core.errors import UsageError

@@ -5,8 +5,8 @@ from rich.table import Table
 from turbo.cli.output import print_json, stderr
 
 
-def run_plan(model: str, r: int | None, method: str, alpha: float | None, schedule: str,
-             threshold: int | None, image_size: int | None, tiny: bool, json_output: bool) -> None:
+def run_plan(model: str, r: int | None, method: str | None, alpha: float | None, schedule: str,
+             threshold: int | None, image_size: tuple[int, int] | None, tiny: bool, json_output: bool) -> None:
     from turbo.models.build import build_plan
 
     built = build_plan(model, r, method, alpha, schedule, threshold, tiny=tiny, image_size=image_size)
@@ -14,8 +14,11 @@ def run_plan(model: str, r: int | None, method: str, alpha: float | None, schedu
     if json_output:
         print_json(built.to_dict())
         return
-    table = Table(title=f"{model}: {method}, r={built.r_text}, alpha={built.merge_config.alpha:g}, "
-                        f"threshold={plan.threshold}")
+    height, width = built.image_size
+    protected = built.source.adapter.protected_names
+    table = Table(title=f"{model}: {built.merge_config.method}, r={built.r_text}, alpha={built.merge_config.alpha:g}, "
+                        f"threshold={plan.threshold}, {height}x{width} input, protected: {protected} "
+                        f"({plan.protected_tokens})")
     for column in ("layer", "tokens in", "r", "tokens out", "GFLOPs"):
         table.add_column(column, justify="right")
     for layer in plan.layers:
@@ -28,5 +31,5 @@ def run_plan(model: str, r: int | None, method: str, alpha: float | None, schedu
         f"FLOPs speedup bound [bold]{plan.speedup_bound:.2f}x[/]"
     )
     if plan.clamped_layers:
-        stderr.print(f"r was clamped to the per-layer cap (tokens-1)//2 or the threshold in layers "
+        stderr.print(f"r was clamped to the per-layer cap (tokens - protected) // 2 or the threshold in layers "
                      f"{', '.join(map(str, plan.clamped_layers))}")
