@@ -101,12 +101,14 @@ def test_dequantize_graph_equals_the_fake_quantized_model(tmp_path):
 
 
 def _calibration_folder(root):
+    """Five images, one grayscale and one RGBA among them (converted to the model's channels)."""
     from PIL import Image
 
-    for i in range(5):
+    for i, mode in enumerate(("RGB", "RGB", "L", "RGBA", "RGB")):
         folder = root / ("nested" if i % 2 else ".")
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
+        pixels = (np.random.default_rng(i).random((40, 40, len(mode))) * 255).astype("uint8")
+        Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode).save(folder / f"{i}.png")
     return root
 
 
@@ -115,6 +117,7 @@ def _calibration_folder(root):
     ("vit-b16", ["--quant", "gptq-int8", "--group-size", "16", "--act-order", "--calib", "synthetic",
                  "--quant-heads"]),
     ("blip-caption", ["--quant", "rtn-int4", "--group-size", "16", "--calib", "synthetic", "--calib-size", "8"]),
+    ("dinov2-reg-b14", ["--quant", "rtn-int4", "--group-size", "8", "--calib", "{calib}", "--calib-size", "4"]),
 ])
 def test_merge_and_quant_export_validates_and_runs(tmp_path, name, args):
     import json
@@ -132,7 +135,7 @@ def test_merge_and_quant_export_validates_and_runs(tmp_path, name, args):
     quantization = manifest["quantization"]
     assert manifest["onnx"]["opset"] == 21 and quantization["mode"] == args[1]
     heads = int("--quant-heads" in args)  # the classifier
-    linears = 4 * (6 if name == "vit-b16" else 4) + heads  # ViT: q, k, v, o, fc1, fc2; BLIP: qkv, projection, fc1, fc2
+    linears = 4 * (4 if name == "blip-caption" else 6) + heads  # q, k, v, o, fc1, fc2; BLIP: qkv, projection, fc1, fc2
     decoder = 2 * 10 if name == "blip-caption" else 0  # BLIP's text decoder: 10 Linears in each of 2 layers
     assert quantization["quantized_linears"] == linears and len(quantization["layers"]) == linears + decoder
     assert [layer["name"].split(".")[0] for layer in quantization["layers"][:linears]] == (

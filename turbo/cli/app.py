@@ -9,7 +9,7 @@ METHOD_HELP = "turbo | tome | semantic | none (default: the model's; tome for mo
 IMAGE_SIZE_HELP = "Input size, H or HxW like 224x320 (default: the model's image processor's, else its config's)."
 
 app = typer.Typer(
-    help="Turbo token merging for ViT and BLIP: plan, export and profile merged models.",
+    help="Turbo token merging for ViT-family and BLIP models: plan, export and profile merged models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

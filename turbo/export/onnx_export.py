@@ -34,7 +34,7 @@ class ExportError(TurboError):
 
 
 class ExportModule(nn.Module):
-    """pixel_values (B, 3, S, S) -> the family's outputs, plus token_sizes when the plan merges."""
+    """pixel_values (B, C, H, W) -> the family's outputs, plus token_sizes when the plan merges."""
 
     def __init__(self, model: nn.Module, built: BuiltPlan) -> None:
         super().__init__()

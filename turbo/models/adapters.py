@@ -58,13 +58,13 @@ class FamilyAdapter:
     architectures: tuple[str, ...]  # transformers class names this adapter supports, the base model last
     model_types: tuple[str, ...]  # config model_type values of those classes
     layer_class: Callable[[], type[nn.Module]]
-    vision_config: Callable[[object], object]
     encoder_layers: Callable[[nn.Module], nn.ModuleList]
     block_parts: Callable[[nn.Module], BlockParts]
-    prepare_random_config: Callable[[object], None]
     # (model, pixel_values, interpolate_pos_encoding) -> named outputs, the deployed ones first
     export_outputs: Callable[[nn.Module, torch.Tensor, bool], dict[str, torch.Tensor]]
     image_processor: Callable[[tuple[int, int]], object]  # (height, width) -> the family's default PIL processor
+    vision_config: Callable[[object], object] = lambda config: config  # config -> its vision part's config
+    prepare_random_config: Callable[[object], None] = lambda config: None  # fix-ups before random weights
     task: Task = CLASSIFICATION  # of its head architectures
     embedders: tuple[str, ...] = ()  # its architectures that output embeddings (EMBEDDING), not the task's
     caption_decoder: CaptionDecoder | None = None

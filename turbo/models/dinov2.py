@@ -79,10 +79,8 @@ def _adapter(family: str, layer: type, architectures: tuple[str, ...], model_typ
         architectures=architectures,
         model_types=(model_type,),
         layer_class=partial(lambda cls: cls, layer),
-        vision_config=lambda config: config,
         encoder_layers=lambda model: _backbone(model).encoder.layer,
         block_parts=_block_parts,
-        prepare_random_config=lambda config: None,
         export_outputs=_export_outputs,
         embedders=architectures[-1:],  # the base model
         image_processor=fixed_size_processor(BitImageProcessorPil, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD),

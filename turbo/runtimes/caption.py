@@ -171,7 +171,7 @@ class CaptionPipeline:
             else [self.bos_token_id]
 
     def generate(self, pixel_values: np.ndarray, prompt_ids: list[int], settings: GenerationSettings) -> np.ndarray:
-        """(B, 3, S, S) -> ids (B, T) including the prompt."""
+        """(B, C, H, W) -> ids (B, T) including the prompt."""
         embeds = self.encoder.run({self.encoder.input_names[0]: pixel_values})
         self.decoder.image_embeds = next(iter(embeds.values()))  # image_embeds (B, N, C)
         prompt = np.tile(np.asarray(prompt_ids, dtype=np.int64), (len(pixel_values), 1))
