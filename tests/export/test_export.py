@@ -120,15 +120,17 @@ def test_fp16_export_is_half_precision_and_validates(tmp_path_factory, name):
     assert all(d["tokens_differing"] == 0 for d in decisions if d["run"] == "fp16 graph in fp32")
 
 
-def test_static_batch_and_image_size(tmp_path_factory):
-    result = tiny_export(tmp_path_factory, "vit-b16", 4, batch=2, image_size=64)
+def test_static_batch_and_a_non_square_image_size(tmp_path_factory):
+    """--image-size 40x64 on a 48x48 model: interpolated position embeddings, validated against
+    PyTorch, and the processor saved with the export makes 40x64 images."""
+    result = tiny_export(tmp_path_factory, "vit-b16", 4, batch=2, image_size=(40, 64))
     assert result.passed
     manifest = result.manifest.to_dict()
-    assert manifest["plan"]["tokens_in"] == 65 and manifest["onnx"]["image_size"] == [64, 64]
-    assert manifest["onnx"]["inputs"][0]["shape"] == [2, 3, 64, 64]
+    assert manifest["plan"]["tokens_in"] == 5 * 8 + 1 and manifest["onnx"]["image_size"] == [40, 64]
+    assert manifest["onnx"]["inputs"][0]["shape"] == [2, 3, 40, 64]
     assert {c["batch"] for c in manifest["validation"]["outputs"]} == {2}
-    processor = (result.directory / "preprocessor_config.json").read_text()
-    assert '"height": 64' in processor
+    processor = json.loads((result.directory / "preprocessor_config.json").read_text())
+    assert (processor["size"]["height"], processor["size"]["width"]) == (40, 64)
 
 
 def test_manifest_records_the_export(tmp_path_factory):

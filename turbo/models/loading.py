@@ -13,6 +13,7 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import logging as hub_logging
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from turbo.core.errors import ModelLoadError, UsageError, describe_error
 from turbo.merging.matching import CLS_METHODS, METHODS
@@ -206,6 +207,8 @@ def load_model(source: ModelSource, random_weights: bool = False, seed: int = 0)
         torch.manual_seed(seed)
         model = model_class(source.config)
     else:
+        shown = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # turbo reports its own progress, on stderr
         try:
             model, info = from_cache_or_hub(partial(model_class.from_pretrained, output_loading_info=True),
                                             source.location)
@@ -214,6 +217,9 @@ def load_model(source: ModelSource, random_weights: bool = False, seed: int = 0)
                 f"cannot load weights for {source.name} from {source.location} ({_reason(exc)}); "
                 + _cache_hint(source.location)
             ) from None
+        finally:
+            if shown:
+                transformers_logging.enable_progress_bar()
         _drop_missing_parts(model, source, info)
     return model.eval()
 
