@@ -136,7 +136,7 @@ def test_static_batch_and_a_non_square_image_size(tmp_path_factory):
 def test_manifest_records_the_export(tmp_path_factory):
     result = tiny_export(tmp_path_factory, "blip-caption", 4, decoder=True)
     manifest = json.loads((result.directory / "turbo.json").read_text())
-    assert manifest == result.manifest.to_dict() and manifest["schema_version"] == 2
+    assert manifest == result.manifest.to_dict() and manifest["schema_version"] == 3
     assert manifest["model"]["random_weights"] is True and manifest["model"]["revision"] is None
     assert manifest["turbo"] == {"method": "turbo", "alpha": 5.0, "fusion": "s1", "threshold": 0,
                                  "schedule": "constant", "r_requested": 4, "merge_kernel": "matmul",

@@ -115,7 +115,7 @@ def test_a_checkpoint_variant_equals_transformers_at_r0_and_merges_by_the_plan(n
     assert state.token_counts == [(layer.tokens_in, layer.tokens_out) for layer in built.plan.layers]
 
 
-@pytest.mark.parametrize("channels", [1, 4])
+@pytest.mark.parametrize("channels", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_a_checkpoint_with_other_channel_counts_exports_and_checks(channels, tmp_path):
     """The input's channels come from the checkpoint's config: export, validation, check and bench
     feed (B, channels, H, W), never an assumed 3."""

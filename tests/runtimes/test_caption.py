@@ -193,7 +193,11 @@ def test_caption_errors_are_one_line(exports, tmp_path_factory, tmp_path):
     shutil.copytree(directory, mixed)
     for name in ("decoder_model.onnx", "decoder_with_past_model.onnx", "decoder.onnx.data"):
         shutil.copy(exports["r0"].directory / name, mixed / name)  # the r=0 decoder beside an r=4 encoder
-    cases.append((["caption", str(mixed), *images], 1, "expect 37"))
+    cases.append((["caption", str(mixed), *images], 3, "decoder_model.onnx is not the file the export wrote"))
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(directory, no_tokenizer)
+    (no_tokenizer / "tokenizer_config.json").unlink()  # captions would decode to nothing
+    cases.append((["caption", str(no_tokenizer), *images], 3, "tokenizer_config.json is missing"))
     for args, code, message in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == code, (args, result.output)

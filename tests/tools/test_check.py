@@ -98,6 +98,7 @@ def test_a_graph_edited_after_export(exported, tmp_path):
     result = check(directory, "--json")
     assert result.exit_code == 3
     checks = {item["name"]: item for item in json.loads(result.stdout)["checks"]}
+    assert checks["files"]["passed"] is False and "SHA-256" in checks["files"]["detail"]
     assert checks["onnx.checker (full)"]["passed"] is False  # shape inference disagrees with the stored shapes
     assert checks["graph vs manifest"]["passed"] is False
     assert checks["graph vs plan"]["passed"] is False and "r=3" in checks["graph vs plan"]["detail"]
@@ -119,7 +120,7 @@ def test_missing_model_file_and_missing_directory(exported, tmp_path):
     directory = copy_of(exported, tmp_path)
     (directory / "model.onnx").unlink()
     result = check(directory)
-    assert result.exit_code == 3 and "missing model.onnx" in result.output
+    assert result.exit_code == 3 and "model.onnx is missing" in result.output
     missing = check(tmp_path / "nowhere")
     assert missing.exit_code == 2 and "is not a directory" in missing.output
     assert len(missing.output.strip().splitlines()) == 1

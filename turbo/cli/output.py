@@ -10,11 +10,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from turbo.core.manifest import finite
+
 stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 def print_json(payload: dict) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    """Strict JSON on stdout: a non-finite number (a NaN metric) is written as null."""
+    sys.stdout.write(json.dumps(finite(payload), indent=2, allow_nan=False) + "\n")
 
 
 def fail(message: str, exit_code: int) -> None:

@@ -10,3 +10,7 @@ WITH_PAST_FILE = "decoder_with_past_model.onnx"  # captioning: one token with th
 DECODER_WEIGHTS_FILE = "decoder.onnx.data"  # both decoder graphs' weights, each tensor once
 GENERATION_FILE = "generation_config.json"  # captioning: token ids and lengths, transformers' format
 TOKENIZER_FILE = "tokenizer_config.json"
+
+# Tensor names of the encoder graph
+INPUT_NAME = "pixel_values"
+TOKEN_SIZES = "token_sizes"  # (B, N_final): patches each output token stands for, the merge fingerprint

@@ -8,6 +8,7 @@ a manifest missing a part turbo needs, is refused with one line saying how to re
 """
 
 import json
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -19,7 +20,7 @@ from typing import Any
 from turbo.core.errors import UsageError
 from turbo.core.files import MANIFEST_FILE
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PACKAGES = {"turbo": "turbo-vlm", "torch": "torch", "transformers": "transformers", "onnx": "onnx",
             "onnxscript": "onnxscript", "onnxruntime": "onnxruntime"}
 Json = dict[str, Any]
@@ -195,6 +196,7 @@ class Manifest:
     decoder: DecoderRecord | None = None
     quantization: QuantizationRecord | None = None
     tensorrt: TensorRTRecord | None = None
+    files: dict[str, Json] = field(default_factory=dict)  # every file's "bytes" and "sha256" (core/integrity.py)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -288,6 +290,17 @@ def _name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint).replace("typing.", ""))
 
 
+def finite(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±inf) as None: strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
 def versions() -> dict[str, str | None]:
     found = {}
     for name, distribution in PACKAGES.items():
@@ -304,7 +317,7 @@ def now() -> str:
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
     path = directory / MANIFEST_FILE
-    path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    path.write_text(json.dumps(finite(manifest.to_dict()), indent=2, allow_nan=False) + "\n")
     return path
 
 

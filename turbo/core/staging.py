@@ -1,8 +1,18 @@
-"""Safe output directories: build beside the target, move into place only when complete."""
+"""Safe output directories: build beside the target, move into place only when complete.
+
+An output path is claimed by one run at a time (a lock file beside it naming the run), the model
+being read is never the output, a parent turbo cannot write to is refused before any work, and
+staging directories left by dead runs (SIGKILL, a power cut) are removed by the next run that
+writes beside them: never another live run's.
+"""
 
 import contextlib
+import errno
+import hashlib
+import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -10,9 +20,17 @@ from pathlib import Path
 
 from turbo.core.errors import UsageError
 
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # runs on shared storage tell hosts apart
 
-def check_target(target: Path, force: bool) -> None:
-    """Refuse a file, or a non-empty directory without --force, before any work starts."""
+
+def check_target(target: Path, force: bool, protect: Path | None = None) -> None:
+    """Refuse a file, a non-empty directory without --force, or a target that is (or holds) the
+    model being read, before any work starts."""
+    if protect is not None and protect.exists():
+        resolved, source = target.resolve(), protect.resolve()
+        if resolved == source or resolved in source.parents:
+            raise UsageError(f"--output {target} would replace the model being read ({protect}); choose another "
+                             "--output")
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} exists and is not a directory; choose another --output")
     if target.is_dir() and any(target.iterdir()) and not force:
@@ -38,7 +56,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def staged_directory(target: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh directory beside `target`; on success it replaces `target` in one rename.
+    """Yield a fresh directory beside `target`; on success it replaces `target` in one rename
+    (inside it, entry by entry, when `target` is a mount point, which cannot be renamed).
 
     Any exception, Ctrl-C or SIGTERM removes the staging directory (and any parent
     directories created for it) and leaves an existing `target` untouched.
@@ -47,25 +66,98 @@ def staged_directory(target: str | Path, force: bool = False) -> Iterator[Path]:
     check_target(target, force)
     with _sigterm_as_interrupt():
         created = [parent for parent in (target.parent, *target.parent.parents) if not parent.exists()]
-        staging = None
+        staging = lock = None
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+            _make_parents(target)
+            lock = _claim(target)
+            home = target if os.path.ismount(target) else target.parent
+            _remove_dead_stagings(home, target.name)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{HOST}-{os.getpid()}.", suffix=".partial",
+                                            dir=home))
             yield staging
-            _replace(staging, target)
+            _replace(staging, target, force)
         except BaseException:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
+            if lock is not None:
+                lock.unlink(missing_ok=True)
             for parent in created:  # deepest first
                 with contextlib.suppress(OSError):
                     parent.rmdir()
             raise
+        lock.unlink(missing_ok=True)
 
 
-def _replace(staging: Path, target: Path) -> None:
+def _make_parents(target: Path) -> None:
+    """Create the parents; a parent that is a file or not writable is one line, before any work."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {target.parent} ({exc.strerror or exc}); choose another --output") from None
+    home = target if os.path.ismount(target) else target.parent
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write in {home} (permission denied or read-only); choose another --output")
+
+
+def _owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a run, from a staging directory or lock name `.NAME.HOST-PID.*`."""
+    parts = name.split(".")
+    host, _, pid = (parts[-3] if name.endswith(".partial") else parts[-1]).partition("-")
+    return (host, int(pid)) if pid.isdigit() else None
+
+
+def _alive(owner: tuple[str, int] | None) -> bool:
+    """Whether a run may still be working: a live pid here, or any run on another host."""
+    if owner is None:
+        return True  # not ours to judge
+    host, pid = owner
+    if host != HOST:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(target: Path) -> Path:
+    """Take `.NAME.lock` beside `target` (a live holder: one line naming it; a dead one: taken over)."""
+    lock = target.parent / f".{target.name}.lock"
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock.read_text().strip() if lock.exists() else ""
+            if _alive(_owner(f".x.{holder}")):
+                raise UsageError(f"another turbo run ({holder or 'unknown'}) is writing {target}; wait for it, or "
+                                 f"remove {lock} if that run is gone") from None
+            lock.unlink(missing_ok=True)  # its run died: take it over
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(f"{HOST}-{os.getpid()}\n")
+        return lock
+    raise UsageError(f"cannot claim {target} ({lock} keeps reappearing); try again")
+
+
+def _remove_dead_stagings(home: Path, name: str) -> None:
+    """Remove `.NAME.*.partial` directories of this host's runs that no longer exist."""
+    for stale in home.glob(f".{name}.*.partial"):
+        if stale.is_dir() and not _alive(_owner(stale.name)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _replace(staging: Path, target: Path, force: bool) -> None:
+    _normal_permissions(staging)
+    if os.path.ismount(target):
+        _replace_contents(staging, target, force)
+        return
     if not target.exists():
         staging.rename(target)
         return
+    if not force and any(target.iterdir()):
+        raise UsageError(f"{target} was written by another run meanwhile; kept it (pass --force to replace it)")
     retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
     retired.rmdir()
     target.rename(retired)
@@ -75,3 +167,26 @@ def _replace(staging: Path, target: Path) -> None:
         retired.rename(target)
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def _replace_contents(staging: Path, target: Path, force: bool) -> None:
+    """A mount point stays: its old entries go (with --force), the staged ones move in."""
+    old = [entry for entry in target.iterdir() if entry != staging]
+    if old and not force:
+        raise UsageError(f"{target} was written by another run meanwhile; kept it (pass --force to replace it)")
+    for entry in old:
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for entry in staging.iterdir():
+        entry.rename(target / entry.name)
+    staging.rmdir()
+
+
+def _normal_permissions(directory: Path) -> None:
+    """mkdtemp's 0700, made what a new directory gets under the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        directory.chmod(0o777 & ~mask)
+    except OSError as exc:
+        if exc.errno != errno.EPERM:
+            raise

@@ -17,12 +17,11 @@ from onnxscript import opset18 as op
 from torch import nn
 
 from turbo.core.errors import TurboError, UsageError, describe_error
+from turbo.core.files import INPUT_NAME, TOKEN_SIZES  # noqa: F401 (re-exported: the graph's tensor names)
 from turbo.graph.merge_functions import fold_merge_blocks
 from turbo.merging.merge import KERNELS  # also registers turbo::gather_tokens
 from turbo.models.build import BuiltPlan
 
-INPUT_NAME = "pixel_values"
-TOKEN_SIZES = "token_sizes"  # (B, N_final): patches each output token stands for, the merge fingerprint
 MIN_OPSET, MAX_OPSET = 18, 23
 DEFAULT_OPSET = 20
 EXTERNAL_DATA_BYTES = 1 << 30  # weights at or above this size go to model.onnx.data

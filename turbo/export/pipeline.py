@@ -11,6 +11,7 @@ from pathlib import Path
 from turbo.core.cache import cache_root
 from turbo.core.errors import UsageError
 from turbo.core.files import MODEL_FILE, PROCESSOR_FILE
+from turbo.core.integrity import record_files
 from turbo.core.manifest import (
     ImageProcessorRecord,
     Manifest,
@@ -66,7 +67,7 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
                              f"not {options.precision}")
         check_trt_options(options.trt, options.batch, options.quant, tensorrt_version())
     built = options.plan()
-    check_target(Path(output), force)
+    check_target(Path(output), force, protect=Path(built.source.location))
     seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -115,6 +116,7 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
             with timed("tensorrt"):
                 manifest.tensorrt, engine_report, missing = _engine_stage(options, staging, manifest)
             manifest.stage_seconds = seconds
+        manifest.files = record_files(staging)
         write_manifest(staging, manifest)
     return ExportResult(Path(output), read_export_manifest(output), report, warnings, engine_report, missing)
 

@@ -5,6 +5,7 @@ Tokens are split by position: CLS at 0 (protected, never merged), side A = even 
 B-side token.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,8 @@ class MergeConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
-        if self.alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if not math.isfinite(self.alpha) or self.alpha < 0:
+            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha}")
 
 
 def information_degree(

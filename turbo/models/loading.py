@@ -1,5 +1,6 @@
 """Resolve a model name, HF id or local directory to a config, and load it (weights or random)."""
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from turbo.core.errors import ModelLoadError, UsageError, describe_error
+from turbo.core.integrity import file_record
 from turbo.merging.matching import CLS_METHODS, METHODS
 from turbo.models.adapters import FamilyAdapter, as_pair
 from turbo.models.registry import (
@@ -290,6 +292,26 @@ def _fit_channels(processor, channels: int) -> str:
             setattr(processor, name, [float(sum(values) / len(values))] * channels)
             notes.append(name)
     return f" ({' and '.join(notes)} averaged to {channels} channels)" if notes else ""
+
+
+def content_fingerprint(source: ModelSource, random_weights: bool) -> str:
+    """A digest of what a model is: its config and, for real weights, every file of its directory
+    (a local one, or the cached hub snapshot), so a replaced checkpoint never reuses a cache entry."""
+    digest = hashlib.sha256(source.config.to_json_string(use_diff=False).encode())
+    if not random_weights:
+        directory = _weights_directory(source)
+        for path in sorted(directory.iterdir()) if directory is not None else ():
+            if path.is_file():
+                digest.update(f"{path.name}:{file_record(path)['sha256']}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _weights_directory(source: ModelSource) -> Path | None:
+    path = Path(source.location)
+    if path.is_dir():
+        return path
+    cached = try_to_load_from_cache(source.location, "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def load_tokenizer(source: ModelSource, random_weights: bool) -> tuple[object, str]:

@@ -12,8 +12,9 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from turbo.core.errors import TurboError, UsageError
 from turbo.core.files import GENERATION_FILE
-from turbo.core.manifest import DecoderRecord, Manifest, TensorRTRecord, read_export_manifest
+from turbo.core.manifest import DecoderRecord, Manifest, TensorRTRecord
 from turbo.data.images import Sample, batches, pixel_batch
+from turbo.graph.export_dir import open_export
 from turbo.runtimes.base import Runner
 from turbo.runtimes.generation import GenerationSettings, generate
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
@@ -114,14 +115,11 @@ class CaptionPipeline:
         MatMuls in fp32, for validation; see OnnxRuntimeRunner). tensorrt: on the export's engines.
         merge_kernel: how ONNX Runtime runs the encoder's TurboMerge nodes (see OnnxRuntimeRunner)."""
         directory = Path(directory)
-        manifest = read_export_manifest(directory)
+        manifest = open_export(directory)
         decoder = manifest.decoder
         if decoder is None:
             raise UsageError(f"{directory} has no text decoder (a {manifest.model.architecture} vision "
                              "export); captioning needs a BLIP export: turbo export --model blip-caption")
-        missing = [name for name in (manifest.onnx.file, *decoder.files) if not (directory / name).is_file()]
-        if missing:
-            raise ExportMismatchError(f"{directory} is missing {', '.join(missing)}; re-export it")
         engines = None
         if tensorrt:
             engines = manifest.tensorrt

@@ -18,17 +18,18 @@ from torch import nn
 from turbo.core.cache import cache_root
 from turbo.core.errors import EXIT_MISSING_RUNTIME, TurboError, UsageError
 from turbo.core.files import MODEL_FILE
-from turbo.core.manifest import ManifestError, now, read_export_manifest, versions
+from turbo.core.manifest import now, read_export_manifest, versions
 from turbo.export.onnx_export import ExportModule
 from turbo.export.options import ExportOptions
 from turbo.export.pipeline import run_export
 from turbo.export.tensorrt.stage import TrtOptions
 from turbo.export.validate import seeded_pixels
+from turbo.graph.export_dir import open_export
 from turbo.kernels.cpu_kernels import kernel_library
 from turbo.kernels.ort_merge_kernel import check_merge_kernel
 from turbo.kernels.torch_merge_kernel import check_torch_merge, fused_step
 from turbo.models.build import build_merged_model, build_plan
-from turbo.models.loading import resolve_source
+from turbo.models.loading import content_fingerprint, resolve_source
 from turbo.models.registry import adapter_for
 from turbo.runtimes.availability import DEVICES, RUNTIMES, unavailable_reason
 from turbo.runtimes.base import Runner
@@ -232,15 +233,18 @@ def _torch_candidates(plans: dict, workload: str, options: BenchOptions) -> list
 
 def _passed(directory: Path) -> bool:
     try:
-        return read_export_manifest(directory).status == "passed"
-    except ManifestError:  # a cached export written by another turbo, or cut short: export again
+        return open_export(directory).status == "passed"
+    except TurboError:  # a cached export written by another turbo, cut short or changed: export again
         return False
 
 
 def _cached_export(export_options, progress: Progress) -> Path:
-    """A validated export from the cache (built once per distinct option set)."""
+    """A validated export from the cache, built once per distinct option set and model content
+    (a checkpoint replaced in place gets a new entry)."""
 
-    key = hashlib.sha256(json.dumps([asdict(export_options), versions()["turbo"], EXPORT_FORMAT], sort_keys=True,
+    source = resolve_source(export_options.model, tiny=export_options.tiny)
+    content = content_fingerprint(source, export_options.random_weights)
+    key = hashlib.sha256(json.dumps([asdict(export_options), content, versions(), EXPORT_FORMAT], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
     out = cache_root() / "exports" / f"{Path(export_options.model).name}-r{export_options.r}-{key}"
     if _passed(out):
@@ -300,31 +304,42 @@ def _export_candidates(plans: dict, options: BenchOptions, progress: Progress, r
     return candidates
 
 
+def _identity(manifest) -> tuple:
+    """What must match between a baseline and the exports it times: the same weights and input."""
+    model = manifest.model
+    return model.source, model.architecture, model.random_weights, model.seed, model.tiny, manifest.onnx.pixel_shape
+
+
 def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, list[Candidate], list[Candidate]]:
     """Candidates from exported directories; the baseline is --baseline or an r=0 export built alike."""
 
     manifests = []
     for directory in options.export_dirs:
-        manifest = read_export_manifest(directory)
+        manifest = open_export(directory)
         if manifest.failed:
             raise TurboError(f"{directory} failed validation at export; not benchmarking an unfaithful export")
         manifests.append((Path(directory), manifest))
-    if len({m.model.source for _, m in manifests}) > 1:
-        raise UsageError("the directories hold different models; bench one model at a time")
+    if len({_identity(m) for _, m in manifests}) > 1:
+        raise UsageError("the directories hold different models or inputs; bench one model at a time")
     first = manifests[0][1]
     static = {m.onnx.static_batch for _, m in manifests} - {None}
     if static and set(options.batches) != static:
         raise UsageError(f"the exports have a static batch {sorted(static)}; pass --batch {','.join(map(str, static))}")
     if options.baseline_dir:
-        baseline = read_export_manifest(options.baseline_dir)
+        baseline = open_export(options.baseline_dir)
         if baseline.plan.merges:
             raise UsageError(f"--baseline {options.baseline_dir} merges tokens (r={baseline.plan.r}); "
                              "it must be an r=0 export")
+        if _identity(baseline) != _identity(first):
+            raise UsageError(f"--baseline {options.baseline_dir} is another model ({baseline.model.architecture} "
+                             f"from {baseline.model.source}, input {baseline.onnx.pixel_shape}) than the exports' "
+                             f"({first.model.architecture} from {first.model.source}, input {first.onnx.pixel_shape}); "
+                             "pass an r=0 export of the same model")
         manifests.insert(0, (Path(options.baseline_dir), baseline))
     elif all(m.plan.merges for _, m in manifests):  # no r=0 export given: build one alike
         baseline = replace(ExportOptions.from_manifest(first), r=0, schedule="constant")
         baseline_dir = _cached_export(baseline, progress)
-        manifests.insert(0, (baseline_dir, read_export_manifest(baseline_dir)))
+        manifests.insert(0, (baseline_dir, open_export(baseline_dir)))
     if manifests[0][1].plan.tokens_in != first.plan.tokens_in:
         raise UsageError(f"the baseline has {manifests[0][1].plan.tokens_in} tokens but the exports "
                          f"{first.plan.tokens_in}; pass --baseline with an r=0 export of the same model")

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from turbo.core.errors import TurboError, UsageError
 from turbo.core.files import TOKENIZER_FILE
+from turbo.core.integrity import IntegrityError, verify_files
 from turbo.core.manifest import Manifest, ManifestError, PlanRecord, read_export_manifest
 from turbo.export.decoder_validate import DECODER_RUN
 from turbo.export.options import ExportOptions
@@ -61,9 +62,13 @@ def _read_manifest(directory: Path, report: CheckReport) -> Manifest | None:
 def _graph_checks(directory: Path, manifest: Manifest, built, report: CheckReport):
     onnx_info = manifest.onnx
     model_path = directory / onnx_info.file
-    missing = [name for name in [onnx_info.file, *onnx_info.external_data] if not (directory / name).is_file()]
-    if report.add("files", not missing, f"missing {', '.join(missing)}" if missing else "model and weights present") \
-            is False:
+    try:
+        verify_files(directory, manifest.files)
+    except IntegrityError as exc:  # reported; the graph checks below still say what differs
+        report.add("files", False, str(exc))
+    else:
+        report.add("files", True, f"{len(manifest.files)} files as the export wrote them (sizes and SHA-256)")
+    if not all((directory / name).is_file() for name in [onnx_info.file, *onnx_info.external_data]):
         return None
     error = checker_error(model_path)
     report.add("onnx.checker (full)", error is None, error or "")

@@ -19,12 +19,13 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from turbo.core.errors import TurboError, UsageError
-from turbo.core.manifest import Manifest, read_export_manifest
+from turbo.core.manifest import Manifest
 from turbo.data.images import batches, coco_captions, image_folder, pixel_batch
 from turbo.export.onnx_export import TOKEN_SIZES
 from turbo.export.options import ExportOptions, Stage, no_stage
 from turbo.export.pipeline import ExportResult, run_export
 from turbo.export.validate import deployed_vector, mean_cosine
+from turbo.graph.export_dir import open_export
 from turbo.merging.plan import max_r
 from turbo.models.adapters import CAPTIONING, EMBEDDING, Task
 from turbo.models.build import build_merged_model, build_plan
@@ -220,7 +221,7 @@ def _from_export(options: EvalOptions) -> tuple[EvalOptions, Manifest]:
 
     if options.max_drop is not None:
         raise UsageError("--r auto searches over models; use --model, not an export directory")
-    manifest = read_export_manifest(options.export_dir)
+    manifest = open_export(options.export_dir)
     if adapter_for(manifest.model.architecture).caption_decoder is not None and manifest.decoder is None:
         raise UsageError(f"{options.export_dir} has no text decoder (exported by an older turbo); re-export it")
     made = ExportOptions.from_manifest(manifest)
