@@ -183,3 +183,54 @@ def test_a_replaced_checkpoint_gets_a_new_bench_cache_entry(tmp_path):
     second = content_fingerprint(resolve_source(str(checkpoint)), random_weights=False)
     assert first != second
     assert content_fingerprint(resolve_source(str(checkpoint)), random_weights=False) == second
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, images) -> dict[str, Path]:
+    from turbo.models.loading import resolve_source
+
+    config = resolve_source("vit-b16", tiny=True).config.to_dict()
+    config.update(hidden_size="big", architectures=["ViTForImageClassification"])
+    (tmp_path / "badtype").mkdir()
+    (tmp_path / "badtype" / "config.json").write_text(json.dumps(config))
+    linked = Path(shutil.copytree(images, tmp_path / "linked"))
+    (linked / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    return {"badtype": tmp_path / "badtype", "linked": linked, "images": images}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan", "-m", "{badtype}"], "Field 'hidden_size' expected int"),
+    (["plan", "-m", "./no/such/dir"], "no such model directory"),
+    (["plan", "-m", "/no/such/dir"], "no such model directory"),
+    (["eval", "-m", "vit-b16", "--tiny", "--random-weights", "--data", "{images}", "--batch", "0"], "--batch must be"),
+    (["eval", "-m", "vit-b16", "--tiny", "--random-weights", "--data", "{images}", "--limit", "-1"], "--limit must be"),
+    (["eval", "-m", "vit-b16", "--tiny", "--random-weights", "--data", "{linked}"], "gone.png is a broken link"),
+])
+def test_user_errors_are_one_line(bad_inputs, args, message):
+    result = runner.invoke(app, [a.format(**bad_inputs) for a in args])
+    assert message in one_line_error(result, 2)
+
+
+def test_check_iters_zero_is_a_usage_error(exports):
+    assert "--iters must be at least 1" in one_line_error(runner.invoke(app, ["check", str(exports["r4"]),
+                                                                              "--iters", "0"]), 2)
+
+
+def test_what_silently_did_less_is_said(images):
+    from turbo.data.images import calibration_set
+    from turbo.models.build import build_plan
+    from turbo.models.vit import VIT
+
+    with pytest.warns(UserWarning, match="nothing merges: every layer enters with fewer than --threshold 100"):
+        build_plan("vit-b16", tiny=True, r=4, threshold=100)
+    with pytest.warns(UserWarning, match="--calib-size 9 but .* holds 2 images: calibrating on 2"):
+        calibration = calibration_set(str(images), 9, 0, VIT.image_processor((8, 8)), (3, 8, 8))
+    assert calibration.pixels.shape == (2, 3, 8, 8) and calibration.info.count == 2
+
+
+def test_a_relative_model_path_is_recorded_absolute(tmp_path, monkeypatch):
+    from turbo.models.loading import load_model, resolve_source
+
+    load_model(resolve_source("vit-b16", tiny=True), random_weights=True).save_pretrained(tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_source("ckpt").location == str((tmp_path / "ckpt").resolve())

@@ -52,7 +52,12 @@ def hf_dataset(root: str | Path) -> tuple[list[Sample], list[str] | None]:
 
 
 def _images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The image files under `root`; a broken link among them is an error, not a skipped image."""
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    broken = [p for p in found if p.is_symlink() and not p.exists()]
+    if broken:
+        raise UsageError(f"{broken[0]} is a broken link ({len(broken)} under {root}); fix or remove it")
+    return [p for p in found if p.is_file()]
 
 
 def image_folder(root: str | Path, labels_file: str | Path | None = None) -> tuple[list[Sample], list[str] | None]:
@@ -184,6 +189,9 @@ def calibration_set(source: str, count: int, seed: int, processor, pixel_shape: 
     if not samples:
         raise UsageError(f"--calib {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}, searched "
                          "recursively)")
+    if count > len(samples):
+        warnings.warn(f"--calib-size {count} but {source} holds {len(samples)} images: calibrating on "
+                      f"{len(samples)}", TurboNote, stacklevel=2)
     chosen = [samples[i] for i in sorted(rng.choice(len(samples), size=min(count, len(samples)), replace=False))]
     texts = [s.references[0] for s in chosen] if all(s.references for s in chosen) else None
     return Calibration(pixel_batch(chosen, processor, pixel_shape[0]), texts,

@@ -1,10 +1,11 @@
 """From user choices to a plan and a patched model: the one path export, bench and plan share."""
 
+import warnings
 from dataclasses import dataclass
 
 from torch import nn
 
-from turbo.core.errors import UsageError
+from turbo.core.errors import TurboNote, UsageError
 from turbo.merging.matching import CLS_METHODS, MergeConfig
 from turbo.merging.plan import TokenPlan, make_plan
 from turbo.merging.schedule import parse_schedule
@@ -71,6 +72,9 @@ def build_plan(model: str, r: int | None = None, method: str | None = None, alph
                          source.threshold if threshold is None else threshold, method)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if r > 0 and method != "none" and not any(plan.r):
+        warnings.warn(f"nothing merges: every layer enters with fewer than --threshold {plan.threshold} tokens "
+                      f"({plan.tokens_in} at most); lower --threshold to merge", TurboNote, stacklevel=2)
     return BuiltPlan(source, plan, config, parsed, r, image_size)
 
 

@@ -75,9 +75,13 @@ class ModelSource:
         return self.spec.threshold if self.spec else 0
 
 
-def _config_from_dict(values: dict) -> object:
+def _config_from_dict(values: dict, where: str = "the registry") -> object:
     values = dict(values)
-    return AutoConfig.for_model(values.pop("model_type"), **values)
+    try:
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    except Exception as exc:  # transformers' strict fields: a wrong type or value names the field
+        reason = " ".join(str(exc).split())[:240]  # the field and the expected type span lines
+        raise UsageError(f"{where}: config.json is not a valid config ({reason}); fix the field it names") from None
 
 
 def _check_architecture(name: str, values: dict) -> str:
@@ -147,9 +151,12 @@ def resolve_source(model: str, tiny: bool = False) -> ModelSource:
             raise UsageError(f"{model}: cannot read {config_file.name} ({exc.__class__.__name__}); "
                              "a model directory needs a transformers config.json") from None
         architecture = _check_architecture(model, values)
-        config = _config_from_dict({"model_type": ADAPTERS[architecture].model_types[0], **values})
+        config = _config_from_dict({"model_type": ADAPTERS[architecture].model_types[0], **values}, model)
         config.architectures = [architecture]
-        return ModelSource(model, str(path), architecture, config, None, _processor_size(path))
+        location = str(path.resolve())  # recorded absolute: the export is usable from any directory
+        return ModelSource(location, location, architecture, config, None, _processor_size(path))
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise UsageError(f"{model}: no such model directory (a Hugging Face id is org/name)")
     if "/" not in model:
         raise UsageError(f"unknown model {model!r}; use one of {', '.join(list_models())}, "
                          "a Hugging Face id (org/name) or a local model directory")

@@ -98,6 +98,8 @@ def run_check(directory: str | Path, max_diff: float | None = None, min_agreemen
     directory = Path(directory)
     if not directory.is_dir():
         raise UsageError(f"{directory} is not a directory; pass a `turbo export` output directory")
+    if iters < 1:
+        raise UsageError(f"--iters must be at least 1, not {iters}")
     report = CheckReport(str(directory))
     manifest = _read_manifest(directory, report)
     if manifest is None:

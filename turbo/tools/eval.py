@@ -251,6 +251,10 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         raise UsageError(f"unknown metric {options.metric!r}; choose accuracy or fidelity")
     if options.max_drop is not None and options.max_drop < 0:
         raise UsageError("--max-drop must be >= 0")
+    if options.batch < 1:
+        raise UsageError(f"--batch must be at least 1, not {options.batch}")
+    if options.limit is not None and options.limit < 1:
+        raise UsageError(f"--limit must be at least 1 image, not {options.limit}")
     manifest = None
     if options.export_dir is not None:
         options, manifest = _from_export(options)
