@@ -23,11 +23,9 @@ from turbo.models.loading import load_model, resolve_source
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
 FAMILY_MODELS = ["deit-b16", "clip-b16", "siglip-b16", "dinov2-b14", "dinov2-reg-b14"]
-# Each export takes seconds: CI exports every family and the variants whose graphs differ most; the
-# other variants (each also tested in PyTorch, tests/models/test_registry.py) run with -m slow.
-CI_VARIANTS = ["ViT with every odd setting", "Dinov2WithRegistersForImageClassification"]
-CASES = FAMILY_MODELS + CI_VARIANTS + [
-    pytest.param(name, marks=pytest.mark.slow) for name in sorted(set(TINY_CHECKPOINTS) - set(CI_VARIANTS))]
+# Each export takes seconds: CI exports every family; the config variants (each also tested in
+# PyTorch in CI, tests/models/test_registry.py) run with -m slow.
+CASES = FAMILY_MODELS + [pytest.param(name, marks=pytest.mark.slow) for name in sorted(TINY_CHECKPOINTS)]
 BATCH = 2  # a static batch exports several times faster than a dynamic axis (tested on ViT and BLIP)
 
 

