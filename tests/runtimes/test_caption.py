@@ -185,6 +185,8 @@ def test_caption_errors_are_one_line(exports, tmp_path_factory, tmp_path):
         (["caption", directory, str(not_image)], 2, "is not a readable image"),
         (["caption", str(tmp_path), *images], 2, "not a turbo export directory"),
         (["caption", directory, *images, "--beams", "0"], 2, "--beams must be at least 1"),
+        (["caption", directory, *images, "--max-length", "500"], 2, "need 504 positions but the decoder has 64"),
+        (["caption", directory, *images, "--prompt", " ".join(["word"] * 80)], 2, "the decoder has 64"),
     ]
     vit = tmp_path_factory.mktemp("vit") / "out"
     run_export(ExportOptions(model="vit-b16", r=4, tiny=True, random_weights=True, validate=False), vit)

@@ -211,6 +211,13 @@ def test_user_errors_are_one_line(bad_inputs, args, message):
     assert message in one_line_error(result, 2)
 
 
+def test_bench_batch_errors_are_in_its_own_words(exports):
+    for value in ("x", "0"):
+        result = runner.invoke(app, ["bench", str(exports["r4"]), "--batch", value])
+        assert f"--batch takes comma-separated integers at least 1, e.g. 1,8,64; got '{value}'" in one_line_error(
+            result, 2)
+
+
 def test_check_iters_zero_is_a_usage_error(exports):
     assert "--iters must be at least 1" in one_line_error(runner.invoke(app, ["check", str(exports["r4"]),
                                                                               "--iters", "0"]), 2)

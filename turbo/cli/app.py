@@ -179,7 +179,7 @@ def bench_command(
     options = BenchOptions(
         model=model, rs=parse_ints(r, "--r") if r else None,
         runtimes=None if runtime == "all" else parse_runtimes(runtime), device=device,
-        batches=tuple(parse_ints(batch, "--batch")), precision=precision, warmup_s=warmup,
+        batches=tuple(parse_ints(batch, "--batch", least=1, example="1,8,64")), precision=precision, warmup_s=warmup,
         iters=iters, duration_s=duration,
         random_weights=random_weights, include_transfers=include_transfers, caption=caption,
         caption_tokens=caption_tokens, threads=threads, ort_merge=ort_merge, torch_merge=torch_merge,

@@ -125,6 +125,7 @@ class DecoderRecord:
     weights_bytes: int = 0
     shared_bytes: int = 0
     tokenizer: Json = field(default_factory=dict)  # origin: the checkpoint's, or a placeholder vocabulary
+    max_positions: int | None = None  # prompt plus caption tokens the decoder can take (None: not recorded)
 
     @property
     def files(self) -> list[str]:

@@ -118,5 +118,6 @@ def export_captioner(model: nn.Module, source: ModelSource, tokenizer: tuple[obj
     tokenizer.save_pretrained(directory)
     write_generation_config(directory, caption.generation_ids(source.config))
     precision = "fp32" if not quantized else "fp32 with quantized weights"
+    positions = getattr(caption.module(model).config, "max_position_embeddings", None)
     return DecoderRecord(**info, precision=precision, prompt=DEFAULT_PROMPT, generation_config=GENERATION_FILE,
-                         tokenizer={"origin": origin})
+                         tokenizer={"origin": origin}, max_positions=positions)

@@ -191,6 +191,12 @@ class CaptionPipeline:
         """One {caption, ids} per image; `overrides` replace generation settings (num_beams, ...)."""
         settings = replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
         prompt_ids = self.prompt_ids(prompt)
+        positions = self.manifest.decoder.max_positions if self.manifest is not None else None
+        needed = len(prompt_ids) + settings.max_new_tokens
+        if positions is not None and needed > positions:
+            raise UsageError(f"the prompt ({len(prompt_ids)} tokens) and --max-length {settings.max_new_tokens} need "
+                             f"{needed} positions but the decoder has {positions}: shorten the prompt or lower "
+                             "--max-length")
         static = self.static_batch
         batch = static or batch
         results = []

@@ -8,15 +8,17 @@ from rich.table import Table
 from turbo.cli.output import print_json, stderr
 
 
-def parse_ints(text: str, option: str) -> list[int]:
+def parse_ints(text: str, option: str, least: int = 0, example: str = "0,8,16") -> list[int]:
+    """'0,8,16' -> [0, 8, 16]; a UsageError in this option's own words otherwise."""
     from turbo.core.errors import UsageError
 
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or min(values) < 0:
-        raise UsageError(f"{option} takes comma-separated non-negative integers, e.g. 0,8,16; got {text!r}")
+    if not values or min(values) < least:
+        kind = "non-negative" if least == 0 else f"at least {least}"
+        raise UsageError(f"{option} takes comma-separated integers {kind}, e.g. {example}; got {text!r}")
     return values
 
 
