@@ -161,8 +161,8 @@ def test_cuda_without_a_gpu_exits_4(tmp_path, args):
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["--r", "x"], 2, "--r takes comma-separated non-negative integers"),
-        (["--batch", "0"], 2, "--batch takes positive integers"),
+        (["--r", "x"], 2, "--r takes comma-separated non-negative integers, e.g. 0,8,16"),
+        (["--batch", "0"], 2, "--batch takes comma-separated integers of at least 1, e.g. 1,8,64"),
         (["--runtime", "tvm"], 2, "unknown runtime 'tvm'"),
         (["--precision", "int8"], 2, "unknown precision 'int8'"),
         (["--device", "tpu"], 2, "unknown device 'tpu'"),

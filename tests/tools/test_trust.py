@@ -214,7 +214,7 @@ def test_user_errors_are_one_line(bad_inputs, args, message):
 def test_bench_batch_errors_are_in_its_own_words(exports):
     for value in ("x", "0"):
         result = runner.invoke(app, ["bench", str(exports["r4"]), "--batch", value])
-        assert f"--batch takes comma-separated integers at least 1, e.g. 1,8,64; got '{value}'" in one_line_error(
+        assert f"--batch takes comma-separated integers of at least 1, e.g. 1,8,64; got '{value}'" in one_line_error(
             result, 2)
 
 

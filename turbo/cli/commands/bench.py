@@ -17,8 +17,8 @@ def parse_ints(text: str, option: str, least: int = 0, example: str = "0,8,16") 
     except ValueError:
         values = []
     if not values or min(values) < least:
-        kind = "non-negative" if least == 0 else f"at least {least}"
-        raise UsageError(f"{option} takes comma-separated integers {kind}, e.g. {example}; got {text!r}")
+        kind = "non-negative integers" if least == 0 else f"integers of at least {least}"
+        raise UsageError(f"{option} takes comma-separated {kind}, e.g. {example}; got {text!r}")
     return values
 
 
