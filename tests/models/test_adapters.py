@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import encoder_output, pixels, tiny_pair, tiny_plan, upstream_outputs
-from turbo.core.errors import PatchError
+from turbo.core.errors import PatchError, UsageError
 from turbo.merging.matching import MergeConfig
 from turbo.merging.plan import make_plan
 from turbo.models.adapters import BlockParts
@@ -42,8 +42,11 @@ def test_turbo_block_without_merging_equals_upstream_block(model_name):
 
 @pytest.mark.parametrize("method", ["turbo", "tome", "semantic"])
 def test_token_counts_follow_the_plan_and_sizes_sum(model_name, method):
-    if method != "tome" and not tiny_plan(model_name).source.adapter.has_cls_token(tiny_plan(model_name).source.config):
-        pytest.skip("no CLS token: only tome applies (the refusal is tested in tests/models/test_families.py)")
+    source = tiny_plan(model_name).source
+    if method != "tome" and not source.adapter.has_cls_token(source.config):  # no CLS: only tome applies
+        with pytest.raises(UsageError, match=f"--method {method} needs a CLS token"):
+            tiny_pair(model_name, r=None, schedule="6,4,4,2", method=method)
+        return
     merged, state, _, built = tiny_pair(model_name, r=None, schedule="6,4,4,2", method=method)
     out = encoder_output(merged, pixels(model_name))
     plan = built.plan

@@ -20,13 +20,21 @@ class IntegrityError(TurboError):
     exit_code = EXIT_VALIDATION
 
 
+_digests: dict[tuple, str] = {}  # (path, inode, size, mtime, ctime) -> SHA-256, for files read again unchanged
+
+
 def file_record(path: Path) -> dict[str, int | str]:
-    """{"bytes": size, "sha256": hex digest} of one file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    """{"bytes": size, "sha256": hex digest} of one file. A file already hashed by this process
+    and unchanged since (same inode, size, mtime and ctime; any write moves ctime) is not read again."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+        _digests[key] = digest.hexdigest()
+    return {"bytes": stat.st_size, "sha256": _digests[key]}
 
 
 def record_files(directory: Path) -> dict[str, dict[str, int | str]]:

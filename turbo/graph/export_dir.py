@@ -23,15 +23,18 @@ def open_export(directory: str | Path) -> Manifest:
 
 
 def manifest_mismatches(summary: GraphSummary, manifest: Manifest) -> list[str]:
-    """Where the graph disagrees with the manifest: merge r per block, the input, token dims."""
+    """Where the graph disagrees with the manifest: its onnx record (merge r, inputs, outputs,
+    opset) and its plan (merge r per block, token dims)."""
     problems = []
     planned = [r for r in manifest.plan.r if r > 0]
     found = [block.r for block in summary.merge_blocks]
     if found != planned:
         problems.append(f"its merge blocks have r {found}, the plan {planned}")
-    if [t.to_dict() for t in summary.inputs] != manifest.onnx.inputs:
-        problems.append(f"its input is {[list(t.shape) for t in summary.inputs]}, the manifest's "
-                        f"{[t['shape'] for t in manifest.onnx.inputs]}")
+    graph = summary.to_dict()
+    problems += [f"its {key} differ from the manifest's onnx.{key}" for key in ("merge_r", "inputs", "outputs")
+                 if graph[key] != getattr(manifest.onnx, key)]
+    if summary.opset != manifest.onnx.opset:
+        problems.append(f"its opset is {summary.opset}, the manifest's {manifest.onnx.opset}")
     for output in summary.outputs:
         tokens = output.shape[1] if len(output.shape) == 3 or output.name == TOKEN_SIZES else None
         if tokens is not None and tokens != manifest.plan.final_tokens:

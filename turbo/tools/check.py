@@ -19,6 +19,7 @@ from turbo.export.options import ExportOptions
 from turbo.export.quant_export import INT8
 from turbo.export.reference import prepare_model, validate_files
 from turbo.export.validate import deployed_vector, graph_problems, mean_cosine, seeded_pixels
+from turbo.graph.export_dir import manifest_mismatches
 from turbo.graph.summary import checker_error, summarize
 from turbo.graph.trt_lint import lint
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
@@ -73,14 +74,10 @@ def _graph_checks(directory: Path, manifest: Manifest, built, report: CheckRepor
     error = checker_error(model_path)
     report.add("onnx.checker (full)", error is None, error or "")
     summary = summarize(model_path)
-    graph = summary.to_dict()
-    opset = summary.opset
-    differing = [key for key in ("merge_r", "inputs", "outputs") if graph[key] != getattr(onnx_info, key)]
-    if opset != onnx_info.opset:
-        differing.append("opset")
+    differing = manifest_mismatches(summary, manifest)
+    found = [block.r for block in summary.merge_blocks]
     report.add("graph vs manifest", not differing,
-               f"differ: {', '.join(differing)}" if differing else
-               f"{graph['merge_blocks']} merge blocks, r {graph['merge_r']}, opset {opset}")
+               "; ".join(differing) or f"{len(found)} merge blocks, r {found}, opset {summary.opset}")
     if built is not None:
         problems = graph_problems(summary, built.plan, manifest.turbo.merge_kernel, onnx_info.static_batch)
         report.add("graph vs plan", not problems, "; ".join(problems) or f"final tokens {built.plan.final_tokens}")
