@@ -78,11 +78,11 @@ def test_plan_on_a_local_directory(tmp_path):
     "args, code, message",
     [
         (["plan", "--model", "nope"], 2, "unknown model 'nope'"),
-        (["plan", "--r", "-1"], 2, "r must be >= 0"),
+        (["plan", "--r", "-1"], 2, "--r must be at least 0, got -1"),
         (["plan", "--model", "vit-b16", "--r", "99"], 2, "at most r=98"),
         (["plan", "--schedule", "1,2"], 2, "lists 2 values but the model has 12 layers"),
         (["plan", "--method", "fast"], 2, "unknown method 'fast'"),
-        (["plan", "--alpha", "-1"], 2, "alpha must be a finite number >= 0"),
+        (["plan", "--alpha", "-1"], 2, "--alpha must be at least 0, got -1.0"),
         (["plan", "--model", "nobody/no-such-model"], 1, "cannot get its config"),
     ],
 )

@@ -173,7 +173,7 @@ def test_merge_and_quant_export_validates_and_runs(tmp_path, name, args):
     (["--quant", "gptq-int4", "--calib", "{empty}", "--group-size", "8"], "holds no images"),
     (["--quant", "gptq-int4", "--calib", "synthetic"], "--group-size 128 must divide"),
     (["--quant", "int3", "--calib", "synthetic"], "unknown --quant"),
-    (["--quant", "gptq-int4", "--calib", "{empty}/missing", "--group-size", "8"], "is neither a folder"),
+    (["--quant", "gptq-int4", "--calib", "{empty}/missing", "--group-size", "8"], "missing: no such file or folder"),
     (["--quant", "rtn-int4", "--calib", "synthetic", "--opset", "20"], "needs --opset 21"),
 ])
 def test_bad_quantization_input_writes_nothing(tmp_path, args, message):

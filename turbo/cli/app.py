@@ -3,12 +3,13 @@
 import typer
 
 from turbo import __version__
-from turbo.cli.output import user_errors
+from turbo.cli.output import OneLineUsageErrors, user_errors
 
 METHOD_HELP = "turbo | tome | semantic | none (default: the model's; tome for models without a CLS token)."
 IMAGE_SIZE_HELP = "Input size, H or HxW like 224x320 (default: the model's image processor's, else its config's)."
 
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     help="Turbo token merging for ViT-family and BLIP models: plan, export and profile merged models.",
     no_args_is_help=True,
     add_completion=False,
@@ -68,7 +69,7 @@ def export_command(
     r: str | None = typer.Option(None, "--r", help="Tokens merged per layer (default: the model's), or 'auto'."),
     data: str | None = typer.Option(None, "--data", help="--r auto: images to evaluate on (see turbo eval)."),
     max_drop: float | None = typer.Option(None, "--max-drop", help="--r auto: the largest drop allowed."),
-    metric: str = typer.Option("fidelity", "--metric", help="--r auto: accuracy | fidelity."),
+    metric: str | None = typer.Option(None, "--metric", help="--r auto: accuracy | fidelity (default fidelity)."),
     method: str | None = typer.Option(None, "--method", help=METHOD_HELP),
     alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
     threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
@@ -90,7 +91,8 @@ def export_command(
     json_output: bool = typer.Option(False, "--json", help="Print the manifest (turbo.json) on stdout."),
     quant: str | None = typer.Option(None, "--quant", help="Weight-only quantization of the encoder Linears: "
                                      "gptq-int4 | gptq-int8 | rtn-int4 (needs --calib)."),
-    group_size: int = typer.Option(128, "--group-size", help="--quant: input columns per weight scale."),
+    group_size: int | None = typer.Option(None, "--group-size", help="--quant: input columns per weight scale "
+                                          "(default 128)."),
     act_order: bool = typer.Option(False, "--act-order", help="--quant gptq-*: columns by decreasing Hessian "
                                    "diagonal (static groups)."),
     calib: str | None = typer.Option(None, "--calib", help="--quant: calibration images (folder, searched "
@@ -98,15 +100,18 @@ def export_command(
                                      "(BLIP's decoder calibrates on its captions); 'synthetic' for smoke tests only."),
     calib_images: str | None = typer.Option(None, "--calib-images", help="--calib FILE.json: its image root "
                                             "(default: the file's folder)."),
-    calib_size: int = typer.Option(128, "--calib-size", help="--quant: calibration images used."),
+    calib_size: int | None = typer.Option(None, "--calib-size", help="--quant: calibration images used (default "
+                                          "128)."),
     quant_heads: bool = typer.Option(False, "--quant-heads", help="--quant gptq-*/rtn-*: also the ViT classifier "
                                      "and BLIP's LM head (left fp32 by default, as the patch embedding always is)."),
-    calib_seed: int = typer.Option(0, "--calib-seed", help="--quant: seed of the calibration sample."),
+    calib_seed: int | None = typer.Option(None, "--calib-seed", help="--quant: seed of the calibration sample "
+                                          "(default 0)."),
     trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (model.plan) from the validated "
                              "ONNX and validate it against ONNX Runtime (needs TensorRT and an NVIDIA GPU)."),
-    trt_merge: str = typer.Option("plugin", "--trt-merge", help="--trt: plugin (turbo::TurboMerge, Triton kernel) "
-                                  "| native (the merge as TensorRT layers)."),
-    workspace: float = typer.Option(4.0, "--workspace", help="--trt: builder workspace limit in GB."),
+    trt_merge: str | None = typer.Option(None, "--trt-merge", help="--trt: plugin (turbo::TurboMerge, Triton "
+                                         "kernel; the default) | native (the merge as TensorRT layers)."),
+    workspace: float | None = typer.Option(None, "--workspace", help="--trt: builder workspace limit in GB "
+                                           "(default 4)."),
     min_batch: int | None = typer.Option(None, "--min-batch", help="--trt: profile minimum batch (default 1)."),
     opt_batch: int | None = typer.Option(None, "--opt-batch", help="--trt: batch the engine is tuned for (default 8)."),
     max_batch: int | None = typer.Option(None, "--max-batch", help="--trt: profile maximum batch (default 64)."),
@@ -118,26 +123,30 @@ def export_command(
     """
     from pathlib import Path
 
-    from turbo.cli.commands.export import parse_batch, parse_image_size, parse_r, run_export_command
+    from turbo.cli.commands.export import given, parse_batch, parse_image_size, parse_r, run_export_command
     from turbo.core.errors import UsageError
     from turbo.export.options import ExportOptions
     from turbo.export.tensorrt.stage import TrtOptions
     from turbo.tools.eval import AutoR
 
-    trt_options = (TrtOptions(precision, workspace, min_batch, opt_batch, max_batch, trt_merge, validate)
-                   if trt else None)
-    if not trt and (min_batch, opt_batch, max_batch) != (None, None, None):
-        raise UsageError("--min-batch, --opt-batch and --max-batch belong to --trt")
-    chosen = parse_r(r, data, max_drop)
+    engine = given(workspace_gb=workspace, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                   merge=trt_merge)
+    calibration = given(group_size=group_size, calib=calib, calib_images=calib_images, calib_size=calib_size,
+                        calib_seed=calib_seed)
+    if not trt and engine:
+        raise UsageError("--workspace, --min-batch, --opt-batch, --max-batch and --trt-merge belong to --trt")
+    if quant is None and calibration:
+        raise UsageError("--group-size, --calib, --calib-images, --calib-size and --calib-seed belong to --quant")
+    trt_options = TrtOptions(precision, validate=validate, **engine) if trt else None
+    chosen = parse_r(r, data, max_drop, metric)
     options = ExportOptions(model=model, r=None if chosen == "auto" else chosen, method=method, alpha=alpha,
                             threshold=threshold, schedule=schedule, kernel=merge_kernel, opset=opset,
                             batch=parse_batch(batch), image_size=parse_image_size(image_size),
                             random_weights=random_weights,
                             trt=trt_options, precision=None if trt else precision, validate=validate, tiny=tiny,
-                            merge_op=merge_op, quant=quant, group_size=group_size, act_order=act_order, calib=calib,
-                            calib_size=calib_size, calib_seed=calib_seed, calib_images=calib_images,
-                            quant_heads=quant_heads, decoder=decoder)
-    auto = AutoR(Path(data), max_drop, metric) if chosen == "auto" else None
+                            merge_op=merge_op, quant=quant, act_order=act_order, quant_heads=quant_heads,
+                            decoder=decoder, **calibration)
+    auto = AutoR(Path(data), max_drop, metric or "fidelity") if chosen == "auto" else None
     run_export_command(options, auto, output, force, json_output)
 
 
@@ -145,7 +154,8 @@ def export_command(
 @user_errors
 def bench_command(
     dirs: list[str] | None = typer.Argument(None, help="Exported directories to bench (ONNX Runtime)."),
-    model: str = typer.Option("blip-caption", "--model", "-m", help="Registry name, HF id or local model directory."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Registry name, HF id or local model directory "
+                                     "(default blip-caption)."),
     r: str | None = typer.Option(None, "--r", help="Comma-separated r values; 0 is always added (default: 0,model's)."),
     runtime: str = typer.Option("all", "--runtime", help="torch | ort | trt | all (comma-separated works too)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
@@ -174,10 +184,15 @@ def bench_command(
     from pathlib import Path
 
     from turbo.cli.commands.bench import parse_ints, parse_runtimes, run_bench_command
+    from turbo.cli.commands.export import given
+    from turbo.core.errors import UsageError
     from turbo.tools.bench import BenchOptions
 
+    if dirs and given(model=model, r=r):
+        raise UsageError("export directories carry their model and r; drop --model and --r (or bench --model "
+                         "without directories)")
     options = BenchOptions(
-        model=model, rs=parse_ints(r, "--r") if r else None,
+        model=model or "blip-caption", rs=parse_ints(r, "--r") if r else None,
         runtimes=None if runtime == "all" else parse_runtimes(runtime), device=device,
         batches=tuple(parse_ints(batch, "--batch", least=1, example="1,8,64")), precision=precision, warmup_s=warmup,
         iters=iters, duration_s=duration,
@@ -194,7 +209,8 @@ def bench_command(
 def eval_command(
     directory: str | None = typer.Argument(None, help="An export directory (run on ONNX Runtime), not --model."),
     data: str = typer.Option(..., "--data", help="Image folder: class folders (labels) or loose images."),
-    model: str = typer.Option("vit-b16", "--model", "-m", help="Registry name, HF id or local model directory."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Registry name, HF id or local model directory "
+                                     "(default vit-b16)."),
     r: str | None = typer.Option(None, "--r", help="Comma-separated r values, or 'auto' with --max-drop."),
     max_drop: float | None = typer.Option(None, "--max-drop", help="--r auto: the largest drop allowed."),
     metric: str = typer.Option("fidelity", "--metric", help="What --r auto bounds: accuracy | fidelity."),
@@ -214,13 +230,18 @@ def eval_command(
 
     from turbo.cli.commands.bench import parse_ints
     from turbo.cli.commands.eval import run_eval_command
+    from turbo.cli.commands.export import given
     from turbo.core.errors import UsageError
     from turbo.tools.eval import EvalOptions
 
     if (r == "auto") != (max_drop is not None):
         raise UsageError("--r auto and --max-drop go together")
+    if directory and given(model=model, r=r, threshold=threshold):
+        raise UsageError(f"{directory} is an export: its model, r and threshold are in its manifest; drop --model, "
+                         "--r and --threshold")
     options = EvalOptions(
-        model=model, data=Path(data), rs=None if r in (None, "auto") else parse_ints(r, "--r"), max_drop=max_drop,
+        model=model or "vit-b16", data=Path(data), rs=None if r in (None, "auto") else parse_ints(r, "--r"),
+        max_drop=max_drop,
         metric=metric, labels_file=Path(labels) if labels else None, captions=Path(captions) if captions else None,
         limit=limit, batch=batch, beams=beams, max_tokens=max_tokens, random_weights=random_weights, tiny=tiny,
         threshold=threshold, export_dir=Path(directory) if directory else None,

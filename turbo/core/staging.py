@@ -15,10 +15,11 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from turbo.core.errors import UsageError
+from turbo.core.errors import TurboError, UsageError
 
 HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # runs on shared storage tell hosts apart
 
@@ -33,8 +34,26 @@ def check_target(target: Path, force: bool, protect: Path | None = None) -> None
                              "--output")
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} exists and is not a directory; choose another --output")
-    if target.is_dir() and any(target.iterdir()) and not force:
+    if target.is_dir() and _contents(target) and not force:
         raise UsageError(f"{target} exists and is not empty; pass --force to replace it or choose another --output")
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot replace {target} (permission denied, read-only or immutable); choose another "
+                         "--output")
+
+
+def is_mount_point(path: Path) -> bool:
+    """Whether `path` is mounted on (a container volume), including a bind mount of a directory of
+    the same file system, which `os.path.ismount` does not see."""
+    if os.path.ismount(path):
+        return True
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    resolved = os.path.realpath(path)
+    # field 5 is the mount point, with space, tab, newline and backslash octal-escaped
+    points = (line.split(" ")[4].encode().decode("unicode_escape") for line in lines if line.count(" ") >= 4)
+    return any(point == resolved for point in points)
 
 
 @contextlib.contextmanager
@@ -68,14 +87,15 @@ def staged_directory(target: str | Path, force: bool = False) -> Iterator[Path]:
         created = [parent for parent in (target.parent, *target.parent.parents) if not parent.exists()]
         staging = lock = None
         try:
-            _make_parents(target)
+            home = _make_parents(target)
             lock = _claim(target)
-            home = target if os.path.ismount(target) else target.parent
             _remove_dead_stagings(home, target.name)
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{HOST}-{os.getpid()}.", suffix=".partial",
-                                            dir=home))
+            staging = _make_staging(home, target.name)
             yield staging
-            _replace(staging, target, force)
+            try:
+                _replace(staging, target, force, home == target)
+            except OSError as exc:
+                raise TurboError(f"cannot move the finished output into {target} ({exc.strerror or exc})") from None
         except BaseException:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -88,15 +108,24 @@ def staged_directory(target: str | Path, force: bool = False) -> Iterator[Path]:
         lock.unlink(missing_ok=True)
 
 
-def _make_parents(target: Path) -> None:
-    """Create the parents; a parent that is a file or not writable is one line, before any work."""
+def _make_parents(target: Path) -> Path:
+    """Create the parents; a parent that is a file or not writable is one line, before any work.
+    Returns where staging goes: beside `target`, or inside it when it is a mount point."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create {target.parent} ({exc.strerror or exc}); choose another --output") from None
-    home = target if os.path.ismount(target) else target.parent
+    home = target if is_mount_point(target) else target.parent
     if not os.access(home, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write in {home} (permission denied or read-only); choose another --output")
+    return home
+
+
+def _make_staging(home: Path, name: str) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{name}.{HOST}-{os.getpid()}.", suffix=".partial", dir=home))
+    except OSError as exc:  # a full disk, an immutable folder
+        raise UsageError(f"cannot write in {home} ({exc.strerror or exc}); choose another --output") from None
 
 
 def _owner(name: str) -> tuple[str, int] | None:
@@ -122,41 +151,83 @@ def _alive(owner: tuple[str, int] | None) -> bool:
     return True
 
 
+class OutputClaimed(UsageError):
+    """Another live run is writing the output path."""
+
+
+def _lock_path(target: Path) -> Path:
+    """`.NAME.lock` beside `target`, or inside it when it is a mount point (its parent may be read-only)."""
+    return (target if is_mount_point(target) else target.parent) / f".{target.name}.lock"
+
+
+def _live_holder(lock: Path) -> str | None:
+    """The run named in `lock` while it may still be working, else None."""
+    try:
+        holder = lock.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return (holder or "unknown") if _alive(_owner(f".x.{holder}")) else None
+
+
+def wait_for_other_run(target: str | Path, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Return once no live run holds `target` (a shared cache entry being built); one line after
+    `timeout_s`."""
+    target = Path(target).absolute()
+    deadline = time.monotonic() + timeout_s
+    while (holder := _live_holder(_lock_path(target))) is not None:
+        if time.monotonic() > deadline:
+            raise OutputClaimed(f"another turbo run ({holder}) has been writing {target} for over {timeout_s:.0f} s; "
+                                f"try again later, or remove {_lock_path(target)} if that run is gone")
+        time.sleep(poll_s)
+
+
 def _claim(target: Path) -> Path:
     """Take `.NAME.lock` beside `target` (a live holder: one line naming it; a dead one: taken over)."""
-    lock = target.parent / f".{target.name}.lock"
+    lock = _lock_path(target)
     for _ in range(2):
         try:
             descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = lock.read_text().strip() if lock.exists() else ""
-            if _alive(_owner(f".x.{holder}")):
-                raise UsageError(f"another turbo run ({holder or 'unknown'}) is writing {target}; wait for it, or "
-                                 f"remove {lock} if that run is gone") from None
+            if (holder := _live_holder(lock)) is not None:
+                raise OutputClaimed(f"another turbo run ({holder}) is writing {target}; wait for it, or remove "
+                                    f"{lock} if that run is gone") from None
             lock.unlink(missing_ok=True)  # its run died: take it over
             continue
+        except OSError as exc:
+            raise UsageError(f"cannot write in {lock.parent} ({exc.strerror or exc}); choose another "
+                             "--output") from None
         with os.fdopen(descriptor, "w") as handle:
             handle.write(f"{HOST}-{os.getpid()}\n")
         return lock
     raise UsageError(f"cannot claim {target} ({lock} keeps reappearing); try again")
 
 
+def _contents(target: Path) -> list[Path]:
+    """What is in `target`, less turbo's own lock and staging directories (inside a mount point)."""
+    lock = f".{target.name}.lock"
+    return [entry for entry in target.iterdir() if entry.name != lock and not _is_staging(entry, target.name)]
+
+
+def _is_staging(entry: Path, name: str) -> bool:
+    return entry.is_dir() and entry.name.startswith(f".{name}.") and entry.name.endswith(".partial")
+
+
 def _remove_dead_stagings(home: Path, name: str) -> None:
     """Remove `.NAME.*.partial` directories of this host's runs that no longer exist."""
     for stale in home.glob(f".{name}.*.partial"):
-        if stale.is_dir() and not _alive(_owner(stale.name)):
+        if _is_staging(stale, name) and not _alive(_owner(stale.name)):
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _replace(staging: Path, target: Path, force: bool) -> None:
+def _replace(staging: Path, target: Path, force: bool, mounted: bool) -> None:
     _normal_permissions(staging)
-    if os.path.ismount(target):
+    if mounted:
         _replace_contents(staging, target, force)
         return
     if not target.exists():
         staging.rename(target)
         return
-    if not force and any(target.iterdir()):
+    if not force and _contents(target):
         raise UsageError(f"{target} was written by another run meanwhile; kept it (pass --force to replace it)")
     retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
     retired.rmdir()
@@ -171,7 +242,7 @@ def _replace(staging: Path, target: Path, force: bool) -> None:
 
 def _replace_contents(staging: Path, target: Path, force: bool) -> None:
     """A mount point stays: its old entries go (with --force), the staged ones move in."""
-    old = [entry for entry in target.iterdir() if entry != staging]
+    old = _contents(target)
     if old and not force:
         raise UsageError(f"{target} was written by another run meanwhile; kept it (pass --force to replace it)")
     for entry in old:

@@ -60,7 +60,8 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
     validation still writes the directory, with the manifest saying failed."""
     started = now()
     check_export_options(options.opset, options.precision, options.batch, options.kernel, options.merge_op)
-    check_quant_options(options.quant, options.calib, options.opset, options.precision, options.group_size)
+    check_quant_options(options.quant, options.calib, options.opset, options.precision, options.group_size,
+                        options.calib_images)
     if options.trt is not None:
         if options.precision != options.trt.onnx_precision():
             raise UsageError(f"a {options.trt.precision} engine is built from {options.trt.onnx_precision()} ONNX, "

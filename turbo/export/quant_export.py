@@ -14,7 +14,7 @@ from torch import nn
 
 from turbo.core.errors import TurboError, UsageError
 from turbo.core.manifest import CalibrationRecord, QuantizationRecord
-from turbo.data.images import calibration_set
+from turbo.data.images import SYNTHETIC, calibration_set
 from turbo.export.decoder_validate import reference_ids
 from turbo.export.onnx_export import rewrite_onnx
 from turbo.export.validate import mean_cosine, seeded_pixels, weighted_mean_token
@@ -38,7 +38,8 @@ MIN_TOP1_AGREEMENT = {8: 0.95, 4: 0.80}
 MIN_CAPTION_AGREEMENT = {8: 0.95, 4: 0.80}  # next tokens equal to fp32's, teacher-forced on fp32 captions
 
 
-def check_quant_options(quant: str | None, calib: str | None, opset: int, precision: str, group: int) -> None:
+def check_quant_options(quant: str | None, calib: str | None, opset: int, precision: str, group: int,
+                        calib_images: str | None = None) -> None:
     if quant is None:
         return
     if quant not in MODES:
@@ -46,6 +47,9 @@ def check_quant_options(quant: str | None, calib: str | None, opset: int, precis
     if calib is None:
         raise UsageError("a quantized export needs calibration images: pass --calib IMAGES (a folder of images or an "
                          "HF datasets directory; --calib synthetic only for smoke tests)")
+    for option, path in (("--calib", calib), ("--calib-images", calib_images)):
+        if path is not None and path != SYNTHETIC and not Path(path).exists():
+            raise UsageError(f"{option} {path}: no such file or folder")
     if opset < MIN_OPSET and quant != INT8:
         raise UsageError(f"--quant writes blocked DequantizeLinear, which needs --opset {MIN_OPSET} or later")
     if precision != "fp32":

@@ -19,6 +19,7 @@ from turbo.core.cache import cache_root
 from turbo.core.errors import EXIT_MISSING_RUNTIME, TurboError, UsageError
 from turbo.core.files import MODEL_FILE
 from turbo.core.manifest import now, read_export_manifest, versions
+from turbo.core.staging import OutputClaimed, wait_for_other_run
 from turbo.export.onnx_export import ExportModule
 from turbo.export.options import ExportOptions
 from turbo.export.pipeline import run_export
@@ -45,6 +46,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 DEFAULT_ITERS = 20  # timed rounds when neither iters nor duration_s is given
 NO_DECODER = "the export has no text decoder (re-export it with this turbo version)"
 NO_CAPTION_ENGINES = "an export has no TensorRT decoder engines (re-export it with --trt and its text decoder)"
+CACHE_WAIT_S = 30 * 60  # a full-size BLIP export with validation takes minutes
 EXPORT_FORMAT = 6  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface;
 #                    4: leaner merge graph; 5: batched GatherND, one ranking TopK; 6: the turbo package, manifest v2)
 Progress = Callable[[str], None]
@@ -240,21 +242,28 @@ def _passed(directory: Path) -> bool:
 
 def _cached_export(export_options, progress: Progress) -> Path:
     """A validated export from the cache, built once per distinct option set and model content
-    (a checkpoint replaced in place gets a new entry)."""
+    (a checkpoint replaced in place gets a new entry). An entry another run is building is waited for."""
 
     source = resolve_source(export_options.model, tiny=export_options.tiny)
     content = content_fingerprint(source, export_options.random_weights)
     key = hashlib.sha256(json.dumps([asdict(export_options), content, versions(), EXPORT_FORMAT], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
     out = cache_root() / "exports" / f"{Path(export_options.model).name}-r{export_options.r}-{key}"
-    if _passed(out):
-        progress(f"using cached export {out}")
+    for _ in range(3):
+        wait_for_other_run(out, CACHE_WAIT_S)
+        if _passed(out):
+            progress(f"using cached export {out}")
+            return out
+        progress(f"exporting {export_options.model} r={export_options.r} ({export_options.precision}) to {out}")
+        try:
+            result = run_export(export_options, out, force=True)
+        except OutputClaimed:  # another run claimed it between the wait and this export: wait for it
+            continue
+        if not result.passed:
+            raise TurboError(f"the r={export_options.r} export failed validation ({out}/turbo.json); not "
+                             "benchmarking it")
         return out
-    progress(f"exporting {export_options.model} r={export_options.r} ({export_options.precision}) to {out}")
-    result = run_export(export_options, out, force=True)
-    if not result.passed:
-        raise TurboError(f"the r={export_options.r} export failed validation ({out}/turbo.json); not benchmarking it")
-    return out
+    raise TurboError(f"the cached export {out} keeps being rebuilt by other runs; try again")
 
 
 def _ort_runner(directory: Path, options: BenchOptions, workload: str = "encoder") -> Runner:

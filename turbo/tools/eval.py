@@ -255,12 +255,17 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         raise UsageError(f"--batch must be at least 1, not {options.batch}")
     if options.limit is not None and options.limit < 1:
         raise UsageError(f"--limit must be at least 1 image, not {options.limit}")
+    for option, path in (("--labels", options.labels_file), ("--captions", options.captions)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{option} {path}: no such file")
     manifest = None
     if options.export_dir is not None:
         options, manifest = _from_export(options)
     source = resolve_source(options.model, tiny=options.tiny)
     task = source.adapter.task_of(source.architecture)
     captioning = task is CAPTIONING
+    if options.captions is not None and not captioning:
+        raise UsageError(f"--captions is for captioning models; {source.name} is an {task.name} model")
     samples, classes = _load_samples(options, task)
     if not samples:
         raise UsageError(f"--data {options.data}: no images to evaluate")

@@ -1,5 +1,6 @@
 """`turbo bench`: a table per runtime and workload, JSON on stdout, an optional PNG plot."""
 
+import os
 from pathlib import Path
 
 from rich.markup import escape
@@ -13,7 +14,7 @@ def parse_ints(text: str, option: str, least: int = 0, example: str = "0,8,16") 
     from turbo.core.errors import UsageError
 
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",")]
     except ValueError:
         values = []
     if not values or min(values) < least:
@@ -29,10 +30,15 @@ def parse_runtimes(text: str) -> tuple[str, ...]:
 def _check_plot_dependency(plot: str | None) -> None:
     import importlib.util
 
-    from turbo.core.errors import TurboError
+    from turbo.core.errors import TurboError, UsageError
 
-    if plot and importlib.util.find_spec("matplotlib") is None:
+    if not plot:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
         raise TurboError("--plot needs matplotlib: pip install -e '.[plot]'")
+    folder = Path(plot).absolute().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--plot {plot}: cannot write in {folder} (not a writable folder)")
 
 
 def _table(rows: list[dict], title: str) -> Table:

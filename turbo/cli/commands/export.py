@@ -12,13 +12,18 @@ from rich.table import Table
 from turbo.cli.output import fail, print_json, stderr
 
 
+def _digits(text: str) -> bool:
+    """Only 0-9 ('²'.isdigit() is True, but int('²') fails)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_batch(text: str) -> int | None:
     """'dynamic' -> None (dynamic batch axis); a positive integer -> a static batch."""
     from turbo.core.errors import UsageError
 
     if text == "dynamic":
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not _digits(text) or int(text) < 1:
         raise UsageError(f"--batch takes a positive integer or 'dynamic', not {text!r}")
     return int(text)
 
@@ -30,20 +35,25 @@ def parse_image_size(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
     parts = text.lower().split("x")
-    if len(parts) > 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+    if len(parts) > 2 or not all(_digits(part) and int(part) > 0 for part in parts):
         raise UsageError(f"--image-size takes H or HxW in pixels (like 224 or 224x320), not {text!r}")
     height, width = (int(parts[0]), int(parts[-1]))
     return height, width
 
 
-def parse_r(r: str | None, data: str | None, max_drop: float | None) -> int | str | None:
+def given(**options) -> dict:
+    """The options the user gave (those not left at None)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def parse_r(r: str | None, data: str | None, max_drop: float | None, metric: str | None = None) -> int | str | None:
     """`--r N` -> N, `--r auto` -> "auto" (with --data and --max-drop), no --r -> None (the model's)."""
     from turbo.core.errors import UsageError
 
     if r != "auto":
-        if data is not None or max_drop is not None:
-            raise UsageError("--data and --max-drop belong to --r auto")
-        if r is not None and not r.isdigit():
+        if data is not None or max_drop is not None or metric is not None:
+            raise UsageError("--data, --max-drop and --metric belong to --r auto")
+        if r is not None and not _digits(r):
             raise UsageError(f"--r takes a non-negative integer or 'auto', not {r!r}")
         return None if r is None else int(r)
     if data is None or max_drop is None:
