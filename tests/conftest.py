@@ -57,6 +57,13 @@ def upstream_outputs(model, pixel_values: torch.Tensor, **kwargs) -> dict[str, t
     with torch.no_grad():
         if hasattr(model, "text_decoder"):
             return {"image_embeds": model.vision_model(pixel_values=pixel_values, **kwargs).last_hidden_state}
+        if hasattr(model, "itm_head"):  # BLIP retrieval: its forward's ITC image feature and image tokens
+            tokens = model.vision_model(pixel_values=pixel_values, **kwargs).last_hidden_state
+            return {"image_embeds": torch.nn.functional.normalize(model.vision_proj(tokens[:, 0, :]), dim=-1),
+                    "last_hidden_state": tokens}
+        if hasattr(model, "get_image_features"):  # image-text models: their image side
+            features = model.get_image_features(pixel_values=pixel_values, **kwargs)
+            return {"image_embeds": features.pooler_output, "last_hidden_state": features.last_hidden_state}
         return {name: value for name, value in model(pixel_values=pixel_values, **kwargs).items() if value is not None}
 
 

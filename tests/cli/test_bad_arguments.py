@@ -28,9 +28,10 @@ BASE = {  # valid arguments for each command, so that only the option under test
     "bench": ["{export}", "--batch", "2", "--iters", "1", "--warmup", "0"],
     "eval": ["{export}", "--data", "{images}"],
     "caption": ["{export}", "{image}"],
+    "retrieve": ["{export}", "--images", "{images}", "--texts", "{texts}"],
     "check": ["{export}"],
 }
-ZERO_IS_VALID = {"r", "threshold", "min_length", "calib_seed"}
+ZERO_IS_VALID = {"r", "threshold", "min_length", "calib_seed", "itm_rerank"}
 CHOICES = ["method", "metric", "merge_kernel", "merge_op", "precision", "quant", "trt_merge", "runtime", "device",
            "ort_merge", "torch_merge"]
 TEXT = {  # str options: values each must refuse
@@ -43,6 +44,8 @@ TEXT = {  # str options: values each must refuse
     "data": ["{tmp}/missing"],
     "calib": ["{tmp}/missing"],
     "calib_images": ["{tmp}/missing"],
+    "images": ["{tmp}/missing"],
+    "texts": ["{tmp}/missing", "{tmp}/file/texts.txt"],
     "labels": ["{tmp}/missing"],
     "captions": ["{tmp}/missing"],
     "baseline": ["{tmp}/missing"],
@@ -88,7 +91,9 @@ def places(tmp_path_factory) -> dict[str, str]:
     for i in range(2):
         Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
     export = tiny_export(tmp_path_factory, "vit-b16", 4, batch=2).directory
-    return {"export": str(export), "images": str(images), "image": str(images / "0.png")}
+    (images.parent / "texts.txt").write_text("a cat\n")
+    return {"export": str(export), "images": str(images), "image": str(images / "0.png"),
+            "texts": str(images.parent / "texts.txt")}
 
 
 @pytest.mark.parametrize("command, flag, name, value", CASES, ids=[f"{c} {f} {v}" for c, f, _, v in CASES])

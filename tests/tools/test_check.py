@@ -44,6 +44,11 @@ def check(directory: Path, *extra: str):
     return runner.invoke(app, ["check", str(directory), *extra])
 
 
+def detail_of(result, name: str) -> str:
+    """One check's detail, from the JSON report (the table wraps long paths anywhere)."""
+    return next(item["detail"] for item in json.loads(result.stdout)["checks"] if item["name"] == name)
+
+
 def test_the_workflow_commands_pass(exported):
     assert [args[0] for args in workflow_commands()] == ["export", "check"]
     check_args = workflow_commands()[1]
@@ -67,9 +72,10 @@ def test_an_impossible_speed_gate_fails(exported):
 def test_a_corrupted_manifest(exported, tmp_path):
     directory = copy_of(exported, tmp_path)
     (directory / "turbo.json").write_text('{"status": "passed", "plan": ')
-    result = check(directory)
+    result = check(directory, "--json")
     assert result.exit_code == 3
-    assert "turbo.json is not readable JSON" in result.output and "re-export" in result.output
+    detail = detail_of(result, "manifest")
+    assert "turbo.json is not readable JSON" in detail and "re-export" in detail
     assert "error:" in result.output and "Traceback" not in result.output
 
 
@@ -119,8 +125,8 @@ def test_weights_edited_after_export(exported, tmp_path):
 def test_missing_model_file_and_missing_directory(exported, tmp_path):
     directory = copy_of(exported, tmp_path)
     (directory / "model.onnx").unlink()
-    result = check(directory)
-    assert result.exit_code == 3 and "model.onnx is missing" in result.output
+    result = check(directory, "--json")
+    assert result.exit_code == 3 and "model.onnx is missing" in detail_of(result, "files")
     missing = check(tmp_path / "nowhere")
     assert missing.exit_code == 2 and "is not a directory" in missing.output
     assert len(missing.output.strip().splitlines()) == 1

@@ -4,6 +4,7 @@ manifest field, swapping graphs between exports or passing another model as the 
 one line on stderr, a non-zero exit, empty stdout and nothing written. Outputs never replace the
 model being read, one run at a time owns an output path, and dead runs' staging is cleaned."""
 
+import functools
 import json
 import os
 import shutil
@@ -86,7 +87,8 @@ def test_an_edited_manifest_field_is_one_line(exports, images, tmp_path_factory,
     """Any recorded file's hash, the plan's r, the input shape, or a manifest that is not an object."""
     directory = Path(shutil.copytree(exports["r4"], tmp_path_factory.mktemp("edit") / "export"))
     manifest = json.loads((directory / "turbo.json").read_text())
-    edit = data.draw(st.sampled_from(["hash", "size", "plan r", "input", "not an object", "no files"]), label="edit")
+    edit = data.draw(st.sampled_from(["hash", "size", "plan r", "input", "not an object", "no files", "outside"]),
+                     label="edit")
     if edit == "hash":
         manifest["files"]["model.onnx"]["sha256"] = "0" * 64
     elif edit == "size":
@@ -97,6 +99,8 @@ def test_an_edited_manifest_field_is_one_line(exports, images, tmp_path_factory,
         manifest["onnx"]["inputs"][0]["shape"] = [2, 1, 48, 48]
     elif edit == "no files":
         del manifest["files"]
+    elif edit == "outside":  # a recorded name that would hash a file outside the export
+        manifest["files"]["../" + directory.parent.name + "/export/model.onnx"] = manifest["files"]["model.onnx"]
     else:
         manifest = data.draw(st.sampled_from([[], "text", 3, None]), label="not an object")
     (directory / "turbo.json").write_text(json.dumps(manifest))
@@ -241,3 +245,34 @@ def test_a_relative_model_path_is_recorded_absolute(tmp_path, monkeypatch):
     load_model(resolve_source("vit-b16", tiny=True), random_weights=True).save_pretrained(tmp_path / "ckpt")
     monkeypatch.chdir(tmp_path)
     assert resolve_source("ckpt").location == str((tmp_path / "ckpt").resolve())
+
+
+def _leaves(value, path=()):
+    """Every (path, value) of a JSON document's leaves and containers."""
+    yield path, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        yield from _leaves(item, (*path, key))
+
+
+OTHER_TYPES = {"null": None, "text": "x", "number": -7, "fraction": 0.5, "list": [], "object": {}, "true": True}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_manifest_value_of_another_type_is_refused_in_one_line_or_harmless(exports, images, tmp_path_factory,
+                                                                               data):
+    """Every field, at any depth, replaced by a value of another JSON type: the command either runs
+    (the field is free-form, e.g. the validation report) or ends in one error line, never a traceback."""
+    directory = Path(shutil.copytree(exports["r4"], tmp_path_factory.mktemp("retype") / "export"))
+    manifest = json.loads((directory / "turbo.json").read_text())
+    paths = [path for path, _ in _leaves(manifest) if path]
+    path = data.draw(st.sampled_from(paths), label="field")
+    old = functools.reduce(lambda node, key: node[key], path, manifest)
+    new = data.draw(st.sampled_from([v for v in OTHER_TYPES.values() if type(v) is not type(old)]), label="value")
+    functools.reduce(lambda node, key: node[key], path[:-1], manifest)[path[-1]] = new
+    (directory / "turbo.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, COMMANDS["bench"](directory, images))
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    if result.exit_code != 0:
+        one_line_error(result)

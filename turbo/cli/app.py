@@ -269,6 +269,31 @@ def caption_command(
     run_caption_command(directory, images, beams, max_length, min_length, prompt, batch, json_output)
 
 
+@app.command("retrieve")
+@user_errors
+def retrieve_command(
+    directory: str = typer.Argument(..., help="An image-text retrieval `turbo export` directory (e.g. clip-vit-b16)."),
+    images: list[str] = typer.Option(..., "--images", help="Image files or folders (searched recursively); "
+                                     "repeat for more."),
+    texts: str = typer.Option(..., "--texts", help="Texts to rank, one per line (UTF-8; empty lines skipped)."),
+    top_k: int = typer.Option(5, "--top-k", help="Matches listed per image and per text."),
+    batch: int = typer.Option(16, "--batch", help="Images per encoder run (the export's batch when static)."),
+    strict: bool = typer.Option(False, "--strict", help="An unreadable image is an error (default: skipped, "
+                                "with a note listing them)."),
+    itm_rerank: int = typer.Option(0, "--itm-rerank", help="BLIP: re-score each image's top N texts and each text's "
+                                   "top N images with the image-text matching head, as BLIP's k_test (0: off)."),
+    json_output: bool = typer.Option(False, "--json", help="Print both rankings and their logits as JSON."),
+) -> None:
+    """Rank texts for each image and images for each text by embedding similarity, on ONNX Runtime."""
+    from pathlib import Path
+
+    from turbo.cli.commands.retrieve import run_retrieve_command
+    from turbo.tools.retrieve import RetrieveOptions
+
+    run_retrieve_command(RetrieveOptions(Path(directory), images, Path(texts), top_k, batch, strict,
+                                         itm_rerank=itm_rerank), json_output)
+
+
 @app.command("check")
 @user_errors
 def check_command(

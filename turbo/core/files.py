@@ -10,7 +10,13 @@ WITH_PAST_FILE = "decoder_with_past_model.onnx"  # captioning: one token with th
 DECODER_WEIGHTS_FILE = "decoder.onnx.data"  # both decoder graphs' weights, each tensor once
 GENERATION_FILE = "generation_config.json"  # captioning: token ids and lengths, transformers' format
 TOKENIZER_FILE = "tokenizer_config.json"
+TEXT_ENCODER_FILE = "text_encoder.onnx"  # retrieval: texts -> embeddings (weights of 1 GiB or more in .data)
+MATCH_FILE = "itm.onnx"  # retrieval with a matching head: (text, image tokens) -> match logits
 
 # Tensor names of the encoder graph
 INPUT_NAME = "pixel_values"
+TEXT_INPUTS = ("input_ids", "attention_mask")  # the text encoder's, (B, L) int64 each
+TEXT_EMBEDS = "text_embeds"  # the text encoder's output (B, D)
+IMAGE_TOKENS = "image_tokens"  # the matching head's image input (B, N, C)
+MATCH_LOGITS = "itm_logits"  # the matching head's output (B, 2): index 1, "the text matches the image"
 TOKEN_SIZES = "token_sizes"  # (B, N_final): patches each output token stands for, the merge fingerprint

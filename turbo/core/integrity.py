@@ -50,6 +50,9 @@ def verify_files(directory: Path, files: dict[str, dict]) -> None:
                              "re-export the directory")
     for name, recorded in files.items():
         path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise IntegrityError(f"{directory}/{MANIFEST_FILE} records a file outside the export ({name}); "
+                                 "re-export the directory")
         if not path.is_file():
             raise IntegrityError(f"{path} is missing (the export recorded it); re-export the directory")
         try:

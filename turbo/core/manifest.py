@@ -133,6 +133,25 @@ class DecoderRecord:
 
 
 @dataclass
+class TextRecord:
+    """A retrieval export's text encoder: texts padded to `max_length` tokens -> embeddings in the
+    space of the image embeddings; similarity logits are `logit_scale` times their cosine."""
+
+    file: str
+    max_length: int
+    embed_dim: int
+    logit_scale: float
+    precision: str
+    tokenizer: Json = field(default_factory=dict)  # origin: the checkpoint's, or a placeholder vocabulary
+    match_file: str | None = None  # the image-text matching head (BLIP's ITM), when the model has one
+    image_tokens: int | None = None  # the image tokens it reads (the plan's final tokens)
+
+    @property
+    def files(self) -> list[str]:
+        return [self.file] + ([self.match_file] if self.match_file else [])
+
+
+@dataclass
 class CalibrationRecord:
     source: str  # an image folder, a datasets directory, a captions file, or "synthetic"
     count: int
@@ -195,6 +214,7 @@ class Manifest:
     finished: str
     stage_seconds: dict[str, float]
     decoder: DecoderRecord | None = None
+    text: TextRecord | None = None
     quantization: QuantizationRecord | None = None
     tensorrt: TensorRTRecord | None = None
     files: dict[str, Json] = field(default_factory=dict)  # every file's "bytes" and "sha256" (core/integrity.py)
@@ -210,7 +230,7 @@ class Manifest:
             if item.name == "schema_version":
                 continue
             value = getattr(self, item.name)
-            if value is None and item.name in ("decoder", "quantization", "tensorrt"):
+            if value is None and item.name in ("decoder", "text", "quantization", "tensorrt"):
                 continue
             data[item.name] = _plain(value)
         return data
@@ -272,12 +292,23 @@ def _value(hint: Any, value: Any, where: str) -> Any:
         elif hasattr(option, "__dataclass_fields__"):
             if isinstance(value, dict):
                 return _record(option, value, where)
-        elif _is(value, typing.get_origin(option) or option):
+        elif _is(value, option):
             return value
     raise ManifestError(f"{where} is {type(value).__name__}, not {_name(hint)}; re-export the directory")
 
 
 def _is(value: Any, kind: Any) -> bool:
+    """Whether `value` is of the plain type or generic `kind` (list[int], dict[str, Any], ...),
+    elements included."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        return isinstance(value, list) and all(_is(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_is(k, args[0]) and _is(v, args[1]) for k, v in value.items())
+    if origin is not None and (origin is types.UnionType or origin is typing.Union):
+        return any(_is(value, arg) for arg in args)
+    if kind is type(None):
+        return value is None
     if kind is Any:
         return True
     if kind is float:

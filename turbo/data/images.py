@@ -60,6 +60,34 @@ def _images(root: Path) -> list[Path]:
     return [p for p in found if p.is_file()]
 
 
+def image_files(paths: list[str | Path], option: str = "--images") -> list[Path]:
+    """Image files from files and folders (searched recursively), in the order given; a path
+    that does not exist, or no image at all, is a one-line error."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += _images(path)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UsageError(f"{option} {path}: no such file or folder")
+    if not found:
+        raise UsageError(f"{option} {', '.join(map(str, paths))} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
+
+
+def unreadable_images(paths: list[Path]) -> list[Path]:
+    """The files PIL cannot open as images (truncated, not an image, unreadable)."""
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, UnidentifiedImageError, ValueError):
+            bad.append(path)
+    return bad
+
+
 def image_folder(root: str | Path, labels_file: str | Path | None = None) -> tuple[list[Sample], list[str] | None]:
     """Class folders (`root/<class>/<image>`): sorted folder names, or the order of `labels_file`
     (one class folder name per line), give the labels. A folder of loose images gives unlabeled

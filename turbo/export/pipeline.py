@@ -32,6 +32,7 @@ from turbo.export.options import ExportOptions, Stage, no_stage
 from turbo.export.quant_export import check_quant_options
 from turbo.export.reference import prepare_model, validate_files
 from turbo.export.tensorrt.stage import build_and_validate, check_trt_options
+from turbo.export.text_export import export_text_tower
 from turbo.export.validate import ValidationReport
 from turbo.graph.summary import GraphSummary, summarize
 from turbo.models.build import BuiltPlan
@@ -80,7 +81,9 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
 
     with staged_directory(output, force) as staging:
         captioning = built.source.adapter.caption_decoder is not None and options.decoder
-        tokenizer = (lambda: load_tokenizer(built.source, options.random_weights)) if captioning else None
+        retrieval = built.source.adapter.text_tower is not None
+        reads_text = captioning or retrieval
+        tokenizer = (lambda: load_tokenizer(built.source, options.random_weights)) if reads_text else None
         reference = prepare_model(built, options, tokenizer, timed)
         model, module, quantized = reference.model, reference.module, reference.quantized
         with timed("export"):
@@ -99,18 +102,23 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
             with timed("decoder"):
                 decoder = export_captioner(model, built.source, reference.tokenizer, staging, built.plan.final_tokens,
                                            options.opset, quantized.decoder_weights if quantized else None)
+        text = None
+        if retrieval:
+            with timed("text"):
+                text = export_text_tower(model, built.source, reference.tokenizer, staging, options.opset,
+                                         built.plan.final_tokens)
         summary = summarize(staging / MODEL_FILE)
         report = None
         if options.validate:
             with timed("validate"):
-                report = validate_files(reference, built, options, staging, summary, decoder)
+                report = validate_files(reference, built, options, staging, summary, decoder, text)
         warnings = []
         if not options.random_weights and processor_origin.endswith("default"):
             warnings.append(f"{built.source.location} has no image processor config; wrote the "
                             f"{processor_origin} (check its mean/std and resize before serving)")
         manifest = _manifest(built, options, model, summary, report, staging, processor_origin, seconds, started,
                              command_line)
-        manifest.decoder = decoder
+        manifest.decoder, manifest.text = decoder, text
         manifest.quantization = quantized.record() if quantized is not None else None
         engine_report = missing = None
         if options.trt is not None:

@@ -12,11 +12,12 @@ from pathlib import Path
 from torch import nn
 
 from turbo.core.files import MODEL_FILE
-from turbo.core.manifest import DecoderRecord
+from turbo.core.manifest import DecoderRecord, TextRecord
 from turbo.export.decoder_validate import captions_are_exact, validate_decoder
 from turbo.export.onnx_export import ExportModule
 from turbo.export.options import ExportOptions, Stage, no_stage
 from turbo.export.quant_export import INT8, QuantizedModel, quantize_model
+from turbo.export.text_export import validate_text_tower
 from turbo.export.validate import ValidationReport, validate_export
 from turbo.graph.summary import GraphSummary
 from turbo.models.build import BuiltPlan
@@ -58,11 +59,12 @@ def prepare_model(built: BuiltPlan, options: ExportOptions,
 
 
 def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportOptions, directory: Path,
-                   summary: GraphSummary, decoder: DecoderRecord | None,
+                   summary: GraphSummary, decoder: DecoderRecord | None, text: TextRecord | None = None,
                    static_checks: bool = True) -> ValidationReport:
     """The encoder graph against the PyTorch model (and against the plan, with static_checks); a
-    captioning export's decoder graphs and whole captions against upstream generate; a quantized
-    export's quality against the fp32 model."""
+    captioning export's decoder graphs and whole captions against upstream generate; a retrieval
+    export's text encoder against the PyTorch text tower; a quantized export's quality against the
+    fp32 model."""
     path = directory / MODEL_FILE
     report = validate_export(reference.module, reference.module.output_names(), path, summary,
                              built.plan, options.kernel, options.batch, options.precision, built.pixel_shape,
@@ -73,6 +75,10 @@ def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportO
         validate_decoder(reference.model, built.source.adapter.caption_decoder, pipeline, report, built.pixel_shape,
                          built.interpolate_pos_encoding, decoder.prompt,
                          captions_are_exact(options.precision, options.quant), options.seed)
+    if text is not None:
+        adapter = built.source.adapter
+        validate_text_tower(reference.model, adapter.text_tower, directory, text,
+                            adapter.vision_config(built.source.config).hidden_size, report)
     if quantized is not None:
         quantized.check_quality(reference.module, report, path, built.pixel_shape)
         if decoder is not None:  # as deployed: ONNX Runtime's default kernels

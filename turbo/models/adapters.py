@@ -35,6 +35,8 @@ class Task:
 CLASSIFICATION = Task("image-classification", "agreement", "top1", "class folders")
 CAPTIONING = Task("image-captioning", "exact_match", "cider", "--captions")
 EMBEDDING = Task("image-embedding", "cosine", "knn_top1", "class folders")  # backbones and retrieval towers
+# image and text towers; `turbo eval` measures the image embeddings (as EMBEDDING) on image folders
+RETRIEVAL = Task("image-text-retrieval", "cosine", "knn_top1", "class folders")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,33 @@ class CaptionDecoder:
     generation_ids: Callable[[object], dict[str, int]]  # config -> bos/eos/pad token ids as generate uses them
     placeholder_tokenizer: Callable[[object], object]  # config -> a made-up vocabulary (random weights only)
     lm_head: Callable[[nn.Module], nn.Linear]  # decoder -> its vocabulary projection
+
+    def special_ids(self, config: object) -> dict[str, int]:
+        return self.generation_ids(config)
+
+
+@dataclass(frozen=True)
+class MatchHead:
+    """A family's image-text matching head (BLIP's ITM): a text read with cross-attention over the
+    merged image tokens -> match logits (B, 2), index 1 meaning "the text matches the image"."""
+
+    # (model, input_ids, attention_mask, image_tokens (B, N, C)) -> logits (B, 2)
+    logits: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    image_tokens_output: str  # the image encoder's output it reads
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """A family's text encoder for image-text retrieval: texts -> embeddings in the space of the
+    image embeddings (the export's first output)."""
+
+    # (model, input_ids, attention_mask) -> text embeddings (B, D), projected, not normalised
+    embed: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+    max_length: Callable[[object], int]  # config -> tokens per text (texts are padded to it: a static shape)
+    logit_scale: Callable[[nn.Module], float]  # model -> the factor on cosine similarities that gives its logits
+    special_ids: Callable[[object], dict[str, int]]  # config -> the tokenizer's special ids the model relies on
+    placeholder_tokenizer: Callable[[object], object]  # config -> a made-up vocabulary (random weights only)
+    match: MatchHead | None = None  # a head that re-scores (text, image) pairs, when the family has one
 
 
 @dataclass(frozen=True)
@@ -68,6 +97,7 @@ class FamilyAdapter:
     task: Task = CLASSIFICATION  # of its head architectures
     embedders: tuple[str, ...] = ()  # its architectures that output embeddings (EMBEDDING), not the task's
     caption_decoder: CaptionDecoder | None = None
+    text_tower: TextTower | None = None
     classifier: Callable[[nn.Module], nn.Module | None] = lambda model: None  # model -> its class head, if any
     # Parts a checkpoint may lack, by weight-name prefix, and how to remove them so that nothing
     # randomly initialised is exported; any other missing weight refuses the checkpoint.
@@ -97,6 +127,11 @@ class FamilyAdapter:
 
     def patch_size(self, config: object) -> tuple[int, int]:
         return as_pair(self.vision_config(config).patch_size)
+
+    @property
+    def text_side(self) -> CaptionDecoder | TextTower | None:
+        """What reads text: the caption decoder or the retrieval text tower (they need a tokenizer)."""
+        return self.caption_decoder or self.text_tower
 
     def task_of(self, architecture: str) -> Task:
         return EMBEDDING if architecture in self.embedders else self.task

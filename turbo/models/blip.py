@@ -15,11 +15,11 @@ from turbo.models.adapters import CAPTIONING, BlockParts, CaptionDecoder, Family
 RANDOM_INIT_RANGE = 0.02  # BLIP's vision default (1e-10) makes every random token identical
 
 
-def _layer_class() -> type[nn.Module]:
+def blip_layer_class() -> type[nn.Module]:
     return BlipEncoderLayer
 
 
-def _block_parts(layer: nn.Module) -> BlockParts:
+def blip_block_parts(layer: nn.Module) -> BlockParts:
     attn = layer.self_attn
 
     def qkv(x):
@@ -31,7 +31,7 @@ def _block_parts(layer: nn.Module) -> BlockParts:
     return BlockParts(layer.layer_norm1, layer.layer_norm2, layer.mlp, attn.projection, qkv, attn.scale, False)  # eager
 
 
-def _prepare_random_config(config) -> None:
+def prepare_blip_random_config(config) -> None:
     config.vision_config.initializer_range = RANDOM_INIT_RANGE
 
 
@@ -54,7 +54,7 @@ def _generation_ids(config) -> dict[str, int]:
 _PROMPT_WORDS = {1037: "a", 3861: "picture", 1997: "of"}
 
 
-def _placeholder_tokenizer(config) -> object:
+def blip_placeholder_tokenizer(config) -> object:
     """A BERT word-piece tokenizer with BLIP's special-token ids and made-up words ("w123") for
     the rest: decodes random-weight captions, which are noise whatever the vocabulary."""
 
@@ -74,11 +74,11 @@ BLIP = FamilyAdapter(
     family="blip",
     architectures=("BlipForConditionalGeneration",),
     model_types=("blip",),
-    layer_class=_layer_class,
+    layer_class=blip_layer_class,
     vision_config=lambda config: config.vision_config,
     encoder_layers=lambda model: model.vision_model.encoder.layers,
-    block_parts=_block_parts,
-    prepare_random_config=_prepare_random_config,
+    block_parts=blip_block_parts,
+    prepare_random_config=prepare_blip_random_config,
     export_outputs=_export_outputs,
     image_processor=fixed_size_processor(BlipImageProcessorPil),
     task=CAPTIONING,
@@ -87,7 +87,7 @@ BLIP = FamilyAdapter(
         layers=lambda decoder: decoder.bert.encoder.layer,
         image_embeds=_image_embeds,
         generation_ids=_generation_ids,
-        placeholder_tokenizer=_placeholder_tokenizer,
+        placeholder_tokenizer=blip_placeholder_tokenizer,
         lm_head=lambda decoder: decoder.cls.predictions.decoder,
     ),
 )

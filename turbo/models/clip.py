@@ -1,12 +1,15 @@
-"""CLIP vision tower adapter (`CLIPVisionModel`, `CLIPVisionModelWithProjection`): pre-norm blocks
-after a pre-layernorm, a class embedding at token 0, image embeddings for retrieval."""
+"""CLIP adapters: the vision tower (`CLIPVisionModel`, `CLIPVisionModelWithProjection`) and the
+whole model for image-text retrieval (`CLIPModel`: the merged vision tower, the text tower and
+`logit_scale`). Pre-norm blocks after a pre-layernorm, a class embedding at token 0."""
 
 import torch
 from torch import nn
+from transformers import CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from turbo.models.adapters import BlockParts, FamilyAdapter, fixed_size_processor, split_heads
+from turbo.models.adapters import RETRIEVAL, BlockParts, FamilyAdapter, TextTower, fixed_size_processor, split_heads
 
 
 def clip_block_parts(layer: nn.Module) -> BlockParts:
@@ -43,4 +46,48 @@ CLIP = FamilyAdapter(
     export_outputs=_export_outputs,
     embedders=("CLIPVisionModelWithProjection", "CLIPVisionModel"),
     image_processor=fixed_size_processor(CLIPImageProcessorPil),
+)
+
+
+def _text_embeds(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """CLIPModel.get_text_features: the projected end-of-text state (B, D)."""
+    pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+    return model.text_projection(pooled)
+
+
+def _special_ids(config) -> dict[str, int]:
+    text = config.text_config
+    return {"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id}
+
+
+def _placeholder_tokenizer(config) -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer without merges, with CLIP's layout: the 256 byte symbols, their
+    end-of-word forms, made-up words, and start/end of text as the last two ids (the end-of-text
+    id is the largest, as the text tower's pooling assumes)."""
+    size = config.text_config.vocab_size
+    symbols = list(bytes_to_unicode().values())
+    vocab = {**{c: i for i, c in enumerate(symbols)}, **{c + "</w>": 256 + i for i, c in enumerate(symbols)}}
+    vocab.update({f"w{i}</w>": i for i in range(len(vocab), size - 2)})
+    vocab.update({"<|startoftext|>": size - 2, "<|endoftext|>": size - 1})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=config.text_config.max_position_embeddings)
+
+
+CLIP_MODEL = FamilyAdapter(
+    family="clip",
+    architectures=("CLIPModel",),
+    model_types=("clip",),
+    layer_class=lambda: CLIPEncoderLayer,
+    vision_config=lambda config: config.vision_config,
+    encoder_layers=lambda model: _tower(model).encoder.layers,
+    block_parts=clip_block_parts,
+    export_outputs=_export_outputs,
+    image_processor=fixed_size_processor(CLIPImageProcessorPil),
+    task=RETRIEVAL,
+    text_tower=TextTower(
+        embed=_text_embeds,
+        max_length=lambda config: config.text_config.max_position_embeddings,
+        logit_scale=lambda model: float(model.logit_scale.exp()),
+        special_ids=_special_ids,
+        placeholder_tokenizer=_placeholder_tokenizer,
+    ),
 )

@@ -322,22 +322,22 @@ def _weights_directory(source: ModelSource) -> Path | None:
 
 
 def load_tokenizer(source: ModelSource, random_weights: bool) -> tuple[object, str]:
-    """The captioning model's tokenizer (cache or hub) and where it came from. Random weights get
-    the family's placeholder vocabulary (their captions are noise anyway); real weights without a
-    tokenizer are an error, never a silent placeholder."""
-    decoder = source.adapter.caption_decoder
+    """The tokenizer of a model that reads text (cache or hub) and where it came from. Random
+    weights get the family's placeholder vocabulary (their outputs are noise anyway); real weights
+    without a tokenizer are an error, never a silent placeholder."""
+    text = source.adapter.text_side
     if random_weights:
-        return decoder.placeholder_tokenizer(source.config), "placeholder (random weights: made-up vocabulary)"
+        return text.placeholder_tokenizer(source.config), "placeholder (random weights: made-up vocabulary)"
 
     try:
         tokenizer = from_cache_or_hub(AutoTokenizer.from_pretrained, source.location)
     except Exception as exc:  # missing tokenizer files, no network
         raise ModelLoadError(f"cannot load the tokenizer of {source.location} ({_reason(exc)}); "
                              + _cache_hint(source.location, False)) from None
-    largest_id = max(decoder.generation_ids(source.config).values())
+    largest_id = max(text.special_ids(source.config).values())
     if len(tokenizer) <= largest_id:  # transformers builds a near-empty tokenizer when the files are missing
         raise ModelLoadError(f"cannot load the tokenizer of {source.location}: it has {len(tokenizer)} tokens, fewer "
-                             f"than the decoder's special token id {largest_id} (tokenizer files missing?); "
+                             f"than the model's special token id {largest_id} (tokenizer files missing?); "
                              + _cache_hint(source.location, False))
     return tokenizer, source.location
 

@@ -6,13 +6,16 @@ from dataclasses import dataclass, field
 from turbo.core.errors import UsageError
 from turbo.models.adapters import FamilyAdapter
 from turbo.models.blip import BLIP
-from turbo.models.clip import CLIP
+from turbo.models.blip_retrieval import BLIP_RETRIEVAL
+from turbo.models.clip import CLIP, CLIP_MODEL
 from turbo.models.deit import DEIT
 from turbo.models.dinov2 import DINOV2, DINOV2_REGISTERS
 from turbo.models.siglip import SIGLIP
 from turbo.models.vit import VIT
 
-FAMILIES: tuple[FamilyAdapter, ...] = (VIT, DEIT, CLIP, SIGLIP, DINOV2, DINOV2_REGISTERS, BLIP)
+# BLIP last: an architecture-less config of model_type "blip" is the captioning model
+FAMILIES: tuple[FamilyAdapter, ...] = (VIT, DEIT, CLIP, CLIP_MODEL, SIGLIP, DINOV2, DINOV2_REGISTERS, BLIP_RETRIEVAL,
+                                       BLIP)
 ADAPTERS: dict[str, FamilyAdapter] = {arch: adapter for adapter in FAMILIES for arch in adapter.architectures}
 BY_MODEL_TYPE: dict[str, FamilyAdapter] = {kind: adapter for adapter in FAMILIES for kind in adapter.model_types}
 
@@ -65,6 +68,19 @@ def _vision(model_type: str, hidden: int, layers: int, heads: int, mlp: int, **e
                 intermediate_size=mlp, **extra)
 
 
+def _clip(projection: int, hidden: int) -> dict:
+    """openai/clip-vit-base-patch16's: its text config keeps the legacy end-of-text id 2 (the text
+    tower pools at the largest token id, the end-of-text token's)."""
+    vision = dict(hidden_size=hidden, num_hidden_layers=12, num_attention_heads=12, intermediate_size=4 * hidden,
+                  image_size=224, patch_size=16, projection_dim=projection, hidden_act="quick_gelu",
+                  layer_norm_eps=1e-5)
+    text = dict(vocab_size=49408, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
+                intermediate_size=2048, max_position_embeddings=77, projection_dim=projection,
+                hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    return dict(model_type="clip", vision_config=vision, text_config=text, projection_dim=projection,
+                logit_scale_init_value=2.6592)
+
+
 def _dinov2(model_type: str, hidden: int, layers: int, heads: int, **extra) -> dict:
     return dict(model_type=model_type, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 mlp_ratio=4, image_size=518, patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6, **extra)
@@ -79,6 +95,8 @@ _TINY_BLIP = dict(
                      intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=64),
 )
 
+_TINY_CLIP_TEXT = dict(vocab_size=600, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, max_position_embeddings=16)
 _TINY_TOWER = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
                    image_size=48, patch_size=8)
 _TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2, image_size=48,
@@ -98,6 +116,9 @@ REGISTRY: dict[str, ModelSpec] = {
                   _vision("clip_vision_model", 768, 12, 12, 3072, image_size=224, patch_size=16, projection_dim=512,
                           hidden_act="quick_gelu", layer_norm_eps=1e-5), {**_TINY_TOWER, "projection_dim": 16},
                   default_r=16, notes="the vision tower of the CLIP checkpoint"),
+        ModelSpec("clip-vit-b16", "openai/clip-vit-base-patch16", "CLIPModel", _clip(512, 768),
+                  {"vision_config": _TINY_TOWER, "text_config": _TINY_CLIP_TEXT, "projection_dim": 16},
+                  default_r=16, notes="image-text retrieval: the merged image tower, the text tower, logit_scale"),
         ModelSpec("siglip-b16", "google/siglip-base-patch16-224", "SiglipVisionModel",
                   _vision("siglip_vision_model", 768, 12, 12, 3072, image_size=224, patch_size=16,
                           hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6), _TINY_TOWER, default_r=16,
@@ -109,6 +130,10 @@ REGISTRY: dict[str, ModelSpec] = {
                   {**_TINY_DINOV2, "num_register_tokens": 2}, default_r=21, input_size=224),
         ModelSpec("blip-caption", "Salesforce/blip-image-captioning-base", "BlipForConditionalGeneration",
                   _blip(768, 12, 12, 3072), _TINY_BLIP, default_r=30, threshold=40),
+        ModelSpec("blip-retrieval", "Salesforce/blip-itm-base-coco", "BlipForImageTextRetrieval",
+                  {**_blip(768, 12, 12, 3072), "image_text_hidden_size": 256},
+                  {**_TINY_BLIP, "image_text_hidden_size": 16}, default_r=30, threshold=100,
+                  notes="image-text retrieval: ITC embeddings and the ITM head over the merged image tokens"),
         ModelSpec("blip-caption-large", "Salesforce/blip-image-captioning-large", "BlipForConditionalGeneration",
                   _blip(1024, 24, 16, 4096), _TINY_BLIP, default_r=30, threshold=40),
     )
@@ -124,7 +149,7 @@ def supported_architectures() -> list[str]:
 
 
 def supported_families() -> list[str]:
-    return [adapter.family for adapter in FAMILIES]
+    return list(dict.fromkeys(adapter.family for adapter in FAMILIES))
 
 
 def adapter_for(architecture: str) -> FamilyAdapter:

@@ -244,7 +244,7 @@ def _cached_export(export_options, progress: Progress) -> Path:
     """A validated export from the cache, built once per distinct option set and model content
     (a checkpoint replaced in place gets a new entry). An entry another run is building is waited for."""
 
-    source = resolve_source(export_options.model, tiny=export_options.tiny)
+    source = export_options.plan().source  # bad settings (from a damaged manifest too) fail before any output
     content = content_fingerprint(source, export_options.random_weights)
     key = hashlib.sha256(json.dumps([asdict(export_options), content, versions(), EXPORT_FORMAT], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]

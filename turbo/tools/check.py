@@ -162,7 +162,7 @@ def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport,
     path = directory / manifest.onnx.file
     try:
         validation = validate_files(reference, built, options, directory, summarize(path), manifest.decoder,
-                                    static_checks=False)
+                                    manifest.text, static_checks=False)
     except TurboError as exc:  # the decoder graphs do not fit the encoder (checked above, reported here too)
         report.add("ORT vs PyTorch", False, str(exc))
         return

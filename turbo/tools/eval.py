@@ -27,7 +27,7 @@ from turbo.export.pipeline import ExportResult, run_export
 from turbo.export.validate import deployed_vector, mean_cosine
 from turbo.graph.export_dir import open_export
 from turbo.merging.plan import max_r
-from turbo.models.adapters import CAPTIONING, EMBEDDING, Task
+from turbo.models.adapters import CAPTIONING, EMBEDDING, RETRIEVAL, Task
 from turbo.models.build import build_merged_model, build_plan
 from turbo.models.loading import from_cache_or_hub, load_image_processor, resolve_source
 from turbo.models.registry import adapter_for
@@ -299,7 +299,7 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
             if captioning:
                 run.metrics = caption_metrics(run.outputs, base.outputs, decode(run.outputs), decode(base.outputs),
                                            references)
-            elif task is EMBEDDING:
+            elif task in (EMBEDDING, RETRIEVAL):
                 run.metrics = embedding_metrics(run.outputs, labels, base.outputs)
             else:
                 run.metrics = classification_metrics(run.outputs, labels, base.outputs)
