@@ -135,14 +135,39 @@ def test_what_retrieve_cannot_rank_is_one_line(exports, images, vision_export, t
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
-def test_check_bench_and_eval_take_a_retrieval_export(exports, images):
+def test_check_bench_and_eval_take_a_retrieval_export(exports, images, tmp_path):
     assert runner.invoke(app, ["check", str(exports[4])]).exit_code == 0
     bench = runner.invoke(app, ["bench", str(exports[4]), "--batch", "2", "--iters", "2", "--warmup", "0", "--json"])
     assert bench.exit_code == 0, bench.output
-    evaluated = runner.invoke(app, ["eval", str(exports[4]), "--data", str(images), "--json"])
+    captions = tmp_path / "karpathy.json"  # the Karpathy layout, two captions per image
+    captions.write_text(json.dumps({"images": [
+        {"filename": path.name, "split": "test", "sentences": [{"raw": f"photo {path.stem}"}, {"raw": "a cat"}]}
+        for path in sorted(images.iterdir())]}))
+    evaluated = runner.invoke(app, ["eval", str(exports[4]), "--data", str(images), "--captions", str(captions),
+                                    "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.stdout)
-    assert report["task"] == "image-text-retrieval" and 0.5 < report["results"][1]["metrics"]["cosine"] <= 1.0
+    assert report["task"] == "image-text-retrieval" and report["texts"] == 10
+    exact, merged = (row["metrics"] for row in report["results"])
+    assert exact["top1_agreement"] == 1 and exact["rank_correlation"] == pytest.approx(1)
+    assert set(merged) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "recall_mean"}
+    assert merged["i2t_r10"] == 1 and 0 <= merged["top1_agreement"] <= 1 and -1 <= merged["rank_correlation"] <= 1
+    unpaired = runner.invoke(app, ["eval", str(exports[4]), "--data", str(images)])
+    assert unpaired.exit_code == 2 and "needs --captions" in unpaired.stderr
+
+
+def test_recall_and_fidelity_by_hand():
+    from turbo.tools.retrieval_eval import fidelity, recalls
+
+    logits = np.array([[0.1, 0.9, 0.5, 0.2],   # image 0 (captions 0, 1): its caption 1 is first
+                       [0.9, 0.8, 0.7, 0.1],   # image 1 (caption 2): third
+                       [0.5, 0.4, 0.3, 0.2]])  # image 2 (caption 3): fourth
+    metrics = recalls(logits, np.array([0, 0, 1, 2]))
+    assert (metrics["i2t_r1"], metrics["i2t_r5"]) == (pytest.approx(1 / 3), 1.0)
+    assert (metrics["t2i_r1"], metrics["t2i_r5"]) == (0.5, 1.0)  # captions 1 and 2 find their image first
+    assert fidelity(logits, logits) == {"top1_agreement": 1.0, "rank_correlation": 1.0}
+    shuffled = fidelity(logits, logits[::-1])
+    assert shuffled["top1_agreement"] < 1 and shuffled["rank_correlation"] < 1
 
 
 @pytest.fixture(scope="module")

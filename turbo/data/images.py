@@ -116,29 +116,47 @@ def image_folder(root: str | Path, labels_file: str | Path | None = None) -> tup
 
 
 def coco_captions(annotations: str | Path, image_root: str | Path) -> list[Sample]:
-    """COCO captions JSON (`images` with `id`/`file_name`, `annotations` with `image_id`/`caption`)
-    or Karpathy-style (`images` with `filepath`?/`filename` and `sentences[].raw`)."""
+    """Images and their captions from a captions JSON, in one of the layouts they ship in:
+    COCO (`images` with `id`/`file_name`, `annotations` with `image_id`/`caption`), Karpathy
+    (`images` with `filepath`?/`filename`, `split` and `sentences[].raw`; of several splits, the
+    test split is used, with a note) or BLIP's (a list of `image` and `caption`, one or a list).
+    A file in none of them is one line naming what is wrong."""
     try:
         data = json.loads(Path(annotations).read_text())
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read captions {annotations} ({exc.__class__.__name__})") from None
     root = Path(image_root)
-    samples = []
-    if "annotations" in data:
-        captions: dict[int, list[str]] = {}
-        for ann in data["annotations"]:
-            captions.setdefault(ann["image_id"], []).append(ann["caption"])
-        for image in data["images"]:
-            samples.append(Sample(root / image["file_name"], None, tuple(captions.get(image["id"], ()))))
-    else:
-        for image in data.get("images", []):
-            path = root / image.get("filepath", "") / image["filename"]
-            samples.append(Sample(path, None, tuple(s["raw"] for s in image.get("sentences", []))))
+    try:
+        samples = _captioned(data, root, annotations)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{annotations} is not a COCO, Karpathy or BLIP captions file ({exc.__class__.__name__}: "
+                         f"{exc}); see docs/guides/eval.md") from None
     missing = [s.path for s in samples if not s.path.is_file()]
     if not samples or missing:
         raise UsageError(f"{annotations}: {len(missing)} of {len(samples)} images missing under {root}"
                          + (f" (first: {missing[0]})" if missing else ""))
     return samples
+
+
+def _captioned(data, root: Path, annotations) -> list[Sample]:
+    if isinstance(data, list):  # BLIP's annotation files
+        return [Sample(root / item["image"], None, tuple([item["caption"]] if isinstance(item["caption"], str)
+                                                         else map(str, item["caption"]))) for item in data]
+    if "annotations" in data:
+        captions: dict[int, list[str]] = {}
+        for ann in data["annotations"]:
+            captions.setdefault(ann["image_id"], []).append(str(ann["caption"]))
+        return [Sample(root / image["file_name"], None, tuple(captions.get(image["id"], ())))
+                for image in data["images"]]
+    images = data["images"]
+    splits = {image.get("split") for image in images} - {None}
+    if len(splits) > 1 and "test" in splits:
+        kept = [image for image in images if image.get("split") == "test"]
+        warnings.warn(f"{annotations}: using its test split ({len(kept)} of {len(images)} images)", TurboNote,
+                      stacklevel=3)
+        images = kept
+    return [Sample(root / image.get("filepath", "") / image["filename"], None,
+                   tuple(str(sentence["raw"]) for sentence in image.get("sentences", []))) for image in images]
 
 
 def batches(pixels: np.ndarray, size: int, static: bool) -> Iterator[tuple[np.ndarray, int]]:

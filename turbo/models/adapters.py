@@ -35,8 +35,7 @@ class Task:
 CLASSIFICATION = Task("image-classification", "agreement", "top1", "class folders")
 CAPTIONING = Task("image-captioning", "exact_match", "cider", "--captions")
 EMBEDDING = Task("image-embedding", "cosine", "knn_top1", "class folders")  # backbones and retrieval towers
-# image and text towers; `turbo eval` measures the image embeddings (as EMBEDDING) on image folders
-RETRIEVAL = Task("image-text-retrieval", "cosine", "knn_top1", "class folders")
+RETRIEVAL = Task("image-text-retrieval", "top1_agreement", "recall_mean", "--captions")  # image and text towers
 
 
 @dataclass(frozen=True)

@@ -70,17 +70,22 @@ def blip_placeholder_tokenizer(config) -> object:
         return BertTokenizer(str(path), bos_token="[DEC]", model_max_length=512)
 
 
-BLIP = FamilyAdapter(
+# The vision side every BLIP head shares (captioning here, retrieval in blip_retrieval.py)
+BLIP_VISION = dict(
     family="blip",
-    architectures=("BlipForConditionalGeneration",),
     model_types=("blip",),
     layer_class=blip_layer_class,
     vision_config=lambda config: config.vision_config,
     encoder_layers=lambda model: model.vision_model.encoder.layers,
     block_parts=blip_block_parts,
     prepare_random_config=prepare_blip_random_config,
-    export_outputs=_export_outputs,
     image_processor=fixed_size_processor(BlipImageProcessorPil),
+)
+
+BLIP = FamilyAdapter(
+    **BLIP_VISION,
+    architectures=("BlipForConditionalGeneration",),
+    export_outputs=_export_outputs,
     task=CAPTIONING,
     caption_decoder=CaptionDecoder(
         module=lambda model: model.text_decoder,

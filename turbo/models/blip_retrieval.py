@@ -7,10 +7,9 @@ all-ones mask, no size bias), and the ITC similarity is the plain cosine."""
 import torch
 from torch import nn
 from torch.nn.functional import normalize
-from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from turbo.models.adapters import RETRIEVAL, FamilyAdapter, MatchHead, TextTower, fixed_size_processor
-from turbo.models.blip import blip_block_parts, blip_layer_class, blip_placeholder_tokenizer, prepare_blip_random_config
+from turbo.models.adapters import RETRIEVAL, FamilyAdapter, MatchHead, TextTower
+from turbo.models.blip import BLIP_VISION, blip_placeholder_tokenizer
 
 TEXT_LENGTH = 35  # tokens per text in BLIP's retrieval code (its max_length), not the 512 positions
 
@@ -42,16 +41,9 @@ def _special_ids(config) -> dict[str, int]:
 
 
 BLIP_RETRIEVAL = FamilyAdapter(
-    family="blip",
+    **BLIP_VISION,
     architectures=("BlipForImageTextRetrieval",),
-    model_types=("blip",),
-    layer_class=blip_layer_class,
-    vision_config=lambda config: config.vision_config,
-    encoder_layers=lambda model: model.vision_model.encoder.layers,
-    block_parts=blip_block_parts,
-    prepare_random_config=prepare_blip_random_config,
     export_outputs=_export_outputs,
-    image_processor=fixed_size_processor(BlipImageProcessorPil),
     task=RETRIEVAL,
     text_tower=TextTower(
         embed=_text_embeds,

@@ -36,16 +36,20 @@ def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: b
     return {"pooler_output": out.pooler_output, "last_hidden_state": hidden}
 
 
-CLIP = FamilyAdapter(
+CLIP_VISION = dict(  # what the vision towers and the whole model share
     family="clip",
-    architectures=("CLIPVisionModelWithProjection", "CLIPVisionModel"),
-    model_types=("clip_vision_model",),
     layer_class=lambda: CLIPEncoderLayer,
     encoder_layers=lambda model: _tower(model).encoder.layers,
     block_parts=clip_block_parts,
     export_outputs=_export_outputs,
-    embedders=("CLIPVisionModelWithProjection", "CLIPVisionModel"),
     image_processor=fixed_size_processor(CLIPImageProcessorPil),
+)
+
+CLIP = FamilyAdapter(
+    **CLIP_VISION,
+    architectures=("CLIPVisionModelWithProjection", "CLIPVisionModel"),
+    model_types=("clip_vision_model",),
+    embedders=("CLIPVisionModelWithProjection", "CLIPVisionModel"),
 )
 
 
@@ -73,20 +77,15 @@ def _placeholder_tokenizer(config) -> CLIPTokenizer:
 
 
 CLIP_MODEL = FamilyAdapter(
-    family="clip",
+    **CLIP_VISION,
     architectures=("CLIPModel",),
     model_types=("clip",),
-    layer_class=lambda: CLIPEncoderLayer,
     vision_config=lambda config: config.vision_config,
-    encoder_layers=lambda model: _tower(model).encoder.layers,
-    block_parts=clip_block_parts,
-    export_outputs=_export_outputs,
-    image_processor=fixed_size_processor(CLIPImageProcessorPil),
     task=RETRIEVAL,
     text_tower=TextTower(
         embed=_text_embeds,
         max_length=lambda config: config.text_config.max_position_embeddings,
-        logit_scale=lambda model: float(model.logit_scale.exp()),
+        logit_scale=lambda model: float(model.logit_scale.detach().exp()),
         special_ids=_special_ids,
         placeholder_tokenizer=_placeholder_tokenizer,
     ),

@@ -1,6 +1,9 @@
 """`turbo eval`: task metrics and label-free fidelity of merged models against r=0, and the
 largest r within a given drop (`--r auto`).
 
+Retrieval (CLIP, BLIP): recall@1/5/10 both ways over the images' captions; fidelity = agreement
+of each query's best match with r=0 and the rank correlation of its scores (tools/retrieval_eval.py).
+
 ViT: top-1/top-5 on class folders; fidelity = top-1 agreement with r=0 and KL(r=0 ‖ r).
 BLIP: BLEU-4 and CIDEr on COCO-format captions (pycocoevalcap; PTB tokenizer when Java is
 present, else lower-case whitespace tokens); fidelity = exact-match rate of greedy captions
@@ -11,6 +14,7 @@ import contextlib
 import io
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from turbo.core.errors import TurboError, UsageError
+from turbo.core.errors import TurboError, TurboNote, UsageError
 from turbo.core.manifest import Manifest
 from turbo.data.images import batches, coco_captions, image_folder, pixel_batch
 from turbo.export.onnx_export import TOKEN_SIZES
@@ -33,6 +37,7 @@ from turbo.models.loading import from_cache_or_hub, load_image_processor, resolv
 from turbo.models.registry import adapter_for
 from turbo.runtimes.caption import CaptionPipeline
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
+from turbo.tools.retrieval_eval import RetrievalTexts
 
 
 @dataclass
@@ -141,8 +146,14 @@ def caption_metrics(ids: list[list[int]], base: list[list[int]], texts: list[str
 
 
 def _load_samples(options: EvalOptions, task: Task):
-    if task is CAPTIONING and options.captions is not None:
+    if task in (CAPTIONING, RETRIEVAL) and options.captions is not None:
         samples, classes = coco_captions(options.captions, options.data), None
+        if task is RETRIEVAL:
+            uncaptioned = sum(not s.references for s in samples)
+            if uncaptioned:
+                warnings.warn(f"{uncaptioned} images of {options.captions} have no caption; left out of retrieval",
+                              TurboNote, stacklevel=2)
+            samples = [s for s in samples if s.references]
     else:
         samples, classes = image_folder(options.data, options.labels_file)
     return samples[: options.limit] if options.limit else samples, classes
@@ -263,9 +274,12 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         options, manifest = _from_export(options)
     source = resolve_source(options.model, tiny=options.tiny)
     task = source.adapter.task_of(source.architecture)
-    captioning = task is CAPTIONING
-    if options.captions is not None and not captioning:
-        raise UsageError(f"--captions is for captioning models; {source.name} is an {task.name} model")
+    captioning, retrieval = task is CAPTIONING, task is RETRIEVAL
+    if options.captions is not None and not (captioning or retrieval):
+        raise UsageError(f"--captions is for captioning and retrieval models; {source.name} is an {task.name} model")
+    if retrieval and options.captions is None:
+        raise UsageError(f"evaluating {source.name} (image-text retrieval) needs --captions: a COCO or Karpathy "
+                         "captions JSON for the images under --data")
     samples, classes = _load_samples(options, task)
     if not samples:
         raise UsageError(f"--data {options.data}: no images to evaluate")
@@ -280,9 +294,11 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
     labels = [s.label for s in samples] if classes else None
     references = [list(s.references) for s in samples] if any(s.references for s in samples) else None
     tokenizer = _tokenizer(source, options.random_weights) if captioning else None
-    if references is not None and tokenizer is None:
+    if captioning and references is not None and tokenizer is None:
         raise UsageError(f"BLEU-4/CIDEr against references need the tokenizer of {source.location} in the "
                          "Hugging Face cache; without it, drop --captions for label-free fidelity")
+
+    texts = RetrievalTexts(samples, source, options, manifest) if retrieval else None
 
     def decode(ids):
         return tokenizer.batch_decode(ids, skip_special_tokens=True) if tokenizer is not None else None
@@ -299,7 +315,9 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
             if captioning:
                 run.metrics = caption_metrics(run.outputs, base.outputs, decode(run.outputs), decode(base.outputs),
                                            references)
-            elif task in (EMBEDDING, RETRIEVAL):
+            elif retrieval:
+                run.metrics = texts.metrics(run, base)
+            elif task is EMBEDDING:
                 run.metrics = embedding_metrics(run.outputs, labels, base.outputs)
             else:
                 run.metrics = classification_metrics(run.outputs, labels, base.outputs)
@@ -319,6 +337,7 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         "random_weights": options.random_weights,
         "export": str(options.export_dir) if manifest else None,
         "data": str(options.data), "samples": len(samples), "classes": len(classes) if classes else None,
+        "texts": len(texts.texts) if texts is not None else None,
         "caption_tokenizer": caption_tokenizer_name() if references is not None else None,
         "captions_compared_as": None if not captioning else ("text" if tokenizer else "token ids"),
         "results": [{"r": run.r, "runtime": run.runtime, "final_tokens": run.final_tokens,
