@@ -289,6 +289,7 @@ def test_quantized_captioner_calibrates_the_decoder_on_captions(tmp_path):
     assert {c["name"]: c["passed"] for c in json.loads(check.stdout)["checks"]}["decoder vs PyTorch"] is True
 
 
+@pytest.mark.slow  # CI time: the exit-3 path of a failed gate is in CI through the export tests
 def test_a_quantized_captioner_below_the_quality_gate_exits_3(exports, tmp_path):
     """The EOS-biased test decoder has large weights and near-tied logits: 4-bit rounding changes
     many of its next tokens, and with real (not random) weights the gate says so."""

@@ -238,3 +238,19 @@ def test_retrieve_itm_rerank_rescores_the_top_pairs(blip_export, exports, images
     clip = runner.invoke(app, ["retrieve", str(exports[0]), "--images", str(images), "--texts", str(texts),
                                "--itm-rerank", "2"])
     assert clip.exit_code == 2 and "--itm-rerank needs an image-text matching head" in clip.stderr
+
+
+def test_bench_times_the_matching_head_on_the_merged_tokens(blip_export, exports):
+    from turbo.runtimes.retrieval import MatchRunner
+
+    result = runner.invoke(app, ["bench", str(blip_export), "--batch", "2", "--iters", "2", "--warmup", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert {(row["workload"], row["r"]) for row in rows} == {("encoder", 0), ("itm", 0)}
+    pipeline = RetrievalPipeline.open(blip_export)
+    pixels = np.random.default_rng(0).standard_normal((BATCH, *pipeline.manifest.onnx.pixel_shape)).astype("float32")
+    logits = MatchRunner(pipeline, "a dog").run({"pixel_values": pixels})["itm_logits"]
+    tokens = pipeline.encoder.run({"pixel_values": pixels})["last_hidden_state"]
+    np.testing.assert_allclose(logits[:, 1], pipeline.match_logits(["a dog"] * BATCH, tokens), atol=1e-6)
+    clip = runner.invoke(app, ["bench", str(exports[0]), "--batch", "2", "--iters", "1", "--warmup", "0", "--json"])
+    assert {row["workload"] for row in json.loads(clip.stdout)["results"]} == {"encoder"}  # CLIP has no ITM head

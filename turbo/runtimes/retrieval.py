@@ -2,6 +2,7 @@
 the text encoder give normalised embeddings; similarity is their cosine times the model's
 logit scale, and rankings are sorted similarities."""
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from turbo.core.manifest import Manifest
 from turbo.data.images import Sample, batches, pixel_batch
 from turbo.graph.export_dir import open_export
 from turbo.models.registry import adapter_for
+from turbo.runtimes.base import Runner
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -152,3 +154,42 @@ class RetrievalPipeline:
         """Indices of texts longer than the text encoder's length (they are cut)."""
         lengths = [len(ids) for ids in self.tokenizer(texts, verbose=False)["input_ids"]]
         return [i for i, length in enumerate(lengths) if length > self.text.max_length]
+
+
+class MatchRunner(Runner):
+    """The matching head on a batch of (text, image) pairs behind the Runner interface, for bench:
+    pixel_values (B, C, H, W) -> match logits (B, 2). The images' merged tokens are computed once
+    per batch size by the export's image encoder and are not timed; each run scores B pairs of one
+    text (padded to the text length, so any text costs the same) and each image."""
+
+    def __init__(self, pipeline: RetrievalPipeline, text: str = "a dog running on a beach") -> None:
+        self.pipeline, self.text, self.name = pipeline, text, pipeline.encoder.name
+        self._pairs: dict[int, dict[str, np.ndarray]] = {}
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.pipeline.encoder.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return [MATCH_LOGITS]
+
+    def _feeds(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        if len(pixels) not in self._pairs:
+            feeds = tokenize(self.pipeline.tokenizer, [self.text] * len(pixels), self.pipeline.text.max_length)
+            feeds[IMAGE_TOKENS] = self.pipeline.encoder.run({self.input_names[0]: pixels})[self.pipeline.match_input]
+            self._pairs[len(pixels)] = feeds
+        return self._pairs[len(pixels)]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.pipeline.matcher.run(self._feeds(feeds[self.input_names[0]]))
+
+    def memory_probe(self) -> "MatchRunner":
+        """The same pairs on a matching-head session without ONNX Runtime's memory arena."""
+        probe = copy.copy(self)
+        probe.pipeline = copy.copy(self.pipeline)
+        probe.pipeline.matcher = self.pipeline.matcher.memory_probe()
+        return probe
+
+    def describe(self) -> dict:
+        return self.pipeline.matcher.describe()

@@ -18,7 +18,7 @@ from torch import nn
 from turbo.core.cache import cache_root
 from turbo.core.errors import EXIT_MISSING_RUNTIME, TurboError, UsageError
 from turbo.core.files import MODEL_FILE
-from turbo.core.manifest import now, read_export_manifest, versions
+from turbo.core.manifest import Manifest, now, read_export_manifest, versions
 from turbo.core.staging import OutputClaimed, wait_for_other_run
 from turbo.export.onnx_export import ExportModule
 from turbo.export.options import ExportOptions
@@ -37,6 +37,7 @@ from turbo.runtimes.base import Runner
 from turbo.runtimes.caption import CaptionPipeline, CaptionRunner
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.runtimes.pytorch import TorchRunner
+from turbo.runtimes.retrieval import MatchRunner, RetrievalPipeline
 from turbo.runtimes.tensorrt import TensorRTRunner
 from turbo.tools.timing import TimingStats, interleaved
 
@@ -45,6 +46,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_ITERS = 20  # timed rounds when neither iters nor duration_s is given
 NO_DECODER = "the export has no text decoder (re-export it with this turbo version)"
+NO_MATCH_HEAD = "an export has no image-text matching head (re-export it with this turbo version)"
 NO_CAPTION_ENGINES = "an export has no TensorRT decoder engines (re-export it with --trt and its text decoder)"
 CACHE_WAIT_S = 30 * 60  # a full-size BLIP export with validation takes minutes
 EXPORT_FORMAT = 6  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface;
@@ -267,9 +269,12 @@ def _cached_export(export_options, progress: Progress) -> Path:
 
 
 def _ort_runner(directory: Path, options: BenchOptions, workload: str = "encoder") -> Runner:
-    """The export's encoder, or (caption) its whole captioner at a fixed caption length."""
+    """The export's encoder, (caption) its whole captioner at a fixed caption length, or (itm) its
+    matching head on pairs of one text and each image's merged tokens."""
 
     providers = _ort_providers(options)
+    if workload == "itm":
+        return MatchRunner(RetrievalPipeline.open(directory, _threads(options), providers))
     if workload == "caption":
         return CaptionRunner(CaptionPipeline.open(directory, _threads(options), providers,
                                                   merge_kernel=options.ort_merge), options.caption_tokens)
@@ -287,6 +292,19 @@ def _trt_runner(directory: Path, options: BenchOptions, workload: str = "encoder
     if workload == "caption":
         return CaptionRunner(CaptionPipeline.open(directory, tensorrt=True), options.caption_tokens)
     return TensorRTRunner(directory / engine.file, cuda_graph=True)
+
+
+def _cannot_time(workload: str, runtime: str, every: dict[str, bool], candidates: list[Candidate]) -> str | None:
+    """Why a workload cannot be timed on these exports and runtime, or None."""
+    if workload == "caption" and not every["caption"]:
+        return NO_DECODER
+    if workload == "caption" and runtime == "trt" and not all(map(_has_caption_engines, candidates)):
+        return NO_CAPTION_ENGINES
+    if workload == "itm" and not every["itm"]:
+        return NO_MATCH_HEAD
+    if workload == "itm" and runtime == "trt":
+        return "the matching head runs on ONNX Runtime (no TensorRT engine is built for it)"
+    return None
 
 
 def _has_caption_engines(candidate: Candidate) -> bool:
@@ -319,7 +337,7 @@ def _identity(manifest) -> tuple:
     return model.source, model.architecture, model.random_weights, model.seed, model.tiny, manifest.onnx.pixel_shape
 
 
-def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, list[Candidate], list[Candidate]]:
+def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[Manifest, list[Candidate], dict[str, bool]]:
     """Candidates from exported directories; the baseline is --baseline or an r=0 export built alike."""
 
     manifests = []
@@ -352,7 +370,7 @@ def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, li
     if manifests[0][1].plan.tokens_in != first.plan.tokens_in:
         raise UsageError(f"the baseline has {manifests[0][1].plan.tokens_in} tokens but the exports "
                          f"{first.plan.tokens_in}; pass --baseline with an r=0 export of the same model")
-    candidates, captioners, seen = [], [], set()
+    candidates, seen = [], set()
     for directory, manifest in manifests:
         r = manifest.turbo.r_requested if manifest.plan.merges else 0
         if r in seen:
@@ -361,10 +379,9 @@ def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[dict, li
         plan = manifest.plan
         candidates.append(Candidate(r, plan.final_tokens, plan.speedup_bound,
                                     lambda d=directory: _ort_runner(d, options), directory))
-        captioners.append(Candidate(r, plan.final_tokens, plan.speedup_bound,
-                                    lambda d=directory: _ort_runner(d, options, "caption"), directory))
-    captioners = captioners if all(m.decoder is not None for _, m in manifests) else []
-    return first, sorted(candidates, key=lambda c: c.r), sorted(captioners, key=lambda c: c.r)
+    every = {"caption": all(m.decoder is not None for _, m in manifests),
+             "itm": all(m.text is not None and m.text.match_file is not None for _, m in manifests)}
+    return first, sorted(candidates, key=lambda c: c.r), every
 
 
 def run_bench(options: BenchOptions, progress: Progress = lambda message: None) -> dict:
@@ -390,23 +407,21 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
         raise MissingRuntimeError("; ".join(f"{s['runtime']}: {s['reason']}" for s in skipped))
     rows = []
     if options.export_dirs:
-        first, candidates, captioners = _dir_candidates(options, progress)
+        first, candidates, every = _dir_candidates(options, progress)
         name, source, random_weights = first.model.name, first.model.source, first.model.random_weights
         pixel_shape = first.onnx.pixel_shape
-        captioning = adapter_for(first.model.architecture).caption_decoder is not None and options.caption
+        adapter = adapter_for(first.model.architecture)
+        wanted = {"caption": adapter.caption_decoder is not None and options.caption,
+                  "itm": adapter.text_tower is not None and adapter.text_tower.match is not None}
         for runtime in runnable:
             runner = _trt_runner if runtime == "trt" else _ort_runner
-            for workload, chosen in (("encoder", candidates), ("caption", captioners if captioning else None)):
-                if chosen is None:
-                    continue
-                if not chosen:
-                    skipped.append({"runtime": runtime, "workload": "caption", "reason": NO_DECODER})
-                    continue
-                if runtime == "trt" and workload == "caption" and not all(map(_has_caption_engines, chosen)):
-                    skipped.append({"runtime": "trt", "workload": "caption", "reason": NO_CAPTION_ENGINES})
+            for workload in ("encoder", *(w for w, asked in wanted.items() if asked)):
+                reason = _cannot_time(workload, runtime, every, candidates)
+                if reason:
+                    skipped.append({"runtime": runtime, "workload": workload, "reason": reason})
                     continue
                 chosen = [replace(c, make_runner=lambda d=c.directory, w=workload: runner(d, options, w))
-                          for c in chosen]
+                          for c in candidates]
                 rows += _time_candidates(chosen, runtime, workload, options, pixel_shape, progress)
     else:
         rs = sorted({0, *(options.rs if options.rs is not None
@@ -416,10 +431,15 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
         source_info = plans[0].source
         name, source, random_weights = source_info.name, source_info.location, options.random_weights
         captioning = source_info.adapter.caption_decoder is not None and options.caption
-        workloads = ["encoder"] + (["caption"] if captioning else [])
+        tower = source_info.adapter.text_tower
+        workloads = ["encoder"] + (["caption"] if captioning else []) + (["itm"] if tower and tower.match else [])
         pixel_shape = plans[0].pixel_shape
         for runtime in runnable:
             for workload in workloads:
+                if workload == "itm" and runtime != "ort":
+                    skipped.append({"runtime": runtime, "workload": "itm",
+                                    "reason": "the matching head is timed on its ONNX export (ONNX Runtime)"})
+                    continue
                 candidates = (_torch_candidates(plans, workload, options) if runtime == "torch" else
                               _export_candidates(plans, options, progress, runtime, workload,
                                                  decoder=runtime == "ort" or "caption" in workloads))
