@@ -116,7 +116,8 @@ def _calibration_folder(root):
     ("vit-b16", ["--quant", "gptq-int4", "--group-size", "8", "--calib", "{calib}", "--calib-size", "4"]),
     ("vit-b16", ["--quant", "gptq-int8", "--group-size", "16", "--act-order", "--calib", "synthetic",
                  "--quant-heads"]),
-    ("blip-caption", ["--quant", "rtn-int4", "--group-size", "16", "--calib", "synthetic", "--calib-size", "8"]),
+    pytest.param("blip-caption", ["--quant", "rtn-int4", "--group-size", "16", "--calib", "synthetic", "--calib-size",
+                                  "8"], marks=pytest.mark.slow),  # CI time: caption tests quantize the decoder
     pytest.param("dinov2-reg-b14", ["--quant", "rtn-int4", "--group-size", "8", "--calib", "{calib}", "--calib-size",
                                     "4"], marks=pytest.mark.slow),  # CI time: a family the other cases cover in kind
 ])

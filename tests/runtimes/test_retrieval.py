@@ -50,7 +50,7 @@ def test_r0_equals_transformers_clip_model(exports):
     np.testing.assert_allclose(text, want.text_embeds.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(rank(image, text, pipeline.logit_scale).logits, want.logits_per_image.numpy(),
                                atol=1e-4, rtol=0)
-    assert pipeline.logit_scale == pytest.approx(float(upstream.logit_scale.exp()))
+    assert pipeline.logit_scale == pytest.approx(float(upstream.logit_scale.detach().exp()))
 
 
 def test_merged_export_validates_both_encoders_and_the_check_can_fail(exports, tmp_path):
@@ -147,7 +147,7 @@ def test_check_bench_and_eval_take_a_retrieval_export(exports, images, tmp_path)
                                     "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.stdout)
-    assert report["task"] == "image-text-retrieval" and report["texts"] == 10
+    assert report["task"] == "image-text-retrieval" and report["texts"] == 10 and report["caption_tokenizer"] is None
     exact, merged = (row["metrics"] for row in report["results"])
     assert exact["top1_agreement"] == 1 and exact["rank_correlation"] == pytest.approx(1)
     assert set(merged) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "recall_mean"}
@@ -254,3 +254,19 @@ def test_bench_times_the_matching_head_on_the_merged_tokens(blip_export, exports
     np.testing.assert_allclose(logits[:, 1], pipeline.match_logits(["a dog"] * BATCH, tokens), atol=1e-6)
     clip = runner.invoke(app, ["bench", str(exports[0]), "--batch", "2", "--iters", "1", "--warmup", "0", "--json"])
     assert {row["workload"] for row in json.loads(clip.stdout)["results"]} == {"encoder"}  # CLIP has no ITM head
+
+
+def test_check_reads_the_text_graphs_and_the_matching_heads_token_count(blip_export, tmp_path):
+    import shutil
+
+    result = runner.invoke(app, ["check", str(blip_export), "--json"])
+    assert result.exit_code == 0, result.output
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["text onnx.checker (full)"]["passed"] and checks["matching head image tokens"]["passed"]
+    edited = Path(shutil.copytree(blip_export, tmp_path / "edited"))
+    manifest = json.loads((edited / "turbo.json").read_text())
+    manifest["text"]["image_tokens"] += 1  # a manifest that no longer describes its matching head
+    (edited / "turbo.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["check", str(edited), "--json"])
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert result.exit_code == 3 and checks["matching head image tokens"]["passed"] is False

@@ -118,8 +118,8 @@ class CaptionPipeline:
         manifest = open_export(directory)
         decoder = manifest.decoder
         if decoder is None:
-            raise UsageError(f"{directory} has no text decoder (a {manifest.model.architecture} vision "
-                             "export); captioning needs a BLIP export: turbo export --model blip-caption")
+            raise UsageError(f"{directory} has no text decoder (a {manifest.model.architecture} export); "
+                             "captioning needs a BLIP captioning export: turbo export --model blip-caption")
         engines = None
         if tensorrt:
             engines = manifest.tensorrt

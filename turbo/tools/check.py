@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from turbo.core.errors import TurboError, UsageError
-from turbo.core.files import TOKENIZER_FILE
+from turbo.core.files import IMAGE_TOKENS, TOKENIZER_FILE
 from turbo.core.integrity import IntegrityError, verify_files
 from turbo.core.manifest import Manifest, ManifestError, PlanRecord, read_export_manifest
 from turbo.export.decoder_validate import DECODER_RUN
@@ -22,6 +22,7 @@ from turbo.export.validate import deployed_vector, graph_problems, mean_cosine, 
 from turbo.graph.export_dir import manifest_mismatches
 from turbo.graph.summary import checker_error, summarize
 from turbo.graph.trt_lint import lint
+from turbo.models.registry import adapter_for
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.tools.bench import BenchOptions, run_bench
 
@@ -113,6 +114,8 @@ def run_check(directory: str | Path, max_diff: float | None = None, min_agreemen
     summary = _graph_checks(directory, manifest, built, report)
     if manifest.decoder is not None:
         _decoder_checks(directory, manifest, built, report)
+    if manifest.text is not None:
+        _text_checks(directory, manifest, built, report)
     if summary is not None and built is not None:
         _revalidate(directory, manifest, built, report, max_diff, min_agreement)
     if min_speedup is not None:
@@ -144,6 +147,25 @@ def _decoder_checks(directory: Path, manifest: Manifest, built, report: CheckRep
     report.add("decoder image tokens", fits, f"encoder gives {produced}, plan {planned}, decoder graphs expect "
                + ", ".join(f"{count} ({name})" for name, count in tokens.items())
                + ("" if fits else ": exported for different r; re-export"))
+
+
+def _text_checks(directory: Path, manifest: Manifest, built, report: CheckReport) -> None:
+    """A retrieval export's text side: onnx.checker on its graphs, and a matching head that reads
+    as many image tokens as the encoder gives and the plan ends with."""
+    names = manifest.text.files
+    problems = [f"{name}: {error}" for name in names if (error := checker_error(directory / name))]
+    report.add("text onnx.checker (full)", not problems, "; ".join(problems) or ", ".join(names))
+    if manifest.text.match_file is None:
+        return
+    graph = onnx.load(str(directory / manifest.text.match_file), load_external_data=False).graph
+    expected = next(i for i in graph.input if i.name == IMAGE_TOKENS).type.tensor_type.shape.dim[1].dim_value
+    read = adapter_for(manifest.model.architecture).text_tower.match.image_tokens_output
+    encoder = onnx.load(str(directory / manifest.onnx.file), load_external_data=False).graph
+    produced = next(o for o in encoder.output if o.name == read).type.tensor_type.shape.dim[1].dim_value
+    planned = built.plan.final_tokens if built is not None else produced
+    fits = expected == produced == planned == manifest.text.image_tokens
+    report.add("matching head image tokens", fits, f"encoder gives {produced}, plan {planned}, the matching head "
+               f"expects {expected}" + ("" if fits else ": exported for different r; re-export"))
 
 
 def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport, max_diff: float | None,

@@ -338,7 +338,7 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         "export": str(options.export_dir) if manifest else None,
         "data": str(options.data), "samples": len(samples), "classes": len(classes) if classes else None,
         "texts": len(texts.texts) if texts is not None else None,
-        "caption_tokenizer": caption_tokenizer_name() if references is not None else None,
+        "caption_tokenizer": caption_tokenizer_name() if captioning and references is not None else None,
         "captions_compared_as": None if not captioning else ("text" if tokenizer else "token ids"),
         "results": [{"r": run.r, "runtime": run.runtime, "final_tokens": run.final_tokens,
                      "flops_bound": run.flops_bound, "images_per_s": run.images_per_s, "metrics": run.metrics}
