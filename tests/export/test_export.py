@@ -26,10 +26,12 @@ def ort_outputs(directory: Path, x: np.ndarray) -> list[np.ndarray]:
     return session.run(None, {"pixel_values": x})
 
 
-# CI time: BLIP's scatter-kernel case runs with -m slow (ViT's covers the scatter kernel in CI)
-@pytest.mark.parametrize("name, r, kernel", [(name, r, kernel) if (name, kernel) != ("blip-caption", "scatter") else
-                                             pytest.param(name, r, kernel, marks=pytest.mark.slow)
-                                             for name in FAMILIES for r, kernel in CASES])
+# CI time: BLIP's scatter-kernel cases run with -m slow (ViT's cover the scatter kernel in CI)
+EXPORT_CASES = [(name, r, kernel) if (name, kernel) != ("blip-caption", "scatter") else
+                pytest.param(name, r, kernel, marks=pytest.mark.slow) for name in FAMILIES for r, kernel in CASES]
+
+
+@pytest.mark.parametrize("name, r, kernel", EXPORT_CASES)
 def test_ort_equals_torch_at_batch_1_and_3(tmp_path_factory, name, r, kernel):
     result = tiny_export(tmp_path_factory, name, r, kernel, external_data=kernel == "scatter")
     assert result.passed and result.manifest.status == "passed"
@@ -44,8 +46,7 @@ def test_ort_equals_torch_at_batch_1_and_3(tmp_path_factory, name, r, kernel):
     assert not list(result.directory.parent.glob(".*partial"))  # the staging directory is gone
 
 
-@pytest.mark.parametrize("r, kernel", CASES)
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name, r, kernel", EXPORT_CASES)
 def test_graph_agrees_with_the_plan(tmp_path_factory, name, r, kernel):
     result = tiny_export(tmp_path_factory, name, r, kernel, external_data=kernel == "scatter")
     plan = tiny_pair(name, r=r)[3].plan
