@@ -3,6 +3,8 @@ transformers' CLIPModel (embeddings and logits); merged exports validate against
 PyTorch model; rankings do not depend on how images are batched; `turbo retrieve` ranks both ways
 and refuses what it cannot rank in one line."""
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,9 +16,10 @@ from typer.testing import CliRunner
 
 from tests.conftest import tiny_export
 from turbo.cli.app import app
-from turbo.export.text_export import MATCH_RUN, SAMPLE_TEXTS, TEXT_RUN, validate_text_tower
+from turbo.export.text_export import MATCH_RUN, SAMPLE_TEXTS, TEXT_RUN, export_text_tower, validate_text_tower
 from turbo.export.validate import ValidationReport
-from turbo.models.loading import load_model, resolve_source
+from turbo.models.loading import load_model, load_tokenizer, resolve_source
+from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.runtimes.retrieval import RetrievalPipeline, normalized, rank, rerank, tokenize
 
 runner = CliRunner()
@@ -270,3 +273,22 @@ def test_check_reads_the_text_graphs_and_the_matching_heads_token_count(blip_exp
     result = runner.invoke(app, ["check", str(edited), "--json"])
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
     assert result.exit_code == 3 and checks["matching head image tokens"]["passed"] is False
+
+
+@pytest.mark.parametrize("eos", ["legacy id 2: pooled at the largest id", "the end-of-text id: pooled at its first"])
+def test_the_text_encoder_equals_transformers_for_both_clip_pooling_rules(tmp_path, eos):
+    """CLIP's text tower pools at argmax(input_ids) when its config keeps the legacy end-of-text
+    id 2 (openai's checkpoints), else at the first end-of-text token (newer ones): both export."""
+    source = resolve_source("clip-vit-b16", tiny=True)
+    config = copy.deepcopy(source.config)
+    if eos.startswith("the end-of-text"):
+        config.text_config.eos_token_id = config.text_config.vocab_size - 1  # the tokenizer's <|endoftext|>
+    source = dataclasses.replace(source, config=config)
+    model = load_model(source, random_weights=True).eval()
+    tokenizer = load_tokenizer(source, random_weights=True)
+    record = export_text_tower(model, source, tokenizer, tmp_path, 20, image_tokens=0)
+    feeds = tokenize(tokenizer[0], SAMPLE_TEXTS, record.max_length)
+    with torch.no_grad():
+        want = model.get_text_features(**{k: torch.from_numpy(v) for k, v in feeds.items()}).pooler_output
+    got = OnnxRuntimeRunner(tmp_path / record.file).run(feeds)["text_embeds"]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from turbo.core.errors import TurboError, UsageError
 
+OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # runs on shared storage tell hosts apart
 
 
@@ -51,8 +53,9 @@ def is_mount_point(path: Path) -> bool:
     except OSError:
         return False
     resolved = os.path.realpath(path)
-    # field 5 is the mount point, with space, tab, newline and backslash octal-escaped
-    points = (line.split(" ")[4].encode().decode("unicode_escape") for line in lines if line.count(" ") >= 4)
+    # field 5 is the mount point, with space, tab, newline and backslash written as \ooo octal
+    points = (OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), line.split(" ")[4]) for line in lines
+              if line.count(" ") >= 4)
     return any(point == resolved for point in points)
 
 
@@ -88,7 +91,7 @@ def staged_directory(target: str | Path, force: bool = False) -> Iterator[Path]:
         staging = lock = None
         try:
             home = _make_parents(target)
-            lock = _claim(target)
+            lock = _claim(target, home)
             _remove_dead_stagings(home, target.name)
             staging = _make_staging(home, target.name)
             yield staging
@@ -155,9 +158,12 @@ class OutputClaimed(UsageError):
     """Another live run is writing the output path."""
 
 
-def _lock_path(target: Path) -> Path:
-    """`.NAME.lock` beside `target`, or inside it when it is a mount point (its parent may be read-only)."""
-    return (target if is_mount_point(target) else target.parent) / f".{target.name}.lock"
+def _lock_path(target: Path, home: Path | None = None) -> Path:
+    """`.NAME.lock` in `home`: beside `target`, or inside it when it is a mount point (its parent
+    may be read-only)."""
+    if home is None:
+        home = target if is_mount_point(target) else target.parent
+    return home / f".{target.name}.lock"
 
 
 def _live_holder(lock: Path) -> str | None:
@@ -173,17 +179,17 @@ def wait_for_other_run(target: str | Path, timeout_s: float, poll_s: float = 0.5
     """Return once no live run holds `target` (a shared cache entry being built); one line after
     `timeout_s`."""
     target = Path(target).absolute()
-    deadline = time.monotonic() + timeout_s
-    while (holder := _live_holder(_lock_path(target))) is not None:
+    lock, deadline = _lock_path(target), time.monotonic() + timeout_s
+    while (holder := _live_holder(lock)) is not None:
         if time.monotonic() > deadline:
             raise OutputClaimed(f"another turbo run ({holder}) has been writing {target} for over {timeout_s:.0f} s; "
-                                f"try again later, or remove {_lock_path(target)} if that run is gone")
+                                f"try again later, or remove {lock} if that run is gone")
         time.sleep(poll_s)
 
 
-def _claim(target: Path) -> Path:
-    """Take `.NAME.lock` beside `target` (a live holder: one line naming it; a dead one: taken over)."""
-    lock = _lock_path(target)
+def _claim(target: Path, home: Path) -> Path:
+    """Take `.NAME.lock` in `home` (a live holder: one line naming it; a dead one: taken over)."""
+    lock = _lock_path(target, home)
     for _ in range(2):
         try:
             descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -61,11 +61,15 @@ def rerank(ranking: Ranking, k: int, match: PairScorer) -> Ranking:
     similarity, as BLIP's evaluation orders them; the rest follow in similarity order."""
     images, texts = ranking.logits.shape
     k_texts, k_images = min(k, texts), min(k, images)
-    for_image, for_text = np.full((images, texts), np.nan), np.full((images, texts), np.nan)
+    scored = np.full((images, texts), np.nan)  # every pair's match logit, each pair scored once
     rows = np.repeat(np.arange(images), k_texts), ranking.texts_for_image[:, :k_texts].reshape(-1)
-    for_image[rows] = match(*rows)
+    scored[rows] = match(*rows)
     columns = ranking.images_for_text[:, :k_images].reshape(-1), np.repeat(np.arange(texts), k_images)
-    for_text[columns] = match(*columns)
+    new = np.isnan(scored[columns])  # pairs the images' top k did not already score
+    if new.any():
+        scored[columns[0][new], columns[1][new]] = match(columns[0][new], columns[1][new])
+    for_image, for_text = np.full_like(scored, np.nan), np.full_like(scored, np.nan)
+    for_image[rows], for_text[columns] = scored[rows], scored[columns]
 
     def reorder(order: np.ndarray, scored: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
         top = order[:, :k]  # (Q, k)
