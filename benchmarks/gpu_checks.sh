@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, about 13 minutes at most (name steps to split
-# it into runs under 10 minutes; the device step always runs):
+# Every check that needs a CUDA GPU, about 4 minutes on an H200 (the steps' time limits add up to 16
+# minutes; name steps to split it into shorter runs; the device step always runs):
 #
 #     bash benchmarks/gpu_checks.sh OUTDIR [STEP ...]
 #
@@ -11,8 +11,10 @@
 # Steps (all, or those named): the gpu-marked kernel tests (the TurboMerge kernel, the Triton Turbo
 # step); the TurboMerge kernel against the torch merge; torch CUDA fp16 speedups of ViT-B/16 r=16
 # (the Triton step, then the ops at batch 64) and BLIP vision r=30 (targets ≥ 1.8× and ≥ 1.4× at
-# batch 64); the eager merge forms' times and op counts; the Turbo step's cost per layer on CUDA,
-# ops and Triton, at batch 64 and 1.
+# batch 64; `turbo bench` replays each forward as a CUDA graph); the eager merge forms' times and
+# op counts; the Turbo step's cost per layer on CUDA (eager),
+# ops and Triton, at batch 64 and 1; the retrieval image encoders (CLIP ViT-B/16 r=16, BLIP
+# retrieval r=30) in torch CUDA fp16. Steps run in that order, most wanted first.
 set -u
 out=${1:?usage: bash benchmarks/gpu_checks.sh OUTDIR}
 python=${PYTHON:-python3}
@@ -58,4 +60,8 @@ step layer-cost 60 "$python" benchmarks/layer_merge_cost.py --model vit-b16 --r 
   --dtype fp16 --rounds 50
 step layer-cost-b1 60 "$python" benchmarks/layer_merge_cost.py --model vit-b16 --r 16 --batch 1 --device cuda \
   --dtype fp16 --rounds 100
+step bench-clip 80 sh -c "$python -m turbo bench --model clip-vit-b16 --r 16 --runtime torch --device cuda \
+--precision fp16 --batch 1,8,64 --iters 50 --random-weights --json >'$out/bench-clip.json'"
+step bench-blip-retrieval 100 sh -c "$python -m turbo bench --model blip-retrieval --runtime torch --device cuda \
+--precision fp16 --batch 1,8,64 --iters 30 --random-weights --json >'$out/bench-blip-retrieval.json'"
 exit "$failed"

@@ -134,7 +134,7 @@ def main() -> None:
     model, _ = build_merged_model(built, random_weights=True)
     adapter = built.source.adapter
     layers = adapter.encoder_layers(model)
-    pixels = torch.randn(args.batch, 3, built.image_size, built.image_size)
+    pixels = torch.randn(args.batch, *built.pixel_shape)
     inputs = layer_inputs(ExportModule(model, built), layers, pixels)
     chosen = range(len(layers)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
     device, dtype = torch.device(args.device), DTYPES[args.dtype]

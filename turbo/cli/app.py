@@ -173,6 +173,9 @@ def bench_command(
                                   help="ORT CPU: fused (one C kernel per merge) | graph (its ONNX function) | auto."),
     torch_merge: str = typer.Option("auto", "--torch-merge",
                                     help="PyTorch: fused (C kernel on CPU fp32, Triton on CUDA) | ops | auto."),
+    cuda_graph: bool | None = typer.Option(None, "--cuda-graph/--no-cuda-graph",
+                                           help="PyTorch on CUDA: replay the image forward as one CUDA graph "
+                                                "(default) or run it eagerly."),
     baseline: str | None = typer.Option(None, "--baseline", help="r=0 export to compare DIRs against."),
     json_output: bool = typer.Option(False, "--json", help="Print the report on stdout (docs/bench.schema.json)."),
     plot: str | None = typer.Option(None, "--plot", help="Write speedup and efficiency vs r to this PNG."),
@@ -198,7 +201,7 @@ def bench_command(
         iters=iters, duration_s=duration,
         random_weights=random_weights, include_transfers=include_transfers, caption=caption,
         caption_tokens=caption_tokens, threads=threads, ort_merge=ort_merge, torch_merge=torch_merge,
-        export_dirs=[Path(d) for d in dirs or []],
+        cuda_graph=cuda_graph, export_dirs=[Path(d) for d in dirs or []],
         baseline_dir=Path(baseline) if baseline else None,
     )
     run_bench_command(options, json_output, plot)

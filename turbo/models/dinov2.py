@@ -17,7 +17,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def _block_parts(layer: nn.Module) -> BlockParts:
     attn = layer.attention
-    heads = attn.num_attention_heads
+    heads = attn.config.num_attention_heads
 
     def qkv(x):
         return tuple(split_heads(proj(x), heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))

@@ -11,7 +11,7 @@ from turbo.models.adapters import BlockParts, FamilyAdapter, fixed_size_processo
 def vit_block_parts(layer: nn.Module) -> BlockParts:
     """The parts of a ViT-style block (ViT, DeiT): layernorm_before/after, attention.{q,k,v,o}_proj, mlp."""
     attn = layer.attention
-    heads = attn.num_attention_heads
+    heads = attn.config.num_attention_heads
 
     def qkv(x):
         return tuple(split_heads(proj(x), heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))

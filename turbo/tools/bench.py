@@ -76,6 +76,7 @@ class BenchOptions:
     threads: int | None = None  # None: one per CPU
     ort_merge: str = "auto"  # how ONNX Runtime runs TurboMerge nodes: auto | fused | graph
     torch_merge: str = "auto"  # how PyTorch runs each Turbo step: auto | fused | ops
+    cuda_graph: bool | None = None  # PyTorch on CUDA: replay image forwards as CUDA graphs (None: yes)
     method: str | None = None  # None: the model's default (turbo; tome without a CLS token)
     alpha: float | None = None
     threshold: int | None = None
@@ -119,6 +120,8 @@ def _check(options: BenchOptions) -> None:
         raise UsageError("--warmup must be >= 0 and --duration > 0 seconds")
     check_merge_kernel(options.ort_merge, _ort_providers(options), "--ort-merge")
     check_torch_merge(options.torch_merge, options.device == "cpu", options.precision == "fp32", "--torch-merge")
+    if options.cuda_graph is not None and options.device != "cuda":
+        raise UsageError("--cuda-graph and --no-cuda-graph belong to --device cuda")
     if options.ort_merge == "fused" and "ort" in options.runtimes:
         kernel_library()  # fail now, not after the exports were built
     if options.torch_merge == "fused" and "torch" in options.runtimes:
@@ -230,7 +233,8 @@ def _torch_candidates(plans: dict, workload: str, options: BenchOptions) -> list
         else:
             module = ExportModule(model, built)
             names = module.output_names()
-        return TorchRunner(module, ["pixel_values"], names, options.device, dtype, options.torch_merge)
+        graph = options.device == "cuda" and workload != "caption" and options.cuda_graph is not False
+        return TorchRunner(module, ["pixel_values"], names, options.device, dtype, options.torch_merge, graph)
 
     return [Candidate(r, b.plan.final_tokens, b.plan.speedup_bound, lambda b=b: make(b)) for r, b in plans.items()]
 
