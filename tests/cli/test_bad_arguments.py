@@ -29,6 +29,7 @@ BASE = {  # valid arguments for each command, so that only the option under test
     "eval": ["{export}", "--data", "{images}"],
     "caption": ["{export}", "{image}"],
     "retrieve": ["{export}", "--images", "{images}", "--texts", "{texts}"],
+    "vqa": ["{export}", "{image}", "what is it?"],
     "check": ["{export}"],
 }
 ZERO_IS_VALID = {"r", "threshold", "min_length", "calib_seed", "itm_rerank"}
@@ -48,6 +49,7 @@ TEXT = {  # str options: values each must refuse
     "texts": ["{tmp}/missing", "{tmp}/file/texts.txt"],
     "labels": ["{tmp}/missing"],
     "captions": ["{tmp}/missing"],
+    "questions": ["{tmp}/missing"],
     "baseline": ["{tmp}/missing"],
     "output": ["{tmp}/file/out"],
     "plot": ["{tmp}/file/plot.png"],

@@ -219,6 +219,8 @@ def eval_command(
     metric: str = typer.Option("fidelity", "--metric", help="What --r auto bounds: accuracy | fidelity."),
     labels: str | None = typer.Option(None, "--labels", help="Class folder names in label order, one per line."),
     captions: str | None = typer.Option(None, "--captions", help="BLIP: COCO-format caption annotations JSON."),
+    questions: str | None = typer.Option(None, "--questions", help="VQA: a VQAv2 or BLIP questions (and answers) "
+                                         "JSON about the images under --data."),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate the first N images only."),
     batch: int = typer.Option(16, "--batch", help="Images per forward."),
     beams: int = typer.Option(1, "--beams", help="BLIP: beam search width (1 = greedy)."),
@@ -246,7 +248,8 @@ def eval_command(
         model=model or "vit-b16", data=Path(data), rs=None if r in (None, "auto") else parse_ints(r, "--r"),
         max_drop=max_drop,
         metric=metric, labels_file=Path(labels) if labels else None, captions=Path(captions) if captions else None,
-        limit=limit, batch=batch, beams=beams, max_tokens=max_tokens, random_weights=random_weights, tiny=tiny,
+        questions=Path(questions) if questions else None, limit=limit, batch=batch, beams=beams,
+        max_tokens=max_tokens, random_weights=random_weights, tiny=tiny,
         threshold=threshold, export_dir=Path(directory) if directory else None,
     )
     run_eval_command(options, json_output)
@@ -270,6 +273,24 @@ def caption_command(
     from turbo.cli.commands.caption import run_caption_command
 
     run_caption_command(directory, images, beams, max_length, min_length, prompt, batch, json_output)
+
+
+@app.command("vqa")
+@user_errors
+def vqa_command(
+    directory: str = typer.Argument(..., help="A BLIP VQA `turbo export` directory (e.g. blip-vqa)."),
+    image: str = typer.Argument(..., help="The image the questions are about."),
+    questions: list[str] = typer.Argument(..., help="One or more questions, each one argument (quote them)."),
+    beams: int | None = typer.Option(None, "--beams", help="Beam search width (default: greedy, as transformers)."),
+    max_length: int | None = typer.Option(None, "--max-length", help="At most this many answer tokens (default 10)."),
+    batch: int = typer.Option(8, "--batch", help="Questions per question-encoder/decoder run."),
+    json_output: bool = typer.Option(False, "--json", help="Print answers, token ids and settings as JSON."),
+) -> None:
+    """Answer questions about an image with an export's vision encoder, question encoder and answer
+    decoder on ONNX Runtime (one line each)."""
+    from turbo.cli.commands.vqa import run_vqa_command
+
+    run_vqa_command(directory, image, questions, beams, max_length, batch, json_output)
 
 
 @app.command("retrieve")
@@ -303,7 +324,8 @@ def check_command(
     directory: str = typer.Argument(..., help="A `turbo export` output directory."),
     max_diff: float | None = typer.Option(None, "--max-diff", help="Gate: ORT vs PyTorch max abs diff at most D."),
     min_agreement: float | None = typer.Option(
-        None, "--min-agreement", help="Gate: fidelity to the unmerged model (ViT top-1, BLIP mean-token cosine)."),
+        None, "--min-agreement", help="Gate: fidelity to the unmerged model (ViT top-1, BLIP VQA answer "
+        "agreement, otherwise the deployed embedding's cosine)."),
     min_speedup: float | None = typer.Option(None, "--min-speedup", help="Gate: ORT CPU speedup vs r=0 at least S."),
     iters: int = typer.Option(10, "--iters", help="Timed rounds for --min-speedup."),
     json_output: bool = typer.Option(False, "--json", help="Print the report on stdout."),

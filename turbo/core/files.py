@@ -12,6 +12,7 @@ GENERATION_FILE = "generation_config.json"  # captioning: token ids and lengths,
 TOKENIZER_FILE = "tokenizer_config.json"
 TEXT_ENCODER_FILE = "text_encoder.onnx"  # retrieval: texts -> embeddings (weights of 1 GiB or more in .data)
 MATCH_FILE = "itm.onnx"  # retrieval with a matching head: (text, image tokens) -> match logits
+QUESTION_FILE = "question_encoder.onnx"  # VQA: (question, image tokens) -> question states
 
 # Tensor names of the encoder graph
 INPUT_NAME = "pixel_values"
@@ -19,4 +20,7 @@ TEXT_INPUTS = ("input_ids", "attention_mask")  # the text encoder's, (B, L) int6
 TEXT_EMBEDS = "text_embeds"  # the text encoder's output (B, D)
 IMAGE_TOKENS = "image_tokens"  # the matching head's image input (B, N, C)
 MATCH_LOGITS = "itm_logits"  # the matching head's output (B, 2): index 1, "the text matches the image"
+QUESTION_INPUTS = (*TEXT_INPUTS, "image_embeds")  # the question encoder's: (B, L) int64 twice, (B, N, C)
+QUESTION_EMBEDS = "question_embeds"  # the question encoder's output (B, L, C), the answer decoder's cross input
+QUESTION_MASK = "question_mask"  # (B, L) int64: which question positions the answer decoder attends
 TOKEN_SIZES = "token_sizes"  # (B, N_final): patches each output token stands for, the merge fingerprint

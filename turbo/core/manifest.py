@@ -110,12 +110,13 @@ class ImageProcessorRecord:
 
 @dataclass
 class DecoderRecord:
-    """A captioning export's text decoder graphs and what they were built with."""
+    """A captioning export's text decoder graphs (or a VQA export's answer decoder) and what they
+    were built with."""
 
     first_step: str
     with_past: str
     weights: str
-    image_tokens: int
+    image_tokens: int | None  # the image tokens it cross-attends to; None: it reads the question
     layers: int
     heads: int
     vocab_size: int
@@ -149,6 +150,22 @@ class TextRecord:
     @property
     def files(self) -> list[str]:
         return [self.file] + ([self.match_file] if self.match_file else [])
+
+
+@dataclass
+class QuestionRecord:
+    """A VQA export's question encoder: questions (B, L), L up to `max_length`, read with
+    cross-attention over the merged image tokens -> question states the answer decoder reads."""
+
+    file: str
+    max_length: int
+    image_tokens: int  # the image tokens it reads (the plan's final tokens)
+    precision: str
+    tokenizer: Json = field(default_factory=dict)  # origin: the checkpoint's, or a placeholder vocabulary
+
+    @property
+    def files(self) -> list[str]:
+        return [self.file]
 
 
 @dataclass
@@ -215,6 +232,7 @@ class Manifest:
     stage_seconds: dict[str, float]
     decoder: DecoderRecord | None = None
     text: TextRecord | None = None
+    question: QuestionRecord | None = None
     quantization: QuantizationRecord | None = None
     tensorrt: TensorRTRecord | None = None
     files: dict[str, Json] = field(default_factory=dict)  # every file's "bytes" and "sha256" (core/integrity.py)
@@ -230,7 +248,7 @@ class Manifest:
             if item.name == "schema_version":
                 continue
             value = getattr(self, item.name)
-            if value is None and item.name in ("decoder", "text", "quantization", "tensorrt"):
+            if value is None and item.name in ("decoder", "text", "question", "quantization", "tensorrt"):
                 continue
             data[item.name] = _plain(value)
         return data

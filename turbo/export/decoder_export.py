@@ -1,7 +1,9 @@
 """Export BLIP's text decoder: a first-step graph and a with-past graph sharing one weights file.
 
-The image-token count N is the plan's final token count (r changes the cross-attention
-length), fixed in both graphs; batch, prompt length and past length are dynamic.
+A caption decoder cross-attends to the image tokens: their count N is the plan's final token count
+(r changes the cross-attention length), fixed in both graphs. A VQA answer decoder cross-attends to
+the encoded question with its mask, both of dynamic length. Batch, prompt length and past length
+are dynamic.
 """
 
 import tempfile
@@ -15,12 +17,20 @@ from transformers import GenerationConfig
 
 from turbo.core.errors import TurboError
 from turbo.core.files import DECODER_WEIGHTS_FILE as WEIGHTS_FILE
-from turbo.core.files import FIRST_STEP_FILE, GENERATION_FILE, WITH_PAST_FILE
+from turbo.core.files import FIRST_STEP_FILE, GENERATION_FILE, QUESTION_EMBEDS, QUESTION_MASK, WITH_PAST_FILE
 from turbo.core.manifest import DecoderRecord
 from turbo.export.onnx_export import run_exporter
 from turbo.graph.shared_weights import save_with_shared_weights
 from turbo.graph.weight_quant import insert_dequantize
-from turbo.models.blip_decoder import CROSS_KV, SELF_KV, DecoderFirstStep, DecoderWithPast, cache_names
+from turbo.models.blip_decoder import (
+    CROSS_KV,
+    SELF_KV,
+    DecoderFirstStep,
+    DecoderWithPast,
+    MaskedDecoderFirstStep,
+    MaskedDecoderWithPast,
+    cache_names,
+)
 from turbo.models.loading import ModelSource
 from turbo.runtimes.caption import DEFAULT_PROMPT
 
@@ -38,37 +48,50 @@ class DecoderGraphs:
     past_outputs: list[str]
 
     @classmethod
-    def for_layers(cls, layers: int) -> "DecoderGraphs":
+    def for_layers(cls, layers: int, masked: bool = False) -> "DecoderGraphs":
+        """masked: the cross input is the encoded question and its mask, not the image tokens."""
+        cross, mask = ([QUESTION_EMBEDS], [QUESTION_MASK]) if masked else ([IMAGE_EMBEDS], [])
         return cls(
             layers,
-            [IDS, IMAGE_EMBEDS], [LOGITS, *cache_names("present", layers, SELF_KV + CROSS_KV)],
-            [IDS, *cache_names("past", layers, SELF_KV + CROSS_KV)], [LOGITS, *cache_names("present", layers, SELF_KV)],
+            [IDS, *cross, *mask], [LOGITS, *cache_names("present", layers, SELF_KV + CROSS_KV)],
+            [IDS, *mask, *cache_names("past", layers, SELF_KV + CROSS_KV)],
+            [LOGITS, *cache_names("present", layers, SELF_KV)],
         )
 
 
-def export_decoder(text_decoder: nn.Module, directory: Path, image_tokens: int, opset: int,
+def export_decoder(text_decoder: nn.Module, directory: Path, image_tokens: int | None, opset: int,
                    dtype: torch.dtype = torch.float32, quantized: dict | None = None) -> dict:
     """Write FIRST_STEP_FILE, WITH_PAST_FILE and their shared WEIGHTS_FILE into `directory`;
-    returns what the manifest records of them. `quantized` (name -> QuantizedWeight, already
-    fake-quantized in `text_decoder`) become integer weights + DequantizeLinear in both graphs."""
+    returns what the manifest records of them. image_tokens None: the masked graphs of an answer
+    decoder, cross-attending to questions of any length. `quantized` (name -> QuantizedWeight,
+    already fake-quantized in `text_decoder`) become integer weights + DequantizeLinear in both graphs."""
 
     config = text_decoder.config
-    graphs = DecoderGraphs.for_layers(config.num_hidden_layers)
-    first, with_past = DecoderFirstStep(text_decoder).to(dtype), DecoderWithPast(text_decoder).to(dtype)
+    masked = image_tokens is None
+    graphs = DecoderGraphs.for_layers(config.num_hidden_layers, masked)
+    first_class, past_class = (MaskedDecoderFirstStep, MaskedDecoderWithPast) if masked else \
+        (DecoderFirstStep, DecoderWithPast)
+    first, with_past = first_class(text_decoder).to(dtype), past_class(text_decoder).to(dtype)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (2, 3), generator=generator)  # sizes ≥ 2: not specialised
-    image_embeds = torch.randn(2, image_tokens, config.encoder_hidden_size, generator=generator).to(dtype)
+    states = torch.randn(2, image_tokens or 5, config.encoder_hidden_size, generator=generator).to(dtype)
+    mask = torch.ones(2, states.shape[1], dtype=torch.int64)
+    cross_inputs = (states, mask) if masked else (states,)
     with torch.inference_mode():
-        cache = first(ids, image_embeds)[1:]
+        cache = first(ids, *cross_inputs)[1:]
     batch, sequence, past = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past")
-    first_dynamic = ({0: batch, 1: sequence}, {0: batch})
-    past_dynamic = ({0: batch}, tuple({0: batch, 2: past} if name.split(".", 2)[2] in SELF_KV else {0: batch}
-                                      for name in graphs.past_inputs[1:]))  # forward(input_ids, *past)
+    cross = torch.export.Dim("cross") if masked else None
+    cross_axes = {0: batch, 1: cross} if masked else {0: batch}
+    first_dynamic = ({0: batch, 1: sequence}, *[cross_axes] * len(cross_inputs))
+    cached = tuple({0: batch, 2: past} if name.split(".", 2)[2] in SELF_KV else {0: batch, 2: cross} if masked
+                   else {0: batch} for name in graphs.past_inputs[1 + masked:])
+    past_dynamic = ({0: batch}, *([cross_axes] if masked else []), cached)  # forward(input_ids, [mask,] *past)
+    past_args = (ids[:, :1], *([mask] if masked else []), *cache)
     with tempfile.TemporaryDirectory() as scratch:
         protos = {}
         for module, args, inputs, outputs, dynamic, name in (
-            (first, (ids, image_embeds), graphs.first_inputs, graphs.first_outputs, first_dynamic, FIRST_STEP_FILE),
-            (with_past, (ids[:, :1], *cache), graphs.past_inputs, graphs.past_outputs, past_dynamic, WITH_PAST_FILE),
+            (first, (ids, *cross_inputs), graphs.first_inputs, graphs.first_outputs, first_dynamic, FIRST_STEP_FILE),
+            (with_past, past_args, graphs.past_inputs, graphs.past_outputs, past_dynamic, WITH_PAST_FILE),
         ):
             program = run_exporter(module, args, inputs, outputs, dynamic, opset)
             program.save(str(Path(scratch) / name), external_data=True)

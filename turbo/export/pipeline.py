@@ -34,6 +34,7 @@ from turbo.export.reference import prepare_model, validate_files
 from turbo.export.tensorrt.stage import build_and_validate, check_trt_options
 from turbo.export.text_export import export_text_tower
 from turbo.export.validate import ValidationReport
+from turbo.export.vqa_export import export_answerer
 from turbo.graph.summary import GraphSummary, summarize
 from turbo.models.build import BuiltPlan
 from turbo.models.loading import load_image_processor, load_tokenizer
@@ -82,7 +83,8 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
     with staged_directory(output, force) as staging:
         captioning = built.source.adapter.caption_decoder is not None and options.decoder
         retrieval = built.source.adapter.text_tower is not None
-        reads_text = captioning or retrieval
+        answering = built.source.adapter.question_answerer is not None
+        reads_text = captioning or retrieval or answering
         tokenizer = (lambda: load_tokenizer(built.source, options.random_weights)) if reads_text else None
         reference = prepare_model(built, options, tokenizer, timed)
         model, module, quantized = reference.model, reference.module, reference.quantized
@@ -107,18 +109,23 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
             with timed("text"):
                 text = export_text_tower(model, built.source, reference.tokenizer, staging, options.opset,
                                          built.plan.final_tokens)
+        question = None
+        if answering:
+            with timed("text"):
+                question, decoder = export_answerer(model, built.source, reference.tokenizer, staging,
+                                                    built.plan.final_tokens, options.opset)
         summary = summarize(staging / MODEL_FILE)
         report = None
         if options.validate:
             with timed("validate"):
-                report = validate_files(reference, built, options, staging, summary, decoder, text)
+                report = validate_files(reference, built, options, staging, summary, decoder, text, question)
         warnings = []
         if not options.random_weights and processor_origin.endswith("default"):
             warnings.append(f"{built.source.location} has no image processor config; wrote the "
                             f"{processor_origin} (check its mean/std and resize before serving)")
         manifest = _manifest(built, options, model, summary, report, staging, processor_origin, seconds, started,
                              command_line)
-        manifest.decoder, manifest.text = decoder, text
+        manifest.decoder, manifest.text, manifest.question = decoder, text, question
         manifest.quantization = quantized.record() if quantized is not None else None
         engine_report = missing = None
         if options.trt is not None:

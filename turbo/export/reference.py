@@ -12,18 +12,20 @@ from pathlib import Path
 from torch import nn
 
 from turbo.core.files import MODEL_FILE
-from turbo.core.manifest import DecoderRecord, TextRecord
+from turbo.core.manifest import DecoderRecord, QuestionRecord, TextRecord
 from turbo.export.decoder_validate import captions_are_exact, validate_decoder
 from turbo.export.onnx_export import ExportModule
 from turbo.export.options import ExportOptions, Stage, no_stage
 from turbo.export.quant_export import INT8, QuantizedModel, quantize_model
 from turbo.export.text_export import validate_text_tower
 from turbo.export.validate import ValidationReport, validate_export
+from turbo.export.vqa_export import validate_answerer
 from turbo.graph.summary import GraphSummary
 from turbo.models.build import BuiltPlan
 from turbo.models.loading import load_model
 from turbo.models.patch import apply_turbo
 from turbo.runtimes.caption import CaptionPipeline
+from turbo.runtimes.vqa import VqaPipeline
 
 
 @dataclass
@@ -60,28 +62,33 @@ def prepare_model(built: BuiltPlan, options: ExportOptions,
 
 def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportOptions, directory: Path,
                    summary: GraphSummary, decoder: DecoderRecord | None, text: TextRecord | None = None,
-                   static_checks: bool = True) -> ValidationReport:
+                   question: QuestionRecord | None = None, static_checks: bool = True) -> ValidationReport:
     """The encoder graph against the PyTorch model (and against the plan, with static_checks); a
     captioning export's decoder graphs and whole captions against upstream generate; a retrieval
-    export's text encoder against the PyTorch text tower; a quantized export's quality against the
-    fp32 model."""
+    export's text encoder against the PyTorch text tower; a VQA export's question encoder, answer
+    decoder and whole answers against PyTorch and upstream generate; a quantized export's quality
+    against the fp32 model."""
     path = directory / MODEL_FILE
     report = validate_export(reference.module, reference.module.output_names(), path, summary,
                              built.plan, options.kernel, options.batch, options.precision, built.pixel_shape,
                              options.seed, static_checks=static_checks, compare=options.quant != INT8)
     quantized = reference.quantized
-    if decoder is not None:
+    exact_text = captions_are_exact(options.precision, options.quant)
+    if question is not None:
+        pipeline = VqaPipeline.load(directory, MODEL_FILE, question, decoder, options.batch, exact=True)
+        validate_answerer(reference.model, built.source.adapter.question_answerer, pipeline, report,
+                          built.pixel_shape, built.interpolate_pos_encoding, exact_text, options.seed)
+    elif decoder is not None:
         pipeline = CaptionPipeline.load(directory, MODEL_FILE, decoder, options.batch, exact=True)
         validate_decoder(reference.model, built.source.adapter.caption_decoder, pipeline, report, built.pixel_shape,
-                         built.interpolate_pos_encoding, decoder.prompt,
-                         captions_are_exact(options.precision, options.quant), options.seed)
+                         built.interpolate_pos_encoding, decoder.prompt, exact_text, options.seed)
     if text is not None:
         adapter = built.source.adapter
         validate_text_tower(reference.model, adapter.text_tower, directory, text,
                             adapter.vision_config(built.source.config).hidden_size, report)
     if quantized is not None:
         quantized.check_quality(reference.module, report, path, built.pixel_shape)
-        if decoder is not None:  # as deployed: ONNX Runtime's default kernels
+        if decoder is not None and question is None:  # as deployed: ONNX Runtime's default kernels
             quantized.check_captions(CaptionPipeline.load(directory, MODEL_FILE, decoder, options.batch), report,
                                      built.pixel_shape, built.interpolate_pos_encoding, decoder.prompt)
     return report

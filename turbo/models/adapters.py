@@ -36,6 +36,7 @@ CLASSIFICATION = Task("image-classification", "agreement", "top1", "class folder
 CAPTIONING = Task("image-captioning", "exact_match", "cider", "--captions")
 EMBEDDING = Task("image-embedding", "cosine", "knn_top1", "class folders")  # backbones and retrieval towers
 RETRIEVAL = Task("image-text-retrieval", "top1_agreement", "recall_mean", "--captions")  # image and text towers
+VQA = Task("visual-question-answering", "answer_agreement", "vqa_accuracy", "--questions")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,24 @@ class MatchHead:
     # (model, input_ids, attention_mask, image_tokens (B, N, C)) -> logits (B, 2)
     logits: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     image_tokens_output: str  # the image encoder's output it reads
+
+
+@dataclass(frozen=True)
+class QuestionAnswerer:
+    """A family's visual question answering: a question encoder reading the merged image tokens
+    through cross-attention, and an answer decoder cross-attending to the encoded question."""
+
+    # (model, input_ids, attention_mask, image_embeds (B, N, C)) -> question states (B, L, C_text)
+    encode: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    max_length: Callable[[object], int]  # config -> question tokens kept (longer questions are truncated)
+    decoder: CaptionDecoder  # the answer decoder: its module, layers, ids and placeholder vocabulary
+
+    @property
+    def placeholder_tokenizer(self) -> Callable[[object], object]:
+        return self.decoder.placeholder_tokenizer
+
+    def special_ids(self, config: object) -> dict[str, int]:
+        return self.decoder.generation_ids(config)
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,7 @@ class FamilyAdapter:
     embedders: tuple[str, ...] = ()  # its architectures that output embeddings (EMBEDDING), not the task's
     caption_decoder: CaptionDecoder | None = None
     text_tower: TextTower | None = None
+    question_answerer: QuestionAnswerer | None = None
     classifier: Callable[[nn.Module], nn.Module | None] = lambda model: None  # model -> its class head, if any
     # Parts a checkpoint may lack, by weight-name prefix, and how to remove them so that nothing
     # randomly initialised is exported; any other missing weight refuses the checkpoint.
@@ -128,9 +148,10 @@ class FamilyAdapter:
         return as_pair(self.vision_config(config).patch_size)
 
     @property
-    def text_side(self) -> CaptionDecoder | TextTower | None:
-        """What reads text: the caption decoder or the retrieval text tower (they need a tokenizer)."""
-        return self.caption_decoder or self.text_tower
+    def text_side(self) -> CaptionDecoder | TextTower | QuestionAnswerer | None:
+        """What reads text: the caption decoder, the retrieval text tower or the question answerer
+        (they need a tokenizer)."""
+        return self.caption_decoder or self.text_tower or self.question_answerer
 
     def task_of(self, architecture: str) -> Task:
         return EMBEDDING if architecture in self.embedders else self.task

@@ -8,6 +8,9 @@ return plain tensors, so each one exports to a static-rank ONNX graph:
   self-attention keys/values (B, H, T, d) and cross-attention keys/values (B, H, N, d);
 - with past: input_ids (B, 1) + the cache -> logits (B, 1, V) and the self-attention
   keys/values grown by one position (the cross-attention ones never change).
+
+The masked variants also take a (B, S) mask over the cross-attended states, for states of padded
+texts (VQA's encoded questions); image tokens are attended unmasked.
 """
 
 import math
@@ -29,14 +32,21 @@ def _heads(x: torch.Tensor, head_size: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], -1, head_size).transpose(1, 2)
 
 
+def cross_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S) of 1 (attend) and 0 (padding) -> the additive (B, 1, 1, S) upstream extends it to."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, head_size: int,
-            causal: bool) -> torch.Tensor:
-    """Upstream's eager attention: (B,H,T,d), (B,H,S,d) -> (B, T, H*d)."""
+            causal: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Upstream's eager attention: (B,H,T,d), (B,H,S,d) -> (B, T, H*d); bias (B, 1, 1, S) or None."""
     scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_size)  # (B, H, T, S)
     if causal:  # first step: position t sees 0..t (no past)
         steps = scores.shape[-1]
         allowed = torch.ones(steps, steps, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    if bias is not None:
+        scores = scores + bias
     context = torch.matmul(scores.softmax(dim=-1), value)  # (B, H, T, d)
     return context.transpose(1, 2).flatten(2)
 
@@ -56,7 +66,8 @@ class _DecoderStep(nn.Module):
         return embeddings.LayerNorm(hidden)  # (B, T, C)
 
     def _layer(self, index: int, hidden: torch.Tensor, self_kv: tuple[torch.Tensor, ...] | None,
-               cross_kv: tuple[torch.Tensor, torch.Tensor] | None, image_embeds: torch.Tensor | None):
+               cross_kv: tuple[torch.Tensor, torch.Tensor] | None, image_embeds: torch.Tensor | None,
+               bias: torch.Tensor | None):
         """One decoder layer; returns hidden (B,T,C), self K/V (B,H,P+T,d), cross K/V (B,H,N,d)."""
         layer = self.decoder.bert.encoder.layer[index]
         attention = layer.attention.self
@@ -72,7 +83,8 @@ class _DecoderStep(nn.Module):
         if cross_kv is None:
             cross_kv = (_heads(cross.key(image_embeds), self.head_size),
                         _heads(cross.value(image_embeds), self.head_size))
-        context = _attend(_heads(cross.query(attended), self.head_size), *cross_kv, self.head_size, causal=False)
+        context = _attend(_heads(cross.query(attended), self.head_size), *cross_kv, self.head_size, causal=False,
+                          bias=bias)
         attended = layer.crossattention.output(context, attended)
         hidden = layer.output(layer.intermediate(attended), attended)
         return hidden, (key, value), cross_kv
@@ -80,18 +92,30 @@ class _DecoderStep(nn.Module):
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder.cls(hidden)  # (B, T, V)
 
+    def _first(self, input_ids: torch.Tensor, states: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+        hidden = self._embed(input_ids, 0)
+        cache = []
+        for index in range(self.layers):
+            hidden, self_kv, cross_kv = self._layer(index, hidden, None, None, states, bias)
+            cache += [*self_kv, *cross_kv]
+        return (self._logits(hidden), *cache)
+
+    def _with_past(self, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> tuple:
+        hidden = self._embed(input_ids, past[0].shape[2])
+        present = []
+        for index in range(self.layers):
+            self_kv, cross_kv = past[4 * index:4 * index + 2], past[4 * index + 2:4 * index + 4]
+            hidden, self_kv, _ = self._layer(index, hidden, self_kv, cross_kv, None, bias)
+            present += list(self_kv)
+        return (self._logits(hidden), *present)
+
 
 class DecoderFirstStep(_DecoderStep):
     """input_ids (B, T), image_embeds (B, N, C) -> logits (B, T, V), then per layer self K, V
     (B, H, T, d) and cross K, V (B, H, N, d)."""
 
     def forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        hidden = self._embed(input_ids, 0)
-        cache = []
-        for index in range(self.layers):
-            hidden, self_kv, cross_kv = self._layer(index, hidden, None, None, image_embeds)
-            cache += [*self_kv, *cross_kv]
-        return (self._logits(hidden), *cache)
+        return self._first(input_ids, image_embeds, None)
 
 
 class DecoderWithPast(_DecoderStep):
@@ -99,10 +123,18 @@ class DecoderWithPast(_DecoderStep):
     -> logits (B, 1, V) and per layer self K, V (B, H, P+1, d)."""
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        hidden = self._embed(input_ids, past[0].shape[2])
-        present = []
-        for index in range(self.layers):
-            self_kv, cross_kv = past[4 * index:4 * index + 2], past[4 * index + 2:4 * index + 4]
-            hidden, self_kv, _ = self._layer(index, hidden, self_kv, cross_kv, None)
-            present += list(self_kv)
-        return (self._logits(hidden), *present)
+        return self._with_past(input_ids, past, None)
+
+
+class MaskedDecoderFirstStep(_DecoderStep):
+    """DecoderFirstStep over states (B, S, C) of which mask (B, S) says which to attend."""
+
+    def forward(self, input_ids: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._first(input_ids, states, cross_bias(mask, states.dtype))
+
+
+class MaskedDecoderWithPast(_DecoderStep):
+    """DecoderWithPast with the mask (B, S) of the cached cross-attention states."""
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._with_past(input_ids, past, cross_bias(mask, past[0].dtype))

@@ -7,6 +7,7 @@ from turbo.core.errors import UsageError
 from turbo.models.adapters import FamilyAdapter
 from turbo.models.blip import BLIP
 from turbo.models.blip_retrieval import BLIP_RETRIEVAL
+from turbo.models.blip_vqa import BLIP_VQA
 from turbo.models.clip import CLIP, CLIP_MODEL
 from turbo.models.deit import DEIT
 from turbo.models.dinov2 import DINOV2, DINOV2_REGISTERS
@@ -15,7 +16,7 @@ from turbo.models.vit import VIT
 
 # BLIP last: an architecture-less config of model_type "blip" is the captioning model
 FAMILIES: tuple[FamilyAdapter, ...] = (VIT, DEIT, CLIP, CLIP_MODEL, SIGLIP, DINOV2, DINOV2_REGISTERS, BLIP_RETRIEVAL,
-                                       BLIP)
+                                       BLIP_VQA, BLIP)
 ADAPTERS: dict[str, FamilyAdapter] = {arch: adapter for adapter in FAMILIES for arch in adapter.architectures}
 BY_MODEL_TYPE: dict[str, FamilyAdapter] = {kind: adapter for adapter in FAMILIES for kind in adapter.model_types}
 
@@ -134,6 +135,10 @@ REGISTRY: dict[str, ModelSpec] = {
                   {**_blip(768, 12, 12, 3072), "image_text_hidden_size": 256},
                   {**_TINY_BLIP, "image_text_hidden_size": 16}, default_r=30, threshold=100,
                   notes="image-text retrieval: ITC embeddings and the ITM head over the merged image tokens"),
+        ModelSpec("blip-vqa", "Salesforce/blip-vqa-base", "BlipForQuestionAnswering",
+                  _blip(768, 12, 12, 3072), _TINY_BLIP, default_r=40,
+                  notes="visual question answering: the question encoder reads the merged image tokens "
+                        "(the paper's VQA setting is 480 px: --image-size 480)"),
         ModelSpec("blip-caption-large", "Salesforce/blip-image-captioning-large", "BlipForConditionalGeneration",
                   _blip(1024, 24, 16, 4096), _TINY_BLIP, default_r=30, threshold=40),
     )

@@ -46,18 +46,23 @@ def onnx_graph(path: Path):
 
 class GraphDecoder:
     """The first-step and with-past decoder graphs, on any two runners (ONNX Runtime sessions or
-    TensorRT engines built from them), as a `StepDecoder` for one batch of image embeddings at a
-    time (`image_embeds` is set before each search). Outputs are read by the ONNX graphs' names."""
+    TensorRT engines built from them), as a `StepDecoder` for one batch of cross-attended states at a
+    time: `image_embeds` (captioning's image tokens, or VQA's question states) and, for graphs with a
+    mask input, `cross_mask`, set before each search. Outputs are read by the ONNX graphs' names."""
 
     def __init__(self, first: Runner, with_past: Runner, directory: Path, decoder: DecoderRecord) -> None:
         self.first, self.with_past = first, with_past
         first_graph = onnx_graph(directory / decoder.first_step)
         past_graph = onnx_graph(directory / decoder.with_past)
         self.first_outputs = [o.name for o in first_graph.output]
-        self.past_names = [i.name for i in past_graph.input][1:]  # per layer: self K, V, cross K, V
-        self.past_outputs = [o.name for o in past_graph.output]
-        self.image_tokens = first_graph.input[1].type.tensor_type.shape.dim[1].dim_value  # image_embeds (B, N, C)
+        self.cross_name = first_graph.input[1].name  # image_embeds (B, N, C) or question_embeds (B, L, C)
+        self.mask_name = first_graph.input[2].name if len(first_graph.input) > 2 else None  # (B, L)
+        self.past_names = [i.name for i in past_graph.input][1 + bool(self.mask_name):]  # per layer: self K, V,
+        self.past_outputs = [o.name for o in past_graph.output]                         # cross K, V
+        self.image_tokens = first_graph.input[1].type.tensor_type.shape.dim[1].dim_value  # 0 where dynamic
         self.image_embeds: np.ndarray | None = None
+        self.cross_mask: np.ndarray | None = None
+        self._step_mask: np.ndarray | None = None  # cross_mask, one row per search row
 
     @classmethod
     def onnxruntime(cls, directory: Path, decoder: DecoderRecord, threads: int | None = None,
@@ -68,7 +73,10 @@ class GraphDecoder:
 
     def first_step(self, input_ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits at every prompt position (B, T, V) and the cache."""
-        outputs = self.first.run({"input_ids": input_ids, "image_embeds": self.image_embeds})
+        feeds = {"input_ids": input_ids, self.cross_name: self.image_embeds}
+        if self.mask_name:
+            feeds[self.mask_name] = self._step_mask = self.cross_mask
+        outputs = self.first.run(feeds)
         logits, *cache = (outputs[name] for name in self.first_outputs)
         return logits, cache
 
@@ -86,10 +94,15 @@ class GraphDecoder:
         logits = logits[:, -1]
         if rows_per_input > 1:  # every beam of an input starts from the same prompt
             logits, cache = np.repeat(logits, rows_per_input, 0), [np.repeat(c, rows_per_input, 0) for c in cache]
+            if self.mask_name:
+                self._step_mask = np.repeat(self.cross_mask, rows_per_input, 0)
         return logits, cache
 
     def step(self, tokens: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        outputs = self.with_past.run({"input_ids": tokens[:, None], **dict(zip(self.past_names, cache))})
+        feeds = {"input_ids": tokens[:, None], **dict(zip(self.past_names, cache))}
+        if self.mask_name:
+            feeds[self.mask_name] = self._step_mask  # beams only move within their input: its mask stays
+        outputs = self.with_past.run(feeds)
         logits, *grown = (outputs[name] for name in self.past_outputs)
         return logits[:, -1], grow_cache(cache, grown)
 
@@ -117,8 +130,9 @@ class CaptionPipeline:
         directory = Path(directory)
         manifest = open_export(directory)
         decoder = manifest.decoder
-        if decoder is None:
-            raise UsageError(f"{directory} has no text decoder (a {manifest.model.architecture} export); "
+        if decoder is None or manifest.question is not None:
+            what = "answers questions: use turbo vqa" if manifest.question else "has no text decoder"
+            raise UsageError(f"{directory} {what} (a {manifest.model.architecture} export); "
                              "captioning needs a BLIP captioning export: turbo export --model blip-caption")
         engines = None
         if tensorrt:

@@ -39,6 +39,7 @@ from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.runtimes.pytorch import TorchRunner
 from turbo.runtimes.retrieval import MatchRunner, RetrievalPipeline
 from turbo.runtimes.tensorrt import TensorRTRunner
+from turbo.runtimes.vqa import VqaPipeline, VqaRunner
 from turbo.tools.timing import TimingStats, interleaved
 
 SCHEMA = "turbo-bench/1"
@@ -47,6 +48,8 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 DEFAULT_ITERS = 20  # timed rounds when neither iters nor duration_s is given
 NO_DECODER = "the export has no text decoder (re-export it with this turbo version)"
 NO_MATCH_HEAD = "an export has no image-text matching head (re-export it with this turbo version)"
+NO_ANSWERER = "an export has no question encoder (re-export it with this turbo version)"
+ON_ONNX = {"itm": "the matching head", "vqa": "VQA"}  # workloads timed on their ONNX export only
 NO_CAPTION_ENGINES = "an export has no TensorRT decoder engines (re-export it with --trt and its text decoder)"
 CACHE_WAIT_S = 30 * 60  # a full-size BLIP export with validation takes minutes
 EXPORT_FORMAT = 6  # bumped when exports change, so cached ones are rebuilt (2: decoder; 3: TurboMerge interface;
@@ -273,12 +276,15 @@ def _cached_export(export_options, progress: Progress) -> Path:
 
 
 def _ort_runner(directory: Path, options: BenchOptions, workload: str = "encoder") -> Runner:
-    """The export's encoder, (caption) its whole captioner at a fixed caption length, or (itm) its
-    matching head on pairs of one text and each image's merged tokens."""
+    """The export's encoder, (caption) its whole captioner at a fixed caption length, (vqa) its whole
+    answering at a fixed answer length, or (itm) its matching head on pairs of one text and each
+    image's merged tokens."""
 
     providers = _ort_providers(options)
     if workload == "itm":
         return MatchRunner(RetrievalPipeline.open(directory, _threads(options), providers))
+    if workload == "vqa":
+        return VqaRunner(VqaPipeline.open(directory, _threads(options)))
     if workload == "caption":
         return CaptionRunner(CaptionPipeline.open(directory, _threads(options), providers,
                                                   merge_kernel=options.ort_merge), options.caption_tokens)
@@ -306,8 +312,10 @@ def _cannot_time(workload: str, runtime: str, every: dict[str, bool], candidates
         return NO_CAPTION_ENGINES
     if workload == "itm" and not every["itm"]:
         return NO_MATCH_HEAD
-    if workload == "itm" and runtime == "trt":
-        return "the matching head runs on ONNX Runtime (no TensorRT engine is built for it)"
+    if workload == "vqa" and not every["vqa"]:
+        return NO_ANSWERER
+    if workload in ON_ONNX and runtime == "trt":
+        return f"{ON_ONNX[workload]} runs on ONNX Runtime (no TensorRT engine is built for it)"
     return None
 
 
@@ -384,7 +392,8 @@ def _dir_candidates(options: BenchOptions, progress: Progress) -> tuple[Manifest
         candidates.append(Candidate(r, plan.final_tokens, plan.speedup_bound,
                                     lambda d=directory: _ort_runner(d, options), directory))
     every = {"caption": all(m.decoder is not None for _, m in manifests),
-             "itm": all(m.text is not None and m.text.match_file is not None for _, m in manifests)}
+             "itm": all(m.text is not None and m.text.match_file is not None for _, m in manifests),
+             "vqa": all(m.question is not None for _, m in manifests)}
     return first, sorted(candidates, key=lambda c: c.r), every
 
 
@@ -416,7 +425,8 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
         pixel_shape = first.onnx.pixel_shape
         adapter = adapter_for(first.model.architecture)
         wanted = {"caption": adapter.caption_decoder is not None and options.caption,
-                  "itm": adapter.text_tower is not None and adapter.text_tower.match is not None}
+                  "itm": adapter.text_tower is not None and adapter.text_tower.match is not None,
+                  "vqa": adapter.question_answerer is not None}
         for runtime in runnable:
             runner = _trt_runner if runtime == "trt" else _ort_runner
             for workload in ("encoder", *(w for w, asked in wanted.items() if asked)):
@@ -436,13 +446,14 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
         name, source, random_weights = source_info.name, source_info.location, options.random_weights
         captioning = source_info.adapter.caption_decoder is not None and options.caption
         tower = source_info.adapter.text_tower
-        workloads = ["encoder"] + (["caption"] if captioning else []) + (["itm"] if tower and tower.match else [])
+        workloads = ["encoder"] + (["caption"] if captioning else []) + (["itm"] if tower and tower.match else []) \
+            + (["vqa"] if source_info.adapter.question_answerer else [])
         pixel_shape = plans[0].pixel_shape
         for runtime in runnable:
             for workload in workloads:
-                if workload == "itm" and runtime != "ort":
-                    skipped.append({"runtime": runtime, "workload": "itm",
-                                    "reason": "the matching head is timed on its ONNX export (ONNX Runtime)"})
+                if workload in ON_ONNX and runtime != "ort":
+                    skipped.append({"runtime": runtime, "workload": workload,
+                                    "reason": f"{ON_ONNX[workload]} is timed on its ONNX export (ONNX Runtime)"})
                     continue
                 candidates = (_torch_candidates(plans, workload, options) if runtime == "torch" else
                               _export_candidates(plans, options, progress, runtime, workload,

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from turbo.core.errors import TurboError, UsageError
-from turbo.core.files import IMAGE_TOKENS, TOKENIZER_FILE
+from turbo.core.files import IMAGE_TOKENS, QUESTION_INPUTS, TOKENIZER_FILE
 from turbo.core.integrity import IntegrityError, verify_files
 from turbo.core.manifest import Manifest, ManifestError, PlanRecord, read_export_manifest
 from turbo.export.decoder_validate import DECODER_RUN
@@ -19,11 +19,13 @@ from turbo.export.options import ExportOptions
 from turbo.export.quant_export import INT8
 from turbo.export.reference import prepare_model, validate_files
 from turbo.export.validate import deployed_vector, graph_problems, mean_cosine, seeded_pixels
+from turbo.export.vqa_export import SAMPLE_QUESTIONS, reference_answers, until_eos
 from turbo.graph.export_dir import manifest_mismatches
 from turbo.graph.summary import checker_error, summarize
 from turbo.graph.trt_lint import lint
 from turbo.models.registry import adapter_for
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
+from turbo.runtimes.vqa import VqaPipeline
 from turbo.tools.bench import BenchOptions, run_bench
 
 
@@ -136,6 +138,9 @@ def _decoder_checks(directory: Path, manifest: Manifest, built, report: CheckRep
     report.add("decoder onnx.checker (full)", not problems, "; ".join(problems))
     encoder = onnx.load(str(directory / manifest.onnx.file), load_external_data=False).graph.output[0]
     produced = encoder.type.tensor_type.shape.dim[1].dim_value
+    if manifest.question is not None:
+        _question_checks(directory, manifest, built, produced, report)
+        return
     tokens = {}
     for name in names[:2]:
         graph = onnx.load(str(directory / name), load_external_data=False).graph
@@ -147,6 +152,22 @@ def _decoder_checks(directory: Path, manifest: Manifest, built, report: CheckRep
     report.add("decoder image tokens", fits, f"encoder gives {produced}, plan {planned}, decoder graphs expect "
                + ", ".join(f"{count} ({name})" for name, count in tokens.items())
                + ("" if fits else ": exported for different r; re-export"))
+
+
+def _question_checks(directory: Path, manifest: Manifest, built, produced: int, report: CheckReport) -> None:
+    """A VQA export's question encoder: onnx.checker, and the image tokens it reads against the
+    encoder's and the plan's (the answer decoder reads the question, of any length)."""
+    name = manifest.question.file
+    error = checker_error(directory / name)
+    report.add("question encoder onnx.checker (full)", not error, error or name)
+    if error:
+        return
+    graph = onnx.load(str(directory / name), load_external_data=False).graph
+    expected = next(i for i in graph.input if i.name == QUESTION_INPUTS[2]).type.tensor_type.shape.dim[1].dim_value
+    planned = built.plan.final_tokens if built is not None else produced
+    fits = expected == produced == planned == manifest.question.image_tokens
+    report.add("question encoder image tokens", fits, f"encoder gives {produced}, plan {planned}, the question "
+               f"encoder expects {expected}" + ("" if fits else ": exported for different r; re-export"))
 
 
 def _text_checks(directory: Path, manifest: Manifest, built, report: CheckReport) -> None:
@@ -184,7 +205,7 @@ def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport,
     path = directory / manifest.onnx.file
     try:
         validation = validate_files(reference, built, options, directory, summarize(path), manifest.decoder,
-                                    manifest.text, static_checks=False)
+                                    manifest.text, manifest.question, static_checks=False)
     except TurboError as exc:  # the decoder graphs do not fit the encoder (checked above, reported here too)
         report.add("ORT vs PyTorch", False, str(exc))
         return
@@ -208,11 +229,14 @@ def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport,
         decoder_error = error if error and error.startswith(DECODER_RUN) else None
         report.add("decoder vs PyTorch",
                    decoder_error is None and bool(decoder) and all(c.passed for c in decoder + validation.captions),
-                   decoder_error or f"logits max abs diff {worst_logits:.2e}, {differing} greedy captions differ")
+                   decoder_error or f"logits max abs diff {worst_logits:.2e}, {differing} greedy sequences differ")
     if max_diff is not None:
         report.add("gate: max diff", worst <= max_diff, f"{worst:.2e} (limit {max_diff:g})")
     if min_agreement is not None:
-        value, what = _agreement(path, reference.unmerged, built, options.batch)
+        if manifest.question is not None:
+            value, what = _answer_agreement(directory, reference.unmerged, built)
+        else:
+            value, what = _agreement(path, reference.unmerged, built, options.batch)
         report.add("gate: agreement", value >= min_agreement, f"{what} {value:.4f} (limit {min_agreement:g})")
 
 
@@ -235,6 +259,20 @@ def _agreement(path: Path, unmerged, built, batch: int | None) -> tuple[float, s
     cosine = mean_cosine(deployed_vector(merged), deployed_vector(expected))  # (B, C) each
     what = "mean-token cosine" if token_output else f"{next(iter(expected))} cosine"
     return cosine, f"{what} with the unmerged model on {count} seeded inputs"
+
+
+def _answer_agreement(directory: Path, unmerged, built) -> tuple[float, str]:
+    """A VQA export's greedy answers on ONNX Runtime against the unmerged model's (each question
+    alone, upstream generate), on seeded images and the validation questions."""
+    pipeline = VqaPipeline.open(directory)
+    count = pipeline.static_batch or 2
+    pixels = seeded_pixels(count, built.pixel_shape, seed=7)
+    pairs = [(i % count, question) for i, question in enumerate(SAMPLE_QUESTIONS)]
+    want = reference_answers(unmerged.eval(), pixels, pairs, pipeline, built.interpolate_pos_encoding)
+    eos = pipeline.settings.eos_token_id
+    agree = [until_eos(w, eos) == until_eos(a.ids, eos) for w, a in zip(want, pipeline.answer(pixels, pairs))]
+    return float(sum(agree) / len(agree)), f"greedy answer agreement with the unmerged model on {len(pairs)} " \
+        "seeded questions"
 
 
 def _speed_gate(directory: Path, manifest: Manifest, report: CheckReport, min_speedup: float, iters: int) -> None:

@@ -1,6 +1,9 @@
 """`turbo eval`: task metrics and label-free fidelity of merged models against r=0, and the
 largest r within a given drop (`--r auto`).
 
+VQA (BLIP): VQA accuracy against the human answers; fidelity = agreement of the (normalised)
+answers with r=0's (tools/vqa_eval.py).
+
 Retrieval (CLIP, BLIP): recall@1/5/10 both ways over the images' captions; fidelity = agreement
 of each query's best match with r=0 and the rank correlation of its scores (tools/retrieval_eval.py).
 
@@ -25,19 +28,22 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from turbo.core.errors import TurboError, TurboNote, UsageError
 from turbo.core.manifest import Manifest
 from turbo.data.images import batches, coco_captions, image_folder, pixel_batch
+from turbo.data.vqa import vqa_questions
 from turbo.export.onnx_export import TOKEN_SIZES
 from turbo.export.options import ExportOptions, Stage, no_stage
 from turbo.export.pipeline import ExportResult, run_export
 from turbo.export.validate import deployed_vector, mean_cosine
 from turbo.graph.export_dir import open_export
 from turbo.merging.plan import max_r
-from turbo.models.adapters import CAPTIONING, EMBEDDING, RETRIEVAL, Task
+from turbo.models.adapters import CAPTIONING, EMBEDDING, RETRIEVAL, VQA, Task
 from turbo.models.build import build_merged_model, build_plan
 from turbo.models.loading import from_cache_or_hub, load_image_processor, resolve_source
 from turbo.models.registry import adapter_for
 from turbo.runtimes.caption import CaptionPipeline
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
+from turbo.runtimes.vqa import VqaPipeline
 from turbo.tools.retrieval_eval import RetrievalTexts
+from turbo.tools.vqa_eval import VqaSet
 
 
 @dataclass
@@ -49,6 +55,7 @@ class EvalOptions:
     metric: str = "fidelity"  # what --r auto bounds: accuracy | fidelity
     labels_file: Path | None = None
     captions: Path | None = None  # COCO-format annotations (BLIP); images under `data`
+    questions: Path | None = None  # VQA questions (and answers) JSON; images under `data`
     limit: int | None = None
     batch: int = 16
     max_tokens: int = 20
@@ -227,6 +234,19 @@ def _evaluate_onnx(directory: Path, manifest: Manifest, pixels: np.ndarray, opti
                    outputs=np.concatenate(vectors), runtime="ort")
 
 
+def _evaluate_vqa(built, options: EvalOptions, pixels: np.ndarray, vqa: VqaSet, manifest: Manifest | None) -> EvalRun:
+    """Every question's greedy answer: an export's on ONNX Runtime (r > 0), else the model's in PyTorch."""
+    if manifest is not None and built.r_requested:
+        answers, seconds = vqa.onnx_answers(VqaPipeline.open(options.export_dir), pixels, options.batch)
+        runtime = "ort"
+    else:
+        model, _ = build_merged_model(built, options.random_weights, seed=options.seed)
+        answers, seconds = vqa.torch_answers(model.eval(), built, pixels, options.batch)
+        runtime = "torch"
+    return EvalRun(built.r_requested, built.plan.final_tokens, built.plan.speedup_bound, len(pixels) / seconds,
+                   outputs=answers, runtime=runtime)
+
+
 def _from_export(options: EvalOptions) -> tuple[EvalOptions, Manifest]:
     """The model, weights and merge settings an export was made with (its r=0 is the baseline)."""
 
@@ -266,7 +286,8 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         raise UsageError(f"--batch must be at least 1, not {options.batch}")
     if options.limit is not None and options.limit < 1:
         raise UsageError(f"--limit must be at least 1 image, not {options.limit}")
-    for option, path in (("--labels", options.labels_file), ("--captions", options.captions)):
+    for option, path in (("--labels", options.labels_file), ("--captions", options.captions),
+                         ("--questions", options.questions)):
         if path is not None and not path.is_file():
             raise UsageError(f"{option} {path}: no such file")
     manifest = None
@@ -274,13 +295,25 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         options, manifest = _from_export(options)
     source = resolve_source(options.model, tiny=options.tiny)
     task = source.adapter.task_of(source.architecture)
-    captioning, retrieval = task is CAPTIONING, task is RETRIEVAL
+    captioning, retrieval, answering = task is CAPTIONING, task is RETRIEVAL, task is VQA
+    if options.questions is not None and not answering:
+        raise UsageError(f"--questions is for visual question answering models; {source.name} is an {task.name} "
+                         "model")
+    if answering and options.questions is None:
+        raise UsageError(f"evaluating {source.name} (visual question answering) needs --questions: a VQAv2 or BLIP "
+                         "questions JSON for the images under --data")
     if options.captions is not None and not (captioning or retrieval):
         raise UsageError(f"--captions is for captioning and retrieval models; {source.name} is an {task.name} model")
     if retrieval and options.captions is None:
         raise UsageError(f"evaluating {source.name} (image-text retrieval) needs --captions: a COCO or Karpathy "
                          "captions JSON for the images under --data")
-    samples, classes = _load_samples(options, task)
+    vqa = None
+    if answering:
+        questions = vqa_questions(options.questions, options.data)
+        vqa = VqaSet(questions[: options.limit] if options.limit else questions, source, options.random_weights)
+        samples, classes = vqa.samples, None
+    else:
+        samples, classes = _load_samples(options, task)
     if not samples:
         raise UsageError(f"--data {options.data}: no images to evaluate")
     base_plan = _plan(options, 0)
@@ -309,10 +342,16 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         if r not in runs:
             progress(f"evaluating r={r} on {len(samples)} images")
             built = _plan(options, r)
-            run = (_evaluate_onnx(options.export_dir, manifest, pixels, options) if manifest and r
-                   else _evaluate(built, options, pixels))
+            if vqa is not None:
+                run = _evaluate_vqa(built, options, pixels, vqa, manifest)
+            elif manifest and r:
+                run = _evaluate_onnx(options.export_dir, manifest, pixels, options)
+            else:
+                run = _evaluate(built, options, pixels)
             base = runs[0] if r else run
-            if captioning:
+            if vqa is not None:
+                run.metrics = vqa.metrics(run.outputs, base.outputs)
+            elif captioning:
                 run.metrics = caption_metrics(run.outputs, base.outputs, decode(run.outputs), decode(base.outputs),
                                            references)
             elif retrieval:
@@ -338,6 +377,8 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         "export": str(options.export_dir) if manifest else None,
         "data": str(options.data), "samples": len(samples), "classes": len(classes) if classes else None,
         "texts": len(texts.texts) if texts is not None else None,
+        "questions": len(vqa.pairs) if vqa is not None else None,
+        "questions_with_answers": vqa.with_answers if vqa is not None else None,
         "caption_tokenizer": caption_tokenizer_name() if captioning and references is not None else None,
         "captions_compared_as": None if not captioning else ("text" if tokenizer else "token ids"),
         "results": [{"r": run.r, "runtime": run.runtime, "final_tokens": run.final_tokens,

@@ -11,7 +11,8 @@ def run_eval_command(options, json_output: bool) -> None:
 
     report = run_eval(options, lambda message: stderr.print(f"[dim]{escape(message)}[/]", highlight=False))
     keys = sorted({key for row in report["results"] for key in row["metrics"]})
-    table = Table(title=f"{report['model']} on {report['data']} ({report['samples']} images)")
+    questions = f", {report['questions']} questions" if report.get("questions") else ""
+    table = Table(title=f"{report['model']} on {report['data']} ({report['samples']} images{questions})")
     for column in ("r", "runtime", "tokens", "FLOPs bound", "images/s", *keys):
         table.add_column(column, justify="right")
     for row in report["results"]:

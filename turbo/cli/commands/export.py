@@ -96,8 +96,8 @@ def _validation_table(validation: dict) -> Table:
                       f"{check['tokens_differing']} of {check['tokens']} sizes differ", gate, verdict(check["passed"]))
     for check in validation.get("captions", []):
         gate = "0" if check["gated"] else "not gated"
-        table.add_row(check["run"], "caption tokens", str(check["batch"]), "",
-                      f"{check['sequences_differing']} of {check['batch']} captions differ", gate,
+        table.add_row(check["run"], "generated tokens", str(check["batch"]), "",
+                      f"{check['sequences_differing']} of {check['batch']} sequences differ", gate,
                       verdict(check["passed"]))
     for check in validation.get("quality", []):
         gate = f"≥ {check['minimum']:g}" if check["gated"] else "not gated (random weights)"
@@ -126,7 +126,9 @@ def run_export_command(options, auto, output: str, force: bool, json_output: boo
     plan = manifest.plan
     status = {"passed": "validation PASSED", "failed": "validation FAILED"}.get(
         manifest.status, "not validated (--no-validate)")
-    decoder = " + text decoder (fp32, with past)" if manifest.decoder is not None else ""
+    decoder = " + question encoder and answer decoder (fp32, with past)" if manifest.question is not None else \
+        " + text decoder (fp32, with past)" if manifest.decoder is not None else \
+        " + text encoder (fp32)" if manifest.text is not None else ""
     onnx_info = manifest.onnx
     stderr.print(f"wrote {result.directory}{decoder}: {onnx_info.precision}, opset {onnx_info.opset}, "
                  f"{plan.final_tokens} of {plan.tokens_in} tokens, FLOPs bound {plan.speedup_bound:.2f}x, "
