@@ -140,6 +140,10 @@ def test_what_retrieve_cannot_rank_is_one_line(exports, images, vision_export, t
 
 def test_check_bench_and_eval_take_a_retrieval_export(exports, images, tmp_path):
     assert runner.invoke(app, ["check", str(exports[4])]).exit_code == 0
+    gated = runner.invoke(app, ["check", str(exports[0]), "--min-agreement", "1", "--json"])  # r=0: the same ranks
+    assert gated.exit_code == 0, gated.output
+    gate = next(c for c in json.loads(gated.stdout)["checks"] if c["name"] == "gate: agreement")
+    assert gate["passed"] and "retrieval top-1 agreement" in gate["detail"]
     bench = runner.invoke(app, ["bench", str(exports[4]), "--batch", "2", "--iters", "2", "--warmup", "0", "--json"])
     assert bench.exit_code == 0, bench.output
     captions = tmp_path / "karpathy.json"  # the Karpathy layout, two captions per image

@@ -324,8 +324,8 @@ def check_command(
     directory: str = typer.Argument(..., help="A `turbo export` output directory."),
     max_diff: float | None = typer.Option(None, "--max-diff", help="Gate: ORT vs PyTorch max abs diff at most D."),
     min_agreement: float | None = typer.Option(
-        None, "--min-agreement", help="Gate: fidelity to the unmerged model (ViT top-1, BLIP VQA answer "
-        "agreement, otherwise the deployed embedding's cosine)."),
+        None, "--min-agreement", help="Gate: fidelity to the unmerged model (ViT top-1, VQA answer agreement, "
+        "retrieval top-1 agreement, otherwise the deployed embedding's cosine)."),
     min_speedup: float | None = typer.Option(None, "--min-speedup", help="Gate: ORT CPU speedup vs r=0 at least S."),
     iters: int = typer.Option(10, "--iters", help="Timed rounds for --min-speedup."),
     json_output: bool = typer.Option(False, "--json", help="Print the report on stdout."),

@@ -35,17 +35,17 @@ def prepare_blip_random_config(config) -> None:
     config.vision_config.initializer_range = RANDOM_INIT_RANGE
 
 
-def _image_embeds(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> torch.Tensor:
+def blip_image_embeds(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> torch.Tensor:
     """The image embeddings the text decoder cross-attends to: (B, N_final, C)."""
     return model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate).last_hidden_state
 
 
-def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> dict[str, torch.Tensor]:
-    return {"image_embeds": _image_embeds(model, pixel_values, interpolate)}
+def blip_image_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> dict[str, torch.Tensor]:
+    return {"image_embeds": blip_image_embeds(model, pixel_values, interpolate)}
 
 
-def _generation_ids(config) -> dict[str, int]:
-    """As BlipForConditionalGeneration.generate sets them: [DEC] starts, [SEP] ends, [PAD] pads."""
+def blip_generation_ids(config) -> dict[str, int]:
+    """As BLIP's generate methods (captioning and VQA) set them: [DEC] starts, [SEP] ends, [PAD] pads."""
     text = config.text_config
     return {"bos_token_id": text.bos_token_id, "eos_token_id": text.sep_token_id, "pad_token_id": text.pad_token_id}
 
@@ -82,17 +82,20 @@ BLIP_VISION = dict(
     image_processor=fixed_size_processor(BlipImageProcessorPil),
 )
 
+# BLIP's text decoder: the captioner's, and VQA's answer decoder (blip_vqa.py)
+BLIP_TEXT_DECODER = CaptionDecoder(
+    module=lambda model: model.text_decoder,
+    layers=lambda decoder: decoder.bert.encoder.layer,
+    image_embeds=blip_image_embeds,
+    generation_ids=blip_generation_ids,
+    placeholder_tokenizer=blip_placeholder_tokenizer,
+    lm_head=lambda decoder: decoder.cls.predictions.decoder,
+)
+
 BLIP = FamilyAdapter(
     **BLIP_VISION,
     architectures=("BlipForConditionalGeneration",),
-    export_outputs=_export_outputs,
+    export_outputs=blip_image_outputs,
     task=CAPTIONING,
-    caption_decoder=CaptionDecoder(
-        module=lambda model: model.text_decoder,
-        layers=lambda decoder: decoder.bert.encoder.layer,
-        image_embeds=_image_embeds,
-        generation_ids=_generation_ids,
-        placeholder_tokenizer=blip_placeholder_tokenizer,
-        lm_head=lambda decoder: decoder.cls.predictions.decoder,
-    ),
+    caption_decoder=BLIP_TEXT_DECODER,
 )

@@ -6,19 +6,10 @@ BLIP's text decoder cross-attending to the encoded question and generating from 
 import torch
 from torch import nn
 
-from turbo.models.adapters import VQA, CaptionDecoder, FamilyAdapter, QuestionAnswerer
-from turbo.models.blip import BLIP_VISION, blip_placeholder_tokenizer
+from turbo.models.adapters import VQA, FamilyAdapter, QuestionAnswerer
+from turbo.models.blip import BLIP_TEXT_DECODER, BLIP_VISION, blip_image_outputs
 
 QUESTION_LENGTH = 35  # question tokens in BLIP's VQA code (its max_length)
-
-
-def _image_embeds(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> torch.Tensor:
-    """The merged image tokens the question encoder reads: (B, N_final, C)."""
-    return model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate).last_hidden_state
-
-
-def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> dict[str, torch.Tensor]:
-    return {"image_embeds": _image_embeds(model, pixel_values, interpolate)}
 
 
 def _encode_question(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -30,27 +21,14 @@ def _encode_question(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
                               encoder_attention_mask=image_mask).last_hidden_state
 
 
-def _generation_ids(config) -> dict[str, int]:
-    """As BlipForQuestionAnswering.generate sets them: the decoder starts at bos ([DEC]), ends at [SEP]."""
-    text = config.text_config
-    return {"bos_token_id": text.bos_token_id, "eos_token_id": text.sep_token_id, "pad_token_id": text.pad_token_id}
-
-
 BLIP_VQA = FamilyAdapter(
     **BLIP_VISION,
     architectures=("BlipForQuestionAnswering",),
-    export_outputs=_export_outputs,
+    export_outputs=blip_image_outputs,
     task=VQA,
     question_answerer=QuestionAnswerer(
         encode=_encode_question,
         max_length=lambda config: min(QUESTION_LENGTH, config.text_config.max_position_embeddings),
-        decoder=CaptionDecoder(
-            module=lambda model: model.text_decoder,
-            layers=lambda decoder: decoder.bert.encoder.layer,
-            image_embeds=_image_embeds,
-            generation_ids=_generation_ids,
-            placeholder_tokenizer=blip_placeholder_tokenizer,
-            lm_head=lambda decoder: decoder.cls.predictions.decoder,
-        ),
+        decoder=BLIP_TEXT_DECODER,
     ),
 )

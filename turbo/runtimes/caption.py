@@ -242,15 +242,13 @@ def settings_from_config(config: dict) -> GenerationSettings:
         early_stopping=config.get("early_stopping", False))
 
 
-class CaptionRunner(Runner):
-    """Fixed-length greedy captioning (min = max new tokens) behind the Runner interface, for bench:
-    pixel_values -> sequences."""
+class FixedLengthRunner(Runner):
+    """A generating pipeline behind the Runner interface, for bench: pixel_values -> sequences, a
+    fixed number of new tokens per run (min = max, greedy), so every run does the same work."""
 
-    name = "ort"
-
-    def __init__(self, pipeline: CaptionPipeline, tokens: int, prompt: str = DEFAULT_PROMPT) -> None:
+    def __init__(self, pipeline, tokens: int) -> None:
         self.name = pipeline.encoder.name
-        self.pipeline, self.prompt_ids = pipeline, pipeline.prompt_ids(prompt)
+        self.pipeline = pipeline
         self.settings = replace(pipeline.settings, num_beams=1, max_new_tokens=tokens, min_new_tokens=tokens)
 
     @property
@@ -261,17 +259,28 @@ class CaptionRunner(Runner):
     def output_names(self) -> list[str]:
         return ["sequences"]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"sequences": self.pipeline.generate(feeds[self.input_names[0]], self.prompt_ids, self.settings)}
-
-    def memory_probe(self) -> "CaptionRunner":
-        """The same captioner over sessions without ONNX Runtime's memory arena."""
+    def _probe_pipeline(self):
+        """The pipeline over sessions without ONNX Runtime's memory arena."""
         pipeline, decoder = copy.copy(self.pipeline), copy.copy(self.pipeline.decoder)
         decoder.first, decoder.with_past = decoder.first.memory_probe(), decoder.with_past.memory_probe()
         pipeline.encoder, pipeline.decoder = pipeline.encoder.memory_probe(), decoder
+        return pipeline
+
+    def memory_probe(self) -> "FixedLengthRunner":
         probe = copy.copy(self)
-        probe.pipeline = pipeline
+        probe.pipeline = self._probe_pipeline()
         return probe
+
+
+class CaptionRunner(FixedLengthRunner):
+    """Fixed-length greedy captioning, for bench."""
+
+    def __init__(self, pipeline: CaptionPipeline, tokens: int, prompt: str = DEFAULT_PROMPT) -> None:
+        super().__init__(pipeline, tokens)
+        self.prompt_ids = pipeline.prompt_ids(prompt)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"sequences": self.pipeline.generate(feeds[self.input_names[0]], self.prompt_ids, self.settings)}
 
     def describe(self) -> dict:
         decoder = "tensorrt engines" if self.name == "trt" else "onnxruntime"

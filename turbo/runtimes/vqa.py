@@ -3,7 +3,6 @@ encoder once per image, the question encoder reading its image tokens, and the a
 generating from [DEC] while cross-attending to the encoded question (masked, so a question's
 answer does not depend on the others padded into its batch)."""
 
-import copy
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +16,13 @@ from turbo.core.manifest import DecoderRecord, Manifest, QuestionRecord
 from turbo.data.images import batches
 from turbo.graph.export_dir import open_export
 from turbo.runtimes.base import Runner
-from turbo.runtimes.caption import ExportMismatchError, GraphDecoder, onnx_graph, settings_from_config
+from turbo.runtimes.caption import (
+    ExportMismatchError,
+    FixedLengthRunner,
+    GraphDecoder,
+    onnx_graph,
+    settings_from_config,
+)
 from turbo.runtimes.generation import GenerationSettings, generate
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
@@ -125,24 +130,14 @@ class VqaPipeline:
         return answers
 
 
-class VqaRunner(Runner):
-    """Whole answering behind the Runner interface, for bench: pixel_values (B, C, H, W) -> answer
-    ids (B, T). Each run encodes the B images, one question about each, and decodes a fixed number
-    of answer tokens (min = max new tokens, greedy), so every run does the same work."""
+class VqaRunner(FixedLengthRunner):
+    """Whole answering, for bench: each run encodes the B images, one question about each, and
+    decodes a fixed number of answer tokens."""
 
     def __init__(self, pipeline: VqaPipeline, tokens: int = 3,
                  question: str = "what is the man on the left holding in his hand?") -> None:
-        self.name = pipeline.encoder.name
-        self.pipeline, self.question = pipeline, question
-        self.settings = replace(pipeline.settings, num_beams=1, max_new_tokens=tokens, min_new_tokens=tokens)
-
-    @property
-    def input_names(self) -> list[str]:
-        return self.pipeline.encoder.input_names
-
-    @property
-    def output_names(self) -> list[str]:
-        return ["sequences"]
+        super().__init__(pipeline, tokens)
+        self.question = question
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = feeds[self.input_names[0]]
@@ -150,15 +145,10 @@ class VqaRunner(Runner):
         ids, _ = self.pipeline.answer_ids(tokens, [self.question] * len(pixels), self.settings)
         return {"sequences": ids}
 
-    def memory_probe(self) -> "VqaRunner":
-        """The same answering over sessions without ONNX Runtime's memory arena."""
-        pipeline, decoder = copy.copy(self.pipeline), copy.copy(self.pipeline.decoder)
-        decoder.first, decoder.with_past = decoder.first.memory_probe(), decoder.with_past.memory_probe()
-        pipeline.encoder, pipeline.decoder = pipeline.encoder.memory_probe(), decoder
+    def _probe_pipeline(self) -> VqaPipeline:
+        pipeline = super()._probe_pipeline()
         pipeline.question_encoder = pipeline.question_encoder.memory_probe()
-        probe = copy.copy(self)
-        probe.pipeline = pipeline
-        return probe
+        return pipeline
 
     def describe(self) -> dict:
         return {**self.pipeline.encoder.describe(), "decoder": "onnxruntime, with past key/values",

@@ -18,6 +18,7 @@ from turbo.export.decoder_validate import DECODER_RUN
 from turbo.export.options import ExportOptions
 from turbo.export.quant_export import INT8
 from turbo.export.reference import prepare_model, validate_files
+from turbo.export.text_export import SAMPLE_TEXTS
 from turbo.export.validate import deployed_vector, graph_problems, mean_cosine, seeded_pixels
 from turbo.export.vqa_export import SAMPLE_QUESTIONS, reference_answers, until_eos
 from turbo.graph.export_dir import manifest_mismatches
@@ -25,8 +26,10 @@ from turbo.graph.summary import checker_error, summarize
 from turbo.graph.trt_lint import lint
 from turbo.models.registry import adapter_for
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
+from turbo.runtimes.retrieval import RetrievalPipeline, normalized
 from turbo.runtimes.vqa import VqaPipeline
 from turbo.tools.bench import BenchOptions, run_bench
+from turbo.tools.retrieval_eval import fidelity
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,8 @@ def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport,
     if min_agreement is not None:
         if manifest.question is not None:
             value, what = _answer_agreement(directory, reference.unmerged, built)
+        elif manifest.text is not None:
+            value, what = _retrieval_agreement(directory, reference.unmerged, built)
         else:
             value, what = _agreement(path, reference.unmerged, built, options.batch)
         report.add("gate: agreement", value >= min_agreement, f"{what} {value:.4f} (limit {min_agreement:g})")
@@ -273,6 +278,23 @@ def _answer_agreement(directory: Path, unmerged, built) -> tuple[float, str]:
     agree = [until_eos(w, eos) == until_eos(a.ids, eos) for w, a in zip(want, pipeline.answer(pixels, pairs))]
     return float(sum(agree) / len(agree)), f"greedy answer agreement with the unmerged model on {len(pairs)} " \
         "seeded questions"
+
+
+def _retrieval_agreement(directory: Path, unmerged, built) -> tuple[float, str]:
+    """A retrieval export's rankings against the unmerged model's, with the export's own text
+    embeddings: how often each seeded image's best text and each text's best image agree (turbo
+    eval's top-1 agreement)."""
+    pipeline = RetrievalPipeline.open(directory)
+    count = pipeline.manifest.onnx.static_batch or 16
+    pixels = seeded_pixels(count, built.pixel_shape, seed=7)
+    merged = normalized(next(iter(pipeline.encoder.run({pipeline.encoder.input_names[0]: pixels}).values())))
+    with torch.inference_mode():
+        outputs = built.source.adapter.export_outputs(unmerged.eval(), torch.from_numpy(pixels),
+                                                      built.interpolate_pos_encoding)
+    base = normalized(next(iter(outputs.values())).numpy())
+    texts = pipeline.text_embeddings(list(SAMPLE_TEXTS))
+    value = fidelity(merged @ texts.T, base @ texts.T)["top1_agreement"]
+    return value, f"retrieval top-1 agreement with the unmerged model ({count} seeded images, {len(texts)} texts)"
 
 
 def _speed_gate(directory: Path, manifest: Manifest, report: CheckReport, min_speedup: float, iters: int) -> None:
