@@ -429,6 +429,10 @@ def export_with_r(options: ExportOptions, output: str | Path, auto: AutoR | None
     """`turbo export`: with `auto`, r is the largest within the drop on `auto.data` (the search's
     curve goes into the manifest's `turbo.r_auto`); then the export itself."""
     if auto is not None:
+        source = resolve_source(options.model, tiny=options.tiny)
+        if source.adapter.task_of(source.architecture) is VQA:
+            raise UsageError(f"--r auto cannot choose r for {source.name} (visual question answering) from images "
+                             "alone; compare r values with turbo eval --questions FILE --r 8,16,... and export one")
         report = run_eval(EvalOptions(model=options.model, data=auto.data, max_drop=auto.max_drop, metric=auto.metric,
                                       image_size=options.image_size,
                                       method=options.method, alpha=options.alpha, threshold=options.threshold,
