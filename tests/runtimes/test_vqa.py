@@ -1,5 +1,5 @@
 """BLIP VQA exports: at r=0 the exported question encoder equals transformers' and the exported
-pipeline's greedy answers are token-identical to transformers' `generate` on each question; merged
+pipeline's greedy and beam answers are token-identical to transformers' `generate` on each question; merged
 exports validate against the merged PyTorch model, and the validation can fail; answers do not
 depend on what else is in the batch; `turbo vqa` answers and refuses what it cannot answer in one
 line."""
@@ -72,6 +72,14 @@ def test_r0_equals_transformers(exports):
     eos = pipeline.settings.eos_token_id
     assert [until_eos(a.ids, eos) for a in answers] == [until_eos(ids, eos) for ids in expected]
     assert all(len(ids) > 1 for ids in expected)  # the reference generated something to compare
+
+    beams = pipeline.answer(pixels, pairs, batch=len(pairs), num_beams=3)  # a padded batch: beams share its mask
+    for (image, _), answer, ids, mask in zip(pairs, beams, feeds["input_ids"], feeds["attention_mask"]):
+        with torch.inference_mode():  # transformers on the question alone
+            want = upstream.generate(input_ids=torch.from_numpy(ids[mask.astype(bool)][None]),
+                                     pixel_values=torch.from_numpy(pixels[image:image + 1]), num_beams=3,
+                                     do_sample=False, max_new_tokens=pipeline.settings.max_new_tokens)
+        assert until_eos(answer.ids, eos) == until_eos(want[0].tolist(), eos)
 
 
 def test_merged_export_validates_and_the_validation_can_fail(exports):
