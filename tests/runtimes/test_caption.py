@@ -263,7 +263,7 @@ def test_quantized_captioner_calibrates_the_decoder_on_captions(tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["export", "-m", "blip-caption", "--tiny", "--random-weights", "--r", "4",
                                  "--threshold", "0", "--quant", "gptq-int4", "--group-size", "16", "--calib",
-                                 str(captions), "--quant-heads", "-o", str(out), "--json"])
+                                 str(captions), "--quant-heads", "--batch", "2", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     quantization = manifest["quantization"]

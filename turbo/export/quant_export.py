@@ -14,7 +14,7 @@ from torch import nn
 
 from turbo.core.errors import TurboError, UsageError
 from turbo.core.manifest import CalibrationRecord, QuantizationRecord
-from turbo.data.images import SYNTHETIC, calibration_set
+from turbo.data.images import SYNTHETIC, batches, calibration_set
 from turbo.export.decoder_validate import reference_ids
 from turbo.export.onnx_export import rewrite_onnx
 from turbo.export.validate import mean_cosine, seeded_pixels, weighted_mean_token
@@ -117,8 +117,10 @@ class QuantizedModel:
 
         rewrite_onnx(path, dequantize)
 
-    def check_quality(self, module: nn.Module, report, path: Path, pixel_shape: tuple[int, int, int]) -> None:
-        """The quantized graph (ONNX Runtime) against the fp32 merged model on seeded inputs."""
+    def check_quality(self, module: nn.Module, report, path: Path, pixel_shape: tuple[int, int, int],
+                      static_batch: int | None = None) -> None:
+        """The quantized graph (ONNX Runtime) against the fp32 merged model on seeded inputs, fed
+        `static_batch` at a time to a static-batch graph."""
 
         runner = OnnxRuntimeRunner(path)  # as deployed: ORT's default int4 kernels
         pixels = seeded_pixels(QUALITY_SAMPLES, pixel_shape, seed=3)
@@ -126,7 +128,9 @@ class QuantizedModel:
         reference.model = self.reference
         with torch.inference_mode():
             want = [t.numpy() for t in reference(torch.from_numpy(pixels))]
-        got = list(runner.run({runner.input_names[0]: pixels}).values())
+        runs = [[value[:count] for value in runner.run({runner.input_names[0]: chunk}).values()]
+                for chunk, count in batches(pixels, static_batch or len(pixels), static=bool(static_batch))]
+        got = [np.concatenate(parts) for parts in zip(*runs)]
         bits = BITS[self.mode]
         a, b = (_summary(outputs, module.merges) for outputs in (want, got))
         cosine = mean_cosine(a, b)

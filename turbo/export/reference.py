@@ -87,7 +87,7 @@ def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportO
         validate_text_tower(reference.model, adapter.text_tower, directory, text,
                             adapter.vision_config(built.source.config).hidden_size, report)
     if quantized is not None:
-        quantized.check_quality(reference.module, report, path, built.pixel_shape)
+        quantized.check_quality(reference.module, report, path, built.pixel_shape, options.batch)
         if decoder is not None and question is None:  # as deployed: ONNX Runtime's default kernels
             quantized.check_captions(CaptionPipeline.load(directory, MODEL_FILE, decoder, options.batch), report,
                                      built.pixel_shape, built.interpolate_pos_encoding, decoder.prompt)
