@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import BlipForQuestionAnswering
 from typer.testing import CliRunner
 
 from tests.conftest import tiny_export, tiny_plan
 from turbo.cli.app import app
+from turbo.export.options import ExportOptions
+from turbo.export.pipeline import run_export
 from turbo.export.validate import ValidationReport
 from turbo.export.vqa_export import (
     ANSWER_RUN,
@@ -35,8 +38,21 @@ QUESTIONS = ["what is on the table?", "how many people are standing next to the 
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict[int, Path]:
-    return {r: tiny_export(tmp_path_factory, "blip-vqa", r, batch=BATCH).directory for r in (0, 4)}
+def local_model(tmp_path_factory) -> Path:
+    """A user's own VQA checkpoint: the tiny model's weights, a tokenizer and an image processor,
+    saved as transformers saves them (the registry's tiny model with its seed-0 random weights)."""
+    source = resolve_source("blip-vqa", tiny=True)
+    local = tmp_path_factory.mktemp("blip-vqa") / "my-vqa"
+    load_model(source, random_weights=True).save_pretrained(local)
+    source.adapter.question_answerer.placeholder_tokenizer(source.config).save_pretrained(local)
+    source.adapter.image_processor((48, 48)).save_pretrained(local)
+    return local
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, local_model) -> dict[int, Path]:
+    return {r: run_export(ExportOptions(model=str(local_model), r=r, batch=BATCH),
+                          tmp_path_factory.mktemp(f"r{r}") / "out").directory for r in (0, 4)}
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +67,10 @@ def _pixels(pipeline: VqaPipeline, seed: int = 1) -> np.ndarray:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
-def test_r0_equals_transformers(exports):
+def test_r0_equals_transformers(exports, local_model):
     pipeline = VqaPipeline.open(exports[0])
-    upstream = load_model(resolve_source("blip-vqa", tiny=True), random_weights=True).eval()
+    assert pipeline.manifest.question.tokenizer["origin"] == str(local_model)  # the checkpoint's own tokenizer
+    upstream = BlipForQuestionAnswering.from_pretrained(local_model).eval()
     pixels = _pixels(pipeline)
     pairs = [(i % BATCH, question) for i, question in enumerate(QUESTIONS)]
     feeds, _ = question_feeds(pipeline.tokenizer, QUESTIONS, pipeline.question.max_length)

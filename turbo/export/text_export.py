@@ -6,7 +6,6 @@ merge, so its graph is the same at every r; the matching head reads the merged i
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import AutoTokenizer
@@ -15,7 +14,7 @@ from turbo.core.errors import describe_error
 from turbo.core.files import IMAGE_TOKENS, MATCH_FILE, MATCH_LOGITS, TEXT_EMBEDS, TEXT_ENCODER_FILE, TEXT_INPUTS
 from turbo.core.manifest import TextRecord
 from turbo.export.onnx_export import EXTERNAL_DATA_BYTES, parameter_bytes, run_exporter
-from turbo.export.validate import EXACT, OutputCheck, ValidationReport
+from turbo.export.validate import ValidationReport, exact_check
 from turbo.models.adapters import MatchHead, TextTower
 from turbo.models.loading import ModelSource
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
@@ -52,7 +51,7 @@ class MatchScorer(nn.Module):
         return self.head.logits(self.model, input_ids, attention_mask, image_tokens)
 
 
-def _image_tokens(batch: int, tokens: int, width: int, seed: int) -> torch.Tensor:
+def sample_image_tokens(batch: int, tokens: int, width: int, seed: int) -> torch.Tensor:
     """Image-token-like inputs (B, N, C): what the matching head reads, for export and validation."""
     return torch.randn(batch, tokens, width, generator=torch.Generator().manual_seed(seed))
 
@@ -77,7 +76,7 @@ def export_text_tower(model: nn.Module, source: ModelSource, tokenizer: tuple[ob
     if tower.match is not None:
         width = source.adapter.vision_config(source.config).hidden_size
         program = run_exporter(MatchScorer(model, tower.match).eval(),
-                               (*texts.values(), _image_tokens(2, image_tokens, width, 0)),
+                               (*texts.values(), sample_image_tokens(2, image_tokens, width, 0)),
                                [*TEXT_INPUTS, IMAGE_TOKENS], [MATCH_LOGITS], ({0: batch}, {0: batch}, {0: batch}),
                                opset)
         program.save(str(directory / MATCH_FILE), external_data=external)
@@ -86,13 +85,6 @@ def export_text_tower(model: nn.Module, source: ModelSource, tokenizer: tuple[ob
     return TextRecord(file=TEXT_ENCODER_FILE, max_length=length, embed_dim=int(dim),
                       logit_scale=tower.logit_scale(model), precision="fp32", tokenizer={"origin": origin},
                       match_file=match_file, image_tokens=image_tokens if match_file else None)
-
-
-def _check(run: str, name: str, want: torch.Tensor, got: np.ndarray) -> OutputCheck:
-    want = want.double().numpy()
-    got = got.astype(np.float64)
-    diff = float(np.abs(want - got).max()) if want.shape == got.shape else float("inf")
-    return OutputCheck(run, name, len(want), want.shape, got.shape, diff, EXACT.atol)
 
 
 def validate_text_tower(model: nn.Module, tower: TextTower, directory: Path, text: TextRecord, width: int,
@@ -112,13 +104,14 @@ def validate_text_tower(model: nn.Module, tower: TextTower, directory: Path, tex
             inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
             run = TEXT_RUN
             with torch.inference_mode():
-                report.outputs.append(_check(run, TEXT_EMBEDS, embedder(**inputs), encoder.run(feeds)[TEXT_EMBEDS]))
+                want = embedder(**inputs).numpy()
+            report.outputs.append(exact_check(run, TEXT_EMBEDS, want, encoder.run(feeds)[TEXT_EMBEDS]))
             if scorer is not None:
                 run = MATCH_RUN
-                tokens = _image_tokens(len(texts), text.image_tokens, width, len(texts))
+                tokens = sample_image_tokens(len(texts), text.image_tokens, width, len(texts))
                 with torch.inference_mode():
                     want = scorer(**inputs, image_tokens=tokens)
                 got = matcher.run({**feeds, IMAGE_TOKENS: tokens.numpy()})[MATCH_LOGITS]
-                report.outputs.append(_check(run, MATCH_LOGITS, want, got))
+                report.outputs.append(exact_check(run, MATCH_LOGITS, want.numpy(), got))
     except Exception as exc:  # ORT load or run failures are validation failures, reported as such
         report.runtime_error = f"{run}: {describe_error(exc)}"

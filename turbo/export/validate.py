@@ -59,6 +59,13 @@ class OutputCheck:
         return self.expected_shape == self.actual_shape and self.max_abs_diff <= self.atol
 
 
+def exact_check(run: str, name: str, want: np.ndarray, got: np.ndarray) -> OutputCheck:
+    """An output compared in float64 at EXACT tolerance (text graphs: no merge decisions to flip)."""
+    diff = float(np.abs(want.astype(np.float64) - got.astype(np.float64)).max()) if want.shape == got.shape \
+        else float("inf")
+    return OutputCheck(run, name, len(want), want.shape, got.shape, diff, EXACT.atol)
+
+
 @dataclass(frozen=True)
 class DecisionCheck:
     """Merge decisions read back through token_sizes (patches per output token)."""

@@ -17,7 +17,8 @@ from turbo.core.manifest import DecoderRecord, QuestionRecord
 from turbo.export.decoder_export import export_decoder, write_generation_config
 from turbo.export.decoder_validate import DECODER_RUN, LOGIT_STEPS, CaptionCheck
 from turbo.export.onnx_export import EXTERNAL_DATA_BYTES, parameter_bytes, run_exporter
-from turbo.export.validate import EXACT, OutputCheck, ValidationReport, seeded_pixels
+from turbo.export.text_export import sample_image_tokens
+from turbo.export.validate import ValidationReport, exact_check, seeded_pixels
 from turbo.models.adapters import QuestionAnswerer
 from turbo.models.loading import ModelSource
 from turbo.runtimes.vqa import ANSWER_TOKENS, VqaPipeline, question_feeds
@@ -41,10 +42,6 @@ class QuestionEncoder(nn.Module):
         return self.answerer.encode(self.model, input_ids, attention_mask, image_embeds)
 
 
-def _image_tokens(batch: int, tokens: int, width: int, seed: int) -> torch.Tensor:
-    return torch.randn(batch, tokens, width, generator=torch.Generator().manual_seed(seed))
-
-
 def export_answerer(model: nn.Module, source: ModelSource, tokenizer: tuple[object, str], directory: Path,
                     image_tokens: int, opset: int) -> tuple[QuestionRecord, DecoderRecord]:
     """Write QUESTION_FILE, the answer decoder's graphs, the tokenizer and the generation config
@@ -54,7 +51,8 @@ def export_answerer(model: nn.Module, source: ModelSource, tokenizer: tuple[obje
     length = answerer.max_length(source.config)
     feeds, _ = question_feeds(tokenizer, list(SAMPLE_QUESTIONS[:2]), length)
     width = source.adapter.vision_config(source.config).hidden_size
-    args = (*(torch.from_numpy(feeds[name]) for name in QUESTION_INPUTS[:2]), _image_tokens(2, image_tokens, width, 0))
+    texts = (torch.from_numpy(feeds[name]) for name in QUESTION_INPUTS[:2])
+    args = (*texts, sample_image_tokens(2, image_tokens, width, 0))
     encoder = QuestionEncoder(model, answerer).eval()
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=length)
     program = run_exporter(encoder, args, list(QUESTION_INPUTS), [QUESTION_EMBEDS],
@@ -88,6 +86,16 @@ def reference_answers(model: nn.Module, pixels: np.ndarray, pairs: list[tuple[in
     return answers
 
 
+def answers_agree(model: nn.Module, pipeline: VqaPipeline, pixels: np.ndarray, pairs: list[tuple[int, str]],
+                  interpolate: bool) -> list[bool]:
+    """Per (image, question): whether the pipeline's greedy answer, all questions in one batch,
+    is upstream `generate`'s on the question alone, token for token up to [SEP]."""
+    want = reference_answers(model, pixels, pairs, pipeline, interpolate)
+    eos = pipeline.settings.eos_token_id
+    return [until_eos(w, eos) == until_eos(got.ids, eos)
+            for w, got in zip(want, pipeline.answer(pixels, pairs, batch=len(pairs)))]
+
+
 def until_eos(ids: list[int], eos: int) -> list[int]:
     """Ids up to and including the first end-of-sequence token (the padding after it dropped)."""
     return ids[:ids.index(eos) + 1] if eos in ids else ids
@@ -102,11 +110,6 @@ def _decoder_logits(decoder: nn.Module, ids: np.ndarray, states: torch.Tensor, m
             rows.append(decoder(input_ids=torch.from_numpy(ids[row:row + 1]),
                                 encoder_hidden_states=states[row:row + 1, :length]).logits[0].numpy())
     return np.stack(rows)
-
-
-def _check(run: str, name: str, want: np.ndarray, got: np.ndarray) -> OutputCheck:
-    diff = float(np.abs(want.astype(np.float64) - got).max()) if want.shape == got.shape else float("inf")
-    return OutputCheck(run, name, len(want), want.shape, got.shape, diff, EXACT.atol)
 
 
 def validate_answerer(model: nn.Module, answerer: QuestionAnswerer, pipeline: VqaPipeline, report: ValidationReport,
@@ -127,7 +130,7 @@ def validate_answerer(model: nn.Module, answerer: QuestionAnswerer, pipeline: Vq
             states = answerer.encode(model, inputs["input_ids"], inputs["attention_mask"], tokens)
         got = pipeline.question_encoder.run({**feeds, QUESTION_INPUTS[2]: tokens.numpy()})[QUESTION_EMBEDS]
         mask = feeds["attention_mask"].astype(bool)  # padded positions are never read
-        report.outputs.append(_check(run, QUESTION_EMBEDS, states.numpy()[mask], got[mask]))
+        report.outputs.append(exact_check(run, QUESTION_EMBEDS, states.numpy()[mask], got[mask]))
         run = ANSWER_RUN
         steps = replace(pipeline.settings, num_beams=1, max_new_tokens=LOGIT_STEPS, min_new_tokens=LOGIT_STEPS)
         ids = pipeline.decode(states.numpy(), feeds["attention_mask"], steps)  # (B, 1 + steps)
@@ -135,16 +138,13 @@ def validate_answerer(model: nn.Module, answerer: QuestionAnswerer, pipeline: Vq
         decoder = pipeline.decoder
         decoder.image_embeds, decoder.cross_mask = states.numpy(), feeds["attention_mask"]
         first, stepped = decoder.teacher_forced(ids, 1)
-        report.outputs.append(_check(f"{ANSWER_RUN} first step", "logits", want[:, :1], first))
-        report.outputs.append(_check(f"{ANSWER_RUN} with past ({ids.shape[1] - 1} steps)", "logits", want[:, 1:],
+        report.outputs.append(exact_check(f"{ANSWER_RUN} first step", "logits", want[:, :1], first))
+        report.outputs.append(exact_check(f"{ANSWER_RUN} with past ({ids.shape[1] - 1} steps)", "logits", want[:, 1:],
                                      stepped))
-        run = ANSWER_RUN
-        want_ids = reference_answers(model, pixels, pairs, pipeline, interpolate)
-        got_answers = pipeline.answer(pixels, pairs, batch=len(pairs))
+        agree = answers_agree(model, pipeline, pixels, pairs, interpolate)
     except Exception as exc:  # ORT load or run failures of the text graphs are validation failures
         report.runtime_error = f"{run}: {describe_error(exc)}"
         return
-    eos = pipeline.settings.eos_token_id
-    differing = sum(until_eos(w, eos) != until_eos(g.ids, eos) for w, g in zip(want_ids, got_answers))
+    differing = len(agree) - sum(agree)
     report.captions.append(CaptionCheck("greedy answers, onnx vs generate (each question alone)", len(pairs), 1,
                                         differing, gated=exact_answers))

@@ -20,7 +20,7 @@ from turbo.export.quant_export import INT8
 from turbo.export.reference import prepare_model, validate_files
 from turbo.export.text_export import SAMPLE_TEXTS
 from turbo.export.validate import deployed_vector, graph_problems, mean_cosine, seeded_pixels
-from turbo.export.vqa_export import SAMPLE_QUESTIONS, reference_answers, until_eos
+from turbo.export.vqa_export import SAMPLE_QUESTIONS, answers_agree
 from turbo.graph.export_dir import manifest_mismatches
 from turbo.graph.summary import checker_error, summarize
 from turbo.graph.trt_lint import lint
@@ -165,12 +165,20 @@ def _question_checks(directory: Path, manifest: Manifest, built, produced: int, 
     report.add("question encoder onnx.checker (full)", not error, error or name)
     if error:
         return
-    graph = onnx.load(str(directory / name), load_external_data=False).graph
-    expected = next(i for i in graph.input if i.name == QUESTION_INPUTS[2]).type.tensor_type.shape.dim[1].dim_value
+    _tokens_fit(report, "question encoder", directory / name, QUESTION_INPUTS[2], produced, built,
+                manifest.question.image_tokens)
+
+
+def _tokens_fit(report: CheckReport, reader: str, path: Path, input_name: str, produced: int, built,
+                recorded: int) -> None:
+    """The image tokens a text graph reads (its input `input_name`, (B, N, C)) against the tokens
+    the encoder gives, the plan ends with and the manifest recorded."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    expected = next(i for i in graph.input if i.name == input_name).type.tensor_type.shape.dim[1].dim_value
     planned = built.plan.final_tokens if built is not None else produced
-    fits = expected == produced == planned == manifest.question.image_tokens
-    report.add("question encoder image tokens", fits, f"encoder gives {produced}, plan {planned}, the question "
-               f"encoder expects {expected}" + ("" if fits else ": exported for different r; re-export"))
+    fits = expected == produced == planned == recorded
+    report.add(f"{reader} image tokens", fits, f"encoder gives {produced}, plan {planned}, the {reader} expects "
+               f"{expected}" + ("" if fits else ": exported for different r; re-export"))
 
 
 def _text_checks(directory: Path, manifest: Manifest, built, report: CheckReport) -> None:
@@ -181,15 +189,11 @@ def _text_checks(directory: Path, manifest: Manifest, built, report: CheckReport
     report.add("text onnx.checker (full)", not problems, "; ".join(problems) or ", ".join(names))
     if manifest.text.match_file is None:
         return
-    graph = onnx.load(str(directory / manifest.text.match_file), load_external_data=False).graph
-    expected = next(i for i in graph.input if i.name == IMAGE_TOKENS).type.tensor_type.shape.dim[1].dim_value
     read = adapter_for(manifest.model.architecture).text_tower.match.image_tokens_output
     encoder = onnx.load(str(directory / manifest.onnx.file), load_external_data=False).graph
     produced = next(o for o in encoder.output if o.name == read).type.tensor_type.shape.dim[1].dim_value
-    planned = built.plan.final_tokens if built is not None else produced
-    fits = expected == produced == planned == manifest.text.image_tokens
-    report.add("matching head image tokens", fits, f"encoder gives {produced}, plan {planned}, the matching head "
-               f"expects {expected}" + ("" if fits else ": exported for different r; re-export"))
+    _tokens_fit(report, "matching head", directory / manifest.text.match_file, IMAGE_TOKENS, produced, built,
+                manifest.text.image_tokens)
 
 
 def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport, max_diff: float | None,
@@ -273,11 +277,8 @@ def _answer_agreement(directory: Path, unmerged, built) -> tuple[float, str]:
     count = pipeline.static_batch or 2
     pixels = seeded_pixels(count, built.pixel_shape, seed=7)
     pairs = [(i % count, question) for i, question in enumerate(SAMPLE_QUESTIONS)]
-    want = reference_answers(unmerged.eval(), pixels, pairs, pipeline, built.interpolate_pos_encoding)
-    eos = pipeline.settings.eos_token_id
-    agree = [until_eos(w, eos) == until_eos(a.ids, eos) for w, a in zip(want, pipeline.answer(pixels, pairs))]
-    return float(sum(agree) / len(agree)), f"greedy answer agreement with the unmerged model on {len(pairs)} " \
-        "seeded questions"
+    agree = answers_agree(unmerged.eval(), pipeline, pixels, pairs, built.interpolate_pos_encoding)
+    return sum(agree) / len(agree), f"greedy answer agreement with the unmerged model on {len(pairs)} seeded questions"
 
 
 def _retrieval_agreement(directory: Path, unmerged, built) -> tuple[float, str]:
