@@ -72,7 +72,23 @@ def pixels(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, *built.pixel_shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(params=list_models())
+def _tiny_twins() -> set[str]:
+    """Registry models whose tiny variant is an earlier one's (same architecture, same config: they
+    differ only at full size); tests over every model run them with -m slow only."""
+    seen, twins = set(), set()
+    for name in list_models():
+        source = resolve_source(name, tiny=True)
+        key = (source.architecture, json.dumps(source.config.to_dict(), sort_keys=True, default=str))
+        (twins if key in seen else seen).add(name if key in seen else key)
+    return twins
+
+
+TINY_TWINS = _tiny_twins()
+CI_MODELS = [name for name in list_models() if name not in TINY_TWINS]
+
+
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.slow) if name in TINY_TWINS else name
+                        for name in list_models()])
 def model_name(request) -> str:
     return request.param
 

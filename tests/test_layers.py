@@ -19,12 +19,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("quant",),
     ("runtimes",),
     ("export",),
+    ("serving",),
     ("tools",),
     ("cli",),
 ]
 RANK = {package: rank for rank, row in enumerate(LAYERS) for package in row}
 LAZY_ALLOWED = ("cli",)  # start-up speed: `turbo --help` imports no torch
-OPTIONAL = ("tensorrt", "triton", "datasets", "pycocoevalcap", "matplotlib")  # loaded where used
+OPTIONAL = ("tensorrt", "triton", "datasets", "pycocoevalcap", "matplotlib", "tritonclient",
+            "triton_python_backend_utils")  # loaded where used (the last: only inside tritonserver)
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,12 @@ BASE = {  # valid arguments for each command, so that only the option under test
     "retrieve": ["{export}", "--images", "{images}", "--texts", "{texts}"],
     "vqa": ["{export}", "{image}", "what is it?"],
     "check": ["{export}"],
+    "deploy triton": ["{export}", "-o", "{out}"],
+    "serve": ["{tmp}"],
 }
-ZERO_IS_VALID = {"r", "threshold", "min_length", "calib_seed", "itm_rerank"}
+ZERO_IS_VALID = {"r", "threshold", "min_length", "calib_seed", "itm_rerank", "max_queue_delay_us"}
 CHOICES = ["method", "metric", "merge_kernel", "merge_op", "precision", "quant", "trt_merge", "runtime", "device",
-           "ort_merge", "torch_merge"]
+           "ort_merge", "torch_merge", "backend"]
 TEXT = {  # str options: values each must refuse
     **{name: ["bogus"] for name in CHOICES},
     "model": ["{tmp}/no/such/dir", "./no/such/dir"],
@@ -53,13 +55,21 @@ TEXT = {  # str options: values each must refuse
     "baseline": ["{tmp}/missing"],
     "output": ["{tmp}/file/out"],
     "plot": ["{tmp}/file/plot.png"],
+    "url": ["ftp://host:1", "localhost"],
+    "concurrency": ["0", "x", "-2"],
+    "preferred_batch": ["0", "x", "9"],
 }
 FREE_TEXT = {"prompt"}  # any string is a valid value
 
 
 def _options(command: str) -> dict[str, tuple[str, type]]:
     """name -> (its first flag, its value type) for each non-flag option of `command`."""
-    callback = next(c.callback for c in app.registered_commands if c.name == command)
+    commands, *group = reversed(command.split())  # "deploy triton": the deploy group's triton command
+    if group:
+        commands = next(g.typer_instance for g in app.registered_groups if g.name == group[0]).registered_commands
+    else:
+        commands = app.registered_commands
+    callback = next(c.callback for c in commands if c.name == command.split()[-1])
     hints = typing.get_type_hints(callback)
     options = {}
     for name, parameter in inspect.signature(callback).parameters.items():
@@ -106,7 +116,7 @@ def test_a_bad_value_is_one_line_naming_the_option(places, tmp_path, command, fl
     if flag in base:  # the option under test replaces its valid value
         del base[base.index(flag):base.index(flag) + 2]
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    result = runner.invoke(app, [command, *base, flag, value.format(**fill)])
+    result = runner.invoke(app, [*command.split(), *base, flag, value.format(**fill)])
     assert result.exit_code == 2, result.output
     assert result.stdout == "" and "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()

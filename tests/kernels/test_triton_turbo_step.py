@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import pixels, tiny_pair
+from tests.conftest import CI_MODELS, pixels, tiny_pair
 from tests.kernels.test_torch_merge_kernel import CONFIGS, ops_step, step_inputs
 from turbo.core.errors import UsageError
 from turbo.export.onnx_export import ExportModule
@@ -117,15 +117,13 @@ def test_cuda_graph_replay_equals_the_eager_forward(model_name, merge_kernel):
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter's run")
 def test_kernels_in_the_triton_interpreter(tmp_path):
     """This file's CPU cases, in a child process whose Triton interprets every kernel."""
-    from turbo.models.registry import list_models
-
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpu",
                              f"--basetemp={tmp_path / 'child'}", __file__],
                             cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     cases = len(SMALL) * len(CONFIGS) + 1  # the interpreter's LARGE is one shape
-    expected = 2 * cases + len(list_models())  # fp32 and fp16 cases, one run per registry model
+    expected = 2 * cases + len(CI_MODELS)  # fp32 and fp16 cases, one run per registry model (-m slow: their twins)
     assert f"{expected} passed" in result.stdout, result.stdout[-2000:]
 
 

@@ -176,21 +176,42 @@ def bench_command(
     cuda_graph: bool | None = typer.Option(None, "--cuda-graph/--no-cuda-graph",
                                            help="PyTorch on CUDA: replay the image forward as one CUDA graph "
                                                 "(default) or run it eagerly."),
-    baseline: str | None = typer.Option(None, "--baseline", help="r=0 export to compare DIRs against."),
+    baseline: str | None = typer.Option(None, "--baseline", help="r=0 export to compare DIRs against (with --url: "
+                                        "the served model to compare with)."),
+    url: str | None = typer.Option(None, "--url", help="Load-test a running Triton server (http://HOST:PORT or "
+                                   "grpc://HOST:PORT): --model names its models, comma-separated."),
+    concurrency: str = typer.Option("1,4,16", "--concurrency", help="--url: concurrent clients, e.g. 1,8,32."),
     json_output: bool = typer.Option(False, "--json", help="Print the report on stdout (docs/bench.schema.json)."),
     plot: str | None = typer.Option(None, "--plot", help="Write speedup and efficiency vs r to this PNG."),
 ) -> None:
     """Latency, throughput, speedup vs r=0, FLOPs bound and efficiency, merged and baseline interleaved.
 
+    With --url: throughput, p50/p95/p99 latency and errors of served models per concurrency level.
     Exit code 4 when none of the requested runtimes can run here.
     """
     from pathlib import Path
 
-    from turbo.cli.commands.bench import parse_ints, parse_runtimes, run_bench_command
+    from turbo.cli.commands.bench import parse_ints, parse_runtimes, run_bench_command, run_load_test_command
     from turbo.cli.commands.export import given
     from turbo.core.errors import UsageError
     from turbo.tools.bench import BenchOptions
 
+    levels = tuple(parse_ints(concurrency, "--concurrency", least=1, example="1,8,32"))
+    if url:
+        from turbo.runtimes.triton_client import split_url
+        from turbo.tools.load_test import LoadOptions
+
+        split_url(url)
+        if dirs or given(r=r):
+            raise UsageError("--url benches the server's models: drop export directories and --r")
+        batches = parse_ints(batch, "--batch", least=1, example="1")
+        if len(batches) != 1:
+            raise UsageError("--url takes one --batch (images per request)")
+        models = [name for name in (model or "").split(",") if name]
+        load = LoadOptions(url=url, models=models, concurrency=levels, duration_s=duration or 10.0, batch=batches[0],
+                           baseline=baseline)
+        run_load_test_command(load, json_output, plot)
+        return
     if dirs and given(model=model, r=r):
         raise UsageError("export directories carry their model and r; drop --model and --r (or bench --model "
                          "without directories)")
@@ -337,6 +358,62 @@ def check_command(
     from turbo.cli.commands.check import run_check_command
 
     run_check_command(directory, max_diff, min_agreement, min_speedup, iters, json_output)
+
+
+deploy_app = typer.Typer(cls=OneLineUsageErrors, help="Write a serving repository from export directories.",
+                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("triton")
+@user_errors
+def deploy_triton_command(
+    exports: list[str] = typer.Argument(..., help="`turbo export` output directories; each is served under its "
+                                        "folder's name."),
+    output: str = typer.Option(..., "--output", "-o", help="The repository directory to write."),
+    backend: str = typer.Option("auto", "--backend", help="auto (the export's TensorRT engine if it has one, else "
+                                "onnxruntime) | onnxruntime | tensorrt | python (ONNX Runtime in Triton's python "
+                                "backend, for servers without an onnxruntime backend)."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Largest batch Triton forms (dynamic-batch exports)."),
+    instances: int = typer.Option(1, "--instances", help="Instances of each model (instance_group count)."),
+    dynamic_batching: bool = typer.Option(True, "--dynamic-batching/--no-dynamic-batching",
+                                          help="Let Triton batch concurrent requests."),
+    max_queue_delay_us: int = typer.Option(100, "--max-queue-delay-us", help="Longest wait to fill a batch."),
+    preferred_batch: str | None = typer.Option(None, "--preferred-batch", help="Batch sizes to prefer, e.g. 4,8."),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="A zero request per encoder instance at load."),
+    threads: int | None = typer.Option(None, "--threads", help="--backend python: ONNX Runtime threads per "
+                                       "instance (default: ONNX Runtime's)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    json_output: bool = typer.Option(False, "--json", help="Print what was deployed as JSON on stdout."),
+) -> None:
+    """A Triton Inference Server model repository: encoders, decoders and a model per export that
+    takes image bytes. Every export is verified first; the repository is written whole or not at all."""
+    from turbo.cli.commands.bench import parse_ints
+    from turbo.cli.commands.deploy import run_deploy_triton_command
+    from turbo.serving.repository import DeployOptions
+
+    options = DeployOptions(backend, max_batch, instances, dynamic_batching, max_queue_delay_us,
+                            tuple(parse_ints(preferred_batch, "--preferred-batch", least=1, example="4,8"))
+                            if preferred_batch else (), warmup, threads or 0)
+    run_deploy_triton_command(exports, output, options, force, json_output)
+
+
+@app.command("serve")
+@user_errors
+def serve_command(
+    repository: str = typer.Argument(..., help="A model repository (turbo deploy triton)."),
+    http_port: int = typer.Option(8000, "--http-port", help="HTTP/REST port."),
+    grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC port."),
+    metrics_port: int = typer.Option(8002, "--metrics-port", help="Prometheus metrics port."),
+    timeout: float = typer.Option(180.0, "--timeout", help="Seconds to wait for every model to load."),
+) -> None:
+    """Run tritonserver (from PATH, else the nvidia-pytriton wheel's) on a repository until Ctrl-C.
+
+    Exit code 4 when no server binary is available.
+    """
+    from turbo.cli.commands.serve import run_serve_command
+
+    run_serve_command(repository, http_port, grpc_port, metrics_port, timeout)
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ def fail(message: str, exit_code: int) -> None:
     raise typer.Exit(exit_code)
 
 
-ZERO_IS_VALID = {"r", "threshold", "min_length", "calib_seed", "itm_rerank"}  # int options where 0 means something
+# int options where 0 means something
+ZERO_IS_VALID = {"r", "threshold", "min_length", "calib_seed", "itm_rerank", "max_queue_delay_us"}
 POSITIVE = {"duration", "workspace"}  # float options where 0 does not
 
 

@@ -114,3 +114,57 @@ def run_bench_command(options, json_output: bool, plot: str | None) -> None:
         stderr.print(f"wrote {Path(plot)}", highlight=False)
     if json_output:
         print_json(report)
+
+
+def run_load_test_command(options, json_output: bool, plot: str | None) -> None:
+    """`turbo bench --url`: a table per concurrency level, side by side, JSON and a throughput plot."""
+    from turbo.tools.load_test import run_load_test
+
+    _check_plot_dependency(plot)
+    stderr.print(f"[dim]load-testing {', '.join(options.models)} at {options.url}: concurrency "
+                 f"{','.join(map(str, options.concurrency))}, {options.duration_s:g} s each[/]", highlight=False)
+    report = run_load_test(options)
+    table = Table(title=f"{report.url} · batch {options.batch} per request")
+    for column in ("model", "clients", "requests", "errors", "req/s", "img/s", "p50 ms", "p95 ms", "p99 ms",
+                   "speedup"):
+        table.add_column(column, justify="right")
+    for row in report.rows:
+        latency = row.latency_ms
+        table.add_row(row.model, str(row.concurrency), str(row.requests),
+                      f"[red]{row.errors}[/]" if row.errors else "0", f"{row.throughput:.1f}",
+                      f"{row.items_per_s:.1f}",
+                      *(f"{latency[k]:.1f}" if latency else "—" for k in ("p50", "p95", "p99")),
+                      f"{row.speedup:.2f}x" if row.speedup is not None else "—")
+    stderr.print(table)
+    for row in report.rows:
+        if row.errors:
+            stderr.print(f"[yellow]warning:[/] {row.model} at {row.concurrency} clients: {row.errors} errors "
+                         f"(first: {escape(row.first_error)})", highlight=False)
+    if plot:
+        _plot_load(report, plot)
+        stderr.print(f"wrote {Path(plot)}", highlight=False)
+    if json_output:
+        print_json(report.to_dict())
+
+
+def _plot_load(report, path: str) -> None:
+    """Throughput and p95 latency against concurrency, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (throughput_axis, latency_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for model in dict.fromkeys(row.model for row in report.rows):
+        rows = [row for row in report.rows if row.model == model]
+        clients = [row.concurrency for row in rows]
+        throughput_axis.plot(clients, [row.items_per_s for row in rows], marker="o", label=model)
+        latency_axis.plot(clients, [row.latency_ms.get("p95", float("nan")) for row in rows], marker="o", label=model)
+    throughput_axis.set(xlabel="concurrent clients", ylabel="images/s", title=report.url, xscale="log")
+    latency_axis.set(xlabel="concurrent clients", ylabel="p95 latency (ms)", title="latency", xscale="log")
+    for axis in (throughput_axis, latency_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
