@@ -1,7 +1,9 @@
 """`turbo deploy triton`: the repository's configs pass Triton's schema and say what the exports
 are; bad exports and options are one line with nothing written."""
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
@@ -133,3 +135,36 @@ def test_a_failure_while_writing_leaves_no_repository(served_exports, tmp_path, 
 
         deploy_triton([served_exports["vit"], served_exports["blip"]], tmp_path / "repo", DeployOptions())
     assert not (tmp_path / "repo").exists() and list(tmp_path.iterdir()) == []
+
+
+def _with_engine(export, tmp_path, **build) -> Path:
+    """An export as `--trt` leaves it: an engine file, the manifest's tensorrt entry and hashes.
+    (The engine's bytes are not a real engine: deploying only copies it.)"""
+    from turbo.core.integrity import record_files
+
+    directory = shutil.copytree(export, tmp_path / "vit-trt")
+    (directory / "model.plan").write_bytes(b"engine bytes")
+    manifest = json.loads((directory / "turbo.json").read_text())
+    manifest["tensorrt"] = {"built": True, "file": "model.plan", "tensorrt": "10.13.2", "device": "NVIDIA H200",
+                            "merge": "plugin", **build}
+    manifest["files"] = record_files(directory)
+    (directory / "turbo.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def test_an_export_with_an_engine_is_served_by_tensorrt(served_exports, tmp_path):
+    exported = _with_engine(served_exports["vit"], tmp_path, plugin="aot")
+    result = deploy(exported, "-o", tmp_path / "repo")
+    assert result.exit_code == 0, result.output
+    encoder = config_of(tmp_path / "repo", "vit-trt-encoder")
+    assert encoder.platform == "tensorrt_plan" and encoder.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+    assert (tmp_path / "repo" / "vit-trt-encoder" / "1" / "model.plan").read_bytes() == b"engine bytes"
+    assert "TensorRT engines" in (tmp_path / "repo" / "README.md").read_text()
+    python = deploy(exported, "-o", tmp_path / "repo-python", "--backend", "python")
+    assert python.exit_code == 0 and config_of(tmp_path / "repo-python", "vit-trt-encoder").backend == "python"
+
+
+def test_an_engine_whose_plugin_needs_python_is_refused(served_exports, tmp_path):
+    result = deploy(_with_engine(served_exports["vit"], tmp_path, plugin="jit"), "-o", tmp_path / "repo")
+    assert result.exit_code == 2 and "runs its TurboMerge plugin in Python" in result.output
+    assert not (tmp_path / "repo").exists()

@@ -60,20 +60,25 @@ def is_mount_point(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """A terminated job (CI cancel) cleans up like Ctrl-C does."""
+def _interrupts() -> Iterator[list[int]]:
+    """Ctrl-C and a terminated job (CI cancel) both raise KeyboardInterrupt, and are recorded: an
+    interrupt raised where Python swallows exceptions (a finalizer, a callback from C) still stops
+    the output from being moved into place."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def interrupt(signum, frame):
+        received.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -86,7 +91,7 @@ def staged_directory(target: str | Path, force: bool = False) -> Iterator[Path]:
     """
     target = Path(target).absolute()
     check_target(target, force)
-    with _sigterm_as_interrupt():
+    with _interrupts() as received:
         created = [parent for parent in (target.parent, *target.parent.parents) if not parent.exists()]
         staging = lock = None
         try:
@@ -95,6 +100,8 @@ def staged_directory(target: str | Path, force: bool = False) -> Iterator[Path]:
             _remove_dead_stagings(home, target.name)
             staging = _make_staging(home, target.name)
             yield staging
+            if received:
+                raise KeyboardInterrupt(f"signal {received[0]}")
             try:
                 _replace(staging, target, force, home == target)
             except OSError as exc:

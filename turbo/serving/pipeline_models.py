@@ -26,6 +26,7 @@ class ImageModel:
         self.processor = AutoImageProcessor.from_pretrained(version)
         self.channels = int(parameters["channels"])
         self.static_batch = int(parameters.get("static_batch", "0"))
+        self.encoder_max_batch = int(parameters["encoder_max_batch"])
         encoder_outputs = json.loads(parameters["encoder_outputs"])
         self.encoder = BlsRunner(parameters["encoder"], [parameters["encoder_input"]], encoder_outputs)
         labels_file = parameters.get("labels_file")
@@ -33,11 +34,32 @@ class ImageModel:
         self.top_k = int(parameters.get("top_k", "5"))
 
     def execute(self, requests) -> list:
-        return answer_each(requests, self._answer)
+        """The images of every request Triton batched together go to the encoder as one batch; a
+        request whose bytes are not images gets its own error."""
+        pixels = {}
+        for index, request in enumerate(requests):
+            try:
+                pixels[index] = pixel_batch(decode_images(request, self.channels), self.processor, self.channels)
+            except RequestError as exc:
+                pixels[index] = exc
+        good = [index for index, value in pixels.items() if not isinstance(value, RequestError)]
+        encoded = {}
+        if good:
+            joined = np.concatenate([pixels[index] for index in good])  # (sum B, C, H, W)
+            try:
+                outputs = self._encode(joined)
+                bounds = np.cumsum([0, *(len(pixels[index]) for index in good)])
+                encoded = {index: {name: value[a:b] for name, value in outputs.items()}
+                           for index, a, b in zip(good, bounds[:-1], bounds[1:])}
+            except Exception as exc:  # noqa: BLE001 - each request gets the error, the server keeps serving
+                encoded = {index: exc for index in good}
+        return answer_each(range(len(requests)), lambda index: self._answer(pixels[index], encoded.get(index)))
 
-    def _answer(self, request) -> list:
-        pixels = pixel_batch(decode_images(request, self.channels), self.processor, self.channels)  # (B, C, H, W)
-        outputs = self._encode(pixels)
+    def _answer(self, pixels: np.ndarray | RequestError, outputs: dict | Exception | None) -> list:
+        if isinstance(pixels, RequestError):
+            raise pixels
+        if isinstance(outputs, Exception):
+            raise outputs
         if self.labels is None:
             return [tensor(name, value) for name, value in outputs.items()]
         logits = next(iter(outputs.values()))  # (B, classes)
@@ -49,10 +71,10 @@ class ImageModel:
                 tensor("scores", np.take_along_axis(probabilities, top, -1).astype(np.float32))]
 
     def _encode(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        if not self.static_batch:
-            return self.encoder.run({self.encoder.input_names[0]: pixels})
+        """In batches the encoder takes: its static batch (the last one padded), else up to its maximum."""
+        size = self.static_batch or self.encoder_max_batch
         parts = [{k: v[:count] for k, v in self.encoder.run({self.encoder.input_names[0]: chunk}).items()}
-                 for chunk, count in batches(pixels, self.static_batch, static=True)]
+                 for chunk, count in batches(pixels, size, static=bool(self.static_batch))]
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def finalize(self) -> None:
@@ -79,11 +101,34 @@ class CaptionModel:
         self.default_prompt = decoder_record.prompt
         self.channels = int(parameters["channels"])
         self.max_positions = decoder_record.max_positions
+        self.max_batch = int(parameters["encoder_max_batch"]) or int(parameters.get("static_batch", "1"))
 
     def execute(self, requests) -> list:
-        return answer_each(requests, self._answer)
+        """Requests Triton batched together are captioned together, one decode loop per prompt; a
+        request with bytes that are not images or a prompt that does not fit gets its own error."""
+        prepared = {}
+        for index, request in enumerate(requests):
+            try:
+                prepared[index] = self._prepare(request)
+            except RequestError as exc:
+                prepared[index] = exc
+        captions = {}
+        by_prompt: dict[str, list[int]] = {}
+        for index, value in prepared.items():
+            if not isinstance(value, RequestError):
+                by_prompt.setdefault(value[1], []).append(index)
+        for prompt, indices in by_prompt.items():
+            pixels = np.concatenate([prepared[index][0] for index in indices])  # (sum B, C, H, W)
+            try:
+                results = iter(self.pipeline.caption(pixels, prompt, batch=self.max_batch))
+                for index in indices:
+                    captions[index] = [next(results)["caption"] for _ in range(len(prepared[index][0]))]
+            except Exception as exc:  # noqa: BLE001 - these requests get the error, the server keeps serving
+                captions.update({index: exc for index in indices})
+        return answer_each(range(len(requests)), lambda index: self._answer(prepared[index], captions.get(index)))
 
-    def _answer(self, request) -> list:
+    def _prepare(self, request) -> tuple[np.ndarray, str]:
+        """(pixels (B, C, H, W), prompt) of a request; RequestError when it cannot be captioned."""
         pixels = pixel_batch(decode_images(request, self.channels), self.pipeline.processor, self.channels)
         prompt_tensor = pb_utils.get_input_tensor_by_name(request, "prompt")
         prompt = self.default_prompt
@@ -93,9 +138,14 @@ class CaptionModel:
         if self.max_positions is not None and needed > self.max_positions:
             raise RequestError(f"the prompt needs {needed} decoder positions with the caption, the decoder has "
                                f"{self.max_positions}: send a shorter prompt")
-        results = self.pipeline.caption(pixels, prompt, batch=len(pixels))
-        captions = np.array([[result["caption"].encode()] for result in results], dtype=np.object_)  # (B, 1)
-        return [tensor("caption", captions)]
+        return pixels, prompt
+
+    @staticmethod
+    def _answer(prepared: tuple | RequestError, captions: list[str] | Exception | None) -> list:
+        for failure in (prepared, captions):
+            if isinstance(failure, Exception):
+                raise failure
+        return [tensor("caption", np.array([[caption.encode()] for caption in captions], dtype=np.object_))]
 
     def finalize(self) -> None:
         self.pipeline = None

@@ -12,7 +12,7 @@ def write_readme(repository: Path, deployed: list[DeployedModel], options: Deplo
     rows = "\n".join(f"| `{m.name}` | {m.task} | `{m.encoder}` ({m.backend}) | {', '.join(f'`{n}`' for n in m.models)} "
                      f"| {m.batching} |" for m in deployed)
     first = deployed[0]
-    python = any(m.backend == "python" for m in deployed) or True  # every repository has python pipeline models
+    python = any(m.backend == "python" for m in deployed)
     labels = "".join(f"\n- `{m.name}` labels come from {m.labels}." for m in deployed if m.labels)
     trt = [m for m in deployed if m.backend == "tensorrt"]
     trt_note = ("\n## TensorRT engines\n\nA `model.plan` runs only on the GPU model and TensorRT version it was built "
@@ -28,7 +28,7 @@ def write_readme(repository: Path, deployed: list[DeployedModel], options: Deplo
 
 Clients send encoded images (JPEG or PNG bytes) to the model named after each export as a
 `BYTES` tensor `image` of shape (batch, 1); classifiers answer `labels`, `classes` and `scores`
-(top {5}), captioners `caption` (an optional `prompt` input changes the decoder prompt),
+(top 5), captioners `caption` (an optional `prompt` input changes the decoder prompt),
 embedding models the encoder's outputs. The `-encoder` models take preprocessed
 `pixel_values` directly, for clients that preprocess themselves.{labels}
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import torch
 
 from turbo.core.errors import UsageError
 from turbo.core.files import ENGINE_FILE, GENERATION_FILE, MODEL_FILE
 from turbo.core.manifest import Manifest
-from turbo.models.adapters import CAPTIONING, CLASSIFICATION
+from turbo.models.adapters import CAPTIONING, CLASSIFICATION, Task
 from turbo.models.loading import resolve_source
 from turbo.models.registry import adapter_for
 from turbo.serving.model_config import Batching, ModelSpec, TensorSpec, write_config
@@ -86,62 +87,83 @@ def check_options(options: DeployOptions) -> None:
 
 def deploy_export(directory: Path, manifest: Manifest, repository: Path, options: DeployOptions) -> DeployedModel:
     """Write the models of one verified export into `repository` (a staging directory)."""
-    name = model_name(directory)
+    name, encoder = model_name(directory), f"{model_name(directory)}-encoder"
     task = adapter_for(manifest.model.architecture).task_of(manifest.model.architecture)
     backend = _backend(directory, manifest, options)
     static = manifest.onnx.static_batch
+    facts = {"turbo_r": str(manifest.turbo.r_requested), "turbo_export": str(directory.resolve()),
+             "turbo_flops_bound": str(manifest.plan.speedup_bound)}  # read by turbo bench --url
+    inputs, outputs = _tensors(manifest.onnx.inputs, not static), _tensors(manifest.onnx.outputs, not static)
     batching = Batching(max_batch=0 if static else options.max_batch, dynamic=options.dynamic_batching,
                         max_queue_delay_us=options.max_queue_delay_us, preferred=options.preferred_batch,
                         instances=options.instances, kind="KIND_GPU" if backend == "tensorrt" else "KIND_CPU")
-    encoder = f"{name}-encoder"
-    facts = {"turbo_r": str(manifest.turbo.r_requested), "turbo_export": str(directory.resolve()),
-             "turbo_flops_bound": str(manifest.plan.speedup_bound)}  # read by turbo bench --url
-    encoder_inputs = _tensors(manifest.onnx.inputs, batched=not static)
-    encoder_outputs = _tensors(manifest.onnx.outputs, batched=not static)
-    _graph_model(repository / encoder, directory, manifest.onnx.file, encoder_inputs, encoder_outputs, batching,
-                 backend, options, engine=manifest.tensorrt.file if backend == "tensorrt" else None, facts=facts)
-    models = [encoder]
-    labels_origin = ""
-    client_batching = Batching(max_batch=options.max_batch, dynamic=options.dynamic_batching,
-                               max_queue_delay_us=options.max_queue_delay_us, preferred=options.preferred_batch,
-                               instances=options.instances)
-    channels = manifest.onnx.pixel_shape[0]
-    common = {**facts, "channels": str(channels), "static_batch": str(static or 0)}
+    _graph_model(repository / encoder, directory, manifest.onnx.file, inputs, outputs, batching, backend, options,
+                 engine=manifest.tensorrt.file if backend == "tensorrt" else None, facts=facts)
+    client = Batching(max_batch=options.max_batch, dynamic=options.dynamic_batching,
+                      max_queue_delay_us=options.max_queue_delay_us, preferred=options.preferred_batch,
+                      instances=options.instances)  # the image-bytes model batches even over a static encoder
+    parameters = {**facts, "channels": str(manifest.onnx.pixel_shape[0]), "static_batch": str(static or 0),
+                  "encoder_max_batch": str(batching.max_batch)}
+    labels = ""
     if task == CAPTIONING:
-        models += _caption_models(repository, name, directory, manifest, backend, options, encoder,
-                                  encoder_inputs, encoder_outputs, client_batching, common)
+        models = _caption_models(repository, name, directory, manifest, backend, options, encoder, inputs, outputs,
+                                 client, parameters)
     else:
-        pipeline = repository / name
-        _assets(pipeline, directory, [manifest.image_processor.file])
-        parameters = {**common, "encoder": encoder, "encoder_input": encoder_inputs[0].name,
-                      "encoder_outputs": json.dumps([t.name for t in encoder_outputs])}
-        if task == CLASSIFICATION:
-            labels, labels_origin = _labels(manifest, encoder_outputs[0].shape[-1])
-            (pipeline / "1" / LABELS_FILE).write_text(json.dumps(labels))
-            parameters.update(labels_file=LABELS_FILE, top_k=str(TOP_K))
-            outputs = [TensorSpec("labels", "bytes", (TOP_K,)), TensorSpec("classes", "int64", (TOP_K,)),
-                       TensorSpec("scores", "float32", (TOP_K,))]
-        else:
-            outputs = [TensorSpec(t.name, t.dtype, t.shape[1:] if static else t.shape) for t in encoder_outputs]
-        _python_model(pipeline, "ImageModel", [TensorSpec("image", "bytes", (1,))], outputs, client_batching,
-                      parameters)
-        models.append(name)
+        parameters.update(encoder=encoder, encoder_input=inputs[0].name,
+                          encoder_outputs=json.dumps([t.name for t in outputs]))
+        labels = _image_model(repository / name, directory, manifest, task, outputs, static, client, parameters)
+        models = [name]
     described = (f"dynamic, up to {options.max_batch} per batch" if not static else
                  f"static batch {static}: max_batch_size 0, clients send {static} images per request to {encoder}; "
                  f"{name} pads smaller requests")
-    return DeployedModel(str(directory), name, task.name, encoder, backend, tuple(models), described, labels_origin)
+    return DeployedModel(str(directory), name, task.name, encoder, backend, (encoder, *models), described, labels)
+
+
+def _image_model(model_dir: Path, directory: Path, manifest: Manifest, task: Task, encoder_outputs: list[TensorSpec],
+                 static: int | None, batching: Batching, parameters: dict[str, str]) -> str:
+    """Image bytes -> top-k labels (classifiers) or the encoder's outputs; where labels came from."""
+    _assets(model_dir, directory, [manifest.image_processor.file])
+    if task != CLASSIFICATION:
+        outputs = [TensorSpec(t.name, t.dtype, t.shape[1:] if static else t.shape) for t in encoder_outputs]
+        _python_model(model_dir, "ImageModel", [TensorSpec("image", "bytes", (1,))], outputs, batching, parameters)
+        return ""
+    classes = encoder_outputs[0].shape[-1]
+    labels, origin = _labels(manifest, classes)
+    (model_dir / "1" / LABELS_FILE).write_text(json.dumps(labels))
+    top_k = min(TOP_K, classes)
+    outputs = [TensorSpec("labels", "bytes", (top_k,)), TensorSpec("classes", "int64", (top_k,)),
+               TensorSpec("scores", "float32", (top_k,))]
+    _python_model(model_dir, "ImageModel", [TensorSpec("image", "bytes", (1,))], outputs, batching,
+                  {**parameters, "labels_file": LABELS_FILE, "top_k": str(top_k)})
+    return origin
 
 
 def _backend(directory: Path, manifest: Manifest, options: DeployOptions) -> str:
     engine = manifest.tensorrt
     has_engine = bool(engine and engine.built and engine.file)
-    if options.backend == "auto":
-        return "tensorrt" if has_engine else "onnxruntime"
     if options.backend == "tensorrt" and not has_engine:
         reason = engine.reason if engine and engine.reason else "it was exported without --trt"
         raise UsageError(f"{directory} has no TensorRT engine ({reason}); deploy it with --backend onnxruntime or "
                          "python, or re-export with --trt")
-    return options.backend
+    if options.backend in ("auto", "tensorrt") and has_engine:
+        _check_engine(directory, engine.build)
+        return "tensorrt"
+    return "onnxruntime" if options.backend == "auto" else options.backend
+
+
+def _check_engine(directory: Path, build: dict) -> None:
+    """Refuse an engine Triton's TensorRT backend cannot run: one whose TurboMerge plugin runs in
+    Python (built on TensorRT before 10.9), or one built for another GPU than this machine's (when
+    it has one to compare with: the serving machine usually is the deploying one)."""
+    if build.get("plugin") == "jit":
+        raise UsageError(f"{directory}'s engine runs its TurboMerge plugin in Python (TensorRT "
+                         f"{build.get('tensorrt', '?')}, before 10.9), which Triton's TensorRT backend cannot load; "
+                         "re-export with --trt-merge native, or deploy with --backend onnxruntime")
+    built_for = build.get("device")
+    here = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    if here and built_for and here != built_for:
+        raise UsageError(f"{directory}'s TensorRT engine was built for {built_for}, this machine has {here}: "
+                         "re-export with --trt here, or deploy with --backend onnxruntime")
 
 
 def _tensors(records: list[dict], batched: bool) -> list[TensorSpec]:

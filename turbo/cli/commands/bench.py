@@ -61,12 +61,7 @@ def _table(rows: list[dict], title: str) -> Table:
 
 def plot_report(report: dict, path: str) -> None:
     """Speedup and efficiency vs r, one line per (runtime, workload, batch)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (speed_axis, efficiency_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    plt, figure, (speed_axis, efficiency_axis) = _two_plots()
     series: dict[tuple, list[dict]] = {}
     for row in report["results"]:
         series.setdefault((row["runtime"], row["workload"], row["batch"]), []).append(row)
@@ -81,7 +76,22 @@ def plot_report(report: dict, path: str) -> None:
     speed_axis.set(xlabel="r (tokens merged per layer)", ylabel="speedup vs r=0", title=report["model"])
     efficiency_axis.set(xlabel="r (tokens merged per layer)", ylabel="speedup / FLOPs bound", ylim=(0, 1.2),
                         title="efficiency")
-    for axis in (speed_axis, efficiency_axis):
+    _save_plots(plt, figure, (speed_axis, efficiency_axis), path)
+
+
+def _two_plots():
+    """pyplot, a figure and its two side-by-side axes (matplotlib loaded only here, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    return plt, figure, axes
+
+
+def _save_plots(plt, figure, axes, path: str) -> None:
+    for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
@@ -149,12 +159,7 @@ def run_load_test_command(options, json_output: bool, plot: str | None) -> None:
 
 def _plot_load(report, path: str) -> None:
     """Throughput and p95 latency against concurrency, one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (throughput_axis, latency_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    plt, figure, (throughput_axis, latency_axis) = _two_plots()
     for model in dict.fromkeys(row.model for row in report.rows):
         rows = [row for row in report.rows if row.model == model]
         clients = [row.concurrency for row in rows]
@@ -162,9 +167,4 @@ def _plot_load(report, path: str) -> None:
         latency_axis.plot(clients, [row.latency_ms.get("p95", float("nan")) for row in rows], marker="o", label=model)
     throughput_axis.set(xlabel="concurrent clients", ylabel="images/s", title=report.url, xscale="log")
     latency_axis.set(xlabel="concurrent clients", ylabel="p95 latency (ms)", title="latency", xscale="log")
-    for axis in (throughput_axis, latency_axis):
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save_plots(plt, figure, (throughput_axis, latency_axis), path)

@@ -1,5 +1,6 @@
-"""`turbo serve`: a real tritonserver over a repository until Ctrl-C."""
+"""`turbo serve`: a real tritonserver over a repository until Ctrl-C (or SIGTERM)."""
 
+import signal
 from pathlib import Path
 
 from turbo.cli.output import stderr
@@ -14,6 +15,7 @@ def run_serve_command(repository: str, http_port: int, grpc_port: int, metrics_p
     server = TritonServer(Path(repository), http_port, grpc_port, metrics_port, binary=binary)
     server.check_ports()
     stderr.print(f"starting tritonserver ({binary.origin}) on {repository}", highlight=False, soft_wrap=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same clean stop as Ctrl-C
     try:
         server.start(timeout)
         stderr.print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics "
@@ -27,3 +29,7 @@ def run_serve_command(repository: str, http_port: int, grpc_port: int, metrics_p
         stderr.print("stopping tritonserver", highlight=False)
     finally:
         server.stop()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
