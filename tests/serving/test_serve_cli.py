@@ -95,3 +95,16 @@ def test_serve_refuses_what_is_not_a_repository(tmp_path):
     assert result.exit_code == 2 and "has no config.pbtxt" in result.output
     result = runner.invoke(app, ["serve", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "is not a directory" in result.output
+
+
+def test_a_model_that_fails_to_load_is_one_line(served_exports, server_binary, tmp_path):
+    repo = tmp_path / "repo"
+    deploy_triton([served_exports["vit"]], repo, DeployOptions(backend="python"))
+    shutil.rmtree(repo / "vit-encoder")
+    (repo / "vit" / "1" / "model.py").write_text("raise RuntimeError('this model is broken')\n")
+    result = runner.invoke(app, ["serve", str(repo), "--http-port", str(free_port()), "--grpc-port", str(free_port()),
+                                 "--metrics-port", str(free_port())])
+    assert result.exit_code == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: tritonserver exited") and "RuntimeError: this model is broken" in error
+    assert "\\n" not in error and "Traceback" not in result.output

@@ -248,7 +248,8 @@ class TritonServer:
             lowered = line.lower()
             if lowered.startswith("e") and ("failed" in lowered or "error" in lowered) and "cuda" not in lowered \
                     and "nvml" not in lowered and "dcgm" not in lowered:
-                return line.split("] ", 1)[-1].strip()[:400]
+                message = line.split("] ", 1)[-1].strip().strip('"')
+                return message.split("\\n")[0].strip()[:400]  # the log escapes a Python traceback's newlines
         return lines[-1].strip()[:400] if lines else "no output"
 
     def stop(self, timeout_s: float = 30.0) -> None:
