@@ -43,6 +43,17 @@ def answer_each(requests, answer) -> list:
     return responses
 
 
+def prepare_each(requests, prepare) -> list:
+    """`prepare(request)` of each request, or the RequestError that request gets answered with."""
+    prepared = []
+    for request in requests:
+        try:
+            prepared.append(prepare(request))
+        except RequestError as exc:
+            prepared.append(exc)
+    return prepared
+
+
 def tensor(name: str, value: np.ndarray):
     return pb_utils.Tensor(name, np.ascontiguousarray(value))
 

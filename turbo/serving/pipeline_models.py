@@ -15,7 +15,15 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from turbo.core.manifest import DecoderRecord
 from turbo.data.images import batches, pixel_batch
 from turbo.runtimes.caption import CaptionPipeline, GraphDecoder, settings_from_config
-from turbo.serving.backend_utils import BlsRunner, RequestError, answer_each, decode_images, model_parameters, tensor
+from turbo.serving.backend_utils import (
+    BlsRunner,
+    RequestError,
+    answer_each,
+    decode_images,
+    model_parameters,
+    prepare_each,
+    tensor,
+)
 
 
 class ImageModel:
@@ -36,13 +44,9 @@ class ImageModel:
     def execute(self, requests) -> list:
         """The images of every request Triton batched together go to the encoder as one batch; a
         request whose bytes are not images gets its own error."""
-        pixels = {}
-        for index, request in enumerate(requests):
-            try:
-                pixels[index] = pixel_batch(decode_images(request, self.channels), self.processor, self.channels)
-            except RequestError as exc:
-                pixels[index] = exc
-        good = [index for index, value in pixels.items() if not isinstance(value, RequestError)]
+        pixels = prepare_each(requests, lambda request: pixel_batch(decode_images(request, self.channels),
+                                                                    self.processor, self.channels))
+        good = [index for index, value in enumerate(pixels) if not isinstance(value, RequestError)]
         encoded = {}
         if good:
             joined = np.concatenate([pixels[index] for index in good])  # (sum B, C, H, W)
@@ -106,15 +110,10 @@ class CaptionModel:
     def execute(self, requests) -> list:
         """Requests Triton batched together are captioned together, one decode loop per prompt; a
         request with bytes that are not images or a prompt that does not fit gets its own error."""
-        prepared = {}
-        for index, request in enumerate(requests):
-            try:
-                prepared[index] = self._prepare(request)
-            except RequestError as exc:
-                prepared[index] = exc
+        prepared = prepare_each(requests, self._prepare)
         captions = {}
         by_prompt: dict[str, list[int]] = {}
-        for index, value in prepared.items():
+        for index, value in enumerate(prepared):
             if not isinstance(value, RequestError):
                 by_prompt.setdefault(value[1], []).append(index)
         for prompt, indices in by_prompt.items():

@@ -123,15 +123,17 @@ def _client(url: str, model: str, feeds: dict, start: threading.Barrier, stop_at
 def _round(url: str, model: str, feeds: dict, clients: int, seconds: float) -> tuple[list, list, float]:
     """(latencies, errors, seconds) of `clients` threads sending for `seconds`."""
     latencies, errors, stop_at = [], [], [0.0]
-    start = threading.Barrier(clients + 1)
+
+    def open_round() -> None:  # run by the barrier once every client is connected, before any sends
+        stop_at[0] = time.perf_counter() + seconds
+
+    start = threading.Barrier(clients + 1, action=open_round)
     threads = [threading.Thread(target=_client, args=(url, model, feeds, start, stop_at, latencies, errors))
                for _ in range(clients)]
     for thread in threads:
         thread.start()
-    stop_at[0] = time.perf_counter() + seconds + 3600  # set for real once every client is connected
     start.wait()
-    begin = time.perf_counter()
-    stop_at[0] = begin + seconds
+    begin = stop_at[0] - seconds
     for thread in threads:
         thread.join()
     return latencies, errors, time.perf_counter() - begin
