@@ -14,7 +14,9 @@
 # batch 64; `turbo bench` replays each forward as a CUDA graph); the eager merge forms' times and
 # op counts; the Turbo step's cost per layer on CUDA (eager),
 # ops and Triton, at batch 64 and 1; the retrieval image encoders (CLIP ViT-B/16 r=16, BLIP
-# retrieval r=30) in torch CUDA fp16. Steps run in that order, most wanted first.
+# retrieval r=30) in torch CUDA fp16; PiToMe's step on CUDA against the CPU step; CLIP ViT-B/16
+# r=16 speedups with the Turbo, ToMe and PiToMe merges (torch CUDA fp16). Steps run in that order,
+# most wanted first.
 set -u
 out=${1:?usage: bash benchmarks/gpu_checks.sh OUTDIR}
 python=${PYTHON:-python3}
@@ -64,4 +66,8 @@ step bench-clip 80 sh -c "$python -m turbo bench --model clip-vit-b16 --r 16 --r
 --precision fp16 --batch 1,8,64 --iters 50 --random-weights --json >'$out/bench-clip.json'"
 step bench-blip-retrieval 100 sh -c "$python -m turbo bench --model blip-retrieval --runtime torch --device cuda \
 --precision fp16 --batch 1,8,64 --iters 30 --random-weights --json >'$out/bench-blip-retrieval.json'"
+step pitome-tests 60 "$python" -m pytest -q -m gpu tests/merging/test_pitome.py
+step bench-methods 200 sh -c "for m in turbo tome pitome; do $python -m turbo bench --model clip-vit-b16 --r 16 \
+--runtime torch --device cuda --precision fp16 --batch 1,64 --iters 30 --method \$m --random-weights --json \
+>'$out/bench-clip-'\$m.json; done"
 exit "$failed"

@@ -58,6 +58,8 @@ TEXT = {  # str options: values each must refuse
     "url": ["ftp://host:1", "localhost"],
     "concurrency": ["0", "x", "-2"],
     "preferred_batch": ["0", "x", "9"],
+    "alpha": ["x", "nan", "-1", "inf"],
+    "sweep": ["bogus", "speed=1", "method=fast", "alpha=-1"],
 }
 FREE_TEXT = {"prompt"}  # any string is a valid value
 

@@ -36,7 +36,8 @@ def test_models_json_lists_the_registry_and_the_families():
     assert models["deit-b16"]["protected_tokens"] == 2
     families = {f["family"]: f for f in listing["families"]}
     assert {m["family"] for m in models.values()} == set(families)
-    assert families["siglip"]["methods"] == ["tome", "none"] and families["deit"]["protected"] == "CLS, distillation"
+    assert families["siglip"]["methods"] == ["tome", "pitome", "none"]
+    assert families["deit"]["protected"] == "CLS, distillation"
 
 
 def test_plan_json_for_the_default_model():

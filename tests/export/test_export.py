@@ -91,7 +91,7 @@ def test_graph_check_catches_a_plan_that_differs(tmp_path_factory):
     assert graph_problems(summary, built.plan, "matmul", None) == []
     other = make_plan(built.source.adapter.arch_spec(built.source.config), 3, "constant")
     problems = graph_problems(summary, other, "matmul", None)
-    assert any("r=4 over 18 A-side tokens, but the plan has r=3" in p for p in problems)
+    assert any("r=4 of 18 ranked tokens, but the plan has r=3" in p for p in problems)
     assert any("token dim 21 but the plan ends with 25" in p for p in problems)
     assert any("expected 2" in p for p in graph_problems(summary, built.plan, "matmul", 2))
 
@@ -143,7 +143,7 @@ def test_manifest_records_the_export(tmp_path_factory):
     assert manifest["model"]["random_weights"] is True and manifest["model"]["revision"] is None
     assert manifest["turbo"] == {"method": "turbo", "alpha": 5.0, "fusion": "s1", "threshold": 0,
                                  "schedule": "constant", "r_requested": 4, "merge_kernel": "matmul",
-                                 "r_auto": None}
+                                 "r_auto": None, "merge_auto": None}
     plan = manifest["plan"]
     assert plan["final_tokens"] == 21 and plan["speedup_bound"] > 1
     assert plan["flops"] < plan["baseline_flops"]

@@ -150,7 +150,7 @@ def test_what_vqa_cannot_answer_is_one_line(exports, image, tmp_path_factory):
         (["vqa", str(exports[4]), str(image.parent / "missing.png"), "what?"], "no such image file"),
         (["caption", str(exports[4]), str(image)], "answers questions: use turbo vqa"),
         (["export", "-m", "blip-vqa", "--tiny", "--random-weights", "--r", "auto", "--data", str(image.parent),
-          "--max-drop", "0.1", "-o", str(image.parent / "out")], "compare r values with turbo eval --questions"),
+          "--max-drop", "0.1", "-o", str(image.parent / "out")], "compare settings with turbo eval --questions"),
         (["retrieve", str(exports[4]), "--images", str(image), "--texts", str(texts)], "has no text encoder"),
     ]
     for args, message in cases:

@@ -15,6 +15,7 @@ from turbo.models.build import build_plan
 from turbo.tools.eval import (
     EvalOptions,
     EvalRun,
+    _distinct_rs,
     _search,
     caption_metrics,
     caption_scores,
@@ -58,14 +59,14 @@ def test_caption_metrics():
 
 def test_auto_search_finds_the_largest_r_within_the_drop():
     options = EvalOptions(model="vit-b16", tiny=True, threshold=0, max_drop=0.25, metric="fidelity")
-    base_plan = build_plan("vit-b16", 0, tiny=True, threshold=0)
+    rs = _distinct_rs(options, build_plan("vit-b16", 0, tiny=True, threshold=0))
     evaluated = []
 
-    def evaluate(r):  # a fidelity that falls by 0.05 per merged token per layer
+    def evaluate(r, candidate=None):  # a fidelity that falls by 0.05 per merged token per layer
         evaluated.append(r)
         return EvalRun(r, 0, 1.0, 1.0, {"agreement": 1.0 - 0.05 * r})
 
-    auto = _search(options, CLASSIFICATION, base_plan, evaluate, cap=18)
+    auto = _search(options, CLASSIFICATION, evaluate, rs, "fidelity")
     assert auto["chosen_r"] == 5  # 0.25 drop at r=5, 0.30 at r=6
     assert len(evaluated) <= 6 and auto["candidates"] <= 18  # bisection, not a sweep
     assert all(point["within"] == (point["drop"] <= 0.25) for point in auto["curve"])
@@ -137,20 +138,6 @@ def test_eval_bad_input(class_folders, tmp_path, case, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
-
-
-def test_export_with_r_auto_records_the_choice(class_folders, tmp_path):
-    out = tmp_path / "auto"
-    result = runner.invoke(app, ["export", "-m", "vit-b16", "--tiny", "--random-weights", "--threshold", "0",
-                                 "--r", "auto", "--data", str(class_folders), "--max-drop", "0.5", "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    manifest = json.loads((out / "turbo.json").read_text())
-    auto = manifest["turbo"]["r_auto"]
-    assert manifest["turbo"]["r_requested"] == auto["chosen_r"] and auto["samples"] == 6
-    assert all(point["within"] for point in auto["curve"] if point["r"] <= auto["chosen_r"])
-    assert "--r auto chose r=" in result.stderr
-    bad = runner.invoke(app, ["export", "-m", "vit-b16", "--tiny", "--r", "auto", "-o", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "--r auto needs --data IMAGES and --max-drop X" in bad.output
 
 
 def test_eval_of_an_export_directory(class_folders, tmp_path):

@@ -163,8 +163,8 @@ def test_one_run_at_a_time_owns_an_output_path_and_dead_runs_are_cleaned(tmp_pat
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--alpha", "nan"], "alpha must be a finite number"),
-    (["--alpha", "inf"], "alpha must be a finite number"),
+    (["--alpha", "nan"], "--alpha 'nan': expected a number >= 0"),
+    (["--alpha", "inf"], "--alpha 'inf': expected a number >= 0"),
     (["-o", "{file}/out"], "cannot create"),
 ])
 def test_bad_values_and_places_are_refused_before_any_work(tmp_path, args, message):

@@ -5,7 +5,7 @@ import typer
 from turbo import __version__
 from turbo.cli.output import OneLineUsageErrors, user_errors
 
-METHOD_HELP = "turbo | tome | semantic | none (default: the model's; tome for models without a CLS token)."
+METHOD_HELP = "turbo | tome | semantic | pitome | none (default: the model's; tome for models without a CLS token)."
 IMAGE_SIZE_HELP = "Input size, H or HxW like 224x320 (default: the model's image processor's, else its config's)."
 
 app = typer.Typer(
@@ -67,11 +67,14 @@ def export_command(
     output: str = typer.Option(..., "--output", "-o", help="Output directory (refused if not empty, unless --force)."),
     model: str = typer.Option("blip-caption", "--model", "-m", help="Registry name, HF id or local model directory."),
     r: str | None = typer.Option(None, "--r", help="Tokens merged per layer (default: the model's), or 'auto'."),
-    data: str | None = typer.Option(None, "--data", help="--r auto: images to evaluate on (see turbo eval)."),
+    data: str | None = typer.Option(None, "--data", help="--r auto, --method auto, --alpha auto: calibration "
+                                    "images to choose on (see turbo eval)."),
     max_drop: float | None = typer.Option(None, "--max-drop", help="--r auto: the largest drop allowed."),
-    metric: str | None = typer.Option(None, "--metric", help="--r auto: accuracy | fidelity (default fidelity)."),
-    method: str | None = typer.Option(None, "--method", help=METHOD_HELP),
-    alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
+    metric: str | None = typer.Option(None, "--metric", help="auto choices: accuracy | fidelity (default: fidelity "
+                                      "for --r auto alone, else accuracy when the data has labels)."),
+    method: str | None = typer.Option(None, "--method", help=METHOD_HELP + " 'auto': the best on --data."),
+    alpha: str | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's), or "
+                                     "'auto': the best of 0.1, 0.5, 1, 5 on --data."),
     threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
     schedule: str = typer.Option("constant", "--schedule", help="constant | decreasing | per-layer list like 8,8,4,4."),
     merge_kernel: str = typer.Option("matmul", "--merge-kernel", help="matmul (no scatter ops) | scatter."),
@@ -123,11 +126,12 @@ def export_command(
     """
     from pathlib import Path
 
+    from turbo.cli.commands.eval import merge_settings
     from turbo.cli.commands.export import given, parse_batch, parse_image_size, parse_r, run_export_command
     from turbo.core.errors import UsageError
     from turbo.export.options import ExportOptions
     from turbo.export.tensorrt.stage import TrtOptions
-    from turbo.tools.eval import AutoR
+    from turbo.tools.eval import AutoChoice
 
     engine = given(workspace_gb=workspace, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                    merge=trt_merge)
@@ -138,15 +142,17 @@ def export_command(
     if quant is None and calibration:
         raise UsageError("--group-size, --calib, --calib-images, --calib-size and --calib-seed belong to --quant")
     trt_options = TrtOptions(precision, validate=validate, **engine) if trt else None
-    chosen = parse_r(r, data, max_drop, metric)
-    options = ExportOptions(model=model, r=None if chosen == "auto" else chosen, method=method, alpha=alpha,
+    settings = merge_settings(model, method, alpha, [], tiny)
+    chosen = parse_r(r, data, max_drop, metric, choosing=settings.choose)
+    options = ExportOptions(model=model, r=None if chosen == "auto" else chosen, method=settings.method,
+                            alpha=settings.alpha,
                             threshold=threshold, schedule=schedule, kernel=merge_kernel, opset=opset,
                             batch=parse_batch(batch), image_size=parse_image_size(image_size),
                             random_weights=random_weights,
                             trt=trt_options, precision=None if trt else precision, validate=validate, tiny=tiny,
                             merge_op=merge_op, quant=quant, act_order=act_order, quant_heads=quant_heads,
                             decoder=decoder, **calibration)
-    auto = AutoR(Path(data), max_drop, metric or "fidelity") if chosen == "auto" else None
+    auto = AutoChoice(Path(data), max_drop, metric, settings.candidates) if data is not None else None
     run_export_command(options, auto, output, force, json_output)
 
 
@@ -157,6 +163,8 @@ def bench_command(
     model: str | None = typer.Option(None, "--model", "-m", help="Registry name, HF id or local model directory "
                                      "(default blip-caption)."),
     r: str | None = typer.Option(None, "--r", help="Comma-separated r values; 0 is always added (default: 0,model's)."),
+    method: str | None = typer.Option(None, "--method", help=METHOD_HELP),
+    alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
     runtime: str = typer.Option("all", "--runtime", help="torch | ort | trt | all (comma-separated works too)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
     batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes, e.g. 1,8,64."),
@@ -202,8 +210,8 @@ def bench_command(
         from turbo.tools.load_test import LoadOptions
 
         split_url(url)
-        if dirs or given(r=r):
-            raise UsageError("--url benches the server's models: drop export directories and --r")
+        if dirs or given(r=r, method=method, alpha=alpha):
+            raise UsageError("--url benches the server's models: drop export directories, --r, --method and --alpha")
         batches = parse_ints(batch, "--batch", least=1, example="1")
         if len(batches) != 1:
             raise UsageError("--url takes one --batch (images per request)")
@@ -212,11 +220,11 @@ def bench_command(
                            baseline=baseline)
         run_load_test_command(load, json_output, plot)
         return
-    if dirs and given(model=model, r=r):
-        raise UsageError("export directories carry their model and r; drop --model and --r (or bench --model "
-                         "without directories)")
+    if dirs and given(model=model, r=r, method=method, alpha=alpha):
+        raise UsageError("export directories carry their model, r and merge; drop --model, --r, --method and --alpha "
+                         "(or bench --model without directories)")
     options = BenchOptions(
-        model=model or "blip-caption", rs=parse_ints(r, "--r") if r else None,
+        model=model or "blip-caption", rs=parse_ints(r, "--r") if r else None, method=method, alpha=alpha,
         runtimes=None if runtime == "all" else parse_runtimes(runtime), device=device,
         batches=tuple(parse_ints(batch, "--batch", least=1, example="1,8,64")), precision=precision, warmup_s=warmup,
         iters=iters, duration_s=duration,
@@ -231,13 +239,23 @@ def bench_command(
 @app.command("eval")
 @user_errors
 def eval_command(
-    directory: str | None = typer.Argument(None, help="An export directory (run on ONNX Runtime), not --model."),
+    arguments: list[str] | None = typer.Argument(None, help="An export directory (run on ONNX Runtime), not --model; "
+                                                  "or more --sweep KEY=VALUES.", show_default=False),
     data: str = typer.Option(..., "--data", help="Image folder: class folders (labels) or loose images."),
     model: str | None = typer.Option(None, "--model", "-m", help="Registry name, HF id or local model directory "
                                      "(default vit-b16)."),
     r: str | None = typer.Option(None, "--r", help="Comma-separated r values, or 'auto' with --max-drop."),
     max_drop: float | None = typer.Option(None, "--max-drop", help="--r auto: the largest drop allowed."),
-    metric: str = typer.Option("fidelity", "--metric", help="What --r auto bounds: accuracy | fidelity."),
+    metric: str | None = typer.Option(None, "--metric", help="What --r auto bounds and --method/--alpha auto "
+                                      "maximise: accuracy | fidelity (default: fidelity for --r auto alone, else "
+                                      "accuracy when the data has labels)."),
+    method: str | None = typer.Option(None, "--method", help=METHOD_HELP + " 'auto': compare them all at one r."),
+    alpha: str | None = typer.Option(None, "--alpha", help="turbo's semantic weight (authors' scale), or 'auto': "
+                                     "compare 0.1, 0.5, 1 and 5."),
+    sweep: str | None = typer.Option(None, "--sweep", help="A grid to tabulate: method=tome,turbo,pitome "
+                                     "alpha=0.1,1,5 fusion=s1,s2 r=8,12,16 (α and fusion apply to turbo)."),
+    plot: str | None = typer.Option(None, "--plot", help="With --sweep: write a PNG of the metric vs the FLOPs "
+                                    "bound, one line per setting."),
     labels: str | None = typer.Option(None, "--labels", help="Class folder names in label order, one per line."),
     captions: str | None = typer.Option(None, "--captions", help="BLIP: COCO-format caption annotations JSON."),
     questions: str | None = typer.Option(None, "--questions", help="VQA: a VQAv2 or BLIP questions (and answers) "
@@ -251,29 +269,49 @@ def eval_command(
     threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
     json_output: bool = typer.Option(False, "--json", help="Print the report on stdout."),
 ) -> None:
-    """Task metrics and fidelity of merged models vs r=0 on the same images; --r auto picks r."""
+    """Task metrics and fidelity of merged models vs r=0 on the same images; --r auto picks r,
+    --method auto / --alpha auto the merge, --sweep tabulates a grid of settings."""
     from pathlib import Path
 
     from turbo.cli.commands.bench import parse_ints
-    from turbo.cli.commands.eval import run_eval_command
+    from turbo.cli.commands.eval import merge_settings, run_eval_command
     from turbo.cli.commands.export import given
     from turbo.core.errors import UsageError
     from turbo.tools.eval import EvalOptions
 
     if (r == "auto") != (max_drop is not None):
         raise UsageError("--r auto and --max-drop go together")
-    if directory and given(model=model, r=r, threshold=threshold):
-        raise UsageError(f"{directory} is an export: its model, r and threshold are in its manifest; drop --model, "
-                         "--r and --threshold")
+    directory, sweep_items = split_eval_arguments(arguments or [], sweep)
+    if directory and given(model=model, r=r, threshold=threshold, method=method, alpha=alpha, sweep=sweep):
+        raise UsageError(f"{directory} is an export: its model, r, merge and threshold are in its manifest; drop "
+                         "--model, --r, --method, --alpha, --sweep and --threshold")
+    settings = merge_settings(model or "vit-b16", method, alpha, sweep_items, tiny)
+    rs = None if r in (None, "auto") else parse_ints(r, "--r")
+    if settings.rs is not None and rs is not None:
+        raise UsageError("give r either in --sweep or with --r, not both")
     options = EvalOptions(
-        model=model or "vit-b16", data=Path(data), rs=None if r in (None, "auto") else parse_ints(r, "--r"),
-        max_drop=max_drop,
+        model=model or "vit-b16", data=Path(data), rs=settings.rs if settings.rs is not None else rs,
+        max_drop=max_drop, method=settings.method, alpha=settings.alpha, candidates=settings.candidates,
+        choose=settings.choose,
         metric=metric, labels_file=Path(labels) if labels else None, captions=Path(captions) if captions else None,
         questions=Path(questions) if questions else None, limit=limit, batch=batch, beams=beams,
         max_tokens=max_tokens, random_weights=random_weights, tiny=tiny,
         threshold=threshold, export_dir=Path(directory) if directory else None,
     )
-    run_eval_command(options, json_output)
+    run_eval_command(options, json_output, plot)
+
+
+def split_eval_arguments(arguments: list[str], sweep: str | None) -> tuple[str | None, list[str]]:
+    """`turbo eval [EXPORT_DIR] [--sweep KEY=VALUES [KEY=VALUES ...]]` -> the directory and the sweep's items."""
+    from turbo.core.errors import UsageError
+
+    items = [a for a in arguments if "=" in a]
+    directories = [a for a in arguments if "=" not in a]
+    if items and sweep is None:
+        raise UsageError(f"{items[0]}: KEY=VALUES arguments belong to --sweep")
+    if len(directories) > 1:
+        raise UsageError(f"one export directory at a time, not {', '.join(directories)}")
+    return (directories[0] if directories else None), ([*sweep.split(), *items] if sweep is not None else [])
 
 
 @app.command("caption")

@@ -51,6 +51,7 @@ class TurboRecord:
     r_requested: int
     merge_kernel: str
     r_auto: Json | None = None  # how `--r auto` chose r
+    merge_auto: Json | None = None  # how `--method auto` / `--alpha auto` chose the merge: every candidate's scores
 
 
 @dataclass

@@ -35,6 +35,7 @@ class ExportOptions:
     external_data: bool | None = None  # None: only for weights of 1 GiB or more
     tiny: bool = False  # the registry's 4-layer tiny variant (tests, CI smoke checks)
     r_auto: dict | None = None  # how `--r auto` chose r (recorded in the manifest)
+    merge_auto: dict | None = None  # how `--method auto` / `--alpha auto` chose the merge (recorded in the manifest)
     merge_op: str = "function"  # one turbo::TurboMerge function node per merge block, or "inline" plain ops
     quant: str | None = None  # weight-only: gptq-int4 | gptq-int8 | rtn-int4
     group_size: int = 128

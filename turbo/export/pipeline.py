@@ -169,7 +169,8 @@ def _manifest(built: BuiltPlan, options: ExportOptions, model, summary: GraphSum
         turbo=TurboRecord(
             method=built.merge_config.method, alpha=built.merge_config.alpha, fusion=built.merge_config.fusion,
             threshold=built.plan.threshold, schedule=built.schedule, r_requested=built.r_requested,
-            merge_kernel=options.kernel, r_auto=options.r_auto),
+            merge_kernel=options.kernel, r_auto=options.r_auto,
+            merge_auto=options.merge_auto),
         plan=PlanRecord(**built.plan.to_dict()),
         onnx=OnnxRecord(file=MODEL_FILE, opset=options.opset, precision=options.precision,
                         batch=options.batch or "dynamic", image_size=list(built.image_size), external_data=data_files,

@@ -204,10 +204,11 @@ def graph_problems(summary: GraphSummary, plan: TokenPlan, kernel: str, batch: i
     if len(blocks) != len(merging):
         problems.append(f"the graph has {len(blocks)} merge blocks but the plan merges in {len(merging)} layers")
     for block, layer in zip(blocks, merging):
-        a_side = max_r(layer.tokens_in, plan.protected_tokens)  # the A side of the merge's view
-        if (block.r, block.a_side) != (layer.r, a_side):
-            problems.append(f"{block.scope}: r={block.r} over {block.a_side} A-side tokens, but the plan has "
-                            f"r={layer.r} over {a_side} in layer {layer.index}")
+        mergeable = layer.tokens_in - plan.protected_tokens
+        ranked = mergeable if plan.method == "pitome" else max_r(layer.tokens_in, plan.protected_tokens)  # A side
+        if (block.r, block.ranked) != (layer.r, ranked):
+            problems.append(f"{block.scope}: r={block.r} of {block.ranked} ranked tokens, but the plan has "
+                            f"r={layer.r} of {ranked} in layer {layer.index}")
     if summary.dynamic_topk or summary.unscoped_topk:
         problems.append(f"{summary.dynamic_topk} TopK with a run-time K and {summary.unscoped_topk} "
                         "outside merge blocks (every K must be a plan constant)")

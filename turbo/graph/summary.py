@@ -35,13 +35,25 @@ SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # the exporter's node metadata: modul
 
 @dataclass(frozen=True)
 class MergeBlock:
+    """One TokenMerge's constant-K TopK nodes, in graph order. The position-split methods rank the
+    Na A-side tokens, then sort the Na − r kept ones (no second TopK when r = Na); PiToMe ranks the
+    T mergeable tokens by energy, then sorts the r B-side tokens and the T − 2r kept ones (no third
+    when 2r = T, which reads like a position split with r = Na)."""
+
     scope: str  # module path, e.g. model.vit.layers.3.turbo_merge
-    r: int  # tokens merged
-    kept: int  # A-side tokens kept
+    topk: tuple[int, ...]
 
     @property
-    def a_side(self) -> int:
-        return self.r + self.kept
+    def r(self) -> int:
+        """Tokens merged."""
+        if len(self.topk) == 3:
+            return self.topk[1]
+        return self.topk[0] - self.topk[1] if len(self.topk) == 2 else self.topk[0]
+
+    @property
+    def ranked(self) -> int:
+        """Tokens the first TopK ranks: the A side (position split) or all mergeable tokens (PiToMe)."""
+        return self.topk[0]
 
 
 @dataclass(frozen=True)
@@ -134,8 +146,7 @@ def summarize(path: str | Path) -> GraphSummary:
                 unscoped += 1
             else:
                 ks_by_scope.setdefault(scope, []).append(_scalar(constants[node.input[1]], path.parent))
-    kept = {scope: ks[1] if len(ks) > 1 else 0 for scope, ks in ks_by_scope.items()}
-    blocks = tuple(MergeBlock(scope, ks[0] - kept[scope], kept[scope]) for scope, ks in ks_by_scope.items())
+    blocks = tuple(MergeBlock(scope, tuple(ks)) for scope, ks in ks_by_scope.items())
     reductions = tuple(
         next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
         for node in all_nodes(model) if node.op_type == "ScatterElements"

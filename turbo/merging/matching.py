@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("turbo", "tome", "semantic", "none")
+METHODS = ("turbo", "tome", "semantic", "pitome", "none")
 CLS_METHODS = ("turbo", "semantic")  # the methods whose semantic term reads the CLS token's attention
 FUSIONS = ("s1", "s2")
 # The authors' code multiplies the CLS-attention term by a hidden 30: their alpha=5 is 150·A.
@@ -67,8 +67,14 @@ def select_merges(
     num_a = degree.shape[-1]
     order = degree.topk(num_a, dim=-1).indices  # (B, Na), the largest degree first
     src_idx, unm_idx = order[:, :r], order[:, r:]  # (B, r), (B, Na - r)
-    if r < num_a and torch.compiler.is_exporting():  # sorted ascending by a TopK of static K (exact in fp32)
-        unm_idx = unm_idx.float().topk(num_a - r, dim=-1, largest=False).values.long()
-    elif r < num_a:  # eager: one sort launch instead of two casts and a TopK
-        unm_idx = unm_idx.sort(dim=-1).values
-    return src_idx, dst_idx.gather(-1, src_idx), unm_idx
+    return src_idx, dst_idx.gather(-1, src_idx), ascending(unm_idx)
+
+
+def ascending(index: torch.Tensor) -> torch.Tensor:
+    """Token numbers (B, K) sorted ascending: when exporting, by a TopK of static K (exact in fp32);
+    eagerly by one sort launch instead of two casts and a TopK."""
+    if index.shape[-1] == 0:
+        return index
+    if torch.compiler.is_exporting():
+        return index.float().topk(index.shape[-1], dim=-1, largest=False).values.long()
+    return index.sort(dim=-1).values

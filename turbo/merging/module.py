@@ -8,6 +8,7 @@ from torch import nn
 
 from turbo.merging.matching import MergeConfig, information_degree, select_merges
 from turbo.merging.merge import KERNELS, merge_tokens, pack_indices
+from turbo.merging.pitome import merge_sets, pitome_sets
 
 
 class FusedStep(Protocol):
@@ -56,17 +57,32 @@ class WeightedMerge(nn.Module):
         return merge_tokens(x, size, index, self.kernel)  # (B, N - r, C), (B, N - r, 1)
 
 
-class TokenMerge(nn.Module):
-    """Merges a fixed number r of tokens; r is a Python int fixed at build time."""
+class SetMerge(nn.Module):
+    """(x, size, explicit positions) -> merged x and size: PiToMe's merge, whose sides are chosen
+    per image (turbo/merging/pitome.py); exported as plain ops, not as a TurboMerge node."""
 
-    def __init__(self, r: int, config: MergeConfig, kernel: str = "matmul") -> None:
+    def __init__(self, kernel: str) -> None:
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, N, C), size: (B, N, 1), index: (B, N - 1 + r) from `pitome_sets`."""
+        return merge_sets(x, size, index, index.shape[-1] - x.shape[1] + 1, self.kernel)  # (B, N - r, ·)
+
+
+class TokenMerge(nn.Module):
+    """Merges a fixed number r of tokens; r is a Python int fixed at build time. `margin` is PiToMe's
+    energy margin for this layer (turbo.merging.pitome.layer_margin; unused by the other methods)."""
+
+    def __init__(self, r: int, config: MergeConfig, kernel: str = "matmul", margin: float = 0.9) -> None:
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"unknown merge kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
         self.r = r
         self.config = config
         self.kernel = kernel
-        self.merge = WeightedMerge(kernel)
+        self.margin = margin
+        self.merge = SetMerge(kernel) if config.method == "pitome" else WeightedMerge(kernel)
         self.fused_step: FusedStep | None = None
 
     def fused_step_for(self, x: torch.Tensor) -> FusedStep | None:
@@ -92,10 +108,14 @@ class TokenMerge(nn.Module):
         if self.r == 0:
             return x, size
         metric = keys.mean(dim=1) if keys.dim() == 4 else keys  # (B, N, d)
+        if self.config.method == "pitome":
+            return self.merge(x, size, pitome_sets(metric, self.r, self.margin))  # (B, N - r, C)
         degree, best = information_degree(metric, cls_attn, self.config)
         src_idx, dst_idx, unm_idx = select_merges(degree, best, self.r)
         return self.merge(x, size, pack_indices(src_idx, dst_idx, unm_idx))  # (B, N - r, C)
 
     def extra_repr(self) -> str:
         c = self.config
+        if c.method == "pitome":
+            return f"r={self.r}, method=pitome, margin={self.margin:.3f}, kernel={self.kernel}"
         return f"r={self.r}, method={c.method}, alpha={c.alpha}, fusion={c.fusion}, kernel={self.kernel}"

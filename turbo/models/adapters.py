@@ -30,13 +30,18 @@ class Task:
     fidelity_metric: str  # agreement with r=0, the metric `--metric fidelity` bounds
     accuracy_metric: str  # the task metric `--metric accuracy` bounds
     accuracy_data: str  # what the accuracy metric needs, for the error that asks for it
+    tiebreak: tuple[str, int] | None = None  # a continuous fidelity metric and its sign (+1: larger is closer)
 
 
-CLASSIFICATION = Task("image-classification", "agreement", "top1", "class folders")
-CAPTIONING = Task("image-captioning", "exact_match", "cider", "--captions")
-EMBEDDING = Task("image-embedding", "cosine", "knn_top1", "class folders")  # backbones and retrieval towers
-RETRIEVAL = Task("image-text-retrieval", "top1_agreement", "recall_mean", "--captions")  # image and text towers
+CLASSIFICATION = Task("image-classification", "agreement", "top1", "class folders", ("kl", -1))
+CAPTIONING = Task("image-captioning", "exact_match", "cider", "--captions", ("bleu4_vs_r0", 1))
+EMBEDDING = Task("image-embedding", "cosine", "knn_top1", "class folders", ("cosine", 1))  # backbones, towers
+RETRIEVAL = Task("image-text-retrieval", "top1_agreement", "recall_mean", "--captions", ("rank_correlation", 1))
 VQA = Task("visual-question-answering", "answer_agreement", "vqa_accuracy", "--questions")
+
+
+def task_named(name: str) -> Task:
+    return next(task for task in (CLASSIFICATION, CAPTIONING, EMBEDDING, RETRIEVAL, VQA) if task.name == name)
 
 
 @dataclass(frozen=True)

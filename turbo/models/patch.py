@@ -14,6 +14,7 @@ from turbo.core.errors import PatchError
 from turbo.merging.attention import proportional_attention
 from turbo.merging.matching import MergeConfig
 from turbo.merging.module import TokenMerge
+from turbo.merging.pitome import layer_margin
 from turbo.merging.plan import TokenPlan
 from turbo.merging.protect import full_sequence, merge_view, set_aside
 from turbo.models.adapters import FamilyAdapter
@@ -111,7 +112,7 @@ def apply_turbo(
         layer.__class__ = _turbo_class(base, adapter)
         layer.turbo_index = index
         layer.turbo_state = state
-        layer.turbo_merge = TokenMerge(plan.layers[index].r, config, kernel)
+        layer.turbo_merge = TokenMerge(plan.layers[index].r, config, kernel, layer_margin(index, len(layers)))
     patched = sum(is_patched(module) for module in model.modules())
     if patched != len(plan.layers):
         raise PatchError(f"patched {patched} blocks but the model has {len(plan.layers)} layers")

@@ -42,6 +42,7 @@ from turbo.models.registry import adapter_for
 from turbo.runtimes.caption import CaptionPipeline
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.runtimes.vqa import VqaPipeline
+from turbo.tools.merge_choice import Candidate, check_candidates, check_decision_data, choose, selection_metric
 from turbo.tools.retrieval_eval import RetrievalTexts
 from turbo.tools.vqa_eval import VqaSet
 
@@ -52,7 +53,7 @@ class EvalOptions:
     data: Path = Path(".")
     rs: list[int] | None = None  # None: the model's default r; "auto" is `max_drop` set
     max_drop: float | None = None  # --r auto: the largest r whose drop stays within this
-    metric: str = "fidelity"  # what --r auto bounds: accuracy | fidelity
+    metric: str | None = None  # what --r auto bounds and a choice maximises: accuracy | fidelity (None: see run_eval)
     labels_file: Path | None = None
     captions: Path | None = None  # COCO-format annotations (BLIP); images under `data`
     questions: Path | None = None  # VQA questions (and answers) JSON; images under `data`
@@ -68,6 +69,8 @@ class EvalOptions:
     seed: int = 0
     image_size: int | tuple[int, int] | None = None  # (height, width); None: the model's input size
     export_dir: Path | None = None  # evaluate this ONNX export (ONNX Runtime) against r=0 in PyTorch
+    candidates: list[Candidate] | None = None  # merge settings to compare (None: method and alpha above)
+    choose: bool = False  # pick the best candidate (--method auto / --alpha auto) instead of reporting them all
 
 
 @dataclass
@@ -77,8 +80,9 @@ class EvalRun:
     flops_bound: float
     images_per_s: float
     metrics: dict = field(default_factory=dict)
-    outputs: object = None
-    runtime: str = "torch"  # logits (N, K) or caption id lists, for fidelity against r=0
+    outputs: object = None  # logits (N, K) or caption id lists, for fidelity against r=0
+    runtime: str = "torch"
+    candidate: Candidate | None = None  # the merge setting (None: the options' method and alpha)
 
 
 def _tokenized(captions: dict[int, list[str]]) -> dict[int, list[str]]:
@@ -261,8 +265,10 @@ def _from_export(options: EvalOptions) -> tuple[EvalOptions, Manifest]:
                    image_size=made.image_size), manifest
 
 
-def _plan(options: EvalOptions, r: int):
-    return build_plan(options.model, r, options.method, options.alpha, "constant", options.threshold,
+def _plan(options: EvalOptions, r: int, candidate: Candidate | None = None):
+    method, alpha, fusion = (options.method, options.alpha, "s1") if candidate is None else (
+        candidate.method, candidate.alpha, candidate.fusion)
+    return build_plan(options.model, r, method, alpha, "constant", options.threshold, fusion,
                       tiny=options.tiny, image_size=options.image_size)
 
 
@@ -278,7 +284,7 @@ def _drop(metric: str, base: dict, run: dict, task: Task) -> float:
 def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
     """Evaluate r=0 and every requested r (or search for `--r auto`) on the same images."""
 
-    if options.metric not in ("accuracy", "fidelity"):
+    if options.metric not in (None, "accuracy", "fidelity"):
         raise UsageError(f"unknown metric {options.metric!r}; choose accuracy or fidelity")
     if options.max_drop is not None and options.max_drop < 0:
         raise UsageError("--max-drop must be >= 0")
@@ -336,19 +342,21 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
     def decode(ids):
         return tokenizer.batch_decode(ids, skip_special_tokens=True) if tokenizer is not None else None
 
-    runs: dict[int, EvalRun] = {}
+    runs: dict[tuple[Candidate | None, int], EvalRun] = {}
 
-    def evaluate(r: int) -> EvalRun:
-        if r not in runs:
-            progress(f"evaluating r={r} on {len(samples)} images")
-            built = _plan(options, r)
+    def evaluate(r: int, candidate: Candidate | None = None) -> EvalRun:
+        key = (candidate if r else None, r)  # r=0 is one run whatever the setting
+        if key not in runs:
+            setting = f"{candidate.label}, " if key[0] is not None else ""
+            progress(f"evaluating {setting}r={r} on {len(samples)} images")
+            built = _plan(options, r, candidate)
             if vqa is not None:
                 run = _evaluate_vqa(built, options, pixels, vqa, manifest)
             elif manifest and r:
                 run = _evaluate_onnx(options.export_dir, manifest, pixels, options)
             else:
                 run = _evaluate(built, options, pixels)
-            base = runs[0] if r else run
+            base = runs[None, 0] if r else run
             if vqa is not None:
                 run.metrics = vqa.metrics(run.outputs, base.outputs)
             elif captioning:
@@ -360,17 +368,28 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
                 run.metrics = embedding_metrics(run.outputs, labels, base.outputs)
             else:
                 run.metrics = classification_metrics(run.outputs, labels, base.outputs)
-            runs[r] = run
-        return runs[r]
+            run.candidate = key[0]
+            runs[key] = run
+        return runs[key]
 
+    if options.choose:
+        check_decision_data(len(samples), "choosing the merge")
+        check_candidates(options.candidates, source.adapter.has_cls_token(source.config), source.adapter.family)
+        if options.rs is not None and len(options.rs) != 1:
+            raise UsageError("--method auto and --alpha auto choose at one r: give one --r value (or --r auto)")
+    elif options.candidates:
+        check_candidates(options.candidates, source.adapter.has_cls_token(source.config), source.adapter.family)
     evaluate(0)
-    auto = None
-    if options.max_drop is not None:
-        cap = max_r(base_plan.plan.tokens_in, base_plan.plan.protected_tokens)
-        auto = _search(options, task, base_plan, evaluate, cap)
+    auto = choice = None
+    if options.choose:
+        choice = _choose(options, task, evaluate, base_plan, source)
+        auto = choice.pop("r_auto")
+    elif options.max_drop is not None:
+        auto = _search(options, task, evaluate, _distinct_rs(options, base_plan), options.metric or "fidelity")
     else:
-        for r in options.rs if options.rs is not None else [source.default_r]:
-            evaluate(r)
+        for candidate in options.candidates or [None]:
+            for r in options.rs if options.rs is not None else [source.default_r]:
+                evaluate(r, candidate)
     return {
         "model": source.name, "source": source.location, "task": task.name,
         "random_weights": options.random_weights,
@@ -382,63 +401,112 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
         "caption_tokenizer": caption_tokenizer_name() if captioning and references is not None else None,
         "captions_compared_as": None if not captioning else ("text" if tokenizer else "token ids"),
         "results": [{"r": run.r, "runtime": run.runtime, "final_tokens": run.final_tokens,
-                     "flops_bound": run.flops_bound, "images_per_s": run.images_per_s, "metrics": run.metrics}
-                    for _, run in sorted(runs.items())],
+                     "flops_bound": run.flops_bound, "images_per_s": run.images_per_s, "metrics": run.metrics,
+                     **({"candidate": run.candidate.to_dict()} if run.candidate is not None else {})}
+                    for run in sorted(runs.values(), key=lambda run: run.r)],
         "auto": auto,
+        "choice": choice,
     }
 
 
-def _search(options: EvalOptions, task: Task, base_plan, evaluate, cap: int) -> dict:
-    """Largest constant r whose drop stays within max_drop, by bisection over the r values that
-    change the plan's FLOPs (clamped or threshold-bound values that plan alike are skipped);
-    it assumes the drop grows with r."""
-
-    candidates, seen = [], {base_plan.plan.flops}
+def _distinct_rs(options: EvalOptions, base_plan) -> list[int]:
+    """The r values from 1 to the cap that change the plan's FLOPs (clamped or threshold-bound
+    values that plan alike are skipped)."""
+    cap = max_r(base_plan.plan.tokens_in, base_plan.plan.protected_tokens)
+    rs, seen = [], {base_plan.plan.flops}
     for r in range(1, cap + 1):
         flops = _plan(options, r).plan.flops
         if flops not in seen:
             seen.add(flops)
-            candidates.append(r)
+            rs.append(r)
+    return rs
+
+
+def _search(options: EvalOptions, task: Task, evaluate, rs: list[int], metric: str,
+            candidate: Candidate | None = None) -> dict:
+    """Largest r of `rs` (ascending) whose drop stays within max_drop, by bisection; it assumes
+    the drop grows with r. 0 when none is within."""
     base = evaluate(0).metrics
-    curve, low, high, chosen = [], 0, len(candidates) - 1, 0
+    curve, low, high, chosen = [], 0, len(rs) - 1, 0
     while low <= high:
         middle = (low + high) // 2
-        r = candidates[middle]
-        drop = _drop(options.metric, base, evaluate(r).metrics, task)
+        r = rs[middle]
+        drop = _drop(metric, base, evaluate(r, candidate).metrics, task)
         curve.append({"r": r, "drop": drop, "within": drop <= options.max_drop})
         if drop <= options.max_drop:
             chosen, low = r, middle + 1
         else:
             high = middle - 1
-    return {"metric": options.metric, "max_drop": options.max_drop, "candidates": len(candidates),
+    return {"metric": metric, "max_drop": options.max_drop, "candidates": len(rs),
             "curve": sorted(curve, key=lambda point: point["r"]), "chosen_r": chosen}
 
 
+def _choose(options: EvalOptions, task: Task, evaluate, base_plan, source) -> dict:
+    """`--method auto` / `--alpha auto`: every candidate at one r (the given one, the model's, or
+    with --r auto the largest within the drop for the model's own setting), the best kept; with
+    --r auto a winner other than the model's setting then searches the larger r values alone."""
+    metric = selection_metric(options.metric, task, evaluate(0).metrics, options.random_weights)
+    default = Candidate.of(options.method or source.method, source.alpha if options.alpha is None else options.alpha)
+    r_auto = None
+    if options.max_drop is not None:
+        rs = _distinct_rs(options, base_plan)
+        r_auto = _search(options, task, evaluate, rs, metric, default)
+        r = r_auto["chosen_r"]
+    else:
+        r = options.rs[0] if options.rs else source.default_r
+    if r == 0:
+        within = f" (no r keeps the {metric} drop within {options.max_drop:g})" if r_auto else ""
+        raise UsageError(f"every method is the same at r=0{within}: give an r to choose the merge at")
+    rows = [{"candidate": c.to_dict(), "r": r, "metrics": evaluate(r, c).metrics} for c in options.candidates]
+    decision = choose(rows, task, metric)
+    winner = Candidate(**{k: v for k, v in decision["candidate"].items() if k != "label"})
+    if r_auto is not None and winner != default:
+        further = _search(options, task, evaluate, [x for x in rs if x > r], metric, winner)
+        r_auto["winner_curve"] = further["curve"]
+        if further["chosen_r"]:
+            r = r_auto["chosen_r"] = further["chosen_r"]
+    return {**decision, "r": r, "default": default.to_dict(), "scores": rows, "r_auto": r_auto}
+
+
 @dataclass(frozen=True)
-class AutoR:
-    """`turbo export --r auto`: choose r by the eval search on these images."""
+class AutoChoice:
+    """`turbo export --r auto` and/or `--method auto` / `--alpha auto`: choose on these images."""
 
     data: Path
-    max_drop: float
-    metric: str = "fidelity"
+    max_drop: float | None = None  # --r auto: the largest drop allowed
+    metric: str | None = None
+    candidates: list[Candidate] | None = None  # the merge settings to choose from
 
 
-def export_with_r(options: ExportOptions, output: str | Path, auto: AutoR | None = None, force: bool = False,
-                  stage: Stage = no_stage, command_line: str | None = None,
-                  progress=lambda message: None) -> ExportResult:
-    """`turbo export`: with `auto`, r is the largest within the drop on `auto.data` (the search's
-    curve goes into the manifest's `turbo.r_auto`); then the export itself."""
+def export_with_choice(options: ExportOptions, output: str | Path, auto: AutoChoice | None = None,
+                       force: bool = False, stage: Stage = no_stage, command_line: str | None = None,
+                       progress=lambda message: None) -> ExportResult:
+    """`turbo export`: with `auto`, r (the largest within the drop) and/or the merge (the best
+    candidate) are chosen on `auto.data` by `run_eval`, recorded in the manifest's `turbo.r_auto`
+    and `turbo.merge_auto`; then the one export."""
     if auto is not None:
         source = resolve_source(options.model, tiny=options.tiny)
-        if source.adapter.task_of(source.architecture) is VQA:
-            raise UsageError(f"--r auto cannot choose r for {source.name} (visual question answering) from images "
-                             "alone; compare r values with turbo eval --questions FILE --r 8,16,... and export one")
+        task = source.adapter.task_of(source.architecture)
+        if task in (VQA, RETRIEVAL):
+            needs = "--questions" if task is VQA else "--captions"
+            raise UsageError(f"--r auto and --method/--alpha auto cannot choose for {source.name} ({task.name}) from "
+                             f"images alone; compare settings with turbo eval {needs} FILE --sweep ... and export one")
+        choosing = bool(auto.candidates)
         report = run_eval(EvalOptions(model=options.model, data=auto.data, max_drop=auto.max_drop, metric=auto.metric,
-                                      image_size=options.image_size,
+                                      rs=[options.r] if options.r is not None else None,
+                                      image_size=options.image_size, candidates=auto.candidates, choose=choosing,
                                       method=options.method, alpha=options.alpha, threshold=options.threshold,
                                       tiny=options.tiny, random_weights=options.random_weights), progress)
-        r_auto = {**report["auto"], "data": report["data"], "samples": report["samples"]}
-        progress(f"--r auto chose r={r_auto['chosen_r']} ({auto.metric} drop ≤ {auto.max_drop:g} on "
-                 f"{r_auto['samples']} images)")
-        options = replace(options, r=r_auto["chosen_r"], r_auto=r_auto)
+        seen = {"data": report["data"], "samples": report["samples"]}
+        if report["auto"] is not None:
+            r_auto = {**report["auto"], **seen}
+            progress(f"--r auto chose r={r_auto['chosen_r']} ({r_auto['metric']} drop ≤ {auto.max_drop:g} on "
+                     f"{r_auto['samples']} images)")
+            options = replace(options, r=r_auto["chosen_r"], r_auto=r_auto)
+        if choosing:
+            choice = {**report["choice"], **seen}
+            winner = choice["candidate"]
+            progress(f"chose {winner['label']} at r={choice['r']}: {choice['reason']}")
+            options = replace(options, method=winner["method"], alpha=winner["alpha"], fusion=winner["fusion"],
+                              r=choice["r"], merge_auto=choice)
     return run_export(options, output, force, stage, command_line)

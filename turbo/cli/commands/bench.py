@@ -27,7 +27,8 @@ def parse_runtimes(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(","))
 
 
-def _check_plot_dependency(plot: str | None) -> None:
+def check_plot_path(plot: str | None) -> None:
+    """UsageError unless --plot's folder is writable; TurboError without matplotlib."""
     import importlib.util
 
     from turbo.core.errors import TurboError, UsageError
@@ -61,7 +62,8 @@ def _table(rows: list[dict], title: str) -> Table:
 
 def plot_report(report: dict, path: str) -> None:
     """Speedup and efficiency vs r, one line per (runtime, workload, batch)."""
-    plt, figure, (speed_axis, efficiency_axis) = _two_plots()
+    plt = pyplot()
+    figure, (speed_axis, efficiency_axis) = plt.subplots(1, 2, figsize=(11, 4))
     series: dict[tuple, list[dict]] = {}
     for row in report["results"]:
         series.setdefault((row["runtime"], row["workload"], row["batch"]), []).append(row)
@@ -76,21 +78,21 @@ def plot_report(report: dict, path: str) -> None:
     speed_axis.set(xlabel="r (tokens merged per layer)", ylabel="speedup vs r=0", title=report["model"])
     efficiency_axis.set(xlabel="r (tokens merged per layer)", ylabel="speedup / FLOPs bound", ylim=(0, 1.2),
                         title="efficiency")
-    _save_plots(plt, figure, (speed_axis, efficiency_axis), path)
+    save_figure(plt, figure, (speed_axis, efficiency_axis), path)
 
 
-def _two_plots():
-    """pyplot, a figure and its two side-by-side axes (matplotlib loaded only here, headless)."""
+def pyplot():
+    """matplotlib's pyplot, headless (loaded only when a plot is asked for)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    return plt, figure, axes
+    return plt
 
 
-def _save_plots(plt, figure, axes, path: str) -> None:
+def save_figure(plt, figure, axes, path: str) -> None:
+    """Grid and legend on each axis, then the PNG at `path`."""
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -102,7 +104,7 @@ def _save_plots(plt, figure, axes, path: str) -> None:
 def run_bench_command(options, json_output: bool, plot: str | None) -> None:
     from turbo.tools.bench import run_bench
 
-    _check_plot_dependency(plot)
+    check_plot_path(plot)
     report = run_bench(options, lambda message: stderr.print(f"[dim]{message}[/]", highlight=False))
     groups: dict[tuple, list[dict]] = {}
     for row in report["results"]:
@@ -130,7 +132,7 @@ def run_load_test_command(options, json_output: bool, plot: str | None) -> None:
     """`turbo bench --url`: a table per concurrency level, side by side, JSON and a throughput plot."""
     from turbo.tools.load_test import run_load_test
 
-    _check_plot_dependency(plot)
+    check_plot_path(plot)
     stderr.print(f"[dim]load-testing {', '.join(options.models)} at {options.url}: concurrency "
                  f"{','.join(map(str, options.concurrency))}, {options.duration_s:g} s each[/]", highlight=False)
     report = run_load_test(options)
@@ -159,7 +161,8 @@ def run_load_test_command(options, json_output: bool, plot: str | None) -> None:
 
 def _plot_load(report, path: str) -> None:
     """Throughput and p95 latency against concurrency, one line per model."""
-    plt, figure, (throughput_axis, latency_axis) = _two_plots()
+    plt = pyplot()
+    figure, (throughput_axis, latency_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for model in dict.fromkeys(row.model for row in report.rows):
         rows = [row for row in report.rows if row.model == model]
         clients = [row.concurrency for row in rows]
@@ -167,4 +170,4 @@ def _plot_load(report, path: str) -> None:
         latency_axis.plot(clients, [row.latency_ms.get("p95", float("nan")) for row in rows], marker="o", label=model)
     throughput_axis.set(xlabel="concurrent clients", ylabel="images/s", title=report.url, xscale="log")
     latency_axis.set(xlabel="concurrent clients", ylabel="p95 latency (ms)", title="latency", xscale="log")
-    _save_plots(plt, figure, (throughput_axis, latency_axis), path)
+    save_figure(plt, figure, (throughput_axis, latency_axis), path)

@@ -46,13 +46,19 @@ def given(**options) -> dict:
     return {name: value for name, value in options.items() if value is not None}
 
 
-def parse_r(r: str | None, data: str | None, max_drop: float | None, metric: str | None = None) -> int | str | None:
-    """`--r N` -> N, `--r auto` -> "auto" (with --data and --max-drop), no --r -> None (the model's)."""
+def parse_r(r: str | None, data: str | None, max_drop: float | None, metric: str | None = None,
+            choosing: bool = False) -> int | str | None:
+    """`--r N` -> N, `--r auto` -> "auto" (with --data and --max-drop), no --r -> None (the model's).
+    `choosing`: --method auto or --alpha auto, which need --data too."""
     from turbo.core.errors import UsageError
 
     if r != "auto":
-        if data is not None or max_drop is not None or metric is not None:
-            raise UsageError("--data, --max-drop and --metric belong to --r auto")
+        if max_drop is not None:
+            raise UsageError("--max-drop belongs to --r auto")
+        if not choosing and (data is not None or metric is not None):
+            raise UsageError("--data and --metric belong to --r auto, --method auto and --alpha auto")
+        if choosing and data is None:
+            raise UsageError("--method auto and --alpha auto need --data IMAGES to choose on")
         if r is not None and not _digits(r):
             raise UsageError(f"--r takes a non-negative integer or 'auto', not {r!r}")
         return None if r is None else int(r)
@@ -111,10 +117,14 @@ def _validation_table(validation: dict) -> Table:
 
 def run_export_command(options, auto, output: str, force: bool, json_output: bool) -> None:
     from turbo.core.errors import EXIT_MISSING_RUNTIME, EXIT_VALIDATION
-    from turbo.tools.eval import export_with_r
+    from turbo.tools.eval import export_with_choice
 
-    result = export_with_r(options, output, auto, force, _stage, shlex.join(["turbo", *sys.argv[1:]]), _progress)
+    result = export_with_choice(options, output, auto, force, _stage, shlex.join(["turbo", *sys.argv[1:]]), _progress)
     manifest = result.manifest
+    if manifest.turbo.merge_auto:
+        from turbo.cli.commands.eval import print_choice
+
+        print_choice(manifest.turbo.merge_auto)
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     validation = manifest.validation
