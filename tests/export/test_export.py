@@ -21,6 +21,9 @@ from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
 FAMILIES = ["vit-b16", "blip-caption"]
 CASES = [(0, "matmul"), (4, "matmul"), (4, "scatter")]
+SCATTER_EXTERNAL = {"matmul": {}, "scatter": {"external_data": True}}  # the scatter cases also write external data
+
+
 def ort_outputs(directory: Path, x: np.ndarray) -> list[np.ndarray]:
     session = ort.InferenceSession(str(directory / MODEL_FILE), providers=["CPUExecutionProvider"])
     return session.run(None, {"pixel_values": x})
@@ -33,7 +36,7 @@ EXPORT_CASES = [(name, r, kernel) if (name, kernel) != ("blip-caption", "scatter
 
 @pytest.mark.parametrize("name, r, kernel", EXPORT_CASES)
 def test_ort_equals_torch_at_batch_1_and_3(tmp_path_factory, name, r, kernel):
-    result = tiny_export(tmp_path_factory, name, r, kernel, external_data=kernel == "scatter")
+    result = tiny_export(tmp_path_factory, name, r, kernel, **SCATTER_EXTERNAL[kernel])
     assert result.passed and result.manifest.status == "passed"
     merged, _, upstream, built = tiny_pair(name, r=r, kernel=kernel)
     reference = upstream if r == 0 else merged  # r=0 must equal upstream transformers
@@ -48,7 +51,7 @@ def test_ort_equals_torch_at_batch_1_and_3(tmp_path_factory, name, r, kernel):
 
 @pytest.mark.parametrize("name, r, kernel", EXPORT_CASES)
 def test_graph_agrees_with_the_plan(tmp_path_factory, name, r, kernel):
-    result = tiny_export(tmp_path_factory, name, r, kernel, external_data=kernel == "scatter")
+    result = tiny_export(tmp_path_factory, name, r, kernel, **SCATTER_EXTERNAL[kernel])
     plan = tiny_pair(name, r=r)[3].plan
     model = onnx.load(str(result.directory / MODEL_FILE), load_external_data=False)
     graph = model.graph
@@ -183,7 +186,7 @@ def profiled_op_counts(path: Path, x: np.ndarray, merge_kernel: str, tmp_path: P
 @pytest.mark.skipif(c_compiler() is None, reason="no C compiler to build the fused kernel")
 @pytest.mark.parametrize("name, precision", [("vit-b16", "fp32"), ("blip-caption", "fp32"), ("vit-b16", "fp16")])
 def test_fused_kernel_runs_every_merge_and_equals_the_function(tmp_path_factory, tmp_path, name, precision):
-    options = {"precision": "fp16"} if precision == "fp16" else {"external_data": False}  # other tests' exports
+    options = {"precision": "fp16"} if precision == "fp16" else {}  # other tests' exports
     result = tiny_export(tmp_path_factory, name, 4, **options)
     path, dtype = result.directory / MODEL_FILE, np.float16 if precision == "fp16" else np.float32
     x = pixels(name, batch=3, seed=3).numpy().astype(dtype)

@@ -116,7 +116,7 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 def test_turbo_merge_nodes_have_the_plugin_interface_and_compute_the_kernel(tmp_path_factory, name):
     """On a real export: every TurboMerge node reads (x, size, index) and writes (x, size) with the
     plugin's shapes, and what ONNX Runtime computes for it is what the Triton kernel computes."""
-    result = tiny_export(tmp_path_factory, name, 4, "matmul", external_data=False)  # shared with test_export
+    result = tiny_export(tmp_path_factory, name, 4)  # shared with test_export
     model = onnx.load(str(result.directory / "model.onnx"))
     nodes = [node for node in model.graph.node if node.op_type == "TurboMerge"]
     types = {v.name: v.type.tensor_type for v in model.graph.value_info}
@@ -150,7 +150,7 @@ def test_turbo_merge_nodes_have_the_plugin_interface_and_compute_the_kernel(tmp_
 def test_the_native_form_equals_the_function_graph_in_ort(tmp_path_factory, tmp_path):
     from turbo.export.tensorrt.engine import inline_merge_functions
 
-    result = tiny_export(tmp_path_factory, "vit-b16", 4, "matmul", external_data=False)
+    result = tiny_export(tmp_path_factory, "vit-b16", 4)
     native = inline_merge_functions(result.directory / "model.onnx", tmp_path / "native.onnx")
     inlined = onnx.load(str(native))
     assert not inlined.functions and not any(n.op_type == "TurboMerge" for n in inlined.graph.node)

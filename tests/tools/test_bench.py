@@ -172,7 +172,7 @@ def test_cuda_without_a_gpu_exits_4(tmp_path, args):
         (["--torch-merge", "fused", "--precision", "bf16"], 2,
          "--torch-merge fused runs float32 (fp32) models only on the CPU (any precision on CUDA)"),
         (["--no-cuda-graph"], 2, "--cuda-graph and --no-cuda-graph belong to --device cuda"),
-        (["{missing}"], 2, "export directories carry their model, r and merge; drop --model, --r, --method and --alpha"),
+        (["{missing}"], 2, "export directories carry their model, r and merge; drop --model, --r, --method"),
     ],
 )
 def test_bad_bench_input_is_one_line(tmp_path, args, code, message):

@@ -156,6 +156,15 @@ def test_method_auto_on_an_embedding_and_a_captioning_model(images, model, label
     assert [row["candidate"]["label"] for row in choice["scores"]][:len(labels or [])] == (labels or [])
 
 
+def test_images_far_smaller_than_the_input_are_refused(tmp_path):
+    for index in range(32):
+        Image.fromarray(np.full((16, 20, 3), index, np.uint8)).save(tmp_path / f"{index}.png")
+    result = runner.invoke(app, ["eval", "--model", "vit-b16", "--tiny", "--random-weights", "--data", str(tmp_path),
+                                 "--method", "auto", "--r", "4"])
+    assert result.exit_code == 2
+    assert "--data has images of 16 px on a side, under half the model's 48x48 input" in result.output
+
+
 def test_export_method_auto_refusals_write_nothing(images, tmp_path):
     out = tmp_path / "none"
     result = runner.invoke(app, ["export", "-m", "vit-b16", "--tiny", "--random-weights", "--method", "auto",

@@ -173,6 +173,22 @@ def batches(pixels: np.ndarray, size: int, static: bool) -> Iterator[tuple[np.nd
 MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # the PIL mode of a model's channel count
 
 
+def smallest_side(samples: list[Sample]) -> int:
+    """The shortest side in pixels over the samples' images (headers only; unreadable images are
+    left to `pixel_batch`, which names them)."""
+    sides = []
+    for sample in samples:
+        if sample.image is not None:
+            sides.append(min(sample.image.size))
+            continue
+        try:
+            with Image.open(sample.path) as image:
+                sides.append(min(image.size))
+        except (OSError, UnidentifiedImageError):
+            continue
+    return min(sides, default=0)
+
+
 def pixel_batch(samples: list[Sample], processor, channels: int = 3) -> np.ndarray:
     """Preprocessed (B, channels, H, W) float32 pixels. Each image is converted to the model's
     channels (grayscale or RGBA to RGB for an RGB model; a colour image to one channel is noted

@@ -27,7 +27,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from turbo.core.errors import TurboError, TurboNote, UsageError
 from turbo.core.manifest import Manifest
-from turbo.data.images import batches, coco_captions, image_folder, pixel_batch
+from turbo.data.images import batches, coco_captions, image_folder, pixel_batch, smallest_side
 from turbo.data.vqa import vqa_questions
 from turbo.export.onnx_export import TOKEN_SIZES
 from turbo.export.options import ExportOptions, Stage, no_stage
@@ -42,7 +42,14 @@ from turbo.models.registry import adapter_for
 from turbo.runtimes.caption import CaptionPipeline
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.runtimes.vqa import VqaPipeline
-from turbo.tools.merge_choice import Candidate, check_candidates, check_decision_data, choose, selection_metric
+from turbo.tools.merge_choice import (
+    Candidate,
+    check_candidates,
+    check_decision_data,
+    check_image_sizes,
+    choose,
+    selection_metric,
+)
 from turbo.tools.retrieval_eval import RetrievalTexts
 from turbo.tools.vqa_eval import VqaSet
 
@@ -374,6 +381,7 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
 
     if options.choose:
         check_decision_data(len(samples), "choosing the merge")
+        check_image_sizes(smallest_side(samples), base_plan.image_size)
         check_candidates(options.candidates, source.adapter.has_cls_token(source.config), source.adapter.family)
         if options.rs is not None and len(options.rs) != 1:
             raise UsageError("--method auto and --alpha auto choose at one r: give one --r value (or --r auto)")

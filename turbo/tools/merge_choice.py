@@ -116,6 +116,15 @@ def check_decision_data(samples: int, what: str) -> None:
                          f"apart; --data has {samples}: add images")
 
 
+def check_image_sizes(smallest: int, input_size: tuple[int, int]) -> None:
+    """UsageError when calibration images are under half the model's input side: upsampled so far,
+    they would score the candidates on detail the images do not have."""
+    if smallest * 2 < min(input_size):
+        raise UsageError(f"--data has images of {smallest} px on a side, under half the model's {input_size[0]}x"
+                         f"{input_size[1]} input; choose the merge on images of at least {(min(input_size) + 1) // 2} "
+                         "px")
+
+
 def selection_metric(metric: str | None, task: Task, base_metrics: dict, random_weights: bool = False) -> str:
     """The metric a choice maximises: the one asked for, else accuracy when the data has labels
     (fidelity for random weights, whose predictions the labels say nothing about)."""
