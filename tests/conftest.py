@@ -1,10 +1,14 @@
 """Shared fixtures: tiny variants of every registered model, built from the registry."""
 
 import json
+import os
 from pathlib import Path
 
-import pytest
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of the suite's two workers (-n 2): one core's threads each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from turbo.export.options import ExportOptions
 from turbo.export.pipeline import ExportResult, run_export
