@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import encoder_output, pixels, tiny_pair, tiny_plan, upstream_outputs
 from turbo.core.errors import PatchError, UsageError
-from turbo.merging.matching import MergeConfig
+from turbo.merging.matching import CLS_METHODS, MergeConfig
 from turbo.merging.plan import make_plan
 from turbo.models.adapters import BlockParts
 from turbo.models.patch import TurboState, apply_turbo, is_patched, turbo_block
@@ -40,10 +40,10 @@ def test_turbo_block_without_merging_equals_upstream_block(model_name):
     torch.testing.assert_close(ours, upstream, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["turbo", "tome", "semantic"])
+@pytest.mark.parametrize("method", ["turbo", "tome", "semantic", "pitome"])
 def test_token_counts_follow_the_plan_and_sizes_sum(model_name, method):
     source = tiny_plan(model_name).source
-    if method != "tome" and not source.adapter.has_cls_token(source.config):  # no CLS: only tome applies
+    if method in CLS_METHODS and not source.adapter.has_cls_token(source.config):  # no CLS: tome and pitome apply
         with pytest.raises(UsageError, match=f"--method {method} needs a CLS token"):
             tiny_pair(model_name, r=None, schedule="6,4,4,2", method=method)
         return

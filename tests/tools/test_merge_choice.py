@@ -35,6 +35,7 @@ def test_parse_sweep_applies_alpha_and_fusion_to_turbo_alone():
     assert [c.label for c in candidates] == ["tome", "turbo α=0.1", "turbo α=5", "turbo s2", "pitome"]
     assert rs == [8, 12]
     assert parse_sweep(["method=tome"]) == ([Candidate("tome")], None)
+    assert [c.label for c in parse_sweep(["method=turbo"])[0]] == ["turbo"]  # the model's own α
 
 
 @pytest.mark.parametrize(("items", "message"), [

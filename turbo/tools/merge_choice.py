@@ -40,7 +40,9 @@ class Candidate:
     def label(self) -> str:
         if self.method != "turbo":
             return self.method
-        return "turbo s2" if self.fusion == "s2" else f"turbo α={self.alpha:g}"
+        if self.fusion == "s2":
+            return "turbo s2"
+        return "turbo" if self.alpha is None else f"turbo α={self.alpha:g}"  # None: the model's α
 
     def to_dict(self) -> dict:
         return {"method": self.method, "alpha": self.alpha, "fusion": self.fusion, "label": self.label}
@@ -80,13 +82,12 @@ def parse_sweep(items: list[str]) -> tuple[list[Candidate], list[int] | None]:
     for fusion in grid.get("fusion", []):
         if fusion not in FUSIONS:
             raise UsageError(f"--sweep fusion={fusion}: unknown; choose from {', '.join(FUSIONS)}")
-    alphas = [_number(a, "alpha", float) for a in grid.get("alpha", [str(PAPER_ALPHA)])]
+    alphas = [_number(a, "alpha", float) for a in grid["alpha"]] if "alpha" in grid else [None]  # None: the model's
     rs = [_number(r, "r", int) for r in grid["r"]] if "r" in grid else None
     candidates = []
     for method in methods:
         if method == "turbo":
-            candidates += [Candidate("turbo", None if f == "s2" else a, f)  # s2 has no α
-                           for f in grid.get("fusion", ["s1"]) for a in alphas]
+            candidates += [Candidate.of("turbo", a, f) for f in grid.get("fusion", ["s1"]) for a in alphas]
         else:
             candidates.append(Candidate(method))
     return list(dict.fromkeys(candidates)), rs
