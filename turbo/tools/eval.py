@@ -472,6 +472,8 @@ def _choose(options: EvalOptions, task: Task, evaluate, base_plan, source) -> di
         further = _search(options, task, evaluate, [x for x in rs if x > r], metric, winner)
         r_auto["winner_curve"] = further["curve"]
         if further["chosen_r"]:
+            decision["reason"] += (f"; compared at r={r}, then --r auto found r={further['chosen_r']} within the "
+                                   f"drop for {winner.label}")
             r = r_auto["chosen_r"] = further["chosen_r"]
     return {**decision, "r": r, "default": default.to_dict(), "scores": rows, "r_auto": r_auto}
 
