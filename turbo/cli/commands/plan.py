@@ -8,6 +8,7 @@ from turbo.cli.output import print_json, stderr
 def run_plan(model: str, r: int | None, method: str | None, alpha: float | None, schedule: str,
              threshold: int | None, image_size: tuple[int, int] | None, tiny: bool, json_output: bool) -> None:
     from turbo.models.build import build_plan
+    from turbo.tools.merge_choice import Candidate
 
     built = build_plan(model, r, method, alpha, schedule, threshold, tiny=tiny, image_size=image_size)
     plan = built.plan
@@ -16,7 +17,9 @@ def run_plan(model: str, r: int | None, method: str | None, alpha: float | None,
         return
     height, width = built.image_size
     protected = built.source.adapter.protected_names
-    table = Table(title=f"{model}: {built.merge_config.method}, r={built.r_text}, alpha={built.merge_config.alpha:g}, "
+    config = built.merge_config
+    merge = Candidate.of(config.method, config.alpha, config.fusion).label  # α only where the method has one
+    table = Table(title=f"{model}: {merge}, r={built.r_text}, "
                         f"threshold={plan.threshold}, {height}x{width} input, protected: {protected} "
                         f"({plan.protected_tokens})")
     for column in ("layer", "tokens in", "r", "tokens out", "GFLOPs"):
