@@ -130,6 +130,7 @@ def test_export_alpha_and_r_auto_export_the_winner_and_record_every_score(images
     (["--method", "auto", "--r", "0"], "every method is the same at r=0"),
     (["--method", "auto", "--r", "4,8"], "at one r"),
     (["--alpha", "auto", "--method", "tome", "--r", "4"], "--method tome has none"),
+    (["--method", "auto", "--alpha", "x", "--r", "4"], "--alpha 'x': expected a number >= 0 or 'auto'"),
     (["--sweep", "method=turbo", "--model", "siglip-b16"], "siglip models have no CLS token"),
     (["--sweep", "method=tome", "--method", "turbo"], "drop --method and --alpha"),
     (["r=4"], "r=4: KEY=VALUES arguments belong to --sweep"),

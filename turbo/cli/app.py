@@ -274,7 +274,7 @@ def eval_command(
     from pathlib import Path
 
     from turbo.cli.commands.bench import parse_ints
-    from turbo.cli.commands.eval import merge_settings, run_eval_command
+    from turbo.cli.commands.eval import merge_settings, run_eval_command, split_eval_arguments
     from turbo.cli.commands.export import given
     from turbo.core.errors import UsageError
     from turbo.tools.eval import EvalOptions
@@ -299,19 +299,6 @@ def eval_command(
         threshold=threshold, export_dir=Path(directory) if directory else None,
     )
     run_eval_command(options, json_output, plot)
-
-
-def split_eval_arguments(arguments: list[str], sweep: str | None) -> tuple[str | None, list[str]]:
-    """`turbo eval [EXPORT_DIR] [--sweep KEY=VALUES [KEY=VALUES ...]]` -> the directory and the sweep's items."""
-    from turbo.core.errors import UsageError
-
-    items = [a for a in arguments if "=" in a]
-    directories = [a for a in arguments if "=" not in a]
-    if items and sweep is None:
-        raise UsageError(f"{items[0]}: KEY=VALUES arguments belong to --sweep")
-    if len(directories) > 1:
-        raise UsageError(f"one export directory at a time, not {', '.join(directories)}")
-    return (directories[0] if directories else None), ([*sweep.split(), *items] if sweep is not None else [])
 
 
 @app.command("caption")

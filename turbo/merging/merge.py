@@ -65,24 +65,31 @@ def merge_tokens_graph(
     """`merge_tokens` as exported: few ONNX nodes (one GatherND per gather). Sizes are accumulated
     apart from x: a joint (C + 1)-channel tensor costs ONNX Runtime a Concat and a Split per layer,
     which are slower than the extra (B, Nb, r) @ (B, r, 1) MatMul."""
-    channels = x.shape[-1]
     r = index.shape[-1] - (x.shape[1] - 1) // 2
     positions = (2 * index + 2).unsqueeze(-1)  # (B, Na + r, 1); A-side index i is token 2i + 2
     src_pos, dst_idx, unm_pos = positions[:, :r], index[:, r:2 * r], positions[:, 2 * r:]
     unm_x, unm_size = gather_tokens(x, unm_pos), gather_tokens(size, unm_pos)  # (B, Na-r, C), (B, Na-r, 1)
     src_size = gather_tokens(size, src_pos)  # (B, r, 1)
     src_x = gather_tokens(x, src_pos) * src_size  # (B, r, C)
-    b_x, b_size = x[:, 1::2], size[:, 1::2]  # (B, Nb, C), (B, Nb, 1)
-    if kernel == "scatter":
-        added_x = torch.zeros_like(b_x).scatter_add(1, dst_idx.unsqueeze(-1).expand(-1, -1, channels), src_x)
-        added_size = torch.zeros_like(b_size).scatter_add(1, dst_idx.unsqueeze(-1), src_size)
-    else:
-        dst_onehot = (torch.arange(b_x.shape[1], device=x.device).unsqueeze(-1) == dst_idx.unsqueeze(1)).to(x.dtype)
-        added_x, added_size = dst_onehot @ src_x, dst_onehot @ src_size  # (B, Nb, r) @ (B, r, ·)
-    new_b_size = b_size + added_size
-    new_b = (b_x * b_size + added_x) / new_b_size  # (B, Nb, C)
+    new_b, new_b_size = merge_into(x[:, 1::2], size[:, 1::2], src_x, src_size, dst_idx, kernel)  # (B, Nb, ·)
     merged = torch.cat([x[:, :1], unm_x, new_b], dim=1)  # (B, N - r, C)
     return merged, torch.cat([size[:, :1], unm_size, new_b_size], dim=1)
+
+
+def merge_into(dst_x: torch.Tensor, dst_size: torch.Tensor, src_x: torch.Tensor, src_size: torch.Tensor,
+               dst_idx: torch.Tensor, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The size-weighted merge as exported: dst_x (B, D, C) and dst_size (B, D, 1) take src_x
+    (B, r, C, already times its sizes) and src_size (B, r, 1) at dst_idx (B, r). `scatter` adds with
+    a scatter-add, `matmul` with a one-hot (B, D, r) batched MatMul. Returns (B, D, C), (B, D, 1)."""
+    if kernel == "scatter":
+        added_x = torch.zeros_like(dst_x).scatter_add(1, dst_idx.unsqueeze(-1).expand(-1, -1, dst_x.shape[-1]), src_x)
+        added_size = torch.zeros_like(dst_size).scatter_add(1, dst_idx.unsqueeze(-1), src_size)
+    else:
+        onehot = (torch.arange(dst_x.shape[1], device=dst_x.device).unsqueeze(-1) == dst_idx.unsqueeze(1))
+        onehot = onehot.to(dst_x.dtype)  # (B, D, r)
+        added_x, added_size = onehot @ src_x, onehot @ src_size
+    new_size = dst_size + added_size
+    return (dst_x * dst_size + added_x) / new_size, new_size
 
 
 def merge_tokens_eager(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from turbo.merging.matching import ascending
-from turbo.merging.merge import gather_tokens
+from turbo.merging.merge import gather_tokens, merge_into
 
 ELU_ALPHA = 1.0
 
@@ -60,19 +60,10 @@ def merge_sets(x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, r: int,
     (B, N − r, ·) ordered [token 0, kept tokens, B side]. `scatter` adds with a scatter-add,
     `matmul` with a one-hot (B, r, r) batched MatMul.
     """
-    channels = x.shape[-1]
     src, slot = index[:, :r].unsqueeze(-1), index[:, r:2 * r]  # (B, r, 1), (B, r)
     kept, dst = index[:, 2 * r:-r].unsqueeze(-1), index[:, -r:].unsqueeze(-1)  # (B, K, 1), (B, r, 1)
     src_size = gather_tokens(size, src)  # (B, r, 1)
     src_x = gather_tokens(x, src) * src_size  # (B, r, C)
-    dst_x, dst_size = gather_tokens(x, dst), gather_tokens(size, dst)  # (B, r, C), (B, r, 1)
-    if kernel == "scatter":
-        added_x = torch.zeros_like(dst_x).scatter_add(1, slot.unsqueeze(-1).expand(-1, -1, channels), src_x)
-        added_size = torch.zeros_like(dst_size).scatter_add(1, slot.unsqueeze(-1), src_size)
-    else:
-        onehot = (torch.arange(r, device=x.device).unsqueeze(-1) == slot.unsqueeze(1)).to(x.dtype)  # (B, r, r)
-        added_x, added_size = onehot @ src_x, onehot @ src_size
-    new_size = dst_size + added_size
-    new_x = (dst_x * dst_size + added_x) / new_size  # (B, r, C)
+    new_x, new_size = merge_into(gather_tokens(x, dst), gather_tokens(size, dst), src_x, src_size, slot, kernel)
     merged = torch.cat([x[:, :1], gather_tokens(x, kept), new_x], dim=1)  # (B, N − r, C)
     return merged, torch.cat([size[:, :1], gather_tokens(size, kept), new_size], dim=1)

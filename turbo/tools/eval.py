@@ -379,14 +379,13 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
             runs[key] = run
         return runs[key]
 
+    if options.candidates:
+        check_candidates(options.candidates, source.adapter.has_cls_token(source.config), source.adapter.family)
     if options.choose:
         check_decision_data(len(samples), "choosing the merge")
         check_image_sizes(smallest_side(samples), base_plan.image_size)
-        check_candidates(options.candidates, source.adapter.has_cls_token(source.config), source.adapter.family)
         if options.rs is not None and len(options.rs) != 1:
             raise UsageError("--method auto and --alpha auto choose at one r: give one --r value (or --r auto)")
-    elif options.candidates:
-        check_candidates(options.candidates, source.adapter.has_cls_token(source.config), source.adapter.family)
     evaluate(0)
     auto = choice = None
     if options.choose:

@@ -51,7 +51,7 @@ class Candidate:
 def auto_candidates(method: str | None, alpha: str | float | None, has_cls: bool) -> list[Candidate]:
     """`--method auto`: tome, then with a CLS token turbo over the α grid (or the α given), turbo s2
     and semantic, then pitome. `--alpha auto` (method turbo or the model's): turbo over the α grid."""
-    alphas = ALPHA_GRID if alpha in (None, "auto") else (float(alpha),)
+    alphas = ALPHA_GRID if alpha in (None, "auto") else (alpha,)  # alpha: "auto", None or a parsed number
     turbo = [Candidate("turbo", a) for a in alphas]
     if method == "auto":
         with_cls = [*turbo, Candidate("turbo", None, "s2"), Candidate("semantic")] if has_cls else []

@@ -32,9 +32,23 @@ def merge_settings(model: str, method: str | None, alpha: str | None, sweep: lis
         return MergeSettings(None, None, candidates, False, rs)
     if "auto" in (method, alpha):
         source = resolve_source(model, tiny=tiny)
-        candidates = auto_candidates(method, alpha, source.adapter.has_cls_token(source.config))
+        chosen_alpha = "auto" if alpha == "auto" else parse_alpha(alpha)
+        candidates = auto_candidates(method, chosen_alpha, source.adapter.has_cls_token(source.config))
         return MergeSettings(None if method == "auto" else method, None, candidates, True, None)
     return MergeSettings(method, parse_alpha(alpha), None, False, None)
+
+
+def split_eval_arguments(arguments: list[str], sweep: str | None) -> tuple[str | None, list[str]]:
+    """`turbo eval [EXPORT_DIR] [--sweep KEY=VALUES [KEY=VALUES ...]]` -> the directory and the sweep's items."""
+    from turbo.core.errors import UsageError
+
+    items = [a for a in arguments if "=" in a]
+    directories = [a for a in arguments if "=" not in a]
+    if items and sweep is None:
+        raise UsageError(f"{items[0]}: KEY=VALUES arguments belong to --sweep")
+    if len(directories) > 1:
+        raise UsageError(f"one export directory at a time, not {', '.join(directories)}")
+    return (directories[0] if directories else None), ([*sweep.split(), *items] if sweep is not None else [])
 
 
 def parse_alpha(alpha: str | None) -> float | None:
