@@ -65,6 +65,13 @@ def upstream_outputs(model, pixel_values: torch.Tensor, **kwargs) -> dict[str, t
             tokens = model.vision_model(pixel_values=pixel_values, **kwargs).last_hidden_state
             return {"image_embeds": torch.nn.functional.normalize(model.vision_proj(tokens[:, 0, :]), dim=-1),
                     "last_hidden_state": tokens}
+        if hasattr(model.config, "vision_feature_layer"):  # LLaVA: the projected tokens of its feature layer
+            config = model.config
+            out = model.get_image_features(pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
+                                           vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                           output_hidden_states=True, **kwargs)
+            return {"image_features": torch.stack(list(out.pooler_output)),
+                    "last_hidden_state": out.hidden_states[config.vision_feature_layer]}
         if hasattr(model, "get_image_features"):  # image-text models: their image side
             features = model.get_image_features(pixel_values=pixel_values, **kwargs)
             return {"image_embeds": features.pooler_output, "last_hidden_state": features.last_hidden_state}

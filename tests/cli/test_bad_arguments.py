@@ -30,6 +30,7 @@ BASE = {  # valid arguments for each command, so that only the option under test
     "caption": ["{export}", "{image}"],
     "retrieve": ["{export}", "--images", "{images}", "--texts", "{texts}"],
     "vqa": ["{export}", "{image}", "what is it?"],
+    "generate": ["llava-1.5-7b", "{image}", "USER: <image> hi", "--tiny", "--random-weights"],
     "check": ["{export}"],
     "deploy triton": ["{export}", "-o", "{out}"],
     "serve": ["{tmp}"],
@@ -60,6 +61,7 @@ TEXT = {  # str options: values each must refuse
     "preferred_batch": ["0", "x", "9"],
     "alpha": ["x", "nan", "-1", "inf"],
     "sweep": ["bogus", "speed=1", "method=fast", "alpha=-1"],
+    "llm_drop": ["bogus", "fastv:keep=0.5", "fastv:ratio=1", "pyramid:stages=0", "fastv:layer=9"],
 }
 FREE_TEXT = {"prompt"}  # any string is a valid value
 

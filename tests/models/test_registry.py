@@ -88,7 +88,8 @@ def test_every_tiny_variant_is_tiny(model_name):
     source = resolve_source(model_name, tiny=True)
     vision = source.adapter.vision_config(source.config)
     assert REGISTRY[model_name].tiny_overrides
-    assert vision.num_hidden_layers <= 4 and vision.hidden_size <= 64 and max(source.input_size) <= 64
+    merged_layers = source.adapter.arch_spec(source.config).num_layers
+    assert merged_layers <= 4 and vision.hidden_size <= 64 and max(source.input_size) <= 64
     assert sum(p.numel() for p in load_model(source, random_weights=True).parameters()) < 5_000_000
 
 

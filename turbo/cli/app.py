@@ -6,6 +6,8 @@ from turbo import __version__
 from turbo.cli.output import OneLineUsageErrors, user_errors
 
 METHOD_HELP = "turbo | tome | semantic | pitome | none (default: the model's; tome for models without a CLS token)."
+LLM_DROP_HELP = ("Image-token reduction inside the language model: none | fastv[:layer=K,ratio=R] (defaults 2, 0.5) "
+                 "| pyramid[:stages=S,keep=λ] (defaults 4, 0.5).")
 IMAGE_SIZE_HELP = "Input size, H or HxW like 224x320 (default: the model's image processor's, else its config's)."
 
 app = typer.Typer(
@@ -52,13 +54,17 @@ def plan_command(
     threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
     image_size: str | None = typer.Option(None, "--image-size", help=IMAGE_SIZE_HELP),
     tiny: bool = typer.Option(False, "--tiny", help="The registry model's 4-layer tiny variant (CI smoke checks)."),
+    llm_drop: str = typer.Option("none", "--llm-drop", help="LLM-based VLMs: " + LLM_DROP_HELP),
+    prompt_tokens: int = typer.Option(40, "--prompt-tokens", help="LLM-based VLMs: the prompt's text tokens."),
     json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
 ) -> None:
-    """Per-layer tokens and FLOPs, final tokens and the FLOPs speedup bound. Needs no weights."""
+    """Per-layer tokens and FLOPs, final tokens and the FLOPs speedup bound; for LLM-based VLMs also
+    the image tokens per LLM layer and the prefill and decode FLOPs bounds. Needs no weights."""
     from turbo.cli.commands.export import parse_image_size
     from turbo.cli.commands.plan import run_plan
 
-    run_plan(model, r, method, alpha, schedule, threshold, parse_image_size(image_size), tiny, json_output)
+    run_plan(model, r, method, alpha, schedule, threshold, parse_image_size(image_size), tiny, llm_drop,
+             prompt_tokens, json_output)
 
 
 @app.command("export")
@@ -337,6 +343,30 @@ def vqa_command(
     from turbo.cli.commands.vqa import run_vqa_command
 
     run_vqa_command(directory, image, questions, beams, max_length, batch, json_output)
+
+
+@app.command("generate")
+@user_errors
+def generate_command(
+    model: str = typer.Argument(..., help="An LLM-based VLM: registry name (llava-1.5-7b, "
+                                          "llava-interleave-qwen-0.5b), HF id or local directory."),
+    image: str = typer.Argument(..., help="The image the prompt is about."),
+    prompt: str = typer.Argument(..., help="The prompt, with <image> once where the image goes."),
+    r: int | None = typer.Option(None, "--r", help="Tokens merged per vision-tower layer (default: the model's)."),
+    method: str | None = typer.Option(None, "--method", help=METHOD_HELP),
+    alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
+    llm_drop: str = typer.Option("none", "--llm-drop", help=LLM_DROP_HELP),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Stop after this many tokens (or at its end)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="The architecture with random weights."),
+    tiny: bool = typer.Option(False, "--tiny", help="The registry model's tiny variant (CI smoke checks)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the answer, token ids, timings, plan as JSON."),
+) -> None:
+    """Answer a prompt about an image, greedily, streaming tokens: the vision tower merged, the image
+    tokens reduced inside the language model (PyTorch, CPU)."""
+    from turbo.cli.commands.generate import run_generate_command
+
+    run_generate_command(model, image, prompt, r, method, alpha, llm_drop, max_new_tokens, random_weights, tiny,
+                         json_output)
 
 
 @app.command("retrieve")

@@ -91,6 +91,7 @@ class OnnxRecord:
     nodes: int = 0
     turbo_merge_nodes: int = 0
     op_counts: dict[str, int] = field(default_factory=dict)
+    excluded_tokens: dict[str, int] = field(default_factory=dict)  # outputs without some final tokens (LLaVA's CLS)
 
     @property
     def static_batch(self) -> int | None:

@@ -193,10 +193,12 @@ def compare_runners(run: str, reference: Runner, candidate: Runner, report: Vali
                                                tolerance.atol))
 
 
-def graph_problems(summary: GraphSummary, plan: TokenPlan, kernel: str, batch: int | None) -> list[str]:
+def graph_problems(summary: GraphSummary, plan: TokenPlan, kernel: str, batch: int | None,
+                   excluded: dict[str, int] | None = None) -> list[str]:
     """Where the exported graph disagrees with the plan or breaks the export rules.
 
     Token outputs are (B, N, C) ones and token_sizes (B, N); batch None means a dynamic axis.
+    `excluded`: outputs that leave out some of the final tokens, and how many (the family's).
     """
     problems = []
     merging = [layer for layer in plan.layers if layer.r > 0]
@@ -225,16 +227,18 @@ def graph_problems(summary: GraphSummary, plan: TokenPlan, kernel: str, batch: i
             problems.append(f"output {output.name} has batch dim {batch_dim!r}, expected "
                             f"{batch if batch else 'a dynamic axis'}")
         is_token_output = len(output.shape) == 3 or output.name == TOKEN_SIZES
-        if is_token_output and output.shape[1] != plan.final_tokens:
+        expected = plan.final_tokens - (excluded or {}).get(output.name, 0)
+        if is_token_output and output.shape[1] != expected:
+            part = f", {expected} of them in it" if expected != plan.final_tokens else ""
             problems.append(f"output {output.name} has token dim {output.shape[1]!r} but the plan ends with "
-                            f"{plan.final_tokens} tokens")
+                            f"{plan.final_tokens} tokens{part}")
     return problems
 
 
 def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path, summary: GraphSummary,
                     plan: TokenPlan, kernel: str, batch: int | None, precision: str,
                     pixel_shape: tuple[int, int, int], seed: int = 0, static_checks: bool = True,
-                    compare: bool = True) -> ValidationReport:
+                    compare: bool = True, excluded: dict[str, int] | None = None) -> ValidationReport:
     """The full check of one export: onnx.checker, graph vs plan, ONNX Runtime (CPU) vs PyTorch.
 
     `module` is the fp32 PyTorch model. An fp16 export is checked twice: upcast to fp32, it must
@@ -243,13 +247,14 @@ def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path,
     onnx.checker and the graph-vs-plan check (for callers that ran them already). compare=False
     skips the comparison with `module` (INT8 QDQ graphs quantize activations, so no PyTorch model
     computes what they compute; their caller gates them on quality against fp32 instead).
+    `excluded`: token outputs that leave out some final tokens, by name (the family's).
     """
 
     report = ValidationReport(reference="pytorch (cpu, fp32)",
                               candidate=f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider")
     if static_checks:
         report.checker_error = checker_error(onnx_path)
-        report.graph_problems = graph_problems(summary, plan, kernel, batch)
+        report.graph_problems = graph_problems(summary, plan, kernel, batch, excluded)
     if not compare:
         return report
     batches = BATCHES if batch is None else (batch,)

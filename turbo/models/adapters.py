@@ -38,10 +38,12 @@ CAPTIONING = Task("image-captioning", "exact_match", "cider", "--captions", ("bl
 EMBEDDING = Task("image-embedding", "cosine", "knn_top1", "class folders", ("cosine", 1))  # backbones, towers
 RETRIEVAL = Task("image-text-retrieval", "top1_agreement", "recall_mean", "--captions", ("rank_correlation", 1))
 VQA = Task("visual-question-answering", "answer_agreement", "vqa_accuracy", "--questions")
+GENERATION = Task("image-text-generation", "token_agreement", "vqa_accuracy", "--questions")  # LLM-based VLMs
 
 
 def task_named(name: str) -> Task:
-    return next(task for task in (CLASSIFICATION, CAPTIONING, EMBEDDING, RETRIEVAL, VQA) if task.name == name)
+    return next(task for task in (CLASSIFICATION, CAPTIONING, EMBEDDING, RETRIEVAL, VQA, GENERATION)
+                if task.name == name)
 
 
 @dataclass(frozen=True)
@@ -103,18 +105,35 @@ class TextTower:
 
 
 @dataclass(frozen=True)
+class LanguageModel:
+    """The language model of an LLM-based VLM (LLaVA): it reads the merged image tokens, projected
+    into its embedding space, in place of the prompt's image placeholder."""
+
+    module: Callable[[nn.Module], nn.Module]  # model -> its decoder-only base model (embed_tokens, layers, norm)
+    lm_head: Callable[[nn.Module], nn.Linear]
+    text_config: Callable[[object], object]
+    image_token_id: Callable[[object], int]
+    # (model, pixel_values, interpolate_pos_encoding) -> the image tokens it reads (B, N_image, C_text)
+    image_features: Callable[[nn.Module, torch.Tensor, bool], torch.Tensor]
+    image_tokens: Callable[[object, int], int]  # (config, the tower's tokens at its feature layer) -> image tokens
+    special_ids: Callable[[object], dict[str, int]]  # config -> eos (and bos, pad where it has them)
+    placeholder_tokenizer: Callable[[object], object]  # config -> a made-up vocabulary (random weights only)
+
+
+@dataclass(frozen=True)
 class FamilyAdapter:
     """What turbo knows of one transformers model family."""
 
     family: str
     architectures: tuple[str, ...]  # transformers class names this adapter supports, the base model last
     model_types: tuple[str, ...]  # config model_type values of those classes
-    layer_class: Callable[[], type[nn.Module]]
+    layer_class: Callable[[], type[nn.Module] | tuple[type[nn.Module], ...]]  # its encoder block class(es)
     encoder_layers: Callable[[nn.Module], nn.ModuleList]
     block_parts: Callable[[nn.Module], BlockParts]
     # (model, pixel_values, interpolate_pos_encoding) -> named outputs, the deployed ones first
     export_outputs: Callable[[nn.Module, torch.Tensor, bool], dict[str, torch.Tensor]]
-    image_processor: Callable[[tuple[int, int]], object]  # (height, width) -> the family's default PIL processor
+    # ((height, width), config) -> the family's default PIL processor
+    image_processor: Callable[[tuple[int, int], object], object]
     vision_config: Callable[[object], object] = lambda config: config  # config -> its vision part's config
     prepare_random_config: Callable[[object], None] = lambda config: None  # fix-ups before random weights
     task: Task = CLASSIFICATION  # of its head architectures
@@ -130,13 +149,19 @@ class FamilyAdapter:
     protected_tokens: Callable[[object], int] = lambda config: 1
     protected_names: str = "CLS"  # what the protected tokens are, for users
     mlp_size: Callable[[object], int] = lambda vision: vision.intermediate_size
+    # config -> encoder blocks whose output is used (a VLM reads an earlier layer's tokens); None: all
+    used_layers: Callable[[object], int] | None = None
+    config_problem: Callable[[object], str | None] = lambda config: None  # why turbo cannot take this config
+    language_model: LanguageModel | None = None  # the LLM of an LLM-based VLM
+    # config -> token outputs that leave out some of the final tokens (LLaVA's features: the CLS), by name
+    excluded_tokens: Callable[[object], dict[str, int]] = lambda config: {}
 
     def arch_spec(self, config: object, image_size: tuple[int, int] | None = None) -> ArchSpec:
         vision = self.vision_config(config)
         height, width = image_size or self.image_size(config)
         patch_h, patch_w = self.patch_size(config)
         return ArchSpec(
-            num_layers=vision.num_hidden_layers,
+            num_layers=self.used_layers(config) if self.used_layers else vision.num_hidden_layers,
             num_tokens=(height // patch_h) * (width // patch_w) + self.protected_tokens(config),
             hidden_size=vision.hidden_size,
             mlp_size=self.mlp_size(vision),
@@ -153,10 +178,10 @@ class FamilyAdapter:
         return as_pair(self.vision_config(config).patch_size)
 
     @property
-    def text_side(self) -> CaptionDecoder | TextTower | QuestionAnswerer | None:
-        """What reads text: the caption decoder, the retrieval text tower or the question answerer
-        (they need a tokenizer)."""
-        return self.caption_decoder or self.text_tower or self.question_answerer
+    def text_side(self) -> CaptionDecoder | TextTower | QuestionAnswerer | LanguageModel | None:
+        """What reads text: the caption decoder, the retrieval text tower, the question answerer or
+        the language model (they need a tokenizer)."""
+        return self.caption_decoder or self.text_tower or self.question_answerer or self.language_model
 
     def task_of(self, architecture: str) -> Task:
         return EMBEDDING if architecture in self.embedders else self.task
@@ -177,7 +202,7 @@ def as_pair(value: int | Iterable[int]) -> tuple[int, int]:
 def fixed_size_processor(processor_class: type, **settings) -> Callable[[tuple[int, int]], object]:
     """A family's default processor: resize straight to the export's (height, width), no crop."""
 
-    def build(image_size: tuple[int, int]) -> object:
+    def build(image_size: tuple[int, int], config: object = None) -> object:
         height, width = image_size
         return processor_class(size={"height": height, "width": width}, do_center_crop=False, **settings)
 

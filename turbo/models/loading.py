@@ -154,7 +154,7 @@ def resolve_source(model: str, tiny: bool = False) -> ModelSource:
         config = _config_from_dict({"model_type": ADAPTERS[architecture].model_types[0], **values}, model)
         config.architectures = [architecture]
         location = str(path.resolve())  # recorded absolute: the export is usable from any directory
-        return ModelSource(location, location, architecture, config, None, _processor_size(path))
+        return _checked(ModelSource(location, location, architecture, config, None, _processor_size(path)))
     if model.startswith(("/", ".", "~")) or model.count("/") > 1:
         raise UsageError(f"{model}: no such model directory (a Hugging Face id is org/name)")
     if "/" not in model:
@@ -168,7 +168,15 @@ def resolve_source(model: str, tiny: bool = False) -> ModelSource:
                               f"registry names work offline: {', '.join(list_models())}") from None
     architecture = _check_architecture(model, {"architectures": config.architectures, "model_type": config.model_type})
     config.architectures = [architecture]
-    return ModelSource(model, model, architecture, config, None, _processor_size(model))
+    return _checked(ModelSource(model, model, architecture, config, None, _processor_size(model)))
+
+
+def _checked(source: ModelSource) -> ModelSource:
+    """The source, or a UsageError when its family cannot take this config's variant."""
+    problem = source.adapter.config_problem(source.config)
+    if problem:
+        raise UsageError(f"{source.name}: {problem}")
+    return source
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -264,7 +272,8 @@ def load_image_processor(source: ModelSource, image_size: tuple[int, int], rando
         except Exception:  # no processor files: the default below, reported through the origin
             pass
     if processor is None:
-        processor, origin = source.adapter.image_processor(image_size), f"{source.adapter.family} default"
+        processor = source.adapter.image_processor(image_size, source.config)
+        origin = f"{source.adapter.family} default"
     else:
         origin = source.location + _set_output_size(processor, image_size)
     return processor, origin + _fit_channels(processor, source.adapter.arch_spec(source.config).channels)

@@ -101,12 +101,13 @@ def apply_turbo(
     if len(layers) != len(plan.layers):
         raise PatchError(f"the plan has {len(plan.layers)} layers but the model has {len(layers)} encoder blocks")
     expected = adapter.layer_class()
+    expected = expected if isinstance(expected, tuple) else (expected,)
     state = TurboState(protected=plan.protected_tokens)
     for index, layer in enumerate(layers):
         base = type(layer).__mro__[1] if is_patched(layer) else type(layer)
-        if base is not expected:
+        if base not in expected:
             raise PatchError(
-                f"encoder block {index} is {base.__name__}, not {expected.__name__}: "
+                f"encoder block {index} is {base.__name__}, not {' or '.join(c.__name__ for c in expected)}: "
                 "this transformers version is not supported by the turbo patch"
             )
         layer.__class__ = _turbo_class(base, adapter)

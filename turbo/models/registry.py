@@ -11,12 +11,13 @@ from turbo.models.blip_vqa import BLIP_VQA
 from turbo.models.clip import CLIP, CLIP_MODEL
 from turbo.models.deit import DEIT
 from turbo.models.dinov2 import DINOV2, DINOV2_REGISTERS
+from turbo.models.llava import LLAVA
 from turbo.models.siglip import SIGLIP
 from turbo.models.vit import VIT
 
 # BLIP last: an architecture-less config of model_type "blip" is the captioning model
 FAMILIES: tuple[FamilyAdapter, ...] = (VIT, DEIT, CLIP, CLIP_MODEL, SIGLIP, DINOV2, DINOV2_REGISTERS, BLIP_RETRIEVAL,
-                                       BLIP_VQA, BLIP)
+                                       BLIP_VQA, BLIP, LLAVA)
 ADAPTERS: dict[str, FamilyAdapter] = {arch: adapter for adapter in FAMILIES for arch in adapter.architectures}
 BY_MODEL_TYPE: dict[str, FamilyAdapter] = {kind: adapter for adapter in FAMILIES for kind in adapter.model_types}
 
@@ -87,6 +88,31 @@ def _dinov2(model_type: str, hidden: int, layers: int, heads: int, **extra) -> d
                 mlp_ratio=4, image_size=518, patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6, **extra)
 
 
+def _llava_15() -> dict:
+    """llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (its penultimate layer, CLS dropped), Vicuna-7B."""
+    vision = dict(model_type="clip_vision_model", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                  intermediate_size=4096, image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+                  layer_norm_eps=1e-5)
+    text = dict(model_type="llama", vocab_size=32064, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                bos_token_id=1, eos_token_id=2, pad_token_id=32001)
+    return dict(model_type="llava", vision_config=vision, text_config=text, image_token_index=32000,
+                vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+
+
+def _llava_interleave() -> dict:
+    """llava-hf/llava-interleave-qwen-0.5b-hf: SigLIP-so400m at 384 px (its last layer, every token), Qwen2-0.5B."""
+    vision = dict(model_type="siglip_vision_model", hidden_size=1152, num_hidden_layers=27, num_attention_heads=16,
+                  intermediate_size=4304, image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh",
+                  layer_norm_eps=1e-6, vision_use_head=False)
+    text = dict(model_type="qwen2", vocab_size=152000, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=True)
+    return dict(model_type="llava", vision_config=vision, text_config=text, image_token_index=151646,
+                vision_feature_layer=-1, vision_feature_select_strategy="full", projector_hidden_act="gelu",
+                tie_word_embeddings=True)
+
+
 _TINY_VIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
                  image_size=48, patch_size=8, num_labels=10)
 _TINY_BLIP = dict(
@@ -102,6 +128,12 @@ _TINY_TOWER = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, i
                    image_size=48, patch_size=8)
 _TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2, image_size=48,
                     patch_size=8, layerscale_value=0.5)
+
+_TINY_LLM = dict(vocab_size=600, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, max_position_embeddings=512)
+_TINY_LLAVA = dict(vision_config={**_TINY_TOWER, "num_hidden_layers": 5}, image_token_index=590)
+_LLAVA_NOTES = ("Turbo in the vision tower; --llm-drop fastv|pyramid reduces the image tokens inside the language "
+                "model")
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
@@ -141,6 +173,14 @@ REGISTRY: dict[str, ModelSpec] = {
                         "(the paper's VQA setting is 480 px: --image-size 480)"),
         ModelSpec("blip-caption-large", "Salesforce/blip-image-captioning-large", "BlipForConditionalGeneration",
                   _blip(1024, 24, 16, 4096), _TINY_BLIP, default_r=30, threshold=40),
+        ModelSpec("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration", _llava_15(),
+                  {**_TINY_LLAVA, "text_config": {**_TINY_LLM, "bos_token_id": 1, "eos_token_id": 2,
+                                                  "pad_token_id": 599}}, default_r=12, notes=_LLAVA_NOTES),
+        ModelSpec("llava-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf",
+                  "LlavaForConditionalGeneration", _llava_interleave(),
+                  {**_TINY_LLAVA, "text_config": {**_TINY_LLM, "bos_token_id": 597, "eos_token_id": 598},
+                   "vision_config": {**_TINY_TOWER, "num_hidden_layers": 4}}, default_r=12, method="tome",
+                  notes=_LLAVA_NOTES + "; SigLIP tower without CLS: tome"),
     )
 }
 

@@ -85,7 +85,8 @@ def _graph_checks(directory: Path, manifest: Manifest, built, report: CheckRepor
     report.add("graph vs manifest", not differing,
                "; ".join(differing) or f"{len(found)} merge blocks, r {found}, opset {summary.opset}")
     if built is not None:
-        problems = graph_problems(summary, built.plan, manifest.turbo.merge_kernel, onnx_info.static_batch)
+        problems = graph_problems(summary, built.plan, manifest.turbo.merge_kernel, onnx_info.static_batch,
+                                  manifest.onnx.excluded_tokens)
         report.add("graph vs plan", not problems, "; ".join(problems) or f"final tokens {built.plan.final_tokens}")
     findings = lint(model_path)
     errors = [f for f in findings if f.severity == "error"]

@@ -6,7 +6,7 @@ from pathlib import Path
 from turbo.core.errors import UsageError
 from turbo.core.staging import staged_directory
 from turbo.graph.export_dir import open_export
-from turbo.models.adapters import VQA
+from turbo.models.adapters import GENERATION, VQA
 from turbo.models.registry import adapter_for
 from turbo.serving.model_config import require_client
 from turbo.serving.readme import write_readme
@@ -34,8 +34,9 @@ def deploy_triton(exports: list[str | Path], output: str | Path, options: Deploy
             raise UsageError(f"{directory} failed validation when exported (turbo check {directory} says why); "
                              "re-export it before serving it")
         task = adapter_for(manifest.model.architecture).task_of(manifest.model.architecture)
-        if task == VQA:
-            raise UsageError(f"{directory} is a VQA export: serving VQA is not supported yet (use turbo vqa); "
+        if task in (VQA, GENERATION):
+            runs = "turbo vqa" if task == VQA else "turbo generate"
+            raise UsageError(f"{directory} exports {task.name}: serving that task is not supported yet (use {runs}); "
                              "deploy classification, embedding, retrieval (image side) or captioning exports")
         manifests.append(manifest)
     output = Path(output)

@@ -35,7 +35,7 @@ from turbo.export.pipeline import ExportResult, run_export
 from turbo.export.validate import deployed_vector, mean_cosine
 from turbo.graph.export_dir import open_export
 from turbo.merging.plan import max_r
-from turbo.models.adapters import CAPTIONING, EMBEDDING, RETRIEVAL, VQA, Task
+from turbo.models.adapters import CAPTIONING, EMBEDDING, GENERATION, RETRIEVAL, VQA, Task
 from turbo.models.build import build_merged_model, build_plan
 from turbo.models.loading import from_cache_or_hub, load_image_processor, resolve_source
 from turbo.models.registry import adapter_for
@@ -309,6 +309,9 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
     source = resolve_source(options.model, tiny=options.tiny)
     task = source.adapter.task_of(source.architecture)
     captioning, retrieval, answering = task is CAPTIONING, task is RETRIEVAL, task is VQA
+    if task is GENERATION:
+        raise UsageError(f"turbo eval does not measure LLM-based VLMs ({source.name}) yet; compare answers with "
+                         "`turbo generate` at --r 0 --llm-drop none and at your settings")
     if options.questions is not None and not answering:
         raise UsageError(f"--questions is for visual question answering models; {source.name} is an {task.name} "
                          "model")

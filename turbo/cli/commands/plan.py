@@ -3,17 +3,27 @@
 from rich.table import Table
 
 from turbo.cli.output import print_json, stderr
+from turbo.core.errors import UsageError
 
 
 def run_plan(model: str, r: int | None, method: str | None, alpha: float | None, schedule: str,
-             threshold: int | None, image_size: tuple[int, int] | None, tiny: bool, json_output: bool) -> None:
+             threshold: int | None, image_size: tuple[int, int] | None, tiny: bool, llm_drop: str, prompt_tokens: int,
+             json_output: bool) -> None:
+    from turbo.cli.commands.generate import parse_drop
     from turbo.models.build import build_plan
+    from turbo.models.llm_plan import llm_plan
     from turbo.tools.merge_choice import Candidate
 
     built = build_plan(model, r, method, alpha, schedule, threshold, tiny=tiny, image_size=image_size)
+    drop = parse_drop(llm_drop)
+    if prompt_tokens < 1:
+        raise UsageError(f"--prompt-tokens must be at least 1, not {prompt_tokens}")
+    language = None
+    if built.source.adapter.language_model is not None or drop.method != "none":
+        language = llm_plan(built, drop, prompt_tokens)
     plan = built.plan
     if json_output:
-        print_json(built.to_dict())
+        print_json({**built.to_dict(), **({"llm": language.to_dict()} if language else {})})
         return
     height, width = built.image_size
     protected = built.source.adapter.protected_names
@@ -36,3 +46,28 @@ def run_plan(model: str, r: int | None, method: str | None, alpha: float | None,
     if plan.clamped_layers:
         stderr.print(f"r was clamped to the per-layer cap (tokens - protected) // 2 or the threshold in layers "
                      f"{', '.join(map(str, plan.clamped_layers))}")
+    if language:
+        print_llm_plan(language)
+
+
+def print_llm_plan(plan) -> None:
+    """The language model's image tokens per layer (runs of equal layers folded) and its bounds."""
+    table = Table(title=f"language model: {plan.drop.label}, {plan.text_tokens} text tokens")
+    for column in ("LLM layers", "image tokens", "prefill GFLOPs"):
+        table.add_column(column, justify="right")
+    from turbo.merging.llm_drop import llm_layer_flops
+
+    layers = plan.image_per_layer
+    start = 0
+    for index in range(1, len(layers) + 1):
+        if index == len(layers) or layers[index] != layers[start]:
+            span = str(start) if index - start == 1 else f"{start}-{index - 1}"
+            each = llm_layer_flops(plan.text_tokens + layers[start], plan.hidden_size, plan.intermediate_size)
+            table.add_row(span, str(layers[start]), f"{each * (index - start) / 1e9:.2f}")
+            start = index
+    stderr.print(table)
+    stderr.print(f"image tokens into the LLM {plan.image_tokens} of {plan.unmerged_image_tokens}; prefill "
+                 f"{plan.prefill_flops / 1e9:.1f} GFLOPs vs {plan.baseline_prefill_flops / 1e9:.1f} unreduced "
+                 f"([bold]{plan.baseline_prefill_flops / plan.prefill_flops:.2f}x[/] bound); first decoded token "
+                 f"{plan.decode_flops / 1e9:.2f} GFLOPs vs {plan.baseline_decode_flops / 1e9:.2f} "
+                 f"({plan.baseline_decode_flops / plan.decode_flops:.2f}x)")

@@ -1,0 +1,121 @@
+"""`turbo generate` and `turbo plan` for LLM-based VLMs, as a user runs them."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.conftest import tiny_export
+from turbo.cli.app import app
+from turbo.data.images import Sample, pixel_batch
+from turbo.models.build import build_plan
+from turbo.models.loading import load_image_processor, load_model, resolve_source
+from turbo.models.llava import placeholder_tokenizer
+from turbo.runtimes.llm_generation import image_prompt_ids
+
+runner = CliRunner()
+PROMPT = "USER: <image>\nDescribe the picture. ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("image") / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((50, 70, 3)) * 255).astype("uint8")).save(path)
+    return str(path)
+
+
+def generate(*args: str) -> dict:
+    result = runner.invoke(app, ["generate", *args, "--tiny", "--random-weights", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-interleave-qwen-0.5b"])
+def test_unreduced_generate_is_transformers_generate_from_the_image_file(name, image):
+    got = generate(name, image, PROMPT, "--r", "0", "--max-new-tokens", "6")
+    source = resolve_source(name, tiny=True)
+    processor, _ = load_image_processor(source, source.input_size, True)
+    pixels = torch.from_numpy(pixel_batch([Sample(Path(image))], processor))
+    unmerged_tokens = build_plan(name, r=0, tiny=True).plan.tokens_in - (source.config.vision_feature_select_strategy
+                                                                       == "default")
+    ids = torch.tensor([image_prompt_ids(placeholder_tokenizer(source.config), PROMPT, source.config.image_token_id,
+                                         unmerged_tokens)])
+    with torch.no_grad():
+        want = load_model(source, random_weights=True).generate(input_ids=ids, pixel_values=pixels, max_new_tokens=6,
+                                                                do_sample=False)[0, ids.shape[1]:]
+    assert got["token_ids"] == want.tolist()[:len(got["token_ids"])] and got["token_ids"]
+    assert got["image_tokens"] == got["unmerged_image_tokens"] == unmerged_tokens
+
+
+def test_generate_streams_the_text_and_reports_the_reduction(image):
+    args = ["llava-1.5-7b", image, PROMPT, "--r", "2", "--llm-drop", "pyramid:stages=2,keep=0.5",
+            "--max-new-tokens", "5"]
+    got = generate(*args)
+    assert got["image_tokens_per_llm_layer"] == [28, 28, 14, 14]  # 36 patches, r=2 in 4 blocks, halved after 2
+    assert got["prefill_flops"] < got["baseline_prefill_flops"]
+    streamed = runner.invoke(app, ["generate", *args, "--tiny", "--random-weights"])
+    assert streamed.exit_code == 0
+    assert streamed.stdout == got["text"] + "\n"
+    assert "the LLM read 28 image tokens of 36" in streamed.stderr.replace("\n", " ")
+
+
+def test_plan_shows_the_language_model(image):
+    result = runner.invoke(app, ["plan", "-m", "llava-interleave-qwen-0.5b", "--llm-drop", "fastv", "--json"])
+    assert result.exit_code == 0, result.output
+    llm = json.loads(result.stdout)["llm"]
+    assert llm["image_tokens_per_llm_layer"] == [405] * 2 + [203] * 22  # 729 - 27·12 merged, then half dropped
+    assert llm["baseline_prefill_flops"] / llm["prefill_flops"] > 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["vit-b16", "{image}", PROMPT], "turbo generate is for LLM-based VLMs"),
+    (["llava-1.5-7b", "{image}", "Describe the picture."], "no image placeholder"),
+    (["llava-1.5-7b", "{image}", "<image> vs <image>"], "2 image placeholders"),
+    (["llava-1.5-7b", "{image}", PROMPT, "--llm-drop", "pyramid:keep=0.01"], "would drop every image token"),
+])
+def test_bad_requests_are_one_line(args, message, image):
+    result = runner.invoke(app, ["generate", *(a.format(image=image) for a in args), "--tiny", "--random-weights"])
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1 and not result.stdout
+
+
+def save_tiny_llava(directory: Path, **changes) -> Path:
+    source = resolve_source("llava-1.5-7b", tiny=True)
+    load_image_processor(source, source.input_size, True)[0].save_pretrained(directory)
+    placeholder_tokenizer(source.config).save_pretrained(directory)
+    for key, value in changes.items():
+        setattr(source.config, key, value)
+    load_model(source, random_weights=True).save_pretrained(directory)
+    return directory
+
+
+def test_a_local_checkpoint_generates_with_its_own_tokenizer(tmp_path, image):
+    directory = str(save_tiny_llava(tmp_path / "llava"))
+    result = runner.invoke(app, ["generate", directory, image, PROMPT, "--r", "1", "--max-new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert got["image_tokens"] == 36 - 4 and 1 <= len(got["token_ids"]) <= 4  # r=1 in each of the 4 used blocks
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"vision_feature_layer": [-2, -1]}, "concatenates several layers"),
+    ({"vision_feature_layer": -6}, "reads the embeddings"),
+])
+def test_variants_turbo_cannot_take_are_one_line(tmp_path, image, changes, message):
+    directory = str(save_tiny_llava(tmp_path / "llava", **changes))
+    result = runner.invoke(app, ["generate", directory, image, PROMPT])
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_llava_export_is_its_validated_vision_part_and_refuses_what_it_cannot_do(tmp_path_factory, tmp_path):
+    export = tiny_export(tmp_path_factory, "llava-interleave-qwen-0.5b", 2, batch=2)
+    assert export.report.passed and export.manifest.onnx.outputs[0]["name"] == "image_features"
+    for args in (["eval", str(export.directory), "--data", str(tmp_path)],
+                 ["deploy", "triton", str(export.directory), "-o", str(tmp_path / "repository")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "turbo generate" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "repository").exists()

@@ -1,0 +1,103 @@
+"""LLM-side image-token reduction: FastV and PyramidDrop rankings against plain references written
+from the papers, the per-layer token plans, their FLOPs, and the token gather."""
+
+import math
+
+import pytest
+import torch
+
+from turbo.merging.llm_drop import (
+    LlmDropConfig,
+    decode_flops,
+    fastv_keep,
+    image_tokens_per_layer,
+    keep_tokens,
+    llm_layer_flops,
+    parse_llm_drop,
+    prefill_flops,
+    pyramid_keep,
+)
+
+
+def test_fastv_keeps_the_most_attended_image_tokens():
+    g = torch.Generator().manual_seed(0)
+    attention = torch.rand(2, 3, 9, 9, generator=g).softmax(-1)  # (B, H, Q, T); image tokens at 2..6
+    got = fastv_keep(attention, 2, 5, 3)
+    for b in range(2):  # FastV: the attention each image token receives, averaged over heads and queries
+        received = {j: sum(attention[b, h, q, j].item() for h in range(3) for q in range(9)) / 27 for j in range(2, 7)}
+        assert got[b].tolist() == sorted(sorted(received, key=received.get, reverse=True)[:3])
+
+
+def test_pyramid_keeps_the_image_tokens_the_last_instruction_attends():
+    g = torch.Generator().manual_seed(1)
+    query, keys = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 10, 8, generator=g)
+    got = pyramid_keep(query, keys, 4)
+    for b in range(2):
+        per_head = [torch.softmax(torch.stack([keys[b, h, n] @ query[b, h] / math.sqrt(8) for n in range(10)]), 0)
+                    for h in range(4)]
+        attention = torch.stack(per_head).mean(0)
+        assert got[b].tolist() == sorted(attention.topk(4).indices.tolist())
+
+
+def test_token_plans():
+    assert image_tokens_per_layer(LlmDropConfig(), 4, 576) == [576] * 4
+    assert image_tokens_per_layer(LlmDropConfig("fastv"), 6, 576) == [576, 576] + [288] * 4
+    assert image_tokens_per_layer(LlmDropConfig("pyramid"), 8, 576) == [576, 576, 288, 288, 144, 144, 72, 72]
+    assert image_tokens_per_layer(LlmDropConfig("pyramid", stages=3), 7, 100) == [100, 100, 50, 50, 25, 25, 25]
+
+
+@pytest.mark.parametrize(("config", "layers", "message"), [
+    (LlmDropConfig("fastv", layer=4), 4, "beyond the language model's 4 layers"),
+    (LlmDropConfig("pyramid", stages=5), 4, "need at least as many layers"),
+    (LlmDropConfig("pyramid", stages=4, keep=0.01), 8, "would drop every image token"),
+])
+def test_impossible_plans_are_refused(config, layers, message):
+    with pytest.raises(ValueError, match=message):
+        image_tokens_per_layer(config, layers, 16)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown LLM-side reduction"):
+        LlmDropConfig("bogus")
+    with pytest.raises(ValueError, match="ratio must be in"):
+        LlmDropConfig("fastv", ratio=1.0)
+
+
+def test_flops_follow_the_papers_formula():
+    d, m = 8, 20
+    assert llm_layer_flops(10, d, m) == 4 * 10 * 64 + 2 * 100 * 8 + 3 * 10 * 8 * 20
+    full = prefill_flops(5, [16] * 4, d, m)
+    dropped = prefill_flops(5, image_tokens_per_layer(LlmDropConfig("pyramid", stages=2), 4, 16), d, m)
+    assert dropped == 2 * llm_layer_flops(21, d, m) + 2 * llm_layer_flops(13, d, m) < full
+
+
+def test_keep_tokens_keeps_text_and_chosen_images_with_their_positions():
+    hidden = torch.arange(2 * 8 * 3, dtype=torch.float32).view(2, 8, 3)
+    positions = torch.arange(8).expand(2, -1)
+    kept = torch.tensor([[0, 3], [1, 2]])  # among image tokens 2..5
+    out, out_positions = keep_tokens(hidden, positions, 2, 4, kept)
+    assert out_positions.tolist() == [[0, 1, 2, 5, 6, 7], [0, 1, 3, 4, 6, 7]]
+    torch.testing.assert_close(out[1], hidden[1, [0, 1, 3, 4, 6, 7]])
+
+
+def test_llm_drop_settings_parse():
+    assert parse_llm_drop("fastv") == LlmDropConfig("fastv")
+    assert parse_llm_drop("fastv:layer=3,ratio=0.75") == LlmDropConfig("fastv", layer=3, ratio=0.75)
+    assert parse_llm_drop("pyramid:stages=2, keep=0.3").label == "pyramid:stages=2,keep=0.3"
+    assert parse_llm_drop("none").label == "none"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("fastv:keep=0.5", "fastv takes layer, ratio, not 'keep'"),
+    ("pyramid:stages=two", "stages must be a number"),
+    ("fastv:layer=2.5", "layer must be a whole number"),
+    ("fastv:ratio=1", "ratio must be in"),
+    ("sparsevlm", "unknown LLM-side reduction"),
+])
+def test_bad_llm_drop_settings_name_the_problem(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_llm_drop(text)
+
+
+def test_decode_flops_grow_with_the_cache():
+    assert decode_flops([10, 4], 8, 20) == (4 * 64 + 2 * 10 * 8 + 3 * 8 * 20) + (4 * 64 + 2 * 4 * 8 + 3 * 8 * 20)

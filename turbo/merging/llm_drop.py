@@ -1,0 +1,153 @@
+"""Image-token reduction inside a vision-language model's language model: which image tokens each
+LLM layer keeps, from attention scores, and what that saves. Pure torch, no model knowledge.
+
+- FastV (Chen et al., ECCV 2024): after layer K − 1, keep the image tokens that received the most
+  attention in that layer (mean over heads and over every query), dropping a fraction R; layers
+  K onwards see the rest. Defaults K = 2, R = 0.5.
+- PyramidDrop (Xing et al., 2024): S equal stages; at the end of each stage but the last keep a
+  fraction λ of the image tokens, ranked by the attention of the last instruction token's query
+  on their keys (that one query row only; softmax over the image keys, mean over heads), so the
+  count falls as N·λ^s. Defaults S = 4, λ = 0.5.
+
+Survivors keep their order and their position ids, as both papers' code does. Counts are Python
+ints fixed at build time, so exported graphs have static shapes.
+"""
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+LLM_DROPS = ("none", "fastv", "pyramid")
+
+
+@dataclass(frozen=True)
+class LlmDropConfig:
+    method: str = "none"
+    layer: int = 2  # FastV's K: the first layer that sees the reduced tokens
+    ratio: float = 0.5  # FastV's R: the fraction of image tokens dropped
+    stages: int = 4  # PyramidDrop's S
+    keep: float = 0.5  # PyramidDrop's λ: the fraction kept at each stage's end
+
+    def __post_init__(self) -> None:
+        if self.method not in LLM_DROPS:
+            raise ValueError(f"unknown LLM-side reduction {self.method!r}; choose one of {', '.join(LLM_DROPS)}")
+        if not 0 <= self.ratio < 1 or not 0 < self.keep <= 1:
+            raise ValueError(f"FastV's ratio must be in [0, 1) and PyramidDrop's keep in (0, 1]; got {self.ratio} "
+                             f"and {self.keep}")
+        if self.layer < 1 or self.stages < 1:
+            raise ValueError(f"FastV's layer and PyramidDrop's stages must be >= 1; got {self.layer} and {self.stages}")
+
+
+    def parameters(self) -> dict[str, float]:
+        """The settings its method reads."""
+        names = {"none": (), "fastv": ("layer", "ratio"), "pyramid": ("stages", "keep")}[self.method]
+        return {name: getattr(self, name) for name in names}
+
+    @property
+    def label(self) -> str:
+        """As `--llm-drop` takes it: `fastv:layer=2,ratio=0.5`."""
+        settings = ",".join(f"{name}={value:g}" for name, value in self.parameters().items())
+        return f"{self.method}:{settings}" if settings else self.method
+
+
+def parse_llm_drop(text: str) -> LlmDropConfig:
+    """`fastv`, `fastv:layer=3,ratio=0.75`, `pyramid:stages=4,keep=0.5`, `none` -> its config;
+    ValueError naming what is wrong."""
+    method, _, settings = text.partition(":")
+    try:
+        config = LlmDropConfig(method.strip())
+    except ValueError as exc:
+        raise ValueError(f"--llm-drop {text}: {exc}") from None
+    allowed = config.parameters()
+    values = {}
+    for item in filter(None, (part.strip() for part in settings.split(","))):
+        name, _, value = item.partition("=")
+        if name not in allowed:
+            raise ValueError(f"--llm-drop {text}: {method} takes {', '.join(allowed) or 'no settings'}, not {name!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"--llm-drop {text}: {name} must be a number, not {value!r}") from None
+        if isinstance(allowed[name], int):
+            if not number.is_integer():
+                raise ValueError(f"--llm-drop {text}: {name} must be a whole number, not {value}")
+            number = int(number)
+        values[name] = number
+    try:
+        return replace(config, **values)
+    except ValueError as exc:
+        raise ValueError(f"--llm-drop {text}: {exc}") from None
+
+
+def image_tokens_per_layer(config: LlmDropConfig, num_layers: int, image_tokens: int) -> list[int]:
+    """How many image tokens each of the LLM's layers sees; ValueError for a plan that cannot run
+    (FastV's layer beyond the model, more stages than layers) or that drops every image token."""
+    if config.method == "none":
+        return [image_tokens] * num_layers
+    if config.method == "fastv":
+        if config.layer >= num_layers:
+            raise ValueError(f"FastV's layer {config.layer} is beyond the language model's {num_layers} layers")
+        kept = image_tokens - math.floor(config.ratio * image_tokens)
+        counts = [image_tokens] * config.layer + [kept] * (num_layers - config.layer)
+    else:
+        if config.stages > num_layers:
+            raise ValueError(f"PyramidDrop's {config.stages} stages need at least as many layers; the language model "
+                             f"has {num_layers}")
+        counts = [round(image_tokens * config.keep ** stage_of(layer, num_layers, config.stages))
+                  for layer in range(num_layers)]
+    if image_tokens and min(counts) == 0:
+        raise ValueError(f"{config.method} would drop every image token ({image_tokens} in, {min(counts)} left); keep "
+                         "more")
+    return counts
+
+
+def stage_of(layer: int, num_layers: int, stages: int) -> int:
+    """PyramidDrop's stage of a layer: S equal stages, the remainder layers in the last."""
+    return min(layer // (num_layers // stages), stages - 1)
+
+
+def llm_layer_flops(tokens: int, hidden: int, intermediate: int) -> int:
+    """The papers' FLOPs of one LLaMA-style layer on n tokens: 4nd² + 2n²d + 3ndm (attention
+    projections, attention, and the three FFN matrices)."""
+    n, d, m = tokens, hidden, intermediate
+    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+
+
+def prefill_flops(text_tokens: int, image_per_layer: list[int], hidden: int, intermediate: int) -> int:
+    return sum(llm_layer_flops(text_tokens + images, hidden, intermediate) for images in image_per_layer)
+
+
+def decode_flops(cached_per_layer: list[int], hidden: int, intermediate: int) -> int:
+    """One decoded token's FLOPs, in the same count: per layer 4d² + 2nd + 3dm, with n the tokens
+    its cache holds (the new one included)."""
+    d, m = hidden, intermediate
+    return sum(4 * d * d + 2 * n * d + 3 * d * m for n in cached_per_layer)
+
+
+def fastv_keep(attention: torch.Tensor, image_start: int, image_tokens: int, keep: int) -> torch.Tensor:
+    """attention (B, H, Q, T): one layer's attention probabilities. Returns the positions (B, keep)
+    of the image tokens (T-axis positions image_start .. image_start + image_tokens − 1) that
+    received the most attention, mean over heads and queries, in ascending order."""
+    received = attention.mean(dim=(1, 2))[:, image_start:image_start + image_tokens]  # (B, N)
+    return received.topk(keep, dim=-1).indices.sort(dim=-1).values + image_start
+
+
+def pyramid_keep(query: torch.Tensor, image_keys: torch.Tensor, keep: int) -> torch.Tensor:
+    """query (B, H, d): the last instruction token's query; image_keys (B, H, N, d), after the
+    rotary embedding as attention sees them. Returns the indices (B, keep) among the N image
+    tokens with the most attention from that query, in ascending order."""
+    scores = (image_keys @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(query.shape[-1])  # (B, H, N)
+    attention = scores.softmax(dim=-1).mean(dim=1)  # (B, N)
+    return attention.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+
+def keep_tokens(hidden: torch.Tensor, positions: torch.Tensor, image_start: int, image_tokens: int,
+                kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the image tokens not in `kept` (B, K) (indices among the image tokens, ascending) from
+    hidden (B, T, C) and their position ids (B, T): text before, kept image tokens, text after."""
+    batch, tokens, channels = hidden.shape
+    before = torch.arange(image_start, device=hidden.device).expand(batch, -1)
+    after = torch.arange(image_start + image_tokens, tokens, device=hidden.device).expand(batch, -1)
+    index = torch.cat([before, kept + image_start, after], dim=1)  # (B, T − N + K)
+    return (hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, channels)), positions.gather(1, index))

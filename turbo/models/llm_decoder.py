@@ -1,0 +1,145 @@
+"""A LLaMA-style decoder (Llama, Qwen2, Mistral) run block by block with an explicit KV cache, so
+that image tokens can leave the sequence between blocks (FastV, PyramidDrop): each block's cache
+holds the image tokens that reached it. The model's own modules; SDPA attention.
+
+Survivors keep their position ids (the papers' code does so), and decoded tokens continue from the
+full prompt's length, as without reduction.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from turbo.merging.llm_drop import LlmDropConfig, fastv_keep, image_tokens_per_layer, keep_tokens, pyramid_keep
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (B, H_kv, T_block, d), keys rotated
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """Where the image tokens sit in the prompt."""
+
+    start: int
+    count: int
+
+
+@dataclass
+class Prefill:
+    logits: torch.Tensor  # (B, V) at the last prompt token
+    cache: KVCache
+    positions: list[torch.Tensor]  # per block: position ids (B, T_block) of the tokens it saw
+    next_position: int  # the first decoded token's position id
+
+
+@dataclass
+class BlockOutput:
+    hidden: torch.Tensor  # (B, T, C)
+    keys: torch.Tensor  # (B, H_kv, T_past + T, d), rotated
+    values: torch.Tensor
+    queries: torch.Tensor  # (B, H, T, d), rotated
+    attention: torch.Tensor | None  # (B, H, T, T_past + T) probabilities, when asked for
+
+
+def run_block(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              past: tuple[torch.Tensor, torch.Tensor] | None = None, attention: bool = False) -> BlockOutput:
+    """One pre-norm decoder block: causal over the new tokens, each seeing the whole past."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    shape = (*x.shape[:2], -1, attn.head_dim)
+    q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)  # (B, H, T, d), (B, H_kv, T, d)
+    if past is not None:
+        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+    groups = q.shape[1] // k.shape[1]
+    keys, values = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, T_all, d)
+    new, total = q.shape[2], keys.shape[2]
+    mask = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new)  # (T, T_all)
+    context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+    probabilities = None
+    if attention:
+        scores = (q @ keys.transpose(-1, -2)) * attn.scaling
+        probabilities = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    hidden = hidden + attn.o_proj(context.transpose(1, 2).reshape(*x.shape[:2], -1))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return BlockOutput(hidden, k, v, q, probabilities)
+
+
+def image_keep(drop: LlmDropConfig, out: BlockOutput, image: ImageSpan, keep: int) -> torch.Tensor:
+    """Which image tokens (indices among the block's `image.count`, ascending, (B, keep)) go on,
+    ranked from the block that was just run."""
+    if drop.method == "fastv":  # the attention each image token received, mean over heads and queries
+        return fastv_keep(out.attention, image.start, image.count, keep) - image.start
+    groups = out.queries.shape[1] // out.keys.shape[1]
+    image_keys = out.keys[:, :, image.start:image.start + image.count].repeat_interleave(groups, dim=1)
+    return pyramid_keep(out.queries[:, :, -1], image_keys, keep)  # the last instruction token's query
+
+
+class ReducedDecoder:
+    """A decoder-only language model whose image tokens are reduced inside it."""
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Linear, drop: LlmDropConfig = LlmDropConfig()):
+        self.decoder, self.lm_head, self.drop = decoder, lm_head, drop
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    def plan(self, image_tokens: int) -> list[int]:
+        """Image tokens each block sees."""
+        return image_tokens_per_layer(self.drop, self.num_layers, image_tokens)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(input_ids)
+
+    def prefill(self, embeds: torch.Tensor, image: ImageSpan) -> Prefill:
+        """embeds (B, T, C): the prompt with its image tokens. Runs every block, dropping image
+        tokens where the plan says; returns the last token's logits and each block's cache."""
+        batch, length, _ = embeds.shape
+        counts = [*self.plan(image.count), None]
+        positions = torch.arange(length, device=embeds.device).expand(batch, -1)  # (B, T)
+        hidden, cache, seen = embeds, [], []
+        for index, layer in enumerate(self.decoder.layers):
+            cos, sin = self.decoder.rotary_emb(hidden, positions)
+            dropping = counts[index + 1] is not None and counts[index + 1] < counts[index]
+            out = run_block(layer, hidden, cos, sin, attention=dropping and self.drop.method == "fastv")
+            cache.append((out.keys, out.values))
+            seen.append(positions)
+            hidden = out.hidden
+            if dropping:
+                span = ImageSpan(image.start, counts[index])
+                kept = image_keep(self.drop, out, span, counts[index + 1])
+                hidden, positions = keep_tokens(hidden, positions, image.start, span.count, kept)
+        logits = self.lm_head(self.decoder.norm(hidden[:, -1:]))[:, 0]
+        return Prefill(logits, cache, seen, length)
+
+    def decode(self, input_ids: torch.Tensor, position: int, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """input_ids (B, 1) at `position` -> its logits (B, V) and the grown cache."""
+        hidden = self.embed(input_ids)  # (B, 1, C)
+        positions = torch.full(input_ids.shape, position, dtype=torch.long, device=input_ids.device)
+        cos, sin = self.decoder.rotary_emb(hidden, positions)
+        grown = []
+        for layer, past in zip(self.decoder.layers, cache, strict=True):
+            out = run_block(layer, hidden, cos, sin, past)
+            grown.append((out.keys, out.values))
+            hidden = out.hidden
+        return self.lm_head(self.decoder.norm(hidden))[:, 0], grown
+
+
+def insert_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
+                          image_token_id: int) -> tuple[torch.Tensor, ImageSpan]:
+    """The prompt's embeddings (B, T, C) with its one run of image placeholders replaced by
+    `features` (B, N, C); ValueError when the placeholders are not one run of N in every row."""
+    placeholder = input_ids == image_token_id  # (B, T)
+    counts = placeholder.sum(dim=1).tolist()
+    starts = placeholder.int().argmax(dim=1).tolist()
+    count = features.shape[1]
+    if set(counts) != {count} or len(set(starts)) != 1 or not placeholder[:, starts[0]:starts[0] + count].all():
+        raise ValueError(f"the prompt must hold the {count} image tokens as one run at the same place in every row; "
+                         f"it holds {counts}")
+    merged = embeds.clone()
+    merged[:, starts[0]:starts[0] + count] = features.to(embeds.dtype)
+    return merged, ImageSpan(starts[0], count)
+
