@@ -13,8 +13,8 @@ from tests.conftest import tiny_export
 from turbo.cli.app import app
 from turbo.data.images import Sample, pixel_batch
 from turbo.models.build import build_plan
-from turbo.models.loading import load_image_processor, load_model, resolve_source
 from turbo.models.llava import placeholder_tokenizer
+from turbo.models.loading import load_image_processor, load_model, resolve_source
 from turbo.runtimes.llm_generation import image_prompt_ids
 
 runner = CliRunner()
@@ -111,9 +111,12 @@ def test_variants_turbo_cannot_take_are_one_line(tmp_path, image, changes, messa
     assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_llava_export_is_its_validated_vision_part_and_refuses_what_it_cannot_do(tmp_path_factory, tmp_path):
-    export = tiny_export(tmp_path_factory, "llava-interleave-qwen-0.5b", 2, batch=2)
+def test_a_vision_only_llava_export_is_validated_and_refuses_what_it_cannot_do(tmp_path_factory, tmp_path, image):
+    export = tiny_export(tmp_path_factory, "llava-interleave-qwen-0.5b", 2, batch=2)  # --no-decoder
     assert export.report.passed and export.manifest.onnx.outputs[0]["name"] == "image_features"
+    assert export.manifest.llm is None
+    result = runner.invoke(app, ["generate", str(export.directory), image, PROMPT])
+    assert result.exit_code == 2 and "has no language model graphs" in result.stderr
     for args in (["eval", str(export.directory), "--data", str(tmp_path)],
                  ["deploy", "triton", str(export.directory), "-o", str(tmp_path / "repository")]):
         result = runner.invoke(app, args)

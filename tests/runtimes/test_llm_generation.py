@@ -48,7 +48,8 @@ def test_unreduced_generation_is_transformers_generate(name):
         logits, cache = prefill.logits, prefill.cache
         for step, want in enumerate(out.logits):
             torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
-            logits, cache = decoder.decode(ours[:, step:step + 1], prefill.next_position + step, cache)
+            position = torch.tensor([[prefill.next_position + step]])
+            logits, cache = decoder.decode(ours[:, step:step + 1], position, cache)
 
 
 @pytest.mark.parametrize("name", LLAVA_MODELS)
@@ -155,7 +156,8 @@ def test_reduced_prefill_and_decode_equal_the_paper_reference(name, drop):
         logits, cache, tokens = prefill.logits, prefill.cache, []
         for step in range(3):
             tokens.append(int(logits.argmax()))
-            logits, cache = decoder.decode(torch.tensor([[tokens[-1]]]), prefill.next_position + step, cache)
+            logits, cache = decoder.decode(torch.tensor([[tokens[-1]]]), torch.tensor([[prefill.next_position + step]]),
+                                           cache)
             grown = torch.cat([embeds, decoder.embed(torch.tensor([tokens]))], dim=1)
             recomputed, _ = reference_logits(model, grown, image.start, image.count, drop, kept)
             torch.testing.assert_close(logits, recomputed, rtol=1e-4, atol=1e-5)

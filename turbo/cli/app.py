@@ -95,8 +95,9 @@ def export_command(
     tiny: bool = typer.Option(False, "--tiny", help="The registry model's 4-layer tiny variant (CI smoke checks)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Compare ONNX Runtime with PyTorch."),
-    decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="BLIP: also export the text decoder "
-                                 "(--no-decoder: the vision encoder only)."),
+    decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="BLIP: also export the text decoder; LLaVA: "
+                                 "the language model (--no-decoder: the vision encoder only)."),
+    llm_drop: str = typer.Option("none", "--llm-drop", help="LLaVA: " + LLM_DROP_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the manifest (turbo.json) on stdout."),
     quant: str | None = typer.Option(None, "--quant", help="Weight-only quantization of the encoder Linears: "
                                      "gptq-int4 | gptq-int8 | rtn-int4 (needs --calib)."),
@@ -157,7 +158,7 @@ def export_command(
                             random_weights=random_weights,
                             trt=trt_options, precision=None if trt else precision, validate=validate, tiny=tiny,
                             merge_op=merge_op, quant=quant, act_order=act_order, quant_heads=quant_heads,
-                            decoder=decoder, **calibration)
+                            decoder=decoder, llm_drop=llm_drop, **calibration)
     auto = AutoChoice(Path(data), max_drop, metric, settings.candidates) if data is not None else None
     run_export_command(options, auto, output, force, json_output)
 
@@ -348,21 +349,22 @@ def vqa_command(
 @app.command("generate")
 @user_errors
 def generate_command(
-    model: str = typer.Argument(..., help="An LLM-based VLM: registry name (llava-1.5-7b, "
-                                          "llava-interleave-qwen-0.5b), HF id or local directory."),
+    model: str = typer.Argument(..., help="An LLM-based VLM export directory (ONNX Runtime), or a model: registry "
+                                          "name (llava-1.5-7b, llava-interleave-qwen-0.5b), HF id or local "
+                                          "directory (PyTorch)."),
     image: str = typer.Argument(..., help="The image the prompt is about."),
     prompt: str = typer.Argument(..., help="The prompt, with <image> once where the image goes."),
     r: int | None = typer.Option(None, "--r", help="Tokens merged per vision-tower layer (default: the model's)."),
     method: str | None = typer.Option(None, "--method", help=METHOD_HELP),
     alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
-    llm_drop: str = typer.Option("none", "--llm-drop", help=LLM_DROP_HELP),
+    llm_drop: str | None = typer.Option(None, "--llm-drop", help=LLM_DROP_HELP + " A model's default: none."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Stop after this many tokens (or at its end)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="The architecture with random weights."),
     tiny: bool = typer.Option(False, "--tiny", help="The registry model's tiny variant (CI smoke checks)."),
     json_output: bool = typer.Option(False, "--json", help="Print the answer, token ids, timings, plan as JSON."),
 ) -> None:
     """Answer a prompt about an image, greedily, streaming tokens: the vision tower merged, the image
-    tokens reduced inside the language model (PyTorch, CPU)."""
+    tokens reduced inside the language model (an export on ONNX Runtime, or a model in PyTorch)."""
     from turbo.cli.commands.generate import run_generate_command
 
     run_generate_command(model, image, prompt, r, method, alpha, llm_drop, max_new_tokens, random_weights, tiny,

@@ -13,6 +13,9 @@ TOKENIZER_FILE = "tokenizer_config.json"
 TEXT_ENCODER_FILE = "text_encoder.onnx"  # retrieval: texts -> embeddings (weights of 1 GiB or more in .data)
 MATCH_FILE = "itm.onnx"  # retrieval with a matching head: (text, image tokens) -> match logits
 QUESTION_FILE = "question_encoder.onnx"  # VQA: (question, image tokens) -> question states
+LLM_PREFILL_FILE = "llm_prefill.onnx"  # LLM-based VLMs: the prompt with its image tokens -> logits, KV cache
+LLM_DECODE_FILE = "llm_decode.onnx"  # LLM-based VLMs: one token with the KV cache
+LLM_WEIGHTS_FILE = "llm.onnx.data"  # both language-model graphs' weights, each tensor once
 
 # Tensor names of the encoder graph
 INPUT_NAME = "pixel_values"
@@ -23,4 +26,7 @@ MATCH_LOGITS = "itm_logits"  # the matching head's output (B, 2): index 1, "the 
 QUESTION_INPUTS = (*TEXT_INPUTS, "image_embeds")  # the question encoder's: (B, L) int64 twice, (B, N, C)
 QUESTION_EMBEDS = "question_embeds"  # the question encoder's output (B, L, C), the answer decoder's cross input
 QUESTION_MASK = "question_mask"  # (B, L) int64: which question positions the answer decoder attends
+# Tensor names of the language-model graphs (LLM-based VLMs)
+LLM_PREFILL_INPUTS = ("prefix_ids", "image_features", "suffix_ids")  # (B, P) int64, (B, N, C), (B, S) int64
+LLM_DECODE_INPUTS = ("input_ids", "positions")  # (B, 1) int64 each, then past.L.key, past.L.value per layer
 TOKEN_SIZES = "token_sizes"  # (B, N_final): patches each output token stands for, the merge fingerprint

@@ -219,6 +219,33 @@ class TensorRTRecord:
 
 
 @dataclass
+class LanguageModelRecord:
+    """An LLM-based VLM's language model: its prefill and decode graphs, what they were built with,
+    and the image tokens each of its layers keeps."""
+
+    prefill: str
+    decode: str
+    weights: str
+    image_tokens: int  # image tokens the prefill reads (the vision merge's output)
+    image_per_layer: list[int]  # image tokens each layer keeps in its KV cache
+    llm_drop: str  # the reduction inside the language model, as --llm-drop takes it
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    image_token_id: int
+    eos_token_id: int | None
+    precision: str = "fp32"
+    tokenizer: Json = field(default_factory=dict)  # origin: the checkpoint's, or a placeholder vocabulary
+    weights_bytes: int = 0
+    shared_bytes: int = 0
+
+    @property
+    def files(self) -> list[str]:
+        return [self.prefill, self.decode, self.weights]
+
+
+@dataclass
 class Manifest:
     status: str  # passed | failed | not validated
     model: ModelRecord
@@ -237,6 +264,7 @@ class Manifest:
     question: QuestionRecord | None = None
     quantization: QuantizationRecord | None = None
     tensorrt: TensorRTRecord | None = None
+    llm: LanguageModelRecord | None = None
     files: dict[str, Json] = field(default_factory=dict)  # every file's "bytes" and "sha256" (core/integrity.py)
     schema_version: int = SCHEMA_VERSION
 
@@ -250,7 +278,7 @@ class Manifest:
             if item.name == "schema_version":
                 continue
             value = getattr(self, item.name)
-            if value is None and item.name in ("decoder", "text", "question", "quantization", "tensorrt"):
+            if value is None and item.name in ("decoder", "text", "question", "quantization", "tensorrt", "llm"):
                 continue
             data[item.name] = _plain(value)
         return data

@@ -6,11 +6,9 @@ the encoded question with its mask, both of dynamic length. Batch, prompt length
 are dynamic.
 """
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
 import torch
 from torch import nn
 from transformers import GenerationConfig
@@ -19,8 +17,7 @@ from turbo.core.errors import TurboError
 from turbo.core.files import DECODER_WEIGHTS_FILE as WEIGHTS_FILE
 from turbo.core.files import FIRST_STEP_FILE, GENERATION_FILE, QUESTION_EMBEDS, QUESTION_MASK, WITH_PAST_FILE
 from turbo.core.manifest import DecoderRecord
-from turbo.export.onnx_export import run_exporter
-from turbo.graph.shared_weights import save_with_shared_weights
+from turbo.export.onnx_export import GraphSpec, export_sharing_weights
 from turbo.graph.weight_quant import insert_dequantize
 from turbo.models.blip_decoder import (
     CROSS_KV,
@@ -87,18 +84,11 @@ def export_decoder(text_decoder: nn.Module, directory: Path, image_tokens: int |
                    else {0: batch} for name in graphs.past_inputs[1 + masked:])
     past_dynamic = ({0: batch}, *([cross_axes] if masked else []), cached)  # forward(input_ids, [mask,] *past)
     past_args = (ids[:, :1], *([mask] if masked else []), *cache)
-    with tempfile.TemporaryDirectory() as scratch:
-        protos = {}
-        for module, args, inputs, outputs, dynamic, name in (
-            (first, (ids, *cross_inputs), graphs.first_inputs, graphs.first_outputs, first_dynamic, FIRST_STEP_FILE),
-            (with_past, past_args, graphs.past_inputs, graphs.past_outputs, past_dynamic, WITH_PAST_FILE),
-        ):
-            program = run_exporter(module, args, inputs, outputs, dynamic, opset)
-            program.save(str(Path(scratch) / name), external_data=True)
-            protos[directory / name] = onnx.load(str(Path(scratch) / name))
-        if quantized:
-            _dequantize_weights(protos, quantized)
-        stats = save_with_shared_weights(protos, directory / WEIGHTS_FILE)
+    stats = export_sharing_weights(
+        [GraphSpec(first, (ids, *cross_inputs), graphs.first_inputs, graphs.first_outputs, first_dynamic,
+                   FIRST_STEP_FILE),
+         GraphSpec(with_past, past_args, graphs.past_inputs, graphs.past_outputs, past_dynamic, WITH_PAST_FILE)],
+        directory, WEIGHTS_FILE, opset, (lambda protos: _dequantize_weights(protos, quantized)) if quantized else None)
     return {
         "first_step": FIRST_STEP_FILE,
         "with_past": WITH_PAST_FILE,

@@ -8,7 +8,10 @@ import contextlib
 import io
 import logging
 import sys
+import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -19,6 +22,7 @@ from torch import nn
 from turbo.core.errors import TurboError, UsageError, describe_error
 from turbo.core.files import INPUT_NAME, TOKEN_SIZES  # noqa: F401 (re-exported: the graph's tensor names)
 from turbo.graph.merge_functions import fold_merge_blocks
+from turbo.graph.shared_weights import save_with_shared_weights
 from turbo.merging.merge import KERNELS  # also registers turbo::gather_tokens
 from turbo.models.build import BuiltPlan
 
@@ -125,6 +129,35 @@ def run_exporter(module: nn.Module, args: tuple, input_names: list[str], output_
         raise ExportError(f"torch.onnx.export failed: {describe_error(exc)}") from exc
     finally:
         exporter_log.setLevel(level)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph of a set that shares weights: its module, example inputs and names."""
+
+    module: nn.Module
+    args: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: dict | tuple | None
+    file: str
+
+
+def export_sharing_weights(graphs: list[GraphSpec], directory: Path, weights_file: str, opset: int,
+                           transform: Callable[[dict], None] | None = None) -> dict[str, int]:
+    """Export each graph into `directory`, their weights stored once in `weights_file`;
+    `transform` may rewrite the loaded protos (path -> ModelProto) first. Returns the bytes
+    written and shared."""
+    with tempfile.TemporaryDirectory() as scratch:
+        protos = {}
+        for graph in graphs:
+            program = run_exporter(graph.module, graph.args, graph.input_names, graph.output_names,
+                                   graph.dynamic_shapes, opset)
+            program.save(str(Path(scratch) / graph.file), external_data=True)
+            protos[directory / graph.file] = onnx.load(str(Path(scratch) / graph.file))
+        if transform is not None:
+            transform(protos)
+        return save_with_shared_weights(protos, directory / weights_file)
 
 
 def fold_merge_ops(path: Path, kernel: str) -> None:

@@ -10,6 +10,7 @@ from turbo.export.onnx_export import DEFAULT_OPSET
 from turbo.export.quant_export import QuantOptions
 from turbo.export.tensorrt.stage import TrtOptions
 from turbo.graph.weight_quant import MIN_OPSET as QUANT_OPSET
+from turbo.merging.llm_drop import LlmDropConfig, parse_llm_drop
 from turbo.models.build import BuiltPlan, build_plan
 
 Stage = Callable[[str], AbstractContextManager]
@@ -45,7 +46,8 @@ class ExportOptions:
     calib_seed: int = 0
     calib_images: str | None = None  # image root of a COCO-format --calib file (default: the file's folder)
     quant_heads: bool = False  # also the classifier (ViT) and the LM head (BLIP), excluded by default
-    decoder: bool = True  # captioning models: also the text decoder (False: the vision encoder only)
+    decoder: bool = True  # captioning models and VLMs: also the text side (False: the vision encoder only)
+    llm_drop: str = "none"  # LLM-based VLMs: the image-token reduction inside the language model
     trt: TrtOptions | None = None  # also build a TensorRT engine (model.plan) from the validated ONNX
 
     def __post_init__(self) -> None:
@@ -66,7 +68,8 @@ class ExportOptions:
             opset=onnx_info.opset, batch=onnx_info.static_batch, image_size=onnx_info.image_size,
             precision=onnx_info.precision, random_weights=model.random_weights,
             seed=model.seed if model.seed is not None else 0, tiny=model.tiny, merge_op=onnx_info.merge_op,
-            **_quant_options(manifest.quantization), decoder=manifest.decoder is not None,
+            **_quant_options(manifest.quantization), decoder=manifest.decoder is not None or manifest.llm is not None,
+            llm_drop=manifest.llm.llm_drop if manifest.llm else "none",
         )
 
     def quantization(self) -> QuantOptions | None:
@@ -75,6 +78,9 @@ class ExportOptions:
             return None
         return QuantOptions(self.quant, self.calib, self.group_size, self.act_order, self.calib_size, self.calib_seed,
                             self.calib_images, self.quant_heads)
+
+    def llm_drop_config(self) -> LlmDropConfig:
+        return parse_llm_drop(self.llm_drop)
 
     def plan(self) -> BuiltPlan:
         return build_plan(self.model, self.r, self.method, self.alpha, self.schedule, self.threshold, self.fusion,

@@ -27,6 +27,7 @@ from turbo.core.manifest import (
 )
 from turbo.core.staging import check_target, staged_directory
 from turbo.export.decoder_export import export_captioner
+from turbo.export.llm_export import export_language_model
 from turbo.export.onnx_export import PRECISIONS, check_export_options, export_onnx, fold_merge_ops
 from turbo.export.options import ExportOptions, Stage, no_stage
 from turbo.export.quant_export import check_quant_options
@@ -37,6 +38,7 @@ from turbo.export.validate import ValidationReport
 from turbo.export.vqa_export import export_answerer
 from turbo.graph.summary import GraphSummary, summarize
 from turbo.models.build import BuiltPlan
+from turbo.models.llm_plan import llm_plan
 from turbo.models.loading import load_image_processor, load_tokenizer
 from turbo.runtimes.availability import tensorrt_reason, tensorrt_version
 
@@ -70,6 +72,8 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
                              f"not {options.precision}")
         check_trt_options(options.trt, options.batch, options.quant, tensorrt_version())
     built = options.plan()
+    if built.source.adapter.language_model is not None or options.llm_drop != "none":
+        llm_plan(built, options.llm_drop_config())  # a reduction that cannot run is refused before anything
     check_target(Path(output), force, protect=Path(built.source.location))
     seconds: dict[str, float] = {}
 
@@ -84,7 +88,8 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
         captioning = built.source.adapter.caption_decoder is not None and options.decoder
         retrieval = built.source.adapter.text_tower is not None
         answering = built.source.adapter.question_answerer is not None
-        reads_text = captioning or retrieval or answering
+        generating = built.source.adapter.language_model is not None and options.decoder
+        reads_text = captioning or retrieval or answering or generating
         tokenizer = (lambda: load_tokenizer(built.source, options.random_weights)) if reads_text else None
         reference = prepare_model(built, options, tokenizer, timed)
         model, module, quantized = reference.model, reference.module, reference.quantized
@@ -114,18 +119,25 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
             with timed("text"):
                 question, decoder = export_answerer(model, built.source, reference.tokenizer, staging,
                                                     built.plan.final_tokens, options.opset)
+        llm = None
+        if generating:
+            with timed("language model"):
+                image_tokens = built.source.adapter.language_model.image_tokens(built.source.config,
+                                                                               built.plan.final_tokens)
+                llm = export_language_model(model, built.source, reference.tokenizer, staging, image_tokens,
+                                            options.llm_drop_config(), options.opset)
         summary = summarize(staging / MODEL_FILE)
         report = None
         if options.validate:
             with timed("validate"):
-                report = validate_files(reference, built, options, staging, summary, decoder, text, question)
+                report = validate_files(reference, built, options, staging, summary, decoder, text, question, llm)
         warnings = []
         if not options.random_weights and processor_origin.endswith("default"):
             warnings.append(f"{built.source.location} has no image processor config; wrote the "
                             f"{processor_origin} (check its mean/std and resize before serving)")
         manifest = _manifest(built, options, model, summary, report, staging, processor_origin, seconds, started,
                              command_line)
-        manifest.decoder, manifest.text, manifest.question = decoder, text, question
+        manifest.decoder, manifest.text, manifest.question, manifest.llm = decoder, text, question, llm
         manifest.quantization = quantized.record() if quantized is not None else None
         engine_report = missing = None
         if options.trt is not None:

@@ -12,8 +12,9 @@ from pathlib import Path
 from torch import nn
 
 from turbo.core.files import MODEL_FILE
-from turbo.core.manifest import DecoderRecord, QuestionRecord, TextRecord
+from turbo.core.manifest import DecoderRecord, LanguageModelRecord, QuestionRecord, TextRecord
 from turbo.export.decoder_validate import captions_are_exact, validate_decoder
+from turbo.export.llm_export import validate_language_model
 from turbo.export.onnx_export import ExportModule
 from turbo.export.options import ExportOptions, Stage, no_stage
 from turbo.export.quant_export import INT8, QuantizedModel, quantize_model
@@ -25,6 +26,7 @@ from turbo.models.build import BuiltPlan
 from turbo.models.loading import load_model
 from turbo.models.patch import apply_turbo
 from turbo.runtimes.caption import CaptionPipeline
+from turbo.runtimes.llm_onnx import OnnxVlm
 from turbo.runtimes.vqa import VqaPipeline
 
 
@@ -62,12 +64,14 @@ def prepare_model(built: BuiltPlan, options: ExportOptions,
 
 def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportOptions, directory: Path,
                    summary: GraphSummary, decoder: DecoderRecord | None, text: TextRecord | None = None,
-                   question: QuestionRecord | None = None, static_checks: bool = True) -> ValidationReport:
+                   question: QuestionRecord | None = None, llm: LanguageModelRecord | None = None,
+                   static_checks: bool = True) -> ValidationReport:
     """The encoder graph against the PyTorch model (and against the plan, with static_checks); a
     captioning export's decoder graphs and whole captions against upstream generate; a retrieval
     export's text encoder against the PyTorch text tower; a VQA export's question encoder, answer
-    decoder and whole answers against PyTorch and upstream generate; a quantized export's quality
-    against the fp32 model."""
+    decoder and whole answers against PyTorch and upstream generate; an LLM-based VLM's language
+    model graphs and greedy tokens against PyTorch; a quantized export's quality against the fp32
+    model."""
     path = directory / MODEL_FILE
     report = validate_export(reference.module, reference.module.output_names(), path, summary,
                              built.plan, options.kernel, options.batch, options.precision, built.pixel_shape,
@@ -83,6 +87,10 @@ def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportO
         pipeline = CaptionPipeline.load(directory, MODEL_FILE, decoder, options.batch, exact=True)
         validate_decoder(reference.model, built.source.adapter.caption_decoder, pipeline, report, built.pixel_shape,
                          built.interpolate_pos_encoding, decoder.prompt, exact_text, options.seed)
+    if llm is not None:
+        pipeline = OnnxVlm(directory, MODEL_FILE, llm, options.batch)
+        validate_language_model(reference.model, built.source, options.llm_drop_config(), pipeline, report,
+                                built.pixel_shape, built.interpolate_pos_encoding, exact_text, options.seed)
     if text is not None:
         adapter = built.source.adapter
         validate_text_tower(reference.model, adapter.text_tower, directory, text,

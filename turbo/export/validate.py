@@ -125,10 +125,13 @@ def seeded_pixels(batch: int, pixel_shape: tuple[int, int, int], seed: int = 0) 
 
 
 def weighted_mean_token(tokens: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
-    """(S, N, C), token sizes (S, N) -> (S, C): the mean over the original patches, whatever was
-    merged (without sizes, every token counts once)."""
+    """(S, N, C), token sizes (S, N') -> (S, C): the mean over the original patches, whatever was
+    merged (without sizes, every token counts once). Sizes of leading tokens the output leaves out
+    (LLaVA's features: the CLS token) are skipped."""
     tokens = tokens.astype(np.float64)
-    sizes = np.ones(tokens.shape[:2]) if sizes is None else sizes.astype(np.float64)
+    if sizes is None:
+        sizes = np.ones(tokens.shape[:2])
+    sizes = sizes[:, sizes.shape[1] - tokens.shape[1]:].astype(np.float64)
     return (tokens * sizes[..., None]).sum(axis=1) / sizes.sum(axis=1, keepdims=True)
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from turbo.core.errors import UsageError
+
 LLM_DROPS = ("none", "fastv", "pyramid")
 
 
@@ -53,7 +55,14 @@ class LlmDropConfig:
 
 def parse_llm_drop(text: str) -> LlmDropConfig:
     """`fastv`, `fastv:layer=3,ratio=0.75`, `pyramid:stages=4,keep=0.5`, `none` -> its config;
-    ValueError naming what is wrong."""
+    UsageError naming what is wrong."""
+    try:
+        return _parse(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _parse(text: str) -> LlmDropConfig:
     method, _, settings = text.partition(":")
     try:
         config = LlmDropConfig(method.strip())
@@ -126,11 +135,12 @@ def decode_flops(cached_per_layer: list[int], hidden: int, intermediate: int) ->
 
 
 def fastv_keep(attention: torch.Tensor, image_start: int, image_tokens: int, keep: int) -> torch.Tensor:
-    """attention (B, H, Q, T): one layer's attention probabilities. Returns the positions (B, keep)
-    of the image tokens (T-axis positions image_start .. image_start + image_tokens − 1) that
-    received the most attention, mean over heads and queries, in ascending order."""
+    """attention (B, H, Q, T): one layer's attention probabilities, the image tokens at T-axis
+    positions image_start .. image_start + image_tokens − 1. Returns the indices (B, keep) among
+    the image tokens of those that received the most attention, mean over heads and queries, in
+    ascending order."""
     received = attention.mean(dim=(1, 2))[:, image_start:image_start + image_tokens]  # (B, N)
-    return received.topk(keep, dim=-1).indices.sort(dim=-1).values + image_start
+    return received.topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
 def pyramid_keep(query: torch.Tensor, image_keys: torch.Tensor, keep: int) -> torch.Tensor:

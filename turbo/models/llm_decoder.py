@@ -56,7 +56,8 @@ def run_block(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: to
     groups = q.shape[1] // k.shape[1]
     keys, values = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, T_all, d)
     new, total = q.shape[2], keys.shape[2]
-    mask = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new)  # (T, T_all)
+    query_at = torch.arange(new, device=q.device)[:, None] + (total - new)  # each new token's place among all
+    mask = torch.arange(total, device=q.device)[None, :] <= query_at  # (T, T_all)
     context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
     probabilities = None
     if attention:
@@ -71,7 +72,7 @@ def image_keep(drop: LlmDropConfig, out: BlockOutput, image: ImageSpan, keep: in
     """Which image tokens (indices among the block's `image.count`, ascending, (B, keep)) go on,
     ranked from the block that was just run."""
     if drop.method == "fastv":  # the attention each image token received, mean over heads and queries
-        return fastv_keep(out.attention, image.start, image.count, keep) - image.start
+        return fastv_keep(out.attention, image.start, image.count, keep)
     groups = out.queries.shape[1] // out.keys.shape[1]
     image_keys = out.keys[:, :, image.start:image.start + image.count].repeat_interleave(groups, dim=1)
     return pyramid_keep(out.queries[:, :, -1], image_keys, keep)  # the last instruction token's query
@@ -115,10 +116,9 @@ class ReducedDecoder:
         logits = self.lm_head(self.decoder.norm(hidden[:, -1:]))[:, 0]
         return Prefill(logits, cache, seen, length)
 
-    def decode(self, input_ids: torch.Tensor, position: int, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
-        """input_ids (B, 1) at `position` -> its logits (B, V) and the grown cache."""
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """input_ids (B, 1) at positions (B, 1) -> their logits (B, V) and the grown cache."""
         hidden = self.embed(input_ids)  # (B, 1, C)
-        positions = torch.full(input_ids.shape, position, dtype=torch.long, device=input_ids.device)
         cos, sin = self.decoder.rotary_emb(hidden, positions)
         grown = []
         for layer, past in zip(self.decoder.layers, cache, strict=True):
@@ -143,3 +143,43 @@ def insert_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, feature
     merged[:, starts[0]:starts[0] + count] = features.to(embeds.dtype)
     return merged, ImageSpan(starts[0], count)
 
+
+
+def flat_cache(cache: KVCache) -> tuple[torch.Tensor, ...]:
+    """keys 0, values 0, keys 1, ... as graphs take and give them."""
+    return tuple(tensor for pair in cache for tensor in pair)
+
+
+def paired_cache(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> KVCache:
+    return list(zip(tensors[0::2], tensors[1::2], strict=True))
+
+
+class PrefillGraph(nn.Module):
+    """The prefill as one graph: (prefix_ids (B, P), image_features (B, N, C), suffix_ids (B, S)) ->
+    (logits (B, V), keys 0, values 0, ...), each block's cache (B, H_kv, P + N_block + S, d)."""
+
+    def __init__(self, decoder: ReducedDecoder):
+        super().__init__()
+        self.decoder, self.lm_head, self.drop = decoder.decoder, decoder.lm_head, decoder.drop
+
+    def forward(self, prefix_ids: torch.Tensor, image_features: torch.Tensor,
+                suffix_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        reduced = ReducedDecoder(self.decoder, self.lm_head, self.drop)
+        embeds = torch.cat([reduced.embed(prefix_ids), image_features, reduced.embed(suffix_ids)], dim=1)
+        prefill = reduced.prefill(embeds, ImageSpan(prefix_ids.shape[1], image_features.shape[1]))
+        return prefill.logits, *flat_cache(prefill.cache)
+
+
+class DecodeGraph(nn.Module):
+    """One decode step as one graph: (input_ids (B, 1), positions (B, 1), keys 0, values 0, ...) ->
+    (logits (B, V), the grown keys 0, values 0, ...)."""
+
+    def __init__(self, decoder: ReducedDecoder):
+        super().__init__()
+        self.decoder, self.lm_head, self.drop = decoder.decoder, decoder.lm_head, decoder.drop
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        reduced = ReducedDecoder(self.decoder, self.lm_head, self.drop)
+        logits, cache = reduced.decode(input_ids, positions, paired_cache(past))
+        return logits, *flat_cache(cache)

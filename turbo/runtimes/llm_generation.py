@@ -16,6 +16,13 @@ from turbo.models.llm_decoder import ReducedDecoder, insert_image_features
 def image_prompt_ids(tokenizer, prompt: str, image_token_id: int, image_tokens: int) -> list[int]:
     """The prompt's token ids with its one image placeholder expanded to `image_tokens` copies;
     UsageError for a prompt without exactly one."""
+    before, after = split_prompt(tokenizer, prompt, image_token_id)
+    return before + [image_token_id] * image_tokens + after
+
+
+def split_prompt(tokenizer, prompt: str, image_token_id: int) -> tuple[list[int], list[int]]:
+    """The prompt's token ids before and after its one image placeholder; UsageError for a prompt
+    without exactly one."""
     ids = tokenizer(prompt)["input_ids"]
     found = ids.count(image_token_id)
     if found != 1:
@@ -24,7 +31,7 @@ def image_prompt_ids(tokenizer, prompt: str, image_token_id: int, image_tokens: 
         raise UsageError(f"the prompt has {what}: put {placeholder} once where the image goes, e.g. "
                          f"\"USER: {placeholder}\\nWhat is in the picture? ASSISTANT:\"")
     at = ids.index(image_token_id)
-    return ids[:at] + [image_token_id] * image_tokens + ids[at + 1:]
+    return ids[:at], ids[at + 1:]
 
 
 @dataclass
@@ -58,7 +65,7 @@ class VlmGenerator:
                     finished |= tokens == eos_token_id
                 if finished.all() or step == max_new_tokens - 1:
                     return
-                logits, cache = decoder.decode(tokens[:, None], position, cache)
+                logits, cache = decoder.decode(tokens[:, None], torch.full_like(tokens[:, None], position), cache)
                 position += 1
 
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,

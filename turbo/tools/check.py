@@ -15,6 +15,7 @@ from turbo.core.files import IMAGE_TOKENS, QUESTION_INPUTS, TOKENIZER_FILE
 from turbo.core.integrity import IntegrityError, verify_files
 from turbo.core.manifest import Manifest, ManifestError, PlanRecord, read_export_manifest
 from turbo.export.decoder_validate import DECODER_RUN
+from turbo.export.llm_export import LLM_RUN
 from turbo.export.options import ExportOptions
 from turbo.export.quant_export import INT8
 from turbo.export.reference import prepare_model, validate_files
@@ -213,17 +214,17 @@ def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport,
     path = directory / manifest.onnx.file
     try:
         validation = validate_files(reference, built, options, directory, summarize(path), manifest.decoder,
-                                    manifest.text, manifest.question, static_checks=False)
+                                    manifest.text, manifest.question, manifest.llm, static_checks=False)
     except TurboError as exc:  # the decoder graphs do not fit the encoder (checked above, reported here too)
         report.add("ORT vs PyTorch", False, str(exc))
         return
-    encoder = [c for c in validation.outputs if not c.run.startswith(DECODER_RUN)]
-    decoder = [c for c in validation.outputs if c.run.startswith(DECODER_RUN)]
+    text_runs = (DECODER_RUN, LLM_RUN)
+    encoder = [c for c in validation.outputs if not c.run.startswith(text_runs)]
     error = validation.runtime_error
     worst = max((c.max_abs_diff for c in encoder), default=float("inf"))
     if options.quant != INT8:
         decisions = sum(max(d.tokens_differing, 0) for d in validation.decisions if d.gated)
-        passed = (not error or error.startswith(DECODER_RUN)) and validation.names_match and bool(encoder) \
+        passed = (not error or error.startswith(text_runs)) and validation.names_match and bool(encoder) \
             and all(c.passed for c in encoder + validation.decisions)
         report.add("ORT vs PyTorch", passed,
                    error or f"max abs diff {worst:.2e}, {decisions} gated merge decisions differ")
@@ -231,13 +232,16 @@ def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport,
         report.add("quantized vs fp32", all(q.passed for q in validation.quality),
                    "; ".join(f"{q.name} {q.value:.4f} (min {q.minimum:g}{'' if q.gated else ', not gated'})"
                              for q in validation.quality))
-    if manifest.decoder is not None:
-        worst_logits = max((c.max_abs_diff for c in decoder), default=float("inf"))
+    for record, run, name in ((manifest.decoder, DECODER_RUN, "decoder"), (manifest.llm, LLM_RUN, "language model")):
+        if record is None:
+            continue
+        checks = [c for c in validation.outputs if c.run.startswith(run)]
+        worst_logits = max((c.max_abs_diff for c in checks), default=float("inf"))
         differing = sum(c.sequences_differing for c in validation.captions)
-        decoder_error = error if error and error.startswith(DECODER_RUN) else None
-        report.add("decoder vs PyTorch",
-                   decoder_error is None and bool(decoder) and all(c.passed for c in decoder + validation.captions),
-                   decoder_error or f"logits max abs diff {worst_logits:.2e}, {differing} greedy sequences differ")
+        side_error = error if error and error.startswith(run) else None
+        report.add(f"{name} vs PyTorch",
+                   side_error is None and bool(checks) and all(c.passed for c in checks + validation.captions),
+                   side_error or f"logits max abs diff {worst_logits:.2e}, {differing} greedy sequences differ")
     if max_diff is not None:
         report.add("gate: max diff", worst <= max_diff, f"{worst:.2e} (limit {max_diff:g})")
     if min_agreement is not None:

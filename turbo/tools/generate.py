@@ -2,19 +2,22 @@
 vision tower merged and the image tokens reduced inside the language model; PyTorch, streaming."""
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from turbo.core.errors import UsageError
+from turbo.core.files import MANIFEST_FILE
 from turbo.data.images import Sample, pixel_batch
-from turbo.merging.llm_drop import LlmDropConfig
+from turbo.export.options import ExportOptions
+from turbo.merging.llm_drop import parse_llm_drop
 from turbo.models.build import build_merged_model, build_plan
 from turbo.models.llm_plan import LlmPlan, llm_plan
 from turbo.models.loading import load_image_processor, load_tokenizer
-from turbo.runtimes.llm_generation import VlmGenerator, image_prompt_ids
+from turbo.runtimes.llm_generation import VlmGenerator, image_prompt_ids, split_prompt
+from turbo.runtimes.llm_onnx import OnnxVlm
 
 
 @dataclass
@@ -27,7 +30,7 @@ class GenerateOptions:
     alpha: float | None = None
     schedule: str = "constant"
     threshold: int | None = None
-    llm_drop: LlmDropConfig = field(default_factory=LlmDropConfig)
+    llm_drop: str | None = None  # as --llm-drop takes it; None: none (a model) or the export's
     max_new_tokens: int = 32
     random_weights: bool = False
     tiny: bool = False
@@ -53,22 +56,26 @@ class Generation:
 
 @dataclass
 class PreparedGeneration:
-    """A checked request: the merged model, its tokenizer, the image and the prompt's ids."""
+    """A checked request, ready to stream."""
 
-    generator: VlmGenerator
+    tokens: Callable[[int], Iterator[int]]  # max_new_tokens -> the greedy tokens, as they come
     tokenizer: object
-    pixels: torch.Tensor  # (1, C, H, W)
-    input_ids: list[int]
-    eos_token_id: int | None
+    prompt_tokens: int
     plan: LlmPlan
+    runtime: str  # pytorch | onnxruntime
+    random_weights: bool
 
 
 def prepare_generation(options: GenerateOptions) -> PreparedGeneration:
-    """Check the request and load what it needs; UsageError before any model is built."""
+    """Check the request and load what it needs (a model in PyTorch, or an export on ONNX
+    Runtime); UsageError before any model is built."""
     if options.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, not {options.max_new_tokens}")
     if not options.image.is_file():
         raise UsageError(f"no such image file: {options.image}")
+    if (Path(options.model) / MANIFEST_FILE).is_file():
+        return _prepare_export(options)
+    drop = parse_llm_drop(options.llm_drop or "none")
     built = build_plan(options.model, options.r, options.method, options.alpha, options.schedule, options.threshold,
                        tiny=options.tiny)
     language = built.source.adapter.language_model
@@ -82,26 +89,52 @@ def prepare_generation(options: GenerateOptions) -> PreparedGeneration:
     config = built.source.config
     image_tokens = language.image_tokens(config, built.plan.final_tokens)
     ids = image_prompt_ids(tokenizer, options.prompt, language.image_token_id(config), image_tokens)
-    plan = llm_plan(built, options.llm_drop, len(ids) - image_tokens)
+    plan = llm_plan(built, drop, len(ids) - image_tokens)
     pixels = torch.from_numpy(pixel_batch([Sample(options.image)], processor, built.pixel_shape[0]))
     model, _ = build_merged_model(built, options.random_weights, seed=options.seed)
-    generator = VlmGenerator(model, language, options.llm_drop, built.interpolate_pos_encoding)
-    return PreparedGeneration(generator, tokenizer, pixels, ids, language.special_ids(config).get("eos_token_id"),
-                              plan)
+    generator = VlmGenerator(model, language, drop, built.interpolate_pos_encoding)
+    eos = language.special_ids(config).get("eos_token_id")
+
+    def tokens(max_new_tokens: int) -> Iterator[int]:
+        return (int(step[0]) for step in generator.stream(pixels, torch.tensor([ids]), max_new_tokens, eos))
+
+    return PreparedGeneration(tokens, tokenizer, len(ids), plan, "pytorch", options.random_weights)
+
+
+def _prepare_export(options: GenerateOptions) -> PreparedGeneration:
+    """An export directory: its vision graph and language-model graphs on ONNX Runtime, with the
+    merge and the reduction it was exported with."""
+    given = [flag for flag, value in (("--r", options.r), ("--method", options.method), ("--alpha", options.alpha),
+                                      ("--llm-drop", options.llm_drop)) if value is not None]
+    if given or options.random_weights or options.tiny:
+        flags = given + ["--random-weights"] * options.random_weights + ["--tiny"] * options.tiny
+        raise UsageError(f"{options.model} is an export: it carries its model, merge and --llm-drop; drop "
+                         f"{', '.join(flags)} (or pass a model to run it in PyTorch)")
+    vlm = OnnxVlm.open(options.model)
+    record = vlm.record
+    prefix, suffix = split_prompt(vlm.tokenizer, options.prompt, record.image_token_id)
+    built = ExportOptions.from_manifest(vlm.manifest).plan()
+    plan = llm_plan(built, parse_llm_drop(record.llm_drop), len(prefix) + len(suffix))
+    pixels = pixel_batch([Sample(options.image)], vlm.processor, built.pixel_shape[0])
+
+    def tokens(max_new_tokens: int) -> Iterator[int]:
+        steps = vlm.stream(vlm.image_features(pixels), prefix, suffix, max_new_tokens, record.eos_token_id)
+        return (int(logits[0].argmax()) for logits in steps)
+
+    return PreparedGeneration(tokens, vlm.tokenizer, len(prefix) + record.image_tokens + len(suffix), plan,
+                              "onnxruntime", vlm.manifest.model.random_weights)
 
 
 def stream_generation(prepared: PreparedGeneration, max_new_tokens: int, result: Generation) -> Iterator[str]:
     """Yields the answer's text piece by piece (whole characters); fills `result` as it goes."""
-    result.plan, result.prompt_tokens = prepared.plan, len(prepared.input_ids)
+    result.plan, result.prompt_tokens = prepared.plan, prepared.prompt_tokens
     tokenizer = prepared.tokenizer
     begin = time.perf_counter()
     shown = ""
-    stream = prepared.generator.stream(prepared.pixels, torch.tensor([prepared.input_ids]), max_new_tokens,
-                                       prepared.eos_token_id)
-    for tokens in stream:
+    for token in prepared.tokens(max_new_tokens):
         if not result.token_ids:
             result.first_token_s = time.perf_counter() - begin
-        result.token_ids.append(int(tokens[0]))
+        result.token_ids.append(token)
         text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
         if len(text) > len(shown) and not text.endswith("\ufffd"):
             yield text[len(shown):]

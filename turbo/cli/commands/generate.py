@@ -4,30 +4,20 @@ import sys
 from pathlib import Path
 
 from turbo.cli.output import print_json, stderr
-from turbo.core.errors import UsageError
 
 NOISE_WARNING = ("random weights (--random-weights): the answer is noise, and the tokenizer a placeholder "
                  "vocabulary")
 
 
-def parse_drop(text: str):
-    from turbo.merging.llm_drop import parse_llm_drop
-
-    try:
-        return parse_llm_drop(text)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def run_generate_command(model: str, image: str, prompt: str, r: int | None, method: str | None,
-                         alpha: float | None, llm_drop: str, max_new_tokens: int, random_weights: bool, tiny: bool,
-                         json_output: bool) -> None:
+                         alpha: float | None, llm_drop: str | None, max_new_tokens: int, random_weights: bool,
+                         tiny: bool, json_output: bool) -> None:
     from turbo.tools.generate import GenerateOptions, Generation, prepare_generation, stream_generation
 
-    options = GenerateOptions(model, Path(image), prompt, r, method, alpha, llm_drop=parse_drop(llm_drop),
+    options = GenerateOptions(model, Path(image), prompt, r, method, alpha, llm_drop=llm_drop,
                               max_new_tokens=max_new_tokens, random_weights=random_weights, tiny=tiny)
     prepared = prepare_generation(options)
-    if random_weights:
+    if prepared.random_weights:
         stderr.print(f"[yellow]warning:[/] {NOISE_WARNING}", highlight=False)
     result = Generation()
     for piece in stream_generation(prepared, max_new_tokens, result):
@@ -36,14 +26,14 @@ def run_generate_command(model: str, image: str, prompt: str, r: int | None, met
             sys.stdout.flush()
     plan = result.plan
     if json_output:
-        print_json({"model": model, "image": image, "prompt": prompt, "random_weights": random_weights,
+        print_json({"model": model, "image": image, "prompt": prompt, "random_weights": prepared.random_weights,
                     "text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
                     "first_token_s": round(result.first_token_s, 4), "seconds": round(result.seconds, 4),
-                    "decode_tokens_per_s": round(result.decode_tokens_per_s, 2), "runtime": "pytorch",
+                    "decode_tokens_per_s": round(result.decode_tokens_per_s, 2), "runtime": prepared.runtime,
                     **plan.to_dict()})
     else:
         print()
     stderr.print(f"{len(result.token_ids)} tokens; first after {result.first_token_s:.2f} s, then "
-                 f"{result.decode_tokens_per_s:.1f} tokens/s (pytorch); the LLM read {plan.image_tokens} image tokens "
-                 f"of {plan.unmerged_image_tokens} ({plan.drop.label}: {plan.image_per_layer[-1]} in its last layer)",
-                 highlight=False)
+                 f"{result.decode_tokens_per_s:.1f} tokens/s ({prepared.runtime}); the LLM read {plan.image_tokens} "
+                 f"image tokens of {plan.unmerged_image_tokens} ({plan.drop.label}: {plan.image_per_layer[-1]} in its "
+                 "last layer)", highlight=False)

@@ -9,13 +9,13 @@ from turbo.core.errors import UsageError
 def run_plan(model: str, r: int | None, method: str | None, alpha: float | None, schedule: str,
              threshold: int | None, image_size: tuple[int, int] | None, tiny: bool, llm_drop: str, prompt_tokens: int,
              json_output: bool) -> None:
-    from turbo.cli.commands.generate import parse_drop
+    from turbo.merging.llm_drop import parse_llm_drop
     from turbo.models.build import build_plan
     from turbo.models.llm_plan import llm_plan
     from turbo.tools.merge_choice import Candidate
 
     built = build_plan(model, r, method, alpha, schedule, threshold, tiny=tiny, image_size=image_size)
-    drop = parse_drop(llm_drop)
+    drop = parse_llm_drop(llm_drop)
     if prompt_tokens < 1:
         raise UsageError(f"--prompt-tokens must be at least 1, not {prompt_tokens}")
     language = None

@@ -1,0 +1,94 @@
+"""LLaVA exports with their language model: validated graphs, `turbo check`, and `turbo generate`
+on ONNX Runtime giving PyTorch's tokens, and transformers' own with every reduction off."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.conftest import tiny_export
+from turbo.cli.app import app
+from turbo.data.images import Sample, pixel_batch
+from turbo.models.loading import load_image_processor, load_model, resolve_source
+from turbo.models.llava import placeholder_tokenizer
+from turbo.runtimes.llm_generation import image_prompt_ids
+
+runner = CliRunner()
+PROMPT = "USER: <image>\nWhat is shown here? ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("image") / "photo.png"
+    Image.fromarray((np.random.default_rng(1).random((60, 44, 3)) * 255).astype("uint8")).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory):
+    return tiny_export(tmp_path_factory, "llava-1.5-7b", 2, decoder=True, llm_drop="pyramid:stages=2,keep=0.5")
+
+
+@pytest.fixture(scope="module")
+def exact(tmp_path_factory):
+    return tiny_export(tmp_path_factory, "llava-interleave-qwen-0.5b", 0, decoder=True)
+
+
+def generate(*args: str) -> dict:
+    result = runner.invoke(app, ["generate", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_the_export_holds_validated_language_model_graphs(reduced):
+    manifest = reduced.manifest
+    assert reduced.report.passed
+    runs = {check.run for check in reduced.report.outputs}
+    assert {"language model prefill", "language model decode (3 steps)"} <= runs
+    assert [check.passed for check in reduced.report.captions] == [True]
+    assert manifest.llm.image_tokens == 36 - 4 * 2  # 36 patches, r=2 in the 4 blocks up to the feature layer
+    assert manifest.llm.image_per_layer == [28, 28, 14, 14] and manifest.llm.llm_drop == "pyramid:stages=2,keep=0.5"
+    result = runner.invoke(app, ["check", str(reduced.directory), "--json"])
+    assert result.exit_code == 0, result.output
+    checks = {row["name"]: row for row in json.loads(result.stdout)["checks"]}
+    assert checks["language model vs PyTorch"]["passed"]
+
+
+def test_generate_on_onnx_runtime_gives_the_pytorch_tokens(reduced, image):
+    got = generate(str(reduced.directory), image, PROMPT, "--max-new-tokens", "8")
+    want = generate("llava-1.5-7b", image, PROMPT, "--r", "2", "--llm-drop", "pyramid:stages=2,keep=0.5", "--tiny",
+                    "--random-weights", "--max-new-tokens", "8")
+    assert got["runtime"] == "onnxruntime" and want["runtime"] == "pytorch"
+    assert got["token_ids"] == want["token_ids"] and got["image_tokens_per_llm_layer"] == [28, 28, 14, 14]
+
+
+def test_an_unreduced_export_generates_what_transformers_generates(exact, image):
+    got = generate(str(exact.directory), image, PROMPT, "--max-new-tokens", "10")
+    source = resolve_source("llava-interleave-qwen-0.5b", tiny=True)
+    pixels = torch.from_numpy(pixel_batch([Sample(Path(image))], load_image_processor(source, (48, 48), True)[0]))
+    ids = torch.tensor([image_prompt_ids(placeholder_tokenizer(source.config), PROMPT, source.config.image_token_id,
+                                         36)])
+    with torch.no_grad():
+        want = load_model(source, random_weights=True).generate(input_ids=ids, pixel_values=pixels, do_sample=False,
+                                                                max_new_tokens=10)[0, ids.shape[1]:]
+    assert got["token_ids"] == want.tolist()[:len(got["token_ids"])] and got["token_ids"]
+
+
+def test_an_export_refuses_model_options_and_a_changed_file(reduced, image, tmp_path):
+    result = runner.invoke(app, ["generate", str(reduced.directory), image, PROMPT, "--llm-drop", "fastv"])
+    assert result.exit_code == 2 and "drop --llm-drop" in result.stderr
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in Path(reduced.directory).iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    weights = copy / reduced.manifest.llm.weights
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    result = runner.invoke(app, ["generate", str(copy), image, PROMPT])
+    assert result.exit_code == 3 and reduced.manifest.llm.weights in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
