@@ -117,8 +117,50 @@ def test_a_vision_only_llava_export_is_validated_and_refuses_what_it_cannot_do(t
     assert export.manifest.llm is None
     result = runner.invoke(app, ["generate", str(export.directory), image, PROMPT])
     assert result.exit_code == 2 and "has no language model graphs" in result.stderr
-    for args in (["eval", str(export.directory), "--data", str(tmp_path)],
-                 ["deploy", "triton", str(export.directory), "-o", str(tmp_path / "repository")]):
+    for args, message in ((["eval", str(export.directory), "--data", str(tmp_path)], "no language model graphs"),
+                          (["deploy", "triton", str(export.directory), "-o", str(tmp_path / "repository")],
+                           "turbo generate")):
         result = runner.invoke(app, args)
-        assert result.exit_code == 2 and "turbo generate" in result.stderr, result.output
+        assert result.exit_code == 2 and message in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "repository").exists()
+
+
+def eval_json(*args: str) -> dict:
+    result = runner.invoke(app, ["eval", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_eval_scores_answers_against_the_unreduced_models(tmp_path, image):
+    for name in ("a.png", "b.png"):
+        Image.open(image).rotate(90 if name == "a.png" else 0).save(tmp_path / name)
+    question = "USER: <image>\nWhat is it? ASSISTANT:"
+    setting = ["--r", "2", "--llm-drop", "fastv:layer=1,ratio=0.75"]
+    answers = {}
+    for name in ("a.png", "b.png"):
+        for key, args in (("base", ["--r", "0"]), ("reduced", setting)):
+            answers[name, key] = generate("llava-1.5-7b", str(tmp_path / name), question, *args,
+                                          "--max-new-tokens", "5")
+    base_text = answers["a.png", "base"]["text"]
+    (tmp_path / "questions.json").write_text(json.dumps([
+        {"image": "a.png", "question": "What is it?", "answer": [base_text]},
+        {"image": "b.png", "question": "What is it?", "answer": ["zzz"]}]))
+    report = eval_json("--model", "llava-1.5-7b", "--tiny", "--random-weights", "--data", str(tmp_path),
+                       "--questions", str(tmp_path / "questions.json"), "--prompt",
+                       "USER: <image>\n{question} ASSISTANT:", *setting, "--max-tokens", "5")
+    base, reduced = report["results"]
+    assert (base["r"], base["llm_drop"], reduced["r"]) == (0, "none", 2)
+    want = np.mean([sum(a == b for a, b in zip(answers[n, "reduced"]["token_ids"], answers[n, "base"]["token_ids"]))
+                    / len(answers[n, "base"]["token_ids"]) for n in ("a.png", "b.png")])
+    assert reduced["metrics"]["token_agreement"] == pytest.approx(want)
+    assert base["metrics"]["vqa_accuracy"] == pytest.approx(0.5 + 0.5 * (answers["b.png", "base"]["text"] == "zzz"))
+    assert reduced["image_tokens"] == [28, 7, 7, 7] and reduced["flops_bound"] > 1  # 28 - floor(0.75 · 28)
+
+
+def test_eval_refuses_what_it_cannot_choose_for_generation(tmp_path, image):
+    result = runner.invoke(app, ["eval", "--model", "llava-1.5-7b", "--tiny", "--random-weights", "--data",
+                                 str(Path(image).parent), "--r", "auto", "--max-drop", "0.1"])
+    assert result.exit_code == 2 and "do not choose for LLM-based VLMs" in result.stderr
+    result = runner.invoke(app, ["eval", "--model", "vit-b16", "--tiny", "--random-weights", "--data",
+                                 str(Path(image).parent), "--llm-drop", "fastv"])
+    assert result.exit_code == 2 and "--llm-drop and --prompt are for LLM-based VLMs" in result.stderr

@@ -4,6 +4,7 @@ on ONNX Runtime giving PyTorch's tokens, and transformers' own with every reduct
 import json
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,7 @@ from turbo.models.llava import placeholder_tokenizer
 from turbo.runtimes.llm_generation import image_prompt_ids
 
 runner = CliRunner()
+SCHEMA = json.loads((Path(__file__).parents[2] / "docs" / "bench.schema.json").read_text())
 PROMPT = "USER: <image>\nWhat is shown here? ASSISTANT:"
 
 
@@ -92,3 +94,44 @@ def test_an_export_refuses_model_options_and_a_changed_file(reduced, image, tmp_
     result = runner.invoke(app, ["generate", str(copy), image, PROMPT])
     assert result.exit_code == 3 and reduced.manifest.llm.weights in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def plan_json(*args: str) -> dict:
+    result = runner.invoke(app, ["plan", *args, "--tiny", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_bench_times_the_first_token_and_decoding_against_an_unreduced_export(reduced):
+    result = runner.invoke(app, ["bench", str(reduced.directory), "--iters", "1", "--warmup", "0",
+                                 "--caption-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    jsonschema.validate(report, SCHEMA)
+    rows = {(row["workload"], row["llm_drop"]): row for row in report["results"]}
+    assert set(rows) == {(w, d) for w in ("first_token", "decode") for d in ("none", "pyramid:stages=2,keep=0.5")}
+    base, merged = rows[("first_token", "none")], rows[("first_token", "pyramid:stages=2,keep=0.5")]
+    assert base["r"] == 0 and base["speedup"] == 1 and merged["r"] == 2
+    full = plan_json("-m", "llava-1.5-7b", "--r", "0")
+    reduced_plan = plan_json("-m", "llava-1.5-7b", "--r", "2", "--llm-drop", "pyramid:stages=2,keep=0.5")
+    flops = [plan["flops"] + plan["llm"]["prefill_flops"] for plan in (full, reduced_plan)]
+    assert merged["flops_bound"] == pytest.approx(flops[0] / flops[1])
+    assert rows[("decode", "none")]["tokens_per_s"] > 0 and merged["image_tokens"] == [28, 28, 14, 14]
+
+
+def test_bench_refuses_a_baseline_that_merges(reduced):
+    result = runner.invoke(app, ["bench", str(reduced.directory), "--baseline", str(reduced.directory)])
+    assert result.exit_code == 2 and "must be an export with its language model, r=0" in result.stderr
+
+
+def test_eval_of_an_export_scores_what_the_same_setting_scores_in_pytorch(reduced, tmp_path, image):
+    for index in range(2):
+        Image.open(image).rotate(90 * index).save(tmp_path / f"{index}.png")
+    args = ["--data", str(tmp_path), "--max-tokens", "5", "--json"]
+    on_onnx = runner.invoke(app, ["eval", str(reduced.directory), *args])
+    in_torch = runner.invoke(app, ["eval", "--model", "llava-1.5-7b", "--tiny", "--random-weights", "--r", "2",
+                                   "--llm-drop", "pyramid:stages=2,keep=0.5", *args])
+    assert on_onnx.exit_code == 0 and in_torch.exit_code == 0, on_onnx.output + in_torch.output
+    exported, modelled = (json.loads(result.stdout)["results"][1] for result in (on_onnx, in_torch))
+    assert exported["runtime"] == "onnxruntime" and modelled["runtime"] == "torch"
+    assert exported["metrics"] == modelled["metrics"] and exported["flops_bound"] == modelled["flops_bound"]

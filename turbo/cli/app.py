@@ -270,7 +270,10 @@ def eval_command(
     limit: int | None = typer.Option(None, "--limit", help="Evaluate the first N images only."),
     batch: int = typer.Option(16, "--batch", help="Images per forward."),
     beams: int = typer.Option(1, "--beams", help="BLIP: beam search width (1 = greedy)."),
-    max_tokens: int = typer.Option(20, "--max-tokens", help="BLIP: caption length limit."),
+    max_tokens: int = typer.Option(20, "--max-tokens", help="BLIP: caption length limit; LLaVA: answer length limit."),
+    llm_drop: str | None = typer.Option(None, "--llm-drop", help="LLaVA: " + LLM_DROP_HELP + " Default none."),
+    prompt: str | None = typer.Option(None, "--prompt", help="LLaVA: the prompt, with <image> and {question} "
+                                      "(default: LLaVA-1.5's short-answer prompt)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Random weights (pipeline checks only)."),
     tiny: bool = typer.Option(False, "--tiny", help="The registry model's tiny variant (tests)."),
     threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
@@ -303,7 +306,7 @@ def eval_command(
         metric=metric, labels_file=Path(labels) if labels else None, captions=Path(captions) if captions else None,
         questions=Path(questions) if questions else None, limit=limit, batch=batch, beams=beams,
         max_tokens=max_tokens, random_weights=random_weights, tiny=tiny,
-        threshold=threshold, export_dir=Path(directory) if directory else None,
+        threshold=threshold, export_dir=Path(directory) if directory else None, llm_drop=llm_drop, prompt=prompt,
     )
     run_eval_command(options, json_output, plot)
 

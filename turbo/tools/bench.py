@@ -40,6 +40,7 @@ from turbo.runtimes.pytorch import TorchRunner
 from turbo.runtimes.retrieval import MatchRunner, RetrievalPipeline
 from turbo.runtimes.tensorrt import TensorRTRunner
 from turbo.runtimes.vqa import VqaPipeline, VqaRunner
+from turbo.tools.bench_generation import check_not_failed, generation_exports, time_generation
 from turbo.tools.timing import TimingStats, interleaved
 
 SCHEMA = "turbo-bench/1"
@@ -419,7 +420,19 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
     if not runnable:
         raise MissingRuntimeError("; ".join(f"{s['runtime']}: {s['reason']}" for s in skipped))
     rows = []
-    if options.export_dirs:
+    opened = [(Path(directory), open_export(directory)) for directory in options.export_dirs]
+    if any(manifest.llm is not None for _, manifest in opened):  # LLM-based VLMs: first token and decode
+        check_not_failed(opened)
+        if runnable != ["ort"] or options.device != "cpu":
+            raise UsageError("LLaVA exports are timed on ONNX Runtime on the CPU: use --runtime ort --device cpu")
+        baseline = (Path(options.baseline_dir), open_export(options.baseline_dir)) if options.baseline_dir else None
+        exports = generation_exports(opened, baseline, lambda export: _cached_export(export, progress), open_export)
+        rows = time_generation(exports, options.caption_tokens, options.warmup_s, options.iters, options.duration_s,
+                               options.threads, options.seed,
+                               lambda runner, feeds: _peak_memory(runner.memory_probe(), feeds, "cpu"), progress)
+        model = exports[0][1].model
+        name, source, random_weights = model.name, model.source, model.random_weights
+    elif options.export_dirs:
         first, candidates, every = _dir_candidates(options, progress)
         name, source, random_weights = first.model.name, first.model.source, first.model.random_weights
         pixel_shape = first.onnx.pixel_shape

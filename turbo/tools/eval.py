@@ -42,6 +42,7 @@ from turbo.models.registry import adapter_for
 from turbo.runtimes.caption import CaptionPipeline
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.runtimes.vqa import VqaPipeline
+from turbo.tools.generation_eval import run_generation_eval
 from turbo.tools.merge_choice import (
     Candidate,
     check_candidates,
@@ -78,6 +79,8 @@ class EvalOptions:
     export_dir: Path | None = None  # evaluate this ONNX export (ONNX Runtime) against r=0 in PyTorch
     candidates: list[Candidate] | None = None  # merge settings to compare (None: method and alpha above)
     choose: bool = False  # pick the best candidate (--method auto / --alpha auto) instead of reporting them all
+    llm_drop: str | None = None  # LLM-based VLMs: the reduction inside the language model (None: none)
+    prompt: str | None = None  # LLM-based VLMs: the prompt template, with <image> and {question}
 
 
 @dataclass
@@ -272,6 +275,25 @@ def _from_export(options: EvalOptions) -> tuple[EvalOptions, Manifest]:
                    image_size=made.image_size), manifest
 
 
+def _generation_eval(options: EvalOptions, source, manifest: Manifest | None, progress) -> dict:
+    """An LLM-based VLM: its settings' greedy answers against the unreduced model's."""
+    if options.max_drop is not None or options.candidates or options.choose:
+        raise UsageError("--r auto, --method auto, --alpha auto and --sweep do not choose for LLM-based VLMs yet; "
+                         "give --r and --llm-drop")
+    drop = options.llm_drop
+    if manifest is not None:
+        if manifest.llm is None:
+            raise UsageError(f"{options.export_dir} has no language model graphs (exported with --no-decoder); "
+                             "re-export it with them")
+        if drop is not None:
+            raise UsageError(f"{options.export_dir} is an export: it carries its --llm-drop; drop the option")
+        drop = manifest.llm.llm_drop
+    return run_generation_eval(options.model, options.data, options.rs or [source.default_r], drop,
+                               options.questions, options.prompt, options.limit, options.max_tokens,
+                               options.random_weights, options.tiny, options.method, options.alpha, options.threshold,
+                               options.seed, options.export_dir if manifest is not None else None, progress)
+
+
 def _plan(options: EvalOptions, r: int, candidate: Candidate | None = None):
     method, alpha, fusion = (options.method, options.alpha, "s1") if candidate is None else (
         candidate.method, candidate.alpha, candidate.fusion)
@@ -310,8 +332,10 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
     task = source.adapter.task_of(source.architecture)
     captioning, retrieval, answering = task is CAPTIONING, task is RETRIEVAL, task is VQA
     if task is GENERATION:
-        raise UsageError(f"turbo eval does not measure LLM-based VLMs ({source.name}) yet; compare answers with "
-                         "`turbo generate` at --r 0 --llm-drop none and at your settings")
+        return _generation_eval(options, source, manifest, progress)
+    if options.llm_drop is not None or options.prompt is not None:
+        raise UsageError(f"--llm-drop and --prompt are for LLM-based VLMs (llava); {source.name} is an {task.name} "
+                         "model")
     if options.questions is not None and not answering:
         raise UsageError(f"--questions is for visual question answering models; {source.name} is an {task.name} "
                          "model")

@@ -43,6 +43,8 @@ def check_plot_path(plot: str | None) -> None:
 
 
 def _table(rows: list[dict], title: str) -> Table:
+    if "llm_drop" in rows[0]:
+        return _generation_table(rows, title)
     table = Table(title=title)
     for column in ("batch", "r", "tokens", "median ms", "p90 ms", "p99 ms", "CV", "img/s", "speedup", "FLOPs bound",
                    "efficiency", "memory MB"):
@@ -99,6 +101,25 @@ def save_figure(plt, figure, axes, path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _generation_table(rows: list[dict], title: str) -> Table:
+    """An LLM-based VLM's first token or decode steps: one row per (r, --llm-drop) export."""
+    decode = rows[0]["workload"] == "decode"
+    table = Table(title=title)
+    for column in ("r", "--llm-drop", "image tokens (first, last layer)", "median ms", "CV",
+                   "tokens/s" if decode else "memory MB", "speedup", "FLOPs bound", "efficiency"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        latency, images = row["latency"], row["image_tokens"]
+        table.add_row(
+            str(row["r"]), row["llm_drop"], f"{images[0]}, {images[-1]}", f"{latency['median_ms']:.1f}",
+            f"[yellow]{latency['cv']:.1%}[/]" if row["noisy"] else f"{latency['cv']:.1%}",
+            f"{row['tokens_per_s']:.1f}" if decode else
+            ("—" if row["memory"]["peak_mb"] is None else f"{row['memory']['peak_mb']:.1f}"),
+            f"{row['speedup']:.2f}x", f"{row['flops_bound']:.2f}x", f"{row['efficiency']:.2f}",
+        )
+    return table
 
 
 def run_bench_command(options, json_output: bool, plot: str | None) -> None:

@@ -76,9 +76,9 @@ def run_eval_command(options, json_output: bool, plot: str | None = None) -> Non
     check_plot_path(plot)
     report = run_eval(options, lambda message: stderr.print(f"[dim]{escape(message)}[/]", highlight=False))
     stderr.print(results_table(report))
-    if report["captions_compared_as"] == "token ids":
+    if report.get("captions_compared_as") == "token ids":
         stderr.print("captions compared as token ids (no tokenizer in the cache)", highlight=False)
-    if report["caption_tokenizer"]:
+    if report.get("caption_tokenizer"):
         stderr.print(f"caption tokenizer: {report['caption_tokenizer']}", highlight=False)
     if report["auto"]:
         auto = report["auto"]
@@ -100,13 +100,17 @@ def results_table(report: dict) -> Table:
     """One row per evaluated setting and r (the setting column only when settings were compared)."""
     keys = sorted({key for row in report["results"] for key in row["metrics"]})
     settings = any("candidate" in row for row in report["results"])
+    drops = any("llm_drop" in row for row in report["results"])
     questions = f", {report['questions']} questions" if report.get("questions") else ""
     table = Table(title=f"{report['model']} on {report['data']} ({report['samples']} images{questions})")
-    for column in (*(["merge"] if settings else []), "r", "runtime", "tokens", "FLOPs bound", "images/s", *keys):
-        table.add_column(column, justify="left" if column == "merge" else "right")
+    for column in (*(["merge"] if settings else []), "r", *(["--llm-drop"] if drops else []), "runtime", "tokens",
+                   "FLOPs bound", "images/s", *keys):
+        table.add_column(column, justify="left" if column in ("merge", "--llm-drop") else "right")
     for row in report["results"]:
         label = [row["candidate"]["label"] if "candidate" in row else "—"] if settings else []
-        table.add_row(*label, str(row["r"]), row["runtime"], str(row["final_tokens"]), f"{row['flops_bound']:.2f}x",
+        drop = [row["llm_drop"]] if drops else []
+        table.add_row(*label, str(row["r"]), *drop, row["runtime"], str(row["final_tokens"]),
+                      f"{row['flops_bound']:.2f}x",
                       f"{row['images_per_s']:.1f}", *(f"{row['metrics'][k]:.4f}" if k in row["metrics"] else "—"
                                                       for k in keys))
     return table
