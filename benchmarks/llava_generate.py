@@ -65,6 +65,7 @@ def main() -> None:
             run["first_token_s"].append(first)
             run["decode_tokens_per_s"].append(decoded / (time.perf_counter() - begin - first))
     baseline = statistics.median(runs[0]["first_token_s"])
+    base_flops = base.plan.flops + runs[0]["plan"].baseline_prefill_flops  # the unmerged tower and prefill
     for run in runs:
         plan = run["plan"]
         first = statistics.median(run["first_token_s"])
@@ -73,6 +74,7 @@ def main() -> None:
                 plan.image_per_layer[-1], "first_token_s": round(first, 3),
             "first_token_speedup": round(baseline / first, 2),
             "decode_tokens_per_s": round(statistics.median(run["decode_tokens_per_s"]), 2),
+            "first_token_flops_bound": round(base_flops / (run["built"].plan.flops + plan.prefill_flops), 2),
             "prefill_flops_bound": round(plan.baseline_prefill_flops / plan.prefill_flops, 2),
             "vision_flops_bound": round(run["built"].plan.speedup_bound, 2),
         }), flush=True)

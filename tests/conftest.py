@@ -7,6 +7,7 @@ from pathlib import Path
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of the suite's two workers (-n 2): one core's threads each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -76,6 +77,16 @@ def upstream_outputs(model, pixel_values: torch.Tensor, **kwargs) -> dict[str, t
             features = model.get_image_features(pixel_values=pixel_values, **kwargs)
             return {"image_embeds": features.pooler_output, "last_hidden_state": features.last_hidden_state}
         return {name: value for name, value in model(pixel_values=pixel_values, **kwargs).items() if value is not None}
+
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory) -> str:
+    """A small RGB photo of random colours, 50×70, for commands that read an image file."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("image") / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((50, 70, 3)) * 255).astype("uint8")).save(path)
+    return str(path)
 
 
 def pixels(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:

@@ -21,13 +21,6 @@ runner = CliRunner()
 PROMPT = "USER: <image>\nDescribe the picture. ASSISTANT:"
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("image") / "photo.png"
-    Image.fromarray((np.random.default_rng(0).random((50, 70, 3)) * 255).astype("uint8")).save(path)
-    return str(path)
-
-
 def generate(*args: str) -> dict:
     result = runner.invoke(app, ["generate", *args, "--tiny", "--random-weights", "--json"])
     assert result.exit_code == 0, result.output
@@ -35,11 +28,11 @@ def generate(*args: str) -> dict:
 
 
 @pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-interleave-qwen-0.5b"])
-def test_unreduced_generate_is_transformers_generate_from_the_image_file(name, image):
-    got = generate(name, image, PROMPT, "--r", "0", "--max-new-tokens", "6")
+def test_unreduced_generate_is_transformers_generate_from_the_image_file(name, image_file):
+    got = generate(name, image_file, PROMPT, "--r", "0", "--max-new-tokens", "6")
     source = resolve_source(name, tiny=True)
     processor, _ = load_image_processor(source, source.input_size, True)
-    pixels = torch.from_numpy(pixel_batch([Sample(Path(image))], processor))
+    pixels = torch.from_numpy(pixel_batch([Sample(Path(image_file))], processor))
     unmerged_tokens = build_plan(name, r=0, tiny=True).plan.tokens_in - (source.config.vision_feature_select_strategy
                                                                        == "default")
     ids = torch.tensor([image_prompt_ids(placeholder_tokenizer(source.config), PROMPT, source.config.image_token_id,
@@ -51,8 +44,8 @@ def test_unreduced_generate_is_transformers_generate_from_the_image_file(name, i
     assert got["image_tokens"] == got["unmerged_image_tokens"] == unmerged_tokens
 
 
-def test_generate_streams_the_text_and_reports_the_reduction(image):
-    args = ["llava-1.5-7b", image, PROMPT, "--r", "2", "--llm-drop", "pyramid:stages=2,keep=0.5",
+def test_generate_streams_the_text_and_reports_the_reduction(image_file):
+    args = ["llava-1.5-7b", image_file, PROMPT, "--r", "2", "--llm-drop", "pyramid:stages=2,keep=0.5",
             "--max-new-tokens", "5"]
     got = generate(*args)
     assert got["image_tokens_per_llm_layer"] == [28, 28, 14, 14]  # 36 patches, r=2 in 4 blocks, halved after 2
@@ -63,7 +56,7 @@ def test_generate_streams_the_text_and_reports_the_reduction(image):
     assert "the LLM read 28 image tokens of 36" in streamed.stderr.replace("\n", " ")
 
 
-def test_plan_shows_the_language_model(image):
+def test_plan_shows_the_language_model():
     result = runner.invoke(app, ["plan", "-m", "llava-interleave-qwen-0.5b", "--llm-drop", "fastv", "--json"])
     assert result.exit_code == 0, result.output
     llm = json.loads(result.stdout)["llm"]
@@ -77,8 +70,9 @@ def test_plan_shows_the_language_model(image):
     (["llava-1.5-7b", "{image}", "<image> vs <image>"], "2 image placeholders"),
     (["llava-1.5-7b", "{image}", PROMPT, "--llm-drop", "pyramid:keep=0.01"], "would drop every image token"),
 ])
-def test_bad_requests_are_one_line(args, message, image):
-    result = runner.invoke(app, ["generate", *(a.format(image=image) for a in args), "--tiny", "--random-weights"])
+def test_bad_requests_are_one_line(args, message, image_file):
+    result = runner.invoke(app, ["generate", *(a.format(image=image_file) for a in args), "--tiny",
+                                 "--random-weights"])
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1 and not result.stdout
 
@@ -93,9 +87,10 @@ def save_tiny_llava(directory: Path, **changes) -> Path:
     return directory
 
 
-def test_a_local_checkpoint_generates_with_its_own_tokenizer(tmp_path, image):
+def test_a_local_checkpoint_generates_with_its_own_tokenizer(tmp_path, image_file):
     directory = str(save_tiny_llava(tmp_path / "llava"))
-    result = runner.invoke(app, ["generate", directory, image, PROMPT, "--r", "1", "--max-new-tokens", "4", "--json"])
+    result = runner.invoke(app, ["generate", directory, image_file, PROMPT, "--r", "1", "--max-new-tokens", "4",
+                                 "--json"])
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout)
     assert got["image_tokens"] == 36 - 4 and 1 <= len(got["token_ids"]) <= 4  # r=1 in each of the 4 used blocks
@@ -105,17 +100,17 @@ def test_a_local_checkpoint_generates_with_its_own_tokenizer(tmp_path, image):
     ({"vision_feature_layer": [-2, -1]}, "concatenates several layers"),
     ({"vision_feature_layer": -6}, "reads the embeddings"),
 ])
-def test_variants_turbo_cannot_take_are_one_line(tmp_path, image, changes, message):
+def test_variants_turbo_cannot_take_are_one_line(tmp_path, image_file, changes, message):
     directory = str(save_tiny_llava(tmp_path / "llava", **changes))
-    result = runner.invoke(app, ["generate", directory, image, PROMPT])
+    result = runner.invoke(app, ["generate", directory, image_file, PROMPT])
     assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_vision_only_llava_export_is_validated_and_refuses_what_it_cannot_do(tmp_path_factory, tmp_path, image):
+def test_a_vision_only_llava_export_is_validated_and_refuses_what_it_cannot_do(tmp_path_factory, tmp_path, image_file):
     export = tiny_export(tmp_path_factory, "llava-interleave-qwen-0.5b", 2, batch=2)  # --no-decoder
     assert export.report.passed and export.manifest.onnx.outputs[0]["name"] == "image_features"
     assert export.manifest.llm is None
-    result = runner.invoke(app, ["generate", str(export.directory), image, PROMPT])
+    result = runner.invoke(app, ["generate", str(export.directory), image_file, PROMPT])
     assert result.exit_code == 2 and "has no language model graphs" in result.stderr
     for args, message in ((["eval", str(export.directory), "--data", str(tmp_path)], "no language model graphs"),
                           (["deploy", "triton", str(export.directory), "-o", str(tmp_path / "repository")],
@@ -131,9 +126,9 @@ def eval_json(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
-def test_eval_scores_answers_against_the_unreduced_models(tmp_path, image):
+def test_eval_scores_answers_against_the_unreduced_models(tmp_path, image_file):
     for name in ("a.png", "b.png"):
-        Image.open(image).rotate(90 if name == "a.png" else 0).save(tmp_path / name)
+        Image.open(image_file).rotate(90 if name == "a.png" else 0).save(tmp_path / name)
     question = "USER: <image>\nWhat is it? ASSISTANT:"
     setting = ["--r", "2", "--llm-drop", "fastv:layer=1,ratio=0.75"]
     answers = {}
@@ -157,10 +152,10 @@ def test_eval_scores_answers_against_the_unreduced_models(tmp_path, image):
     assert reduced["image_tokens"] == [28, 7, 7, 7] and reduced["flops_bound"] > 1  # 28 - floor(0.75 · 28)
 
 
-def test_eval_refuses_what_it_cannot_choose_for_generation(tmp_path, image):
+def test_eval_refuses_what_it_cannot_choose_for_generation(tmp_path, image_file):
     result = runner.invoke(app, ["eval", "--model", "llava-1.5-7b", "--tiny", "--random-weights", "--data",
-                                 str(Path(image).parent), "--r", "auto", "--max-drop", "0.1"])
+                                 str(Path(image_file).parent), "--r", "auto", "--max-drop", "0.1"])
     assert result.exit_code == 2 and "do not choose for LLM-based VLMs" in result.stderr
     result = runner.invoke(app, ["eval", "--model", "vit-b16", "--tiny", "--random-weights", "--data",
-                                 str(Path(image).parent), "--llm-drop", "fastv"])
+                                 str(Path(image_file).parent), "--llm-drop", "fastv"])
     assert result.exit_code == 2 and "--llm-drop and --prompt are for LLM-based VLMs" in result.stderr

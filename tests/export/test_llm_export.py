@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import jsonschema
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,20 +13,13 @@ from typer.testing import CliRunner
 from tests.conftest import tiny_export
 from turbo.cli.app import app
 from turbo.data.images import Sample, pixel_batch
-from turbo.models.loading import load_image_processor, load_model, resolve_source
 from turbo.models.llava import placeholder_tokenizer
+from turbo.models.loading import load_image_processor, load_model, resolve_source
 from turbo.runtimes.llm_generation import image_prompt_ids
 
 runner = CliRunner()
 SCHEMA = json.loads((Path(__file__).parents[2] / "docs" / "bench.schema.json").read_text())
 PROMPT = "USER: <image>\nWhat is shown here? ASSISTANT:"
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("image") / "photo.png"
-    Image.fromarray((np.random.default_rng(1).random((60, 44, 3)) * 255).astype("uint8")).save(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +52,18 @@ def test_the_export_holds_validated_language_model_graphs(reduced):
     assert checks["language model vs PyTorch"]["passed"]
 
 
-def test_generate_on_onnx_runtime_gives_the_pytorch_tokens(reduced, image):
-    got = generate(str(reduced.directory), image, PROMPT, "--max-new-tokens", "8")
-    want = generate("llava-1.5-7b", image, PROMPT, "--r", "2", "--llm-drop", "pyramid:stages=2,keep=0.5", "--tiny",
+def test_generate_on_onnx_runtime_gives_the_pytorch_tokens(reduced, image_file):
+    got = generate(str(reduced.directory), image_file, PROMPT, "--max-new-tokens", "8")
+    want = generate("llava-1.5-7b", image_file, PROMPT, "--r", "2", "--llm-drop", "pyramid:stages=2,keep=0.5", "--tiny",
                     "--random-weights", "--max-new-tokens", "8")
     assert got["runtime"] == "onnxruntime" and want["runtime"] == "pytorch"
     assert got["token_ids"] == want["token_ids"] and got["image_tokens_per_llm_layer"] == [28, 28, 14, 14]
 
 
-def test_an_unreduced_export_generates_what_transformers_generates(exact, image):
-    got = generate(str(exact.directory), image, PROMPT, "--max-new-tokens", "10")
+def test_an_unreduced_export_generates_what_transformers_generates(exact, image_file):
+    got = generate(str(exact.directory), image_file, PROMPT, "--max-new-tokens", "10")
     source = resolve_source("llava-interleave-qwen-0.5b", tiny=True)
-    pixels = torch.from_numpy(pixel_batch([Sample(Path(image))], load_image_processor(source, (48, 48), True)[0]))
+    pixels = torch.from_numpy(pixel_batch([Sample(Path(image_file))], load_image_processor(source, (48, 48), True)[0]))
     ids = torch.tensor([image_prompt_ids(placeholder_tokenizer(source.config), PROMPT, source.config.image_token_id,
                                          36)])
     with torch.no_grad():
@@ -80,8 +72,8 @@ def test_an_unreduced_export_generates_what_transformers_generates(exact, image)
     assert got["token_ids"] == want.tolist()[:len(got["token_ids"])] and got["token_ids"]
 
 
-def test_an_export_refuses_model_options_and_a_changed_file(reduced, image, tmp_path):
-    result = runner.invoke(app, ["generate", str(reduced.directory), image, PROMPT, "--llm-drop", "fastv"])
+def test_an_export_refuses_model_options_and_a_changed_file(reduced, image_file, tmp_path):
+    result = runner.invoke(app, ["generate", str(reduced.directory), image_file, PROMPT, "--llm-drop", "fastv"])
     assert result.exit_code == 2 and "drop --llm-drop" in result.stderr
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -91,7 +83,7 @@ def test_an_export_refuses_model_options_and_a_changed_file(reduced, image, tmp_
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
-    result = runner.invoke(app, ["generate", str(copy), image, PROMPT])
+    result = runner.invoke(app, ["generate", str(copy), image_file, PROMPT])
     assert result.exit_code == 3 and reduced.manifest.llm.weights in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -124,9 +116,9 @@ def test_bench_refuses_a_baseline_that_merges(reduced):
     assert result.exit_code == 2 and "must be an export with its language model, r=0" in result.stderr
 
 
-def test_eval_of_an_export_scores_what_the_same_setting_scores_in_pytorch(reduced, tmp_path, image):
+def test_eval_of_an_export_scores_what_the_same_setting_scores_in_pytorch(reduced, tmp_path, image_file):
     for index in range(2):
-        Image.open(image).rotate(90 * index).save(tmp_path / f"{index}.png")
+        Image.open(image_file).rotate(90 * index).save(tmp_path / f"{index}.png")
     args = ["--data", str(tmp_path), "--max-tokens", "5", "--json"]
     on_onnx = runner.invoke(app, ["eval", str(reduced.directory), *args])
     in_torch = runner.invoke(app, ["eval", "--model", "llava-1.5-7b", "--tiny", "--random-weights", "--r", "2",
