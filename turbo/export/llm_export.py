@@ -109,8 +109,7 @@ def validate_language_model(model: nn.Module, source: ModelSource, drop: LlmDrop
         generator = VlmGenerator(model, language, drop, interpolate)
         eos = pipeline.record.eos_token_id
         expected = generator.generate(torch.from_numpy(pixels), ids, GREEDY_STEPS, eos)[0].tolist()
-        steps = pipeline.stream(pipeline.image_features(pixels), prefix, suffix, GREEDY_STEPS, eos)
-        produced = [int(logits[0].argmax()) for logits in steps]
+        produced = list(pipeline.greedy_tokens(pixels, prefix, suffix, GREEDY_STEPS))
     except Exception as exc:  # ORT load or run failures of the language-model graphs are validation failures
         report.runtime_error = f"{LLM_RUN}: {describe_error(exc)}"
         return

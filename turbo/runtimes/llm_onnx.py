@@ -20,10 +20,12 @@ IDS, POSITIONS = LLM_DECODE_INPUTS
 
 class OnnxVlm:
     def __init__(self, directory: Path, vision_file: str, record: LanguageModelRecord, static_batch: int | None,
-                 threads: int | None = None, tokenizer=None, processor=None, manifest: Manifest | None = None) -> None:
-        self.vision = OnnxRuntimeRunner(directory / vision_file, threads=threads)
-        self.prefill = OnnxRuntimeRunner(directory / record.prefill, threads=threads)
-        self.decode = OnnxRuntimeRunner(directory / record.decode, threads=threads)
+                 threads: int | None = None, tokenizer=None, processor=None, manifest: Manifest | None = None,
+                 memory_arena: bool = True) -> None:
+        self.directory, self.vision_file, self.threads = directory, vision_file, threads
+        self.vision, self.prefill, self.decode = (
+            OnnxRuntimeRunner(directory / file, threads=threads, memory_arena=memory_arena)
+            for file in (vision_file, record.prefill, record.decode))
         self.record, self.static_batch = record, static_batch
         self.tokenizer, self.processor = tokenizer, processor
         self.manifest = manifest  # None while an export is being validated
@@ -40,6 +42,11 @@ class OnnxVlm:
                              "llava-1.5-7b (without --no-decoder)")
         return cls(directory, manifest.onnx.file, manifest.llm, manifest.onnx.static_batch, threads,
                    AutoTokenizer.from_pretrained(directory), AutoImageProcessor.from_pretrained(directory), manifest)
+
+    def without_memory_arena(self) -> "OnnxVlm":
+        """The same graphs in sessions that keep no memory pool between runs (peak memory probes)."""
+        return OnnxVlm(self.directory, self.vision_file, self.record, self.static_batch, self.threads,
+                       self.tokenizer, self.processor, self.manifest, memory_arena=False)
 
     def image_features(self, pixels: np.ndarray) -> np.ndarray:
         """pixels (1, C, H, W) -> the image tokens the language model reads (1, N, C_text)."""
@@ -61,3 +68,10 @@ class OnnxVlm:
             out = self.decode.run({IDS: np.array([[token]]), POSITIONS: np.array([[position + step]]),
                                    **dict(zip(self.past_names, cache))})
             logits, cache = out["logits"], [out[name.replace("past", "present")] for name in self.past_names]
+
+    def greedy_tokens(self, pixels: np.ndarray, prefix: list[int], suffix: list[int],
+                      max_new_tokens: int) -> Iterator[int]:
+        """The whole pipeline from pixels (1, C, H, W): greedy token ids as they come, until the
+        export's end of text or max_new_tokens."""
+        steps = self.stream(self.image_features(pixels), prefix, suffix, max_new_tokens, self.record.eos_token_id)
+        return (int(logits[0].argmax()) for logits in steps)

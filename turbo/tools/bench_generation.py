@@ -36,6 +36,9 @@ class FirstTokenRunner(Runner):
         features = self.vlm.image_features(feeds["pixel_values"])
         return {"logits": next(self.vlm.stream(features, self.prefix, self.suffix, 1))}
 
+    def memory_probe(self) -> "FirstTokenRunner":
+        return FirstTokenRunner(self.vlm.without_memory_arena(), self.prefix, self.suffix)
+
     def describe(self) -> dict:
         return {**self.vlm.vision.describe(), "language_model": "onnxruntime, prefill and decode with past"}
 

@@ -118,8 +118,7 @@ def _prepare_export(options: GenerateOptions) -> PreparedGeneration:
     pixels = pixel_batch([Sample(options.image)], vlm.processor, built.pixel_shape[0])
 
     def tokens(max_new_tokens: int) -> Iterator[int]:
-        steps = vlm.stream(vlm.image_features(pixels), prefix, suffix, max_new_tokens, record.eos_token_id)
-        return (int(logits[0].argmax()) for logits in steps)
+        return vlm.greedy_tokens(pixels, prefix, suffix, max_new_tokens)
 
     return PreparedGeneration(tokens, vlm.tokenizer, len(prefix) + record.image_tokens + len(suffix), plan,
                               "onnxruntime", vlm.manifest.model.random_weights)

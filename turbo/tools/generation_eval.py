@@ -74,8 +74,7 @@ def _onnx_answerer(directory: Path, max_tokens: int) -> Answer:
 
     def answer(pixels: np.ndarray, prompt: str) -> list[int]:
         prefix, suffix = split_prompt(vlm.tokenizer, prompt, record.image_token_id)
-        steps = vlm.stream(vlm.image_features(pixels), prefix, suffix, max_tokens, record.eos_token_id)
-        return [int(logits[0].argmax()) for logits in steps]
+        return list(vlm.greedy_tokens(pixels, prefix, suffix, max_tokens))
 
     return answer
 
