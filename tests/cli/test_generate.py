@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import MistralConfig
 from typer.testing import CliRunner
 
 from tests.conftest import tiny_export
@@ -99,6 +100,9 @@ def test_a_local_checkpoint_generates_with_its_own_tokenizer(tmp_path, image_fil
 @pytest.mark.parametrize(("changes", "message"), [
     ({"vision_feature_layer": [-2, -1]}, "concatenates several layers"),
     ({"vision_feature_layer": -6}, "reads the embeddings"),
+    ({"text_config": MistralConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, sliding_window=64)},
+     "sliding-window attention (window 64)"),
 ])
 def test_variants_turbo_cannot_take_are_one_line(tmp_path, image_file, changes, message):
     directory = str(save_tiny_llava(tmp_path / "llava", **changes))

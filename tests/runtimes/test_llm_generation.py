@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+from transformers import MistralConfig
 
 from tests.conftest import pixels, tiny_pair
 from turbo.core.errors import UsageError
 from turbo.merging.llm_drop import LlmDropConfig, image_tokens_per_layer
-from turbo.models.llava import placeholder_tokenizer
+from turbo.models.llava import LLAVA, placeholder_tokenizer
 from turbo.models.llm_decoder import insert_image_features
+from turbo.models.loading import load_model, resolve_source
 from turbo.runtimes.llm_generation import VlmGenerator, image_prompt_ids
 
 LLAVA_MODELS = ["llava-1.5-7b", "llava-interleave-qwen-0.5b"]
@@ -183,3 +185,27 @@ def test_a_prompt_needs_one_image_placeholder(prompt, message):
     built = tiny_pair("llava-1.5-7b", r=0)[3]
     with pytest.raises(UsageError, match=message):
         prompt_ids(built, 36, prompt)
+
+
+def test_a_mistral_language_model_generates_what_transformers_generates():
+    """The third LLaMA-style family turbo takes (Mistral without a sliding window)."""
+    source = resolve_source("llava-1.5-7b", tiny=True)
+    text = source.config.text_config
+    source.config.text_config = MistralConfig(
+        vocab_size=text.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=256, sliding_window=None, bos_token_id=1, eos_token_id=2)
+    assert LLAVA.config_problem(source.config) is None
+    model = load_model(source, random_weights=True)
+    ids = prompt_ids(tiny_pair("llava-1.5-7b", r=0)[3], 36)
+    x = pixels("llava-1.5-7b", batch=1, seed=8)
+    unreduced = VlmGenerator(model, LLAVA.language_model, LlmDropConfig()).generate(x, ids, 6)
+    with torch.no_grad():
+        theirs = model.generate(input_ids=ids, pixel_values=x, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert unreduced.tolist() == theirs[:, ids.shape[1]:].tolist()
+    drop = LlmDropConfig("pyramid", stages=3)  # and PyramidDrop with one key/value head for four query heads
+    reduced = VlmGenerator(model, LLAVA.language_model, drop)
+    with torch.inference_mode():
+        features = LLAVA.language_model.image_features(model, x, False)
+        embeds, image = insert_image_features(reduced.decoder.embed(ids), ids, features, 590)
+        want, _ = reference_logits(model, embeds, image.start, image.count, drop)
+        torch.testing.assert_close(reduced.decoder.prefill(embeds, image).logits, want, rtol=1e-4, atol=1e-5)

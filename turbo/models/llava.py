@@ -41,8 +41,10 @@ def _config_problem(config) -> str | None:
     text = config.text_config
     if text.model_type not in LANGUAGE_MODELS:
         return f"its language model is {text.model_type}; turbo takes {', '.join(LANGUAGE_MODELS)}"
-    if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or ()):
-        return "its language model uses sliding-window layers; turbo's reduced KV cache needs full attention"
+    window = getattr(text, "sliding_window", None)
+    if window is not None or any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or ()):
+        return (f"its language model uses sliding-window attention{f' (window {window})' if window else ''}; "
+                "turbo's reduced KV cache needs full attention")
     if used_layers(config) < 1:
         return f"its vision_feature_layer {config.vision_feature_layer} reads the embeddings, before any block"
     return None
