@@ -70,6 +70,7 @@ def test_plan_shows_the_language_model():
     (["llava-1.5-7b", "{image}", "Describe the picture."], "no image placeholder"),
     (["llava-1.5-7b", "{image}", "<image> vs <image>"], "2 image placeholders"),
     (["llava-1.5-7b", "{image}", PROMPT, "--llm-drop", "pyramid:keep=0.01"], "would drop every image token"),
+    (["llava-1.5-7b", "{image}", PROMPT, "--llm-drop", "dyrate:predictor=/no/such.json"], "not a readable predictor"),
 ])
 def test_bad_requests_are_one_line(args, message, image_file):
     result = runner.invoke(app, ["generate", *(a.format(image=image_file) for a in args), "--tiny",
@@ -163,3 +164,12 @@ def test_eval_refuses_what_it_cannot_choose_for_generation(tmp_path, image_file)
     result = runner.invoke(app, ["eval", "--model", "vit-b16", "--tiny", "--random-weights", "--data",
                                  str(Path(image_file).parent), "--llm-drop", "fastv"])
     assert result.exit_code == 2 and "--llm-drop and --prompt are for LLM-based VLMs" in result.stderr
+
+
+def test_dyrate_generates_in_pytorch_and_is_not_exported(image_file, tmp_path):
+    got = generate("llava-1.5-7b", image_file, PROMPT, "--r", "0", "--llm-drop", "dyrate:coverage=0.5",
+                   "--max-new-tokens", "4")
+    assert got["llm_drop"] == "dyrate:layer=2,coverage=0.5,min_keep=0.1" and len(got["token_ids"]) == 4
+    result = runner.invoke(app, ["export", "--model", "llava-1.5-7b", "--tiny", "--random-weights", "--llm-drop",
+                                 "dyrate", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "run DyRate in PyTorch" in result.stderr and not (tmp_path / "out").exists()

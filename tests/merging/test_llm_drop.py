@@ -9,6 +9,7 @@ import torch
 from turbo.core.errors import UsageError
 from turbo.merging.llm_drop import (
     LlmDropConfig,
+    coverage_keep,
     decode_flops,
     fastv_keep,
     image_tokens_per_layer,
@@ -102,3 +103,17 @@ def test_bad_llm_drop_settings_name_the_problem(text, message):
 
 def test_decode_flops_grow_with_the_cache():
     assert decode_flops([10, 4], 8, 20) == (4 * 64 + 2 * 10 * 8 + 3 * 8 * 20) + (4 * 64 + 2 * 4 * 8 + 3 * 8 * 20)
+
+
+def test_dyrate_keeps_every_image_token_in_the_prefill():
+    assert image_tokens_per_layer(LlmDropConfig("dyrate"), 4, 10) == [10] * 4
+    with pytest.raises(ValueError, match="DyRate's layer 4 is beyond"):
+        image_tokens_per_layer(LlmDropConfig("dyrate", layer=4), 4, 10)
+
+
+def test_coverage_keep_is_the_fewest_tokens_holding_the_coverage():
+    attention = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    assert coverage_keep(attention[:1], 0.7, 1) == 2  # 0.4 + 0.3
+    assert coverage_keep(attention[:1], 0.71, 1) == 3  # + 0.15
+    assert coverage_keep(attention, 0.7, 1) == 4  # the uniform row needs 4 of 5: the batch keeps its largest
+    assert coverage_keep(attention[:1], 0.1, 3) == 3  # never below the floor

@@ -2,6 +2,7 @@
 and PyramidDrop equal plain references written from the papers on the upstream blocks; KV-cache
 decode equals recomputing the reduced sequences."""
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from transformers import MistralConfig
 
 from tests.conftest import pixels, tiny_pair
 from turbo.core.errors import UsageError
-from turbo.merging.llm_drop import LlmDropConfig, image_tokens_per_layer
+from turbo.merging.llm_drop import LlmDropConfig, RatePredictor, image_tokens_per_layer, token_type_attention
 from turbo.models.llava import LLAVA, placeholder_tokenizer
 from turbo.models.llm_decoder import insert_image_features
 from turbo.models.loading import load_model, resolve_source
@@ -71,18 +72,20 @@ def test_the_language_model_reads_the_merged_image_tokens(name):
 # --- plain references, written from the papers on the upstream decoder blocks --------------------
 
 def reference_logits(model, embeds: torch.Tensor, image_start: int, image_count: int, drop: LlmDropConfig,
-                     kept: dict[int, list[int]] | None = None) -> tuple[torch.Tensor, dict[int, list[int]]]:
+                     kept: dict[int, list[int]] | None = None,
+                     attentions: list | None = None) -> tuple[torch.Tensor, dict[int, list[int]]]:
     """Last-token logits of the upstream blocks (eager attention) with the paper's drops; batch 1.
-    `kept`: the image tokens (original indices) that go on after block l, when already chosen."""
+    `kept`: the image tokens (original indices) that go on after block l, when already chosen.
+    `attentions`: filled with each block's attention probabilities (1, H, T, T)."""
     lm = model.model.language_model
     implementation, lm.config._attn_implementation = lm.config._attn_implementation, "eager"  # weights out
     try:
-        return _reference_logits(lm, model.lm_head, embeds, image_start, image_count, drop, kept)
+        return _reference_logits(lm, model.lm_head, embeds, image_start, image_count, drop, kept, attentions)
     finally:
         lm.config._attn_implementation = implementation
 
 
-def _reference_logits(lm, lm_head, embeds, image_start, image_count, drop, kept):
+def _reference_logits(lm, lm_head, embeds, image_start, image_count, drop, kept, attentions):
     counts = image_tokens_per_layer(drop, len(lm.layers), image_count)
     chosen = dict(kept or {})
     images = list(range(image_count))  # original indices of the image tokens still in the sequence
@@ -96,7 +99,9 @@ def _reference_logits(lm, lm_head, embeds, image_start, image_count, drop, kept)
         inputs = hidden
         hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
         handle.remove()
-        if index + 1 < len(counts) and counts[index + 1] < counts[index]:
+        if attentions is not None:
+            attentions.append(seen["attention"])
+        if index in chosen or index + 1 < len(counts) and counts[index + 1] < counts[index]:
             if index not in chosen:
                 scores = paper_scores(drop, layer, inputs, cos, sin, seen["attention"], image_start, len(images))
                 best = sorted(range(len(images)), key=lambda i: -scores[i])[:counts[index + 1]]
@@ -209,3 +214,109 @@ def test_a_mistral_language_model_generates_what_transformers_generates():
         embeds, image = insert_image_features(reduced.decoder.embed(ids), ids, features, 590)
         want, _ = reference_logits(model, embeds, image.start, image.count, drop)
         torch.testing.assert_close(reduced.decoder.prefill(embeds, image).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def dyrate_reference(model, embeds: torch.Tensor, image_start: int, layer_k: int, visible: list[list[int]],
+                     image_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DyRate as the paper trains it, with masks: the upstream blocks (eager) over the whole
+    sequence, where in blocks K.. the query of generated token j sees only the image tokens
+    `visible[j]` (original indices; the prompt sees them all). Returns the last token's logits and
+    its attention row (H, T) in block K − 1."""
+    lm = model.model.language_model
+    length = embeds.shape[1]
+    prompt = length - len(visible)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    pruned = causal.clone()
+    for j, seen in enumerate(visible):
+        hidden_images = [image_start + i for i in range(image_count) if i not in seen]
+        pruned[prompt + j, hidden_images] = False
+    masks = [torch.zeros(length, length).masked_fill(~allowed, float("-inf"))[None, None]
+             for allowed in (causal, pruned)]
+    implementation, lm.config._attn_implementation = lm.config._attn_implementation, "eager"
+    seen_rows = {}
+    try:
+        hidden, positions = embeds, torch.arange(length)[None]
+        cos, sin = lm.rotary_emb(hidden, positions)
+        for index, layer in enumerate(lm.layers):
+            handle = layer.self_attn.register_forward_hook(lambda _m, _i, out, i=index: seen_rows.update({i: out[1]}))
+            hidden = layer(hidden, attention_mask=masks[index >= layer_k], position_embeddings=(cos, sin))
+            handle.remove()
+    finally:
+        lm.config._attn_implementation = implementation
+    return model.lm_head(lm.norm(hidden))[:, -1], seen_rows[layer_k - 1][0, :, -1]
+
+
+def dyrate_setup(name: str, drop: LlmDropConfig):
+    generator, _, _, ids = setup(name, r=2, drop=drop)
+    decoder = generator.decoder
+    with torch.inference_mode():
+        features = generator.language.image_features(generator.model, pixels(name, batch=1, seed=9), False)
+        embeds, image = insert_image_features(decoder.embed(ids), ids, features, generator.model.config.image_token_id)
+        prefill = decoder.prefill(embeds, image)
+    return generator.model, decoder, embeds, image, prefill
+
+
+@pytest.mark.parametrize("name", LLAVA_MODELS)
+@pytest.mark.parametrize("drop", [LlmDropConfig("dyrate", layer=2, coverage=0.6, min_keep=0.2),
+                                  LlmDropConfig("dyrate", layer=1, coverage=0.3, min_keep=0.1)])
+def test_dyrate_decoding_equals_the_paper_reference(name, drop):
+    """Each step: the new token's attention in layer K − 1 (which keeps every image token) decides,
+    by the training-free schedule, which image tokens the caches of layers K.. keep from then on."""
+    model, decoder, embeds, image, prefill = dyrate_setup(name, drop)
+    images, kept, visible = decoder.images(prefill, image), list(range(image.count)), []
+    logits, cache, tokens = prefill.logits, prefill.cache, []
+    with torch.inference_mode():
+        for step in range(4):
+            tokens.append(int(logits.argmax()))
+            visible.append(kept)  # what this token's query sees in blocks K..
+            position = torch.tensor([[prefill.next_position + step]])
+            logits, cache, images = decoder.decode_pruning(torch.tensor([[tokens[-1]]]), position, cache, images)
+            grown = torch.cat([embeds, decoder.embed(torch.tensor([tokens]))], dim=1)
+            want, row = dyrate_reference(model, grown, image.start, drop.layer, visible, image.count)
+            torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
+            received = [float(row[:, image.start + i].mean()) for i in kept]
+            ranked = sorted(range(len(kept)), key=lambda i: -received[i])
+            total, needed, held = sum(received), 0, 0.0
+            while held / total < drop.coverage:
+                held, needed = held + received[ranked[needed]], needed + 1
+            count = min(len(kept), max(needed, math.ceil(drop.min_keep * image.count)))
+            kept = sorted(kept[i] for i in ranked[:count])
+            assert images.kept[0].tolist() == kept, step
+    assert len(kept) < image.count  # the schedule pruned
+
+
+def test_dyrate_with_a_rate_predictor(tmp_path):
+    """A predictor file's classifier picks the rate: here always its second rate, 0.5."""
+    heads = 4
+    path = tmp_path / "predictor.json"
+    path.write_text(json.dumps({"rates": [0.0, 0.5], "weight": [[0.0] * heads * 4] * 2, "bias": [0.0, 1.0]}))
+    drop = LlmDropConfig("dyrate", min_keep=0.1, predictor=str(path))
+    _, decoder, _, image, prefill = dyrate_setup("llava-1.5-7b", drop)
+    images, cache, counts = decoder.images(prefill, image), prefill.cache, []
+    with torch.inference_mode():
+        for step in range(3):
+            position = torch.tensor([[prefill.next_position + step]])
+            _, cache, images = decoder.decode_pruning(torch.tensor([[5]]), position, cache, images)
+            counts.append(images.kept.shape[1])
+    assert counts == [14, 7, 4]  # 28 halved each step, never below ceil(0.1 · 28) = 3
+    assert [keys.shape[2] for keys, _ in cache] == [prefill.next_position + 3] * 2 + \
+        [prefill.next_position - 28 + 4 + 3] * 2  # layers from K = 2 hold the 4 survivors
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("not json", "not a readable predictor"),
+    (json.dumps({"rates": [0.5], "weight": [[0.0] * 3], "bias": [0.0]}), "needs rates in"),
+])
+def test_a_bad_rate_predictor_is_one_line(tmp_path, content, message):
+    path = tmp_path / "predictor.json"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=message):
+        RatePredictor.load(str(path), heads=4)
+
+
+def test_dyrate_features_are_each_heads_attention_on_the_four_token_types():
+    row = torch.rand(1, 3, 12).softmax(-1)  # (B, H, T): system 0..1, image 2..6, instruction 7..8, response 9..11
+    features = token_type_attention(row, 2, 5, 9)
+    spans = [(0, 2), (2, 7), (7, 9), (9, 12)]
+    want = [[sum(float(row[0, h, t]) for t in range(a, b)) for a, b in spans] for h in range(3)]
+    torch.testing.assert_close(features[0], torch.tensor(want))

@@ -73,7 +73,11 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
         check_trt_options(options.trt, options.batch, options.quant, tensorrt_version())
     built = options.plan()
     if built.source.adapter.language_model is not None or options.llm_drop != "none":
-        llm_plan(built, options.llm_drop_config())  # a reduction that cannot run is refused before anything
+        drop = llm_plan(built, options.llm_drop_config()).drop  # a reduction that cannot run: refused here
+        if drop.method == "dyrate":
+            raise UsageError("--llm-drop dyrate prunes the KV cache by amounts each decode step decides, and the "
+                             "exported decode graph keeps fixed image-token counts: run DyRate in PyTorch with "
+                             "`turbo generate MODEL IMAGE PROMPT --llm-drop dyrate`")
     check_target(Path(output), force, protect=Path(built.source.location))
     seconds: dict[str, float] = {}
 

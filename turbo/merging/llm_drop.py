@@ -13,14 +13,17 @@ Survivors keep their order and their position ids, as both papers' code does. Co
 ints fixed at build time, so exported graphs have static shapes.
 """
 
+import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from turbo.core.errors import UsageError
 
-LLM_DROPS = ("none", "fastv", "pyramid")
+LLM_DROPS = ("none", "fastv", "pyramid", "dyrate")
+TOKEN_TYPES = ("system", "image", "instruction", "response")  # DyRate's four token types
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class LlmDropConfig:
     ratio: float = 0.5  # FastV's R: the fraction of image tokens dropped
     stages: int = 4  # PyramidDrop's S
     keep: float = 0.5  # PyramidDrop's λ: the fraction kept at each stage's end
+    coverage: float = 0.95  # DyRate's schedule: keep the image tokens holding this much of a step's image attention
+    min_keep: float = 0.1  # DyRate: never fewer than this fraction of the prompt's image tokens
+    predictor: str = ""  # DyRate: a rate predictor file (JSON) instead of the training-free schedule
 
     def __post_init__(self) -> None:
         if self.method not in LLM_DROPS:
@@ -37,19 +43,24 @@ class LlmDropConfig:
         if not 0 <= self.ratio < 1 or not 0 < self.keep <= 1:
             raise ValueError(f"FastV's ratio must be in [0, 1) and PyramidDrop's keep in (0, 1]; got {self.ratio} "
                              f"and {self.keep}")
+        if not 0 < self.coverage <= 1 or not 0 < self.min_keep <= 1:
+            raise ValueError(f"DyRate's coverage and min_keep must be in (0, 1]; got {self.coverage} and "
+                             f"{self.min_keep}")
         if self.layer < 1 or self.stages < 1:
             raise ValueError(f"FastV's layer and PyramidDrop's stages must be >= 1; got {self.layer} and {self.stages}")
 
 
     def parameters(self) -> dict[str, float]:
         """The settings its method reads."""
-        names = {"none": (), "fastv": ("layer", "ratio"), "pyramid": ("stages", "keep")}[self.method]
-        return {name: getattr(self, name) for name in names}
+        names = {"none": (), "fastv": ("layer", "ratio"), "pyramid": ("stages", "keep"),
+                 "dyrate": ("layer", "coverage", "min_keep", "predictor")}[self.method]
+        return {name: getattr(self, name) for name in names if name != "predictor" or self.predictor}
 
     @property
     def label(self) -> str:
         """As `--llm-drop` takes it: `fastv:layer=2,ratio=0.5`."""
-        settings = ",".join(f"{name}={value:g}" for name, value in self.parameters().items())
+        settings = ",".join(f"{name}={value}" if isinstance(value, str) else f"{name}={value:g}"
+                            for name, value in self.parameters().items())
         return f"{self.method}:{settings}" if settings else self.method
 
 
@@ -68,10 +79,13 @@ def _parse(text: str) -> LlmDropConfig:
         config = LlmDropConfig(method.strip())
     except ValueError as exc:
         raise ValueError(f"--llm-drop {text}: {exc}") from None
-    allowed = config.parameters()
+    allowed = {**config.parameters(), **({"predictor": ""} if config.method == "dyrate" else {})}
     values = {}
     for item in filter(None, (part.strip() for part in settings.split(","))):
         name, _, value = item.partition("=")
+        if name == "predictor" and name in allowed:
+            values[name] = value
+            continue
         if name not in allowed:
             raise ValueError(f"--llm-drop {text}: {method} takes {', '.join(allowed) or 'no settings'}, not {name!r}")
         try:
@@ -92,7 +106,9 @@ def _parse(text: str) -> LlmDropConfig:
 def image_tokens_per_layer(config: LlmDropConfig, num_layers: int, image_tokens: int) -> list[int]:
     """How many image tokens each of the LLM's layers sees; ValueError for a plan that cannot run
     (FastV's layer beyond the model, more stages than layers) or that drops every image token."""
-    if config.method == "none":
+    if config.method in ("none", "dyrate"):  # DyRate prunes while decoding, not in the prefill
+        if config.method == "dyrate" and config.layer >= num_layers:
+            raise ValueError(f"DyRate's layer {config.layer} is beyond the language model's {num_layers} layers")
         return [image_tokens] * num_layers
     if config.method == "fastv":
         if config.layer >= num_layers:
@@ -161,3 +177,55 @@ def keep_tokens(hidden: torch.Tensor, positions: torch.Tensor, image_start: int,
     after = torch.arange(image_start + image_tokens, tokens, device=hidden.device).expand(batch, -1)
     index = torch.cat([before, kept + image_start, after], dim=1)  # (B, T − N + K)
     return (hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, channels)), positions.gather(1, index))
+
+
+def token_type_attention(row: torch.Tensor, image_start: int, image_tokens: int, prompt_tokens: int) -> torch.Tensor:
+    """DyRate's features: row (B, H, T), one query's attention over a cache that holds every image
+    token -> (B, H, 4), each head's attention on the system tokens (before the image), the image,
+    the instruction (the prompt after the image) and the response (generated tokens)."""
+    bounds = (0, image_start, image_start + image_tokens, prompt_tokens, row.shape[-1])
+    return torch.stack([row[..., start:end].sum(dim=-1) for start, end in zip(bounds, bounds[1:])], dim=-1)
+
+
+def coverage_keep(image_attention: torch.Tensor, coverage: float, floor: int) -> int:
+    """DyRate's training-free schedule: image_attention (B, n), one step's attention on the image
+    tokens still cached. How many to keep: the fewest holding `coverage` of it (in the row that
+    needs the most), at least `floor`."""
+    share = image_attention / image_attention.sum(dim=-1, keepdim=True)
+    cumulative = share.sort(dim=-1, descending=True).values.cumsum(dim=-1)  # (B, n)
+    needed = int((cumulative < coverage).sum(dim=-1).max()) + 1
+    return min(max(needed, floor), image_attention.shape[-1])
+
+
+@dataclass(frozen=True)
+class RatePredictor:
+    """DyRate's rate predictor: a linear classifier over the four token types' attention per head
+    (H · 4 features, head-major) choosing one of its pruning rates (the fraction of the cached
+    image tokens to prune at this step). DyRate trains it; turbo loads one, it does not train it."""
+
+    rates: tuple[float, ...]
+    weight: torch.Tensor  # (R, H · 4)
+    bias: torch.Tensor  # (R,)
+
+    @classmethod
+    def load(cls, path: str, heads: int) -> "RatePredictor":
+        """From JSON {"rates": [R], "weight": [R][heads · 4], "bias": [R]}; UsageError otherwise."""
+        try:
+            data = json.loads(Path(path).read_text())
+            rates = tuple(float(rate) for rate in data["rates"])
+            weight = torch.tensor(data["weight"], dtype=torch.float32)
+            bias = torch.tensor(data["bias"], dtype=torch.float32)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"DyRate predictor {path}: not a readable predictor ({exc.__class__.__name__}); it is "
+                             'JSON {"rates": [...], "weight": [[...]], "bias": [...]}') from None
+        if weight.shape != (len(rates), heads * len(TOKEN_TYPES)) or bias.shape != (len(rates),) or \
+                not all(0 <= rate < 1 for rate in rates):
+            raise UsageError(f"DyRate predictor {path}: needs rates in [0, 1), weight {len(rates)}×{heads * 4} (the "
+                             f"model's {heads} heads × 4 token types) and bias {len(rates)}; got weight "
+                             f"{tuple(weight.shape)}, bias {tuple(bias.shape)}")
+        return cls(rates, weight, bias)
+
+    def rate(self, features: torch.Tensor) -> float:
+        """features (B, H, 4) -> the rate its classifier chooses (the highest among the rows)."""
+        logits = features.flatten(1).float() @ self.weight.T + self.bias  # (B, R)
+        return max(self.rates[int(index)] for index in logits.argmax(dim=-1))

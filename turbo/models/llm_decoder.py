@@ -6,14 +6,24 @@ Survivors keep their position ids (the papers' code does so), and decoded tokens
 full prompt's length, as without reduction.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from turbo.merging.llm_drop import LlmDropConfig, fastv_keep, image_tokens_per_layer, keep_tokens, pyramid_keep
+from turbo.merging.llm_drop import (
+    LlmDropConfig,
+    RatePredictor,
+    coverage_keep,
+    fastv_keep,
+    image_tokens_per_layer,
+    keep_tokens,
+    pyramid_keep,
+    token_type_attention,
+)
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (B, H_kv, T_block, d), keys rotated
 
@@ -126,6 +136,71 @@ class ReducedDecoder:
             grown.append((out.keys, out.values))
             hidden = out.hidden
         return self.lm_head(self.decoder.norm(hidden))[:, 0], grown
+
+
+@dataclass(frozen=True)
+class CachedImages:
+    """DyRate's view of the caches while decoding: the prompt's image run, and which of its tokens
+    the layers from K on still hold (the layers before K keep every one)."""
+
+    start: int
+    total: int  # the prompt's image tokens
+    prompt_tokens: int
+    kept: torch.Tensor  # (B, n): original indices among the image tokens, ascending
+
+
+class PruningDecoder(ReducedDecoder):
+    """DyRate: after each decode step, prune image tokens from the caches of layers K.. at a rate
+    chosen from that step's attention (layer K − 1's row for the new token): a rate predictor's, or
+    the training-free schedule's (keep the fewest holding `coverage` of the image attention). The
+    ones that received the least of that attention go first; survivors keep their order."""
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Linear, drop: LlmDropConfig,
+                 predictor: RatePredictor | None = None):
+        super().__init__(decoder, lm_head, drop)
+        self.predictor = predictor
+
+    def images(self, prefill: Prefill, image: ImageSpan) -> CachedImages:
+        batch = prefill.logits.shape[0]
+        kept = torch.arange(image.count, device=prefill.logits.device).expand(batch, -1)
+        return CachedImages(image.start, image.count, prefill.next_position, kept)
+
+    def decode_pruning(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                       images: CachedImages) -> tuple[torch.Tensor, KVCache, CachedImages]:
+        """One step (as `decode`), then the pruning it decides: logits (B, V), caches, images."""
+        hidden = self.embed(input_ids)  # (B, 1, C)
+        cos, sin = self.decoder.rotary_emb(hidden, positions)
+        grown, row = [], None
+        for index, (layer, past) in enumerate(zip(self.decoder.layers, cache, strict=True)):
+            out = run_block(layer, hidden, cos, sin, past, attention=index == self.drop.layer - 1)
+            if out.attention is not None:
+                row = out.attention[:, :, -1]  # (B, H, T): over a cache holding every image token
+            grown.append((out.keys, out.values))
+            hidden = out.hidden
+        logits = self.lm_head(self.decoder.norm(hidden))[:, 0]
+        return logits, *self._prune(grown, row, images)
+
+    def _prune(self, cache: KVCache, row: torch.Tensor, images: CachedImages) -> tuple[KVCache, CachedImages]:
+        present = images.kept.shape[1]
+        received = row.mean(dim=1)[:, images.start:images.start + images.total].gather(1, images.kept)  # (B, n)
+        floor = math.ceil(self.drop.min_keep * images.total)
+        if self.predictor is not None:
+            features = token_type_attention(row, images.start, images.total, images.prompt_tokens)  # (B, H, 4)
+            keep = present - math.floor(self.predictor.rate(features) * present)
+        else:
+            keep = coverage_keep(received, self.drop.coverage, floor)
+        keep = min(present, max(keep, floor))
+        if keep == present:
+            return cache, images
+        order = received.topk(keep, dim=-1).indices.sort(dim=-1).values  # (B, keep) among the present ones
+        pruned = list(cache[:self.drop.layer])
+        for keys, values in cache[self.drop.layer:]:
+            batch, _, length, _ = keys.shape
+            before = torch.arange(images.start, device=keys.device).expand(batch, -1)
+            after = torch.arange(images.start + present, length, device=keys.device).expand(batch, -1)
+            rows = torch.cat([before, order + images.start, after], dim=1)[:, None, :, None]  # (B, 1, T', 1)
+            pruned.append(tuple(t.gather(2, rows.expand(-1, t.shape[1], -1, t.shape[3])) for t in (keys, values)))
+        return pruned, replace(images, kept=images.kept.gather(1, order))
 
 
 def insert_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,

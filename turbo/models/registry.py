@@ -132,8 +132,8 @@ _TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, 
 _TINY_LLM = dict(vocab_size=600, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=64, max_position_embeddings=512)
 _TINY_LLAVA = dict(vision_config={**_TINY_TOWER, "num_hidden_layers": 5}, image_token_index=590)
-_LLAVA_NOTES = ("Turbo in the vision tower; --llm-drop fastv|pyramid reduces the image tokens inside the language "
-                "model")
+_LLAVA_NOTES = ("Turbo in the vision tower; --llm-drop fastv|pyramid|dyrate reduces the image tokens inside the "
+                "language model")
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from turbo.core.errors import UsageError
-from turbo.merging.llm_drop import LlmDropConfig
+from turbo.merging.llm_drop import LlmDropConfig, RatePredictor
 from turbo.models.adapters import LanguageModel
-from turbo.models.llm_decoder import ReducedDecoder, insert_image_features
+from turbo.models.llm_decoder import PruningDecoder, ReducedDecoder, insert_image_features
 
 
 def image_prompt_ids(tokenizer, prompt: str, image_token_id: int, image_tokens: int) -> list[int]:
@@ -43,9 +43,18 @@ class VlmGenerator:
     drop: LlmDropConfig
     interpolate_pos_encoding: bool = False
 
+    def __post_init__(self) -> None:
+        self.predictor = None  # DyRate's rate predictor, read once (a bad file: UsageError before any run)
+        if self.drop.predictor:
+            heads = self.language.text_config(self.model.config).num_attention_heads
+            self.predictor = RatePredictor.load(self.drop.predictor, heads)
+
     @property
     def decoder(self) -> ReducedDecoder:
-        return ReducedDecoder(self.language.module(self.model), self.language.lm_head(self.model), self.drop)
+        module, head = self.language.module(self.model), self.language.lm_head(self.model)
+        if self.drop.method == "dyrate":
+            return PruningDecoder(module, head, self.drop, self.predictor)
+        return ReducedDecoder(module, head, self.drop)
 
     def stream(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,
                eos_token_id: int | None = None) -> Iterator[torch.Tensor]:
@@ -57,6 +66,7 @@ class VlmGenerator:
             embeds, image = insert_image_features(decoder.embed(input_ids), input_ids, features, image_token_id)
             prefill = decoder.prefill(embeds, image)
             logits, cache, position = prefill.logits, prefill.cache, prefill.next_position
+            images = decoder.images(prefill, image) if isinstance(decoder, PruningDecoder) else None
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
             for step in range(max_new_tokens):
                 tokens = logits.argmax(dim=-1)  # (B,)
@@ -65,7 +75,11 @@ class VlmGenerator:
                     finished |= tokens == eos_token_id
                 if finished.all() or step == max_new_tokens - 1:
                     return
-                logits, cache = decoder.decode(tokens[:, None], torch.full_like(tokens[:, None], position), cache)
+                positions = torch.full_like(tokens[:, None], position)
+                if images is None:
+                    logits, cache = decoder.decode(tokens[:, None], positions, cache)
+                else:
+                    logits, cache, images = decoder.decode_pruning(tokens[:, None], positions, cache, images)
                 position += 1
 
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,

@@ -66,6 +66,9 @@ def print_llm_plan(plan) -> None:
             table.add_row(span, str(layers[start]), f"{each * (index - start) / 1e9:.2f}")
             start = index
     stderr.print(table)
+    if plan.drop.method == "dyrate":
+        stderr.print("DyRate prunes while decoding, each step as its attention decides: the prefill keeps every "
+                     "image token, and the decode FLOPs below are before any pruning", highlight=False)
     stderr.print(f"image tokens into the LLM {plan.image_tokens} of {plan.unmerged_image_tokens}; prefill "
                  f"{plan.prefill_flops / 1e9:.1f} GFLOPs vs {plan.baseline_prefill_flops / 1e9:.1f} unreduced "
                  f"([bold]{plan.baseline_prefill_flops / plan.prefill_flops:.2f}x[/] bound); first decoded token "
