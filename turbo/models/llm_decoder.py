@@ -128,14 +128,23 @@ class ReducedDecoder:
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
         """input_ids (B, 1) at positions (B, 1) -> their logits (B, V) and the grown cache."""
+        logits, grown, _ = self._step(input_ids, positions, cache)
+        return logits, grown
+
+    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+              attention_in: int | None = None) -> tuple[torch.Tensor, KVCache, torch.Tensor | None]:
+        """One decode step; with `attention_in`, also that block's attention row for the new token
+        (B, H, T)."""
         hidden = self.embed(input_ids)  # (B, 1, C)
         cos, sin = self.decoder.rotary_emb(hidden, positions)
-        grown = []
-        for layer, past in zip(self.decoder.layers, cache, strict=True):
-            out = run_block(layer, hidden, cos, sin, past)
+        grown, row = [], None
+        for index, (layer, past) in enumerate(zip(self.decoder.layers, cache, strict=True)):
+            out = run_block(layer, hidden, cos, sin, past, attention=index == attention_in)
+            if out.attention is not None:
+                row = out.attention[:, :, -1]
             grown.append((out.keys, out.values))
             hidden = out.hidden
-        return self.lm_head(self.decoder.norm(hidden))[:, 0], grown
+        return self.lm_head(self.decoder.norm(hidden))[:, 0], grown, row
 
 
 @dataclass(frozen=True)
@@ -168,16 +177,8 @@ class PruningDecoder(ReducedDecoder):
     def decode_pruning(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                        images: CachedImages) -> tuple[torch.Tensor, KVCache, CachedImages]:
         """One step (as `decode`), then the pruning it decides: logits (B, V), caches, images."""
-        hidden = self.embed(input_ids)  # (B, 1, C)
-        cos, sin = self.decoder.rotary_emb(hidden, positions)
-        grown, row = [], None
-        for index, (layer, past) in enumerate(zip(self.decoder.layers, cache, strict=True)):
-            out = run_block(layer, hidden, cos, sin, past, attention=index == self.drop.layer - 1)
-            if out.attention is not None:
-                row = out.attention[:, :, -1]  # (B, H, T): over a cache holding every image token
-            grown.append((out.keys, out.values))
-            hidden = out.hidden
-        logits = self.lm_head(self.decoder.norm(hidden))[:, 0]
+        # layer K − 1's row (B, H, T) is over a cache that holds every image token
+        logits, grown, row = self._step(input_ids, positions, cache, attention_in=self.drop.layer - 1)
         return logits, *self._prune(grown, row, images)
 
     def _prune(self, cache: KVCache, row: torch.Tensor, images: CachedImages) -> tuple[KVCache, CachedImages]:
