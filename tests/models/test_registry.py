@@ -59,6 +59,9 @@ TINY_CHECKPOINTS: dict[str, TinyCheckpoint] = {
     "DINOv2 SwiGLU": TinyCheckpoint("dinov2-b14", "Dinov2Model", {"use_swiglu_ffn": True}),
     "Dinov2WithRegistersForImageClassification": TinyCheckpoint(
         "dinov2-reg-b14", "Dinov2WithRegistersForImageClassification", {"num_labels": 5}),
+    "LLaVA reading the CLIP tower's last layer, CLS kept": TinyCheckpoint(
+        "llava-1.5-7b", "LlavaForConditionalGeneration",
+        {"vision_feature_layer": -1, "vision_feature_select_strategy": "full"}, r=3),
 }
 
 
@@ -70,6 +73,9 @@ def save_tiny_checkpoint(name: str, directory: Path) -> Path:
     config.architectures = [variant.architecture]
     torch.manual_seed(0)
     variant.model(config).save_pretrained(directory)
+    text = ADAPTERS[variant.architecture].text_side
+    if text is not None:  # a model that reads text ships its tokenizer
+        text.placeholder_tokenizer(config).save_pretrained(directory)
     return directory
 
 

@@ -30,3 +30,9 @@ QUESTION_MASK = "question_mask"  # (B, L) int64: which question positions the an
 LLM_PREFILL_INPUTS = ("prefix_ids", "image_features", "suffix_ids")  # (B, P) int64, (B, N, C), (B, S) int64
 LLM_DECODE_INPUTS = ("input_ids", "positions")  # (B, 1) int64 each, then past.L.key, past.L.value per layer
 TOKEN_SIZES = "token_sizes"  # (B, N_final): patches each output token stands for, the merge fingerprint
+
+
+def cache_names(prefix: str, layers: int, kinds: tuple[str, ...]) -> list[str]:
+    """Key/value cache tensor names layer by layer: past.0.self.key, past.0.self.value, ... (prefix
+    "past" or "present"; kinds as each decoder names its caches)."""
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in kinds]

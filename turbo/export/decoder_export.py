@@ -15,7 +15,14 @@ from transformers import GenerationConfig
 
 from turbo.core.errors import TurboError
 from turbo.core.files import DECODER_WEIGHTS_FILE as WEIGHTS_FILE
-from turbo.core.files import FIRST_STEP_FILE, GENERATION_FILE, QUESTION_EMBEDS, QUESTION_MASK, WITH_PAST_FILE
+from turbo.core.files import (
+    FIRST_STEP_FILE,
+    GENERATION_FILE,
+    QUESTION_EMBEDS,
+    QUESTION_MASK,
+    WITH_PAST_FILE,
+    cache_names,
+)
 from turbo.core.manifest import DecoderRecord
 from turbo.export.onnx_export import GraphSpec, export_sharing_weights
 from turbo.graph.weight_quant import insert_dequantize
@@ -26,7 +33,6 @@ from turbo.models.blip_decoder import (
     DecoderWithPast,
     MaskedDecoderFirstStep,
     MaskedDecoderWithPast,
-    cache_names,
 )
 from turbo.models.loading import ModelSource
 from turbo.runtimes.caption import DEFAULT_PROMPT

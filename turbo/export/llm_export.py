@@ -21,6 +21,7 @@ from turbo.core.files import (
     LLM_PREFILL_FILE,
     LLM_PREFILL_INPUTS,
     LLM_WEIGHTS_FILE,
+    cache_names,
 )
 from turbo.core.manifest import LanguageModelRecord
 from turbo.export.decoder_validate import CaptionCheck
@@ -33,14 +34,10 @@ from turbo.runtimes.llm_generation import VlmGenerator
 from turbo.runtimes.llm_onnx import OnnxVlm
 
 LOGITS = "logits"
+KV = ("key", "value")  # each layer's cache: past.L.key, past.L.value
 LLM_RUN = "language model"  # how its checks and errors are named in a ValidationReport
 LOGIT_STEPS = 4  # the prefill's logits and three decode steps'
 GREEDY_STEPS = 8
-
-
-def cache_names(prefix: str, layers: int) -> list[str]:
-    """past.0.key, past.0.value, past.1.key, ... (prefix "past" or "present")."""
-    return [f"{prefix}.{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")]
 
 
 def reduced_decoder(model: nn.Module, source: ModelSource, drop: LlmDropConfig) -> ReducedDecoder:
@@ -67,11 +64,11 @@ def export_language_model(model: nn.Module, source: ModelSource, tokenizer: tupl
     past = [torch.export.Dim(f"past_{layer}") for layer in range(layers)]
     position = torch.tensor([[prefix.shape[1] + image_tokens + suffix.shape[1]]])
     decode_dims = ({}, {}, tuple({2: past[index // 2]} for index in range(2 * layers)))
-    presents = [LOGITS, *cache_names("present", layers)]
+    presents = [LOGITS, *cache_names("present", layers, KV)]
     stats = export_sharing_weights(
         [GraphSpec(prefill, (prefix, features, suffix), list(LLM_PREFILL_INPUTS), presents, text_dims,
                    LLM_PREFILL_FILE),
-         GraphSpec(decode, (prefix[:, :1], position, *cache), [*LLM_DECODE_INPUTS, *cache_names("past", layers)],
+         GraphSpec(decode, (prefix[:, :1], position, *cache), [*LLM_DECODE_INPUTS, *cache_names("past", layers, KV)],
                    presents, decode_dims, LLM_DECODE_FILE)],
         directory, LLM_WEIGHTS_FILE, opset)
     tokenizer, origin = tokenizer

@@ -22,11 +22,6 @@ SELF_KV = ("self.key", "self.value")
 CROSS_KV = ("cross.key", "cross.value")
 
 
-def cache_names(prefix: str, layers: int, kinds: tuple[str, ...]) -> list[str]:
-    """e.g. past.0.self.key, past.0.self.value, past.0.cross.key, ... layer by layer."""
-    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in kinds]
-
-
 def _heads(x: torch.Tensor, head_size: int) -> torch.Tensor:
     """(B, T, H*d) -> (B, H, T, d)."""
     return x.view(x.shape[0], x.shape[1], -1, head_size).transpose(1, 2)

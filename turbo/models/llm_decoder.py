@@ -68,11 +68,13 @@ def run_block(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: to
     new, total = q.shape[2], keys.shape[2]
     query_at = torch.arange(new, device=q.device)[:, None] + (total - new)  # each new token's place among all
     mask = torch.arange(total, device=q.device)[None, :] <= query_at  # (T, T_all)
-    context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
     probabilities = None
-    if attention:
+    if attention:  # the probabilities themselves are wanted: attention computed once, eagerly
         scores = (q @ keys.transpose(-1, -2)) * attn.scaling
         probabilities = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        context = probabilities @ values
+    else:
+        context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
     hidden = hidden + attn.o_proj(context.transpose(1, 2).reshape(*x.shape[:2], -1))
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return BlockOutput(hidden, k, v, q, probabilities)

@@ -30,6 +30,7 @@ class OnnxVlm:
         self.tokenizer, self.processor = tokenizer, processor
         self.manifest = manifest  # None while an export is being validated
         self.past_names = self.decode.input_names[len(LLM_DECODE_INPUTS):]
+        self.present_names = [name.replace("past", "present", 1) for name in self.past_names]
 
     @classmethod
     def open(cls, directory: str | Path, threads: int | None = None) -> "OnnxVlm":
@@ -58,7 +59,7 @@ class OnnxVlm:
                eos_token_id: int | None = None) -> Iterator[np.ndarray]:
         """Each step's logits (1, V), greedy, until eos or max_new_tokens."""
         out = self.prefill.run({PREFIX: np.array([prefix]), FEATURES: features, SUFFIX: np.array([suffix])})
-        logits, cache = out["logits"], [out[name.replace("past", "present")] for name in self.past_names]
+        logits, cache = out["logits"], [out[name] for name in self.present_names]
         position = len(prefix) + features.shape[1] + len(suffix)
         for step in range(max_new_tokens):
             yield logits
@@ -67,7 +68,7 @@ class OnnxVlm:
                 return
             out = self.decode.run({IDS: np.array([[token]]), POSITIONS: np.array([[position + step]]),
                                    **dict(zip(self.past_names, cache))})
-            logits, cache = out["logits"], [out[name.replace("past", "present")] for name in self.past_names]
+            logits, cache = out["logits"], [out[name] for name in self.present_names]
 
     def greedy_tokens(self, pixels: np.ndarray, prefix: list[int], suffix: list[int],
                       max_new_tokens: int) -> Iterator[int]:

@@ -58,10 +58,11 @@ def _torch_answerer(model, built: BuiltPlan, drop_text: str, tokenizer, max_toke
     config = built.source.config
     image_tokens = language.image_tokens(config, built.plan.final_tokens)
     eos = language.special_ids(config).get("eos_token_id")
+    generator = VlmGenerator(model, language, parse_llm_drop(drop_text), built.interpolate_pos_encoding)
 
     def answer(pixels: np.ndarray, prompt: str) -> list[int]:
-        apply_turbo(model, built.source.adapter, built.plan, built.merge_config)
-        generator = VlmGenerator(model, language, parse_llm_drop(drop_text), built.interpolate_pos_encoding)
+        if getattr(model, "turbo_plan", None) is not built.plan:  # the settings share one model
+            apply_turbo(model, built.source.adapter, built.plan, built.merge_config)
         ids = image_prompt_ids(tokenizer, prompt, language.image_token_id(config), image_tokens)
         return generator.generate(torch.from_numpy(pixels), torch.tensor([ids]), max_tokens, eos)[0].tolist()
 
