@@ -110,10 +110,10 @@ def time_generation(exports: list[tuple[Path, Manifest]], tokens: int, warmup_s:
     vocab = [token for token in range(min(record.vocab_size, 1000)) if token != record.image_token_id]
     text = list(map(int, rng.choice(vocab, DEFAULT_TEXT_TOKENS)))
     prefix, suffix = text[:PREFIX_TOKENS], text[PREFIX_TOKENS:]
-    vlms = {_label(m): OnnxVlm(d, m.onnx.file, m.llm, m.onnx.static_batch, threads) for d, m in exports}
-    plans = {_label(m): (_plan(m), m) for _, m in exports}
     if any(m.onnx.pixel_shape != pixel_shape or m.llm.vocab_size != record.vocab_size for _, m in exports):
         raise UsageError("the directories hold different models or inputs; bench one model at a time")
+    vlms = {_label(m): OnnxVlm(d, m.onnx.file, m.llm, m.onnx.static_batch, threads) for d, m in exports}
+    plans = {_label(m): (_plan(m), m) for _, m in exports}
     progress(f"timing the first token: {', '.join(vlms)}")
     feeds = {"pixel_values": pixels}
     first = {label: FirstTokenRunner(vlm, prefix, suffix) for label, vlm in vlms.items()}
