@@ -73,6 +73,9 @@ def upstream_outputs(model, pixel_values: torch.Tensor, **kwargs) -> dict[str, t
                                            output_hidden_states=True, **kwargs)
             return {"image_features": torch.stack(list(out.pooler_output)),
                     "last_hidden_state": out.hidden_states[config.vision_feature_layer]}
+        if hasattr(model, "qformer"):  # BLIP-2: the Q-Former's queries, projected, and the ViT's tokens
+            out = model.get_image_features(pixel_values=pixel_values, **kwargs)
+            return {"image_features": out.pooler_output, "last_hidden_state": out.last_hidden_state}
         if hasattr(model, "get_image_features"):  # image-text models: their image side
             features = model.get_image_features(pixel_values=pixel_values, **kwargs)
             return {"image_embeds": features.pooler_output, "last_hidden_state": features.last_hidden_state}

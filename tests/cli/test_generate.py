@@ -14,7 +14,7 @@ from tests.conftest import tiny_export
 from turbo.cli.app import app
 from turbo.data.images import Sample, pixel_batch
 from turbo.models.build import build_plan
-from turbo.models.llava import placeholder_tokenizer
+from turbo.models.llm_vocab import placeholder_tokenizer
 from turbo.models.loading import load_image_processor, load_model, resolve_source
 from turbo.runtimes.llm_generation import image_prompt_ids
 

@@ -23,7 +23,7 @@ from turbo.models.loading import load_model, resolve_source
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 
 FAMILY_MODELS = ["deit-b16", "clip-b16", "siglip-b16", "dinov2-b14", "dinov2-reg-b14", "llava-1.5-7b",
-                 "llava-interleave-qwen-0.5b"]
+                 "llava-interleave-qwen-0.5b", "blip2-opt-2.7b"]
 # Each export takes seconds: CI exports every family; the config variants (each also tested in
 # PyTorch in CI, tests/models/test_registry.py) run with -m slow.
 CASES = FAMILY_MODELS + [pytest.param(name, marks=pytest.mark.slow) for name in sorted(TINY_CHECKPOINTS)]
@@ -65,13 +65,13 @@ def test_onnx_runtime_equals_transformers_at_r0_and_the_merged_model_at_r(case, 
     with torch.no_grad():
         want = built.source.adapter.export_outputs(merged, x, False)
     assert got[TOKEN_SIZES].shape == (BATCH, printed["final_tokens"])
-    excluded = built.source.adapter.excluded_tokens(built.source.config)
+    tokens = built.source.adapter.output_tokens(built.source.config)
     assert not graph_problems(summarize(merged_export.directory / onnx_record.file), built.plan,
-                              "matmul", BATCH, excluded)
+                              "matmul", BATCH, tokens)
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value.numpy(), atol=1e-4, rtol=0, err_msg=name)
         if value.dim() == 3:
-            assert value.shape[1] == printed["final_tokens"] - excluded.get(name, 0)
+            assert value.shape[1] == tokens.expected(name, printed["final_tokens"])
 
     exact = OnnxRuntimeRunner(exact_export.directory / exact_export.manifest.onnx.file).run(feeds)
     reference = upstream_outputs(upstream, x)

@@ -4,27 +4,33 @@ decode equals recomputing the reduced sequences."""
 
 import json
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
-from transformers import MistralConfig
+from transformers import MistralConfig, OPTConfig
 
 from tests.conftest import pixels, tiny_pair
 from turbo.core.errors import UsageError
 from turbo.merging.llm_drop import LlmDropConfig, RatePredictor, image_tokens_per_layer, token_type_attention
-from turbo.models.llava import LLAVA, placeholder_tokenizer
+from turbo.models.blip2 import BLIP2
+from turbo.models.llava import LLAVA
 from turbo.models.llm_decoder import insert_image_features
+from turbo.models.llm_vocab import placeholder_tokenizer
 from turbo.models.loading import load_model, resolve_source
 from turbo.runtimes.llm_generation import VlmGenerator, image_prompt_ids
 
 LLAVA_MODELS = ["llava-1.5-7b", "llava-interleave-qwen-0.5b"]
+VLM_MODELS = [*LLAVA_MODELS, "blip2-opt-2.7b"]
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+IMAGE_FIRST_PROMPT = "Question: what is in the picture? Answer:"  # BLIP-2: the image goes before the prompt
 
 
-def prompt_ids(built, image_tokens: int, prompt: str = PROMPT) -> torch.Tensor:
-    config = built.source.config
+def prompt_ids(built, image_tokens: int, prompt: str | None = None) -> torch.Tensor:
+    config, language = built.source.config, built.source.adapter.language_model
+    prompt = prompt or (IMAGE_FIRST_PROMPT if language.image_first else PROMPT)
     return torch.tensor([image_prompt_ids(placeholder_tokenizer(config), prompt, config.image_token_id,
-                                          image_tokens)])
+                                          image_tokens, language.image_first)])
 
 
 def setup(name: str, r: int = 0, drop: LlmDropConfig = LlmDropConfig()):
@@ -34,7 +40,7 @@ def setup(name: str, r: int = 0, drop: LlmDropConfig = LlmDropConfig()):
     return VlmGenerator(merged, language, drop), reference, built, prompt_ids(built, image_tokens)
 
 
-@pytest.mark.parametrize("name", LLAVA_MODELS)
+@pytest.mark.parametrize("name", VLM_MODELS)
 def test_unreduced_generation_is_transformers_generate(name):
     generator, reference, built, ids = setup(name)
     x = pixels(name, batch=1)
@@ -71,49 +77,96 @@ def test_the_language_model_reads_the_merged_image_tokens(name):
 
 # --- plain references, written from the papers on the upstream decoder blocks --------------------
 
+class Upstream:
+    """A VLM's upstream decoder, as the references call it: LLaMA-style (rotary positions in every
+    block) or OPT (learned positions added once)."""
+
+    def __init__(self, model):
+        self.opt = hasattr(model, "qformer")
+        self.lm = model.language_model.model.decoder if self.opt else model.model.language_model
+        self.lm_head = model.language_model.lm_head if self.opt else model.lm_head
+
+    def start(self, embeds, positions):
+        return embeds + self.lm.embed_positions(None, position_ids=positions) if self.opt else embeds
+
+    def run(self, layer, hidden, mask, positions):
+        if self.opt:
+            return layer(hidden, attention_mask=mask)
+        return layer(hidden, attention_mask=mask, position_embeddings=self.lm.rotary_emb(hidden, positions))
+
+    def logits(self, hidden):
+        return self.lm_head((self.lm.final_layer_norm if self.opt else self.lm.norm)(hidden))[:, -1]
+
+    def query_and_keys(self, layer, inputs, positions):
+        """The last token's query (H, d) and every key (T, H_kv, d) of a block, rotated where the model
+        rotates, before any scaling."""
+        attn = layer.self_attn
+        x = (layer.self_attn_layer_norm if self.opt else layer.input_layernorm)(inputs)[0]  # (T, C)
+        d = attn.head_dim
+        query, keys = attn.q_proj(x[-1]).view(-1, d), attn.k_proj(x).view(x.shape[0], -1, d)
+        if self.opt:
+            return query, keys
+        cos, sin = self.lm.rotary_emb(inputs, positions)
+
+        def rotate(v, t):  # the rotary embedding at the position of sequence index t
+            half = v.shape[-1] // 2
+            return v * cos[0, t] + torch.cat([-v[..., half:], v[..., :half]], dim=-1) * sin[0, t]
+
+        return rotate(query, x.shape[0] - 1), torch.stack([rotate(keys[j], j) for j in range(x.shape[0])])
+
+    @contextmanager
+    def eager(self):
+        """Eager attention, so that the blocks return their probabilities; restores the setting."""
+        config = self.lm.config
+        previous, config._attn_implementation = config._attn_implementation, "eager"
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
+
+
 def reference_logits(model, embeds: torch.Tensor, image_start: int, image_count: int, drop: LlmDropConfig,
                      kept: dict[int, list[int]] | None = None,
                      attentions: list | None = None) -> tuple[torch.Tensor, dict[int, list[int]]]:
     """Last-token logits of the upstream blocks (eager attention) with the paper's drops; batch 1.
     `kept`: the image tokens (original indices) that go on after block l, when already chosen.
     `attentions`: filled with each block's attention probabilities (1, H, T, T)."""
-    lm = model.model.language_model
-    implementation, lm.config._attn_implementation = lm.config._attn_implementation, "eager"  # weights out
-    try:
-        return _reference_logits(lm, model.lm_head, embeds, image_start, image_count, drop, kept, attentions)
-    finally:
-        lm.config._attn_implementation = implementation
+    upstream = Upstream(model)
+    with upstream.eager():
+        return _reference_logits(upstream, embeds, image_start, image_count, drop, kept, attentions)
 
 
-def _reference_logits(lm, lm_head, embeds, image_start, image_count, drop, kept, attentions):
-    counts = image_tokens_per_layer(drop, len(lm.layers), image_count)
+def _reference_logits(upstream, embeds, image_start, image_count, drop, kept, attentions):
+    counts = image_tokens_per_layer(drop, len(upstream.lm.layers), image_count)
     chosen = dict(kept or {})
     images = list(range(image_count))  # original indices of the image tokens still in the sequence
-    hidden, positions = embeds, torch.arange(embeds.shape[1])[None]
-    for index, layer in enumerate(lm.layers):
-        cos, sin = lm.rotary_emb(hidden, positions)
+    positions = torch.arange(embeds.shape[1])[None]
+    hidden = upstream.start(embeds, positions)
+    for index, layer in enumerate(upstream.lm.layers):
         length = hidden.shape[1]
         mask = torch.full((length, length), float("-inf")).triu(1)[None, None]
         seen = {}
         handle = layer.self_attn.register_forward_hook(lambda _m, _i, out: seen.update(attention=out[1]))
         inputs = hidden
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
+        hidden = upstream.run(layer, hidden, mask, positions)
         handle.remove()
         if attentions is not None:
             attentions.append(seen["attention"])
         if index in chosen or index + 1 < len(counts) and counts[index + 1] < counts[index]:
             if index not in chosen:
-                scores = paper_scores(drop, layer, inputs, cos, sin, seen["attention"], image_start, len(images))
+                scores = paper_scores(drop, upstream, layer, inputs, positions, seen["attention"], image_start,
+                                      len(images))
                 best = sorted(range(len(images)), key=lambda i: -scores[i])[:counts[index + 1]]
                 chosen[index] = [images[i] for i in sorted(best)]
             keep = [images.index(original) for original in chosen[index]]
             rows = [*range(image_start), *(image_start + i for i in keep), *range(image_start + len(images), length)]
             images = chosen[index]
             hidden, positions = hidden[:, rows], positions[:, rows]
-    return lm_head(lm.norm(hidden))[:, -1], chosen
+    return upstream.logits(hidden), chosen
 
 
-def paper_scores(drop: LlmDropConfig, layer, inputs, cos, sin, attention, image_start: int, count: int) -> list[float]:
+def paper_scores(drop: LlmDropConfig, upstream: Upstream, layer, inputs, positions, attention, image_start: int,
+                 count: int) -> list[float]:
     """FastV: the attention each image token received in this block, averaged over heads and all
     queries. PyramidDrop: the last instruction token's attention over the image tokens' keys, this
     block's projections, one query row, averaged over heads."""
@@ -122,27 +175,16 @@ def paper_scores(drop: LlmDropConfig, layer, inputs, cos, sin, attention, image_
         heads, queries = attention.shape[1], attention.shape[2]
         return [float(sum(attention[0, h, q, j] for h in range(heads) for q in range(queries)) / (heads * queries))
                 for j in image]
-    attn = layer.self_attn
-    x = layer.input_layernorm(inputs)[0]  # (T, C)
-    d = attn.head_dim
-    heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
-
-    def rotate(v, t):  # the rotary embedding at the position of sequence index t
-        half = v.shape[-1] // 2
-        return v * cos[0, t] + torch.cat([-v[half:], v[:half]]) * sin[0, t]
-
-    last = x.shape[0] - 1
-    query = attn.q_proj(x[last]).view(heads, d)
-    keys = attn.k_proj(x).view(-1, kv_heads, d)
+    query, keys = upstream.query_and_keys(layer, inputs, positions)
+    heads, kv_heads, d = query.shape[0], keys.shape[1], query.shape[1]
     per_head = []
     for h in range(heads):
-        q = rotate(query[h], last)
-        logits = torch.stack([q @ rotate(keys[j, h // (heads // kv_heads)], j) / math.sqrt(d) for j in image])
+        logits = torch.stack([query[h] @ keys[j, h // (heads // kv_heads)] / math.sqrt(d) for j in image])
         per_head.append(logits.softmax(0))
     return torch.stack(per_head).mean(0).tolist()
 
 
-@pytest.mark.parametrize("name", LLAVA_MODELS)
+@pytest.mark.parametrize("name", VLM_MODELS)
 @pytest.mark.parametrize("drop", [LlmDropConfig("fastv", layer=2, ratio=0.5),
                                   LlmDropConfig("fastv", layer=1, ratio=0.75),
                                   LlmDropConfig("pyramid", stages=4, keep=0.5),
@@ -216,13 +258,32 @@ def test_a_mistral_language_model_generates_what_transformers_generates():
         torch.testing.assert_close(reduced.decoder.prefill(embeds, image).logits, want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_post_norm_opt_generates_what_transformers_generates():
+    """OPT-350m's block style: the norms after each residual, no final norm."""
+    source = resolve_source("blip2-opt-2.7b", tiny=True)
+    source.config.text_config = OPTConfig(**{**source.config.text_config.to_dict(), "do_layer_norm_before": False})
+    model = load_model(source, random_weights=True)
+    ids = prompt_ids(tiny_pair("blip2-opt-2.7b", r=0)[3], 8)
+    x = pixels("blip2-opt-2.7b", batch=1, seed=8)
+    ours = VlmGenerator(model, BLIP2.language_model, LlmDropConfig()).generate(x, ids, 6)
+    with torch.no_grad():
+        theirs = model.generate(input_ids=ids, pixel_values=x, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                return_dict_in_generate=True, output_logits=True)
+    assert ours.tolist() == theirs.sequences[:, ids.shape[1]:].tolist()
+    decoder = VlmGenerator(model, BLIP2.language_model, LlmDropConfig()).decoder
+    with torch.inference_mode():
+        features = BLIP2.language_model.image_features(model, x, False)
+        embeds, image = insert_image_features(decoder.embed(ids), ids, features, 590)
+        torch.testing.assert_close(decoder.prefill(embeds, image).logits, theirs.logits[0], rtol=1e-4, atol=1e-5)
+
+
 def dyrate_reference(model, embeds: torch.Tensor, image_start: int, layer_k: int, visible: list[list[int]],
                      image_count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DyRate as the paper trains it, with masks: the upstream blocks (eager) over the whole
     sequence, where in blocks K.. the query of generated token j sees only the image tokens
     `visible[j]` (original indices; the prompt sees them all). Returns the last token's logits and
     its attention row (H, T) in block K − 1."""
-    lm = model.model.language_model
+    upstream = Upstream(model)
     length = embeds.shape[1]
     prompt = length - len(visible)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
@@ -232,18 +293,15 @@ def dyrate_reference(model, embeds: torch.Tensor, image_start: int, layer_k: int
         pruned[prompt + j, hidden_images] = False
     masks = [torch.zeros(length, length).masked_fill(~allowed, float("-inf"))[None, None]
              for allowed in (causal, pruned)]
-    implementation, lm.config._attn_implementation = lm.config._attn_implementation, "eager"
     seen_rows = {}
-    try:
-        hidden, positions = embeds, torch.arange(length)[None]
-        cos, sin = lm.rotary_emb(hidden, positions)
-        for index, layer in enumerate(lm.layers):
+    with upstream.eager():
+        positions = torch.arange(length)[None]
+        hidden = upstream.start(embeds, positions)
+        for index, layer in enumerate(upstream.lm.layers):
             handle = layer.self_attn.register_forward_hook(lambda _m, _i, out, i=index: seen_rows.update({i: out[1]}))
-            hidden = layer(hidden, attention_mask=masks[index >= layer_k], position_embeddings=(cos, sin))
+            hidden = upstream.run(layer, hidden, masks[index >= layer_k], positions)
             handle.remove()
-    finally:
-        lm.config._attn_implementation = implementation
-    return model.lm_head(lm.norm(hidden))[:, -1], seen_rows[layer_k - 1][0, :, -1]
+    return upstream.logits(hidden), seen_rows[layer_k - 1][0, :, -1]
 
 
 def dyrate_setup(name: str, drop: LlmDropConfig):
@@ -256,7 +314,7 @@ def dyrate_setup(name: str, drop: LlmDropConfig):
     return generator.model, decoder, embeds, image, prefill
 
 
-@pytest.mark.parametrize("name", LLAVA_MODELS)
+@pytest.mark.parametrize("name", VLM_MODELS)
 @pytest.mark.parametrize("drop", [LlmDropConfig("dyrate", layer=2, coverage=0.6, min_keep=0.2),
                                   LlmDropConfig("dyrate", layer=1, coverage=0.3, min_keep=0.1)])
 def test_dyrate_decoding_equals_the_paper_reference(name, drop):

@@ -354,13 +354,15 @@ def vqa_command(
 @user_errors
 def generate_command(
     model: str = typer.Argument(..., help="An LLM-based VLM export directory (ONNX Runtime), or a model: registry "
-                                          "name (llava-1.5-7b, llava-interleave-qwen-0.5b), HF id or local "
-                                          "directory (PyTorch)."),
+                                          "name (llava-1.5-7b, llava-interleave-qwen-0.5b, blip2-opt-2.7b), HF id "
+                                          "or local directory (PyTorch)."),
     image: str = typer.Argument(..., help="The image the prompt is about."),
-    prompt: str = typer.Argument(..., help="The prompt, with <image> once where the image goes."),
+    prompt: str = typer.Argument(..., help="The prompt: LLaVA's with <image> once where the image goes; BLIP-2's "
+                                           "without (the image goes first)."),
     r: int | None = typer.Option(None, "--r", help="Tokens merged per vision-tower layer (default: the model's)."),
     method: str | None = typer.Option(None, "--method", help=METHOD_HELP),
     alpha: float | None = typer.Option(None, "--alpha", help="Semantic weight, authors' scale (default: model's)."),
+    threshold: int | None = typer.Option(None, "--threshold", help="No merging below N tokens (default: model's)."),
     llm_drop: str | None = typer.Option(None, "--llm-drop", help=LLM_DROP_HELP + " A model's default: none."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Stop after this many tokens (or at its end)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="The architecture with random weights."),
@@ -371,8 +373,8 @@ def generate_command(
     tokens reduced inside the language model (an export on ONNX Runtime, or a model in PyTorch)."""
     from turbo.cli.commands.generate import run_generate_command
 
-    run_generate_command(model, image, prompt, r, method, alpha, llm_drop, max_new_tokens, random_weights, tiny,
-                         json_output)
+    run_generate_command(model, image, prompt, r, method, alpha, threshold, llm_drop, max_new_tokens, random_weights,
+                         tiny, json_output)
 
 
 @app.command("retrieve")

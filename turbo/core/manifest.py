@@ -75,6 +75,19 @@ class PlanRecord:
         return any(self.r)
 
 
+@dataclass(frozen=True)
+class OutputTokens:
+    """How many tokens each (B, N, C) output of the image encoder holds: the plan's final tokens,
+    less those some outputs leave out (LLaVA's features drop the CLS), or a count the merge does
+    not change (BLIP-2's Q-Former queries)."""
+
+    excluded: dict[str, int] = field(default_factory=dict)
+    fixed: dict[str, int] = field(default_factory=dict)
+
+    def expected(self, name: str, final_tokens: int) -> int:
+        return self.fixed.get(name, final_tokens - self.excluded.get(name, 0))
+
+
 @dataclass
 class OnnxRecord:
     file: str
@@ -92,6 +105,11 @@ class OnnxRecord:
     turbo_merge_nodes: int = 0
     op_counts: dict[str, int] = field(default_factory=dict)
     excluded_tokens: dict[str, int] = field(default_factory=dict)  # outputs without some final tokens (LLaVA's CLS)
+    fixed_tokens: dict[str, int] = field(default_factory=dict)  # outputs the merge leaves alone (BLIP-2's queries)
+
+    @property
+    def output_tokens(self) -> OutputTokens:
+        return OutputTokens(self.excluded_tokens, self.fixed_tokens)
 
     @property
     def static_batch(self) -> int | None:
@@ -235,6 +253,7 @@ class LanguageModelRecord:
     vocab_size: int
     image_token_id: int
     eos_token_id: int | None
+    image_first: bool = False  # the image goes before the prompt, which has no placeholder (BLIP-2)
     precision: str = "fp32"
     tokenizer: Json = field(default_factory=dict)  # origin: the checkpoint's, or a placeholder vocabulary
     weights_bytes: int = 0

@@ -41,8 +41,7 @@ GREEDY_STEPS = 8
 
 
 def reduced_decoder(model: nn.Module, source: ModelSource, drop: LlmDropConfig) -> ReducedDecoder:
-    language = source.adapter.language_model
-    return ReducedDecoder(language.module(model), language.lm_head(model), drop)
+    return ReducedDecoder(source.adapter.language_model.stack(model), drop)
 
 
 def export_language_model(model: nn.Module, source: ModelSource, tokenizer: tuple[object, str], directory: Path,
@@ -56,7 +55,7 @@ def export_language_model(model: nn.Module, source: ModelSource, tokenizer: tupl
     generator = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, text.vocab_size, (1, 3), generator=generator)  # lengths ≥ 2: not specialised
     suffix = torch.randint(0, text.vocab_size, (1, 5), generator=generator)
-    features = torch.randn(1, image_tokens, text.hidden_size, generator=generator)
+    features = torch.randn(1, image_tokens, decoder.embed(prefix).shape[-1], generator=generator)
     prefill, decode = PrefillGraph(decoder), DecodeGraph(decoder)
     with torch.inference_mode():
         cache = prefill(prefix, features, suffix)[1:]
@@ -78,7 +77,8 @@ def export_language_model(model: nn.Module, source: ModelSource, tokenizer: tupl
         prefill=LLM_PREFILL_FILE, decode=LLM_DECODE_FILE, weights=LLM_WEIGHTS_FILE, image_tokens=image_tokens,
         image_per_layer=decoder.plan(image_tokens), llm_drop=drop.label, layers=layers, kv_heads=keys.shape[1],
         head_dim=keys.shape[3], vocab_size=text.vocab_size, image_token_id=language.image_token_id(source.config),
-        eos_token_id=language.special_ids(source.config).get("eos_token_id"), tokenizer={"origin": origin},
+        eos_token_id=language.special_ids(source.config).get("eos_token_id"), image_first=language.image_first,
+        tokenizer={"origin": origin},
         weights_bytes=stats["data_bytes"], shared_bytes=stats["shared_bytes"])
 
 
@@ -93,7 +93,8 @@ def validate_language_model(model: nn.Module, source: ModelSource, drop: LlmDrop
     rng = np.random.default_rng(seed)
     image_token_id = language.image_token_id(source.config)
     vocab = [token for token in range(min(pipeline.record.vocab_size, 1000)) if token != image_token_id]
-    prefix, suffix = [list(map(int, rng.choice(vocab, size))) for size in (4, 6)]
+    before = 0 if language.image_first else 4  # text before the image, as the model's prompts place it
+    prefix, suffix = [list(map(int, rng.choice(vocab, size))) for size in (before, 6)]
     pixels = seeded_pixels(1, pixel_shape, seed)
     try:
         with torch.inference_mode():

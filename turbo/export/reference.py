@@ -76,7 +76,7 @@ def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportO
     report = validate_export(reference.module, reference.module.output_names(), path, summary,
                              built.plan, options.kernel, options.batch, options.precision, built.pixel_shape,
                              options.seed, static_checks=static_checks, compare=options.quant != INT8,
-                             excluded=built.source.adapter.excluded_tokens(built.source.config))
+                             tokens=built.source.adapter.output_tokens(built.source.config))
     quantized = reference.quantized
     exact_text = captions_are_exact(options.precision, options.quant)
     if question is not None:

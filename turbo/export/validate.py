@@ -12,6 +12,7 @@ import onnxruntime
 from torch import nn
 
 from turbo.core.errors import describe_error
+from turbo.core.manifest import OutputTokens
 from turbo.export.onnx_export import INPUT_NAME, TOKEN_SIZES
 from turbo.graph.precision import upcast_fp16
 from turbo.graph.summary import GraphSummary, checker_error
@@ -197,11 +198,11 @@ def compare_runners(run: str, reference: Runner, candidate: Runner, report: Vali
 
 
 def graph_problems(summary: GraphSummary, plan: TokenPlan, kernel: str, batch: int | None,
-                   excluded: dict[str, int] | None = None) -> list[str]:
+                   tokens: OutputTokens = OutputTokens()) -> list[str]:
     """Where the exported graph disagrees with the plan or breaks the export rules.
 
     Token outputs are (B, N, C) ones and token_sizes (B, N); batch None means a dynamic axis.
-    `excluded`: outputs that leave out some of the final tokens, and how many (the family's).
+    `tokens`: what each token output holds (the family's).
     """
     problems = []
     merging = [layer for layer in plan.layers if layer.r > 0]
@@ -230,9 +231,9 @@ def graph_problems(summary: GraphSummary, plan: TokenPlan, kernel: str, batch: i
             problems.append(f"output {output.name} has batch dim {batch_dim!r}, expected "
                             f"{batch if batch else 'a dynamic axis'}")
         is_token_output = len(output.shape) == 3 or output.name == TOKEN_SIZES
-        expected = plan.final_tokens - (excluded or {}).get(output.name, 0)
+        expected = tokens.expected(output.name, plan.final_tokens)
         if is_token_output and output.shape[1] != expected:
-            part = f", {expected} of them in it" if expected != plan.final_tokens else ""
+            part = f"; it should hold {expected}" if expected != plan.final_tokens else ""
             problems.append(f"output {output.name} has token dim {output.shape[1]!r} but the plan ends with "
                             f"{plan.final_tokens} tokens{part}")
     return problems
@@ -241,7 +242,7 @@ def graph_problems(summary: GraphSummary, plan: TokenPlan, kernel: str, batch: i
 def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path, summary: GraphSummary,
                     plan: TokenPlan, kernel: str, batch: int | None, precision: str,
                     pixel_shape: tuple[int, int, int], seed: int = 0, static_checks: bool = True,
-                    compare: bool = True, excluded: dict[str, int] | None = None) -> ValidationReport:
+                    compare: bool = True, tokens: OutputTokens = OutputTokens()) -> ValidationReport:
     """The full check of one export: onnx.checker, graph vs plan, ONNX Runtime (CPU) vs PyTorch.
 
     `module` is the fp32 PyTorch model. An fp16 export is checked twice: upcast to fp32, it must
@@ -250,14 +251,14 @@ def validate_export(module: nn.Module, output_names: list[str], onnx_path: Path,
     onnx.checker and the graph-vs-plan check (for callers that ran them already). compare=False
     skips the comparison with `module` (INT8 QDQ graphs quantize activations, so no PyTorch model
     computes what they compute; their caller gates them on quality against fp32 instead).
-    `excluded`: token outputs that leave out some final tokens, by name (the family's).
+    `tokens`: what each token output holds (the family's).
     """
 
     report = ValidationReport(reference="pytorch (cpu, fp32)",
                               candidate=f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider")
     if static_checks:
         report.checker_error = checker_error(onnx_path)
-        report.graph_problems = graph_problems(summary, plan, kernel, batch, excluded)
+        report.graph_problems = graph_problems(summary, plan, kernel, batch, tokens)
     if not compare:
         return report
     batches = BATCHES if batch is None else (batch,)

@@ -37,7 +37,7 @@ def manifest_mismatches(summary: GraphSummary, manifest: Manifest) -> list[str]:
         problems.append(f"its opset is {summary.opset}, the manifest's {manifest.onnx.opset}")
     for output in summary.outputs:
         tokens = output.shape[1] if len(output.shape) == 3 or output.name == TOKEN_SIZES else None
-        expected = manifest.plan.final_tokens - manifest.onnx.excluded_tokens.get(output.name, 0)
+        expected = manifest.onnx.output_tokens.expected(output.name, manifest.plan.final_tokens)
         if tokens is not None and tokens != expected:
             problems.append(f"output {output.name} has {tokens} tokens, the plan {expected}")
     return problems

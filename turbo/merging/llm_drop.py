@@ -132,22 +132,24 @@ def stage_of(layer: int, num_layers: int, stages: int) -> int:
     return min(layer // (num_layers // stages), stages - 1)
 
 
-def llm_layer_flops(tokens: int, hidden: int, intermediate: int) -> int:
-    """The papers' FLOPs of one LLaMA-style layer on n tokens: 4nd² + 2n²d + 3ndm (attention
-    projections, attention, and the three FFN matrices)."""
+def llm_layer_flops(tokens: int, hidden: int, intermediate: int, mlp_matrices: int = 3) -> int:
+    """The papers' FLOPs of one decoder layer on n tokens: 4nd² + 2n²d + k·ndm (attention
+    projections, attention, and the FFN's k matrices: 3 gated (LLaMA-style), 2 plain (OPT))."""
     n, d, m = tokens, hidden, intermediate
-    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+    return 4 * n * d * d + 2 * n * n * d + mlp_matrices * n * d * m
 
 
-def prefill_flops(text_tokens: int, image_per_layer: list[int], hidden: int, intermediate: int) -> int:
-    return sum(llm_layer_flops(text_tokens + images, hidden, intermediate) for images in image_per_layer)
+def prefill_flops(text_tokens: int, image_per_layer: list[int], hidden: int, intermediate: int,
+                  mlp_matrices: int = 3) -> int:
+    return sum(llm_layer_flops(text_tokens + images, hidden, intermediate, mlp_matrices)
+               for images in image_per_layer)
 
 
-def decode_flops(cached_per_layer: list[int], hidden: int, intermediate: int) -> int:
-    """One decoded token's FLOPs, in the same count: per layer 4d² + 2nd + 3dm, with n the tokens
+def decode_flops(cached_per_layer: list[int], hidden: int, intermediate: int, mlp_matrices: int = 3) -> int:
+    """One decoded token's FLOPs, in the same count: per layer 4d² + 2nd + k·dm, with n the tokens
     its cache holds (the new one included)."""
     d, m = hidden, intermediate
-    return sum(4 * d * d + 2 * n * d + 3 * d * m for n in cached_per_layer)
+    return sum(4 * d * d + 2 * n * d + mlp_matrices * d * m for n in cached_per_layer)
 
 
 def fastv_keep(attention: torch.Tensor, image_start: int, image_tokens: int, keep: int) -> torch.Tensor:

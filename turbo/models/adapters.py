@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from turbo.core.manifest import OutputTokens
 from turbo.merging.plan import ArchSpec
+from turbo.models.decoder_stacks import DecoderStack
 
 
 @dataclass(frozen=True)
@@ -106,11 +108,10 @@ class TextTower:
 
 @dataclass(frozen=True)
 class LanguageModel:
-    """The language model of an LLM-based VLM (LLaVA): it reads the merged image tokens, projected
-    into its embedding space, in place of the prompt's image placeholder."""
+    """The language model of an LLM-based VLM (LLaVA, BLIP-2): it reads the image tokens, projected
+    into its embedding space, in place of the prompt's image placeholders."""
 
-    module: Callable[[nn.Module], nn.Module]  # model -> its decoder-only base model (embed_tokens, layers, norm)
-    lm_head: Callable[[nn.Module], nn.Linear]
+    stack: Callable[[nn.Module], DecoderStack]  # model -> its decoder, run block by block
     text_config: Callable[[object], object]
     image_token_id: Callable[[object], int]
     # (model, pixel_values, interpolate_pos_encoding) -> the image tokens it reads (B, N_image, C_text)
@@ -118,6 +119,9 @@ class LanguageModel:
     image_tokens: Callable[[object, int], int]  # (config, the tower's tokens at its feature layer) -> image tokens
     special_ids: Callable[[object], dict[str, int]]  # config -> eos (and bos, pad where it has them)
     placeholder_tokenizer: Callable[[object], object]  # config -> a made-up vocabulary (random weights only)
+    mlp: Callable[[object], tuple[int, int]]  # text config -> (FFN width, FFN matrices) for FLOPs counts
+    question_prompt: str  # the family's short-answer prompt, {question} where each question goes
+    image_first: bool = False  # the image goes before the prompt, which has no placeholder (BLIP-2)
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ class FamilyAdapter:
     image_processor: Callable[[tuple[int, int], object], object]
     vision_config: Callable[[object], object] = lambda config: config  # config -> its vision part's config
     prepare_random_config: Callable[[object], None] = lambda config: None  # fix-ups before random weights
+    init_random_weights: Callable[[nn.Module], None] = lambda model: None  # fix-ups of a random model, seeded
     task: Task = CLASSIFICATION  # of its head architectures
     embedders: tuple[str, ...] = ()  # its architectures that output embeddings (EMBEDDING), not the task's
     caption_decoder: CaptionDecoder | None = None
@@ -155,6 +160,11 @@ class FamilyAdapter:
     language_model: LanguageModel | None = None  # the LLM of an LLM-based VLM
     # config -> token outputs that leave out some of the final tokens (LLaVA's features: the CLS), by name
     excluded_tokens: Callable[[object], dict[str, int]] = lambda config: {}
+    # config -> token outputs whose count the merge does not change (BLIP-2's Q-Former queries), by name
+    fixed_tokens: Callable[[object], dict[str, int]] = lambda config: {}
+
+    def output_tokens(self, config: object) -> OutputTokens:
+        return OutputTokens(self.excluded_tokens(config), self.fixed_tokens(config))
 
     def arch_spec(self, config: object, image_size: tuple[int, int] | None = None) -> ArchSpec:
         vision = self.vision_config(config)

@@ -8,10 +8,7 @@ those are the blocks that merge: the LLM reads N_final image tokens (the CLS tok
 """
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
-from transformers import PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
@@ -19,10 +16,13 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from turbo.models.adapters import GENERATION, FamilyAdapter, LanguageModel, fixed_size_processor
 from turbo.models.clip import clip_block_parts
+from turbo.models.decoder_stacks import LlamaStack
+from turbo.models.llm_vocab import placeholder_tokenizer, special_ids
 
 TOWERS = {"clip_vision_model": CLIPImageProcessorPil, "siglip_vision_model": SiglipImageProcessorPil}
 LANGUAGE_MODELS = ("llama", "qwen2", "mistral")  # LLaMA-style decoders: RMSNorm, rotary, gated MLP
-IMAGE_TOKEN = "<image>"
+# LLaVA-1.5's short-answer prompt (its VQAv2 evaluation)
+QUESTION_PROMPT = "USER: <image>\n{question}\nAnswer the question using a single word or phrase. ASSISTANT:"
 
 
 def used_layers(config) -> int:
@@ -83,35 +83,6 @@ def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: b
     return {"image_features": features, "last_hidden_state": hidden}
 
 
-def _special_ids(config) -> dict[str, int]:
-    text = config.text_config
-    ids = {"image_token_id": config.image_token_id, "eos_token_id": text.eos_token_id,
-           "bos_token_id": text.bos_token_id, "pad_token_id": text.pad_token_id}
-    return {name: value[0] if isinstance(value, list) else value for name, value in ids.items() if value is not None}
-
-
-def placeholder_tokenizer(config) -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer without merges: the model's special ids (the image placeholder, end and
-    start of text) where its config puts them, the 256 byte symbols at the lowest free ids, made-up
-    words ("w123") up to the largest special id (so that every id it relies on is in range)."""
-    special = {f"<{name.removesuffix('_token_id')}>": value for name, value in _special_ids(config).items()}
-    special[IMAGE_TOKEN] = config.image_token_id
-    taken = set(special.values())
-    free = (index for index in range(max(taken) + 1) if index not in taken)
-    vocab = {symbol: next(free) for symbol in bytes_to_unicode().values()}
-    vocab.update({f"w{index}": index for index in free})
-    vocab.update(special)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    names = {value: name for name, value in special.items()}
-    ids = _special_ids(config)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, extra_special_tokens={"image_token": IMAGE_TOKEN},
-        eos_token=names[ids["eos_token_id"]], pad_token=names.get(ids.get("pad_token_id", -1)),
-        additional_special_tokens=list(special))
-
-
 def _image_processor(image_size: tuple[int, int], config) -> object:
     """The tower's own processor family: CLIP's or SigLIP's mean and std."""
     return fixed_size_processor(TOWERS[config.vision_config.model_type])(image_size)
@@ -134,13 +105,14 @@ LLAVA = FamilyAdapter(
     excluded_tokens=lambda config: {"image_features": _dropped_cls(config)},
     config_problem=_config_problem,
     language_model=LanguageModel(
-        module=lambda model: model.model.language_model,
-        lm_head=lambda model: model.lm_head,
+        stack=lambda model: LlamaStack(model.model.language_model, model.lm_head),
         text_config=lambda config: config.text_config,
         image_token_id=lambda config: config.image_token_id,
         image_features=image_features,
         image_tokens=lambda config, tokens: tokens - _dropped_cls(config),
-        special_ids=_special_ids,
+        special_ids=special_ids,
         placeholder_tokenizer=placeholder_tokenizer,
+        mlp=lambda text: (text.intermediate_size, 3),  # gated: gate, up, down
+        question_prompt=QUESTION_PROMPT,
     ),
 )

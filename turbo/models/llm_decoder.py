@@ -1,6 +1,6 @@
-"""A LLaMA-style decoder (Llama, Qwen2, Mistral) run block by block with an explicit KV cache, so
-that image tokens can leave the sequence between blocks (FastV, PyramidDrop): each block's cache
-holds the image tokens that reached it. The model's own modules; SDPA attention.
+"""A decoder-only language model (a `DecoderStack`) run block by block with an explicit KV cache, so
+that image tokens can leave the sequence between blocks (FastV, PyramidDrop) or its cache while
+decoding (DyRate): each block's cache holds the image tokens that reached it.
 
 Survivors keep their position ids (the papers' code does so), and decoded tokens continue from the
 full prompt's length, as without reduction.
@@ -10,9 +10,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from turbo.merging.llm_drop import (
     LlmDropConfig,
@@ -24,8 +22,10 @@ from turbo.merging.llm_drop import (
     pyramid_keep,
     token_type_attention,
 )
+from turbo.models.decoder_stacks import BlockOutput, DecoderStack
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (B, H_kv, T_block, d), keys rotated
+# per block: keys, values (B, H_kv, T_block, d), as attention reads them (rotated where the model rotates)
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -44,42 +44,6 @@ class Prefill:
     next_position: int  # the first decoded token's position id
 
 
-@dataclass
-class BlockOutput:
-    hidden: torch.Tensor  # (B, T, C)
-    keys: torch.Tensor  # (B, H_kv, T_past + T, d), rotated
-    values: torch.Tensor
-    queries: torch.Tensor  # (B, H, T, d), rotated
-    attention: torch.Tensor | None  # (B, H, T, T_past + T) probabilities, when asked for
-
-
-def run_block(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              past: tuple[torch.Tensor, torch.Tensor] | None = None, attention: bool = False) -> BlockOutput:
-    """One pre-norm decoder block: causal over the new tokens, each seeing the whole past."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    shape = (*x.shape[:2], -1, attn.head_dim)
-    q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)  # (B, H, T, d), (B, H_kv, T, d)
-    if past is not None:
-        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    groups = q.shape[1] // k.shape[1]
-    keys, values = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, T_all, d)
-    new, total = q.shape[2], keys.shape[2]
-    query_at = torch.arange(new, device=q.device)[:, None] + (total - new)  # each new token's place among all
-    mask = torch.arange(total, device=q.device)[None, :] <= query_at  # (T, T_all)
-    probabilities = None
-    if attention:  # the probabilities themselves are wanted: attention computed once, eagerly
-        scores = (q @ keys.transpose(-1, -2)) * attn.scaling
-        probabilities = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        context = probabilities @ values
-    else:
-        context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-    hidden = hidden + attn.o_proj(context.transpose(1, 2).reshape(*x.shape[:2], -1))
-    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return BlockOutput(hidden, k, v, q, probabilities)
-
-
 def image_keep(drop: LlmDropConfig, out: BlockOutput, image: ImageSpan, keep: int) -> torch.Tensor:
     """Which image tokens (indices among the block's `image.count`, ascending, (B, keep)) go on,
     ranked from the block that was just run."""
@@ -93,19 +57,19 @@ def image_keep(drop: LlmDropConfig, out: BlockOutput, image: ImageSpan, keep: in
 class ReducedDecoder:
     """A decoder-only language model whose image tokens are reduced inside it."""
 
-    def __init__(self, decoder: nn.Module, lm_head: nn.Linear, drop: LlmDropConfig = LlmDropConfig()):
-        self.decoder, self.lm_head, self.drop = decoder, lm_head, drop
+    def __init__(self, stack: DecoderStack, drop: LlmDropConfig = LlmDropConfig()):
+        self.stack, self.drop = stack, drop
 
     @property
     def num_layers(self) -> int:
-        return len(self.decoder.layers)
+        return len(self.stack.layers)
 
     def plan(self, image_tokens: int) -> list[int]:
         """Image tokens each block sees."""
         return image_tokens_per_layer(self.drop, self.num_layers, image_tokens)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder.embed_tokens(input_ids)
+        return self.stack.embed(input_ids)
 
     def prefill(self, embeds: torch.Tensor, image: ImageSpan) -> Prefill:
         """embeds (B, T, C): the prompt with its image tokens. Runs every block, dropping image
@@ -113,11 +77,12 @@ class ReducedDecoder:
         batch, length, _ = embeds.shape
         counts = [*self.plan(image.count), None]
         positions = torch.arange(length, device=embeds.device).expand(batch, -1)  # (B, T)
-        hidden, cache, seen = embeds, [], []
-        for index, layer in enumerate(self.decoder.layers):
-            cos, sin = self.decoder.rotary_emb(hidden, positions)
+        stack = self.stack
+        hidden, cache, seen = stack.start(embeds, positions), [], []
+        for index, layer in enumerate(stack.layers):
             dropping = counts[index + 1] is not None and counts[index + 1] < counts[index]
-            out = run_block(layer, hidden, cos, sin, attention=dropping and self.drop.method == "fastv")
+            out = stack.block(layer, hidden, stack.positional(hidden, positions),
+                              attention=dropping and self.drop.method == "fastv")
             cache.append((out.keys, out.values))
             seen.append(positions)
             hidden = out.hidden
@@ -125,8 +90,7 @@ class ReducedDecoder:
                 span = ImageSpan(image.start, counts[index])
                 kept = image_keep(self.drop, out, span, counts[index + 1])
                 hidden, positions = keep_tokens(hidden, positions, image.start, span.count, kept)
-        logits = self.lm_head(self.decoder.norm(hidden[:, -1:]))[:, 0]
-        return Prefill(logits, cache, seen, length)
+        return Prefill(stack.logits(hidden[:, -1:]), cache, seen, length)
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
         """input_ids (B, 1) at positions (B, 1) -> their logits (B, V) and the grown cache."""
@@ -137,16 +101,17 @@ class ReducedDecoder:
               attention_in: int | None = None) -> tuple[torch.Tensor, KVCache, torch.Tensor | None]:
         """One decode step; with `attention_in`, also that block's attention row for the new token
         (B, H, T)."""
-        hidden = self.embed(input_ids)  # (B, 1, C)
-        cos, sin = self.decoder.rotary_emb(hidden, positions)
+        stack = self.stack
+        hidden = stack.start(stack.embed(input_ids), positions)  # (B, 1, C)
+        positional = stack.positional(hidden, positions)
         grown, row = [], None
-        for index, (layer, past) in enumerate(zip(self.decoder.layers, cache, strict=True)):
-            out = run_block(layer, hidden, cos, sin, past, attention=index == attention_in)
+        for index, (layer, past) in enumerate(zip(stack.layers, cache, strict=True)):
+            out = stack.block(layer, hidden, positional, past, attention=index == attention_in)
             if out.attention is not None:
                 row = out.attention[:, :, -1]
             grown.append((out.keys, out.values))
             hidden = out.hidden
-        return self.lm_head(self.decoder.norm(hidden))[:, 0], grown, row
+        return stack.logits(hidden), grown, row
 
 
 @dataclass(frozen=True)
@@ -166,9 +131,8 @@ class PruningDecoder(ReducedDecoder):
     the training-free schedule's (keep the fewest holding `coverage` of the image attention). The
     ones that received the least of that attention go first; survivors keep their order."""
 
-    def __init__(self, decoder: nn.Module, lm_head: nn.Linear, drop: LlmDropConfig,
-                 predictor: RatePredictor | None = None):
-        super().__init__(decoder, lm_head, drop)
+    def __init__(self, stack: DecoderStack, drop: LlmDropConfig, predictor: RatePredictor | None = None):
+        super().__init__(stack, drop)
         self.predictor = predictor
 
     def images(self, prefill: Prefill, image: ImageSpan) -> CachedImages:
@@ -222,7 +186,6 @@ def insert_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, feature
     return merged, ImageSpan(starts[0], count)
 
 
-
 def flat_cache(cache: KVCache) -> tuple[torch.Tensor, ...]:
     """keys 0, values 0, keys 1, ... as graphs take and give them."""
     return tuple(tensor for pair in cache for tensor in pair)
@@ -238,11 +201,12 @@ class PrefillGraph(nn.Module):
 
     def __init__(self, decoder: ReducedDecoder):
         super().__init__()
-        self.decoder, self.lm_head, self.drop = decoder.decoder, decoder.lm_head, decoder.drop
+        self.decoder, self.lm_head = decoder.stack.decoder, decoder.stack.lm_head  # registered: the graph's weights
+        self.reduced = decoder
 
     def forward(self, prefix_ids: torch.Tensor, image_features: torch.Tensor,
                 suffix_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        reduced = ReducedDecoder(self.decoder, self.lm_head, self.drop)
+        reduced = self.reduced
         embeds = torch.cat([reduced.embed(prefix_ids), image_features, reduced.embed(suffix_ids)], dim=1)
         prefill = reduced.prefill(embeds, ImageSpan(prefix_ids.shape[1], image_features.shape[1]))
         return prefill.logits, *flat_cache(prefill.cache)
@@ -254,10 +218,10 @@ class DecodeGraph(nn.Module):
 
     def __init__(self, decoder: ReducedDecoder):
         super().__init__()
-        self.decoder, self.lm_head, self.drop = decoder.decoder, decoder.lm_head, decoder.drop
+        self.decoder, self.lm_head = decoder.stack.decoder, decoder.stack.lm_head  # registered: the graph's weights
+        self.reduced = decoder
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        reduced = ReducedDecoder(self.decoder, self.lm_head, self.drop)
-        logits, cache = reduced.decode(input_ids, positions, paired_cache(past))
+        logits, cache = self.reduced.decode(input_ids, positions, paired_cache(past))
         return logits, *flat_cache(cache)

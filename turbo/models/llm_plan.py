@@ -4,10 +4,10 @@ prefill and decode FLOPs bounds, against the unmerged, unreduced model."""
 from dataclasses import asdict, dataclass
 
 from turbo.core.errors import UsageError
-from turbo.merging.llm_drop import LlmDropConfig, decode_flops, image_tokens_per_layer, prefill_flops
+from turbo.merging.llm_drop import LlmDropConfig, decode_flops, image_tokens_per_layer, llm_layer_flops, prefill_flops
 from turbo.models.build import BuiltPlan
 
-DEFAULT_TEXT_TOKENS = 40  # a LLaVA prompt's text: its template and a short question
+DEFAULT_TEXT_TOKENS = 40  # a prompt's text: its template and a short question
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,15 @@ class LlmPlan:
     image_per_layer: tuple[int, ...]  # image tokens each LLM layer sees (the first: the vision merge's output)
     hidden_size: int
     intermediate_size: int
+    mlp_matrices: int  # 3 gated (LLaMA-style), 2 plain (OPT)
+
+    @property
+    def _widths(self) -> tuple[int, int, int]:
+        return self.hidden_size, self.intermediate_size, self.mlp_matrices
+
+    def layer_flops(self, image_tokens: int) -> int:
+        """One LLM layer's prefill FLOPs with `image_tokens` in it."""
+        return llm_layer_flops(self.text_tokens + image_tokens, *self._widths)
 
     @property
     def image_tokens(self) -> int:
@@ -25,23 +34,22 @@ class LlmPlan:
 
     @property
     def prefill_flops(self) -> int:
-        return prefill_flops(self.text_tokens, list(self.image_per_layer), self.hidden_size, self.intermediate_size)
+        return prefill_flops(self.text_tokens, list(self.image_per_layer), *self._widths)
 
     @property
     def baseline_prefill_flops(self) -> int:
         return prefill_flops(self.text_tokens, [self.unmerged_image_tokens] * len(self.image_per_layer),
-                             self.hidden_size, self.intermediate_size)
+                             *self._widths)
 
     @property
     def decode_flops(self) -> int:
         """The first decoded token's: each layer's cache holds its text and image tokens and itself."""
-        return decode_flops([self.text_tokens + n + 1 for n in self.image_per_layer], self.hidden_size,
-                            self.intermediate_size)
+        return decode_flops([self.text_tokens + n + 1 for n in self.image_per_layer], *self._widths)
 
     @property
     def baseline_decode_flops(self) -> int:
         cached = self.text_tokens + self.unmerged_image_tokens + 1
-        return decode_flops([cached] * len(self.image_per_layer), self.hidden_size, self.intermediate_size)
+        return decode_flops([cached] * len(self.image_per_layer), *self._widths)
 
     def to_dict(self) -> dict:
         return {"llm_drop": self.drop.label, "llm_drop_settings": asdict(self.drop), "text_tokens": self.text_tokens,
@@ -58,7 +66,7 @@ def llm_plan(built: BuiltPlan, drop: LlmDropConfig, text_tokens: int = DEFAULT_T
     language = source.adapter.language_model
     if language is None:
         raise UsageError(f"{source.name} has no language model reading its image tokens ({source.adapter.family}); "
-                         "--llm-drop is for LLM-based VLMs (llava)")
+                         "--llm-drop is for LLM-based VLMs (llava, blip2)")
     text = language.text_config(source.config)
     merged = language.image_tokens(source.config, built.plan.final_tokens)
     unmerged = language.image_tokens(source.config, built.plan.tokens_in)
@@ -66,4 +74,4 @@ def llm_plan(built: BuiltPlan, drop: LlmDropConfig, text_tokens: int = DEFAULT_T
         per_layer = image_tokens_per_layer(drop, text.num_hidden_layers, merged)
     except ValueError as exc:
         raise UsageError(f"--llm-drop {drop.label}: {exc}") from None
-    return LlmPlan(drop, text_tokens, unmerged, tuple(per_layer), text.hidden_size, text.intermediate_size)
+    return LlmPlan(drop, text_tokens, unmerged, tuple(per_layer), text.hidden_size, *language.mlp(text))

@@ -223,6 +223,7 @@ def load_model(source: ModelSource, random_weights: bool = False, seed: int = 0)
         source.adapter.prepare_random_config(source.config)
         torch.manual_seed(seed)
         model = model_class(source.config)
+        source.adapter.init_random_weights(model)
     else:
         shown = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()  # turbo reports its own progress, on stderr

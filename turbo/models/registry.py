@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from turbo.core.errors import UsageError
 from turbo.models.adapters import FamilyAdapter
 from turbo.models.blip import BLIP
+from turbo.models.blip2 import BLIP2
 from turbo.models.blip_retrieval import BLIP_RETRIEVAL
 from turbo.models.blip_vqa import BLIP_VQA
 from turbo.models.clip import CLIP, CLIP_MODEL
@@ -17,7 +18,7 @@ from turbo.models.vit import VIT
 
 # BLIP last: an architecture-less config of model_type "blip" is the captioning model
 FAMILIES: tuple[FamilyAdapter, ...] = (VIT, DEIT, CLIP, CLIP_MODEL, SIGLIP, DINOV2, DINOV2_REGISTERS, BLIP_RETRIEVAL,
-                                       BLIP_VQA, BLIP, LLAVA)
+                                       BLIP_VQA, BLIP, LLAVA, BLIP2)
 ADAPTERS: dict[str, FamilyAdapter] = {arch: adapter for adapter in FAMILIES for arch in adapter.architectures}
 BY_MODEL_TYPE: dict[str, FamilyAdapter] = {kind: adapter for adapter in FAMILIES for kind in adapter.model_types}
 
@@ -113,6 +114,20 @@ def _llava_interleave() -> dict:
                 tie_word_embeddings=True)
 
 
+def _blip2_opt() -> dict:
+    """Salesforce/blip2-opt-2.7b: EVA ViT-g/14 at 224 px (39 blocks), a 12-layer Q-Former with 32 queries,
+    OPT-2.7B (its end of text is the newline, 50118)."""
+    vision = dict(hidden_size=1408, num_hidden_layers=39, num_attention_heads=16, intermediate_size=6144,
+                  image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True)
+    qformer = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                   encoder_hidden_size=1408, cross_attention_frequency=2, vocab_size=30522)
+    text = dict(model_type="opt", vocab_size=50272, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
+                ffn_dim=10240, max_position_embeddings=2048, word_embed_proj_dim=2560, do_layer_norm_before=True,
+                activation_function="relu", bos_token_id=2, eos_token_id=50118, pad_token_id=1)
+    return dict(model_type="blip-2", vision_config=vision, qformer_config=qformer, text_config=text,
+                num_query_tokens=32, image_token_index=50265)
+
+
 _TINY_VIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
                  image_size=48, patch_size=8, num_labels=10)
 _TINY_BLIP = dict(
@@ -132,6 +147,14 @@ _TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, 
 _TINY_LLM = dict(vocab_size=600, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=64, max_position_embeddings=512)
 _TINY_LLAVA = dict(vision_config={**_TINY_TOWER, "num_hidden_layers": 5}, image_token_index=590)
+_TINY_BLIP2 = dict(
+    vision_config=dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=48,
+                       patch_size=8),
+    qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        encoder_hidden_size=32, vocab_size=600),
+    text_config=dict(vocab_size=600, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64,
+                     max_position_embeddings=512, word_embed_proj_dim=32, eos_token_id=598),
+    num_query_tokens=8, image_token_index=590)
 _LLAVA_NOTES = ("Turbo in the vision tower; --llm-drop fastv|pyramid|dyrate reduces the image tokens inside the "
                 "language model")
 
@@ -181,6 +204,10 @@ REGISTRY: dict[str, ModelSpec] = {
                   {**_TINY_LLAVA, "text_config": {**_TINY_LLM, "bos_token_id": 597, "eos_token_id": 598},
                    "vision_config": {**_TINY_TOWER, "num_hidden_layers": 4}}, default_r=12, method="tome",
                   notes=_LLAVA_NOTES + "; SigLIP tower without CLS: tome"),
+        ModelSpec("blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b", "Blip2ForConditionalGeneration", _blip2_opt(),
+                  _TINY_BLIP2, default_r=16, threshold=40,
+                  notes="Turbo in the ViT; the Q-Former's 32 queries read the merged tokens; --llm-drop reduces "
+                        "them inside OPT"),
     )
 }
 

@@ -13,20 +13,26 @@ from turbo.models.adapters import LanguageModel
 from turbo.models.llm_decoder import PruningDecoder, ReducedDecoder, insert_image_features
 
 
-def image_prompt_ids(tokenizer, prompt: str, image_token_id: int, image_tokens: int) -> list[int]:
-    """The prompt's token ids with its one image placeholder expanded to `image_tokens` copies;
-    UsageError for a prompt without exactly one."""
-    before, after = split_prompt(tokenizer, prompt, image_token_id)
+def image_prompt_ids(tokenizer, prompt: str, image_token_id: int, image_tokens: int,
+                     image_first: bool = False) -> list[int]:
+    """The prompt's token ids with its image placeholder expanded to `image_tokens` copies;
+    UsageError for a prompt that does not place one image (see split_prompt)."""
+    before, after = split_prompt(tokenizer, prompt, image_token_id, image_first)
     return before + [image_token_id] * image_tokens + after
 
 
-def split_prompt(tokenizer, prompt: str, image_token_id: int) -> tuple[list[int], list[int]]:
-    """The prompt's token ids before and after its one image placeholder; UsageError for a prompt
-    without exactly one."""
+def split_prompt(tokenizer, prompt: str, image_token_id: int, image_first: bool = False) -> tuple[list[int], list[int]]:
+    """The prompt's token ids before and after the image: around its one placeholder, or (a model
+    that reads the image first) none before. UsageError for a prompt with another count."""
     ids = tokenizer(prompt)["input_ids"]
     found = ids.count(image_token_id)
+    placeholder = tokenizer.convert_ids_to_tokens(image_token_id)
+    if image_first:
+        if found:
+            raise UsageError(f"the prompt has {found} image placeholder(s), but this model reads the image before "
+                             f"the prompt: leave {placeholder} out, e.g. \"Question: what is in the picture? Answer:\"")
+        return [], ids
     if found != 1:
-        placeholder = tokenizer.convert_ids_to_tokens(image_token_id)
         what = "no image placeholder" if found == 0 else f"{found} image placeholders for 1 image"
         raise UsageError(f"the prompt has {what}: put {placeholder} once where the image goes, e.g. "
                          f"\"USER: {placeholder}\\nWhat is in the picture? ASSISTANT:\"")
@@ -51,10 +57,10 @@ class VlmGenerator:
 
     @property
     def decoder(self) -> ReducedDecoder:
-        module, head = self.language.module(self.model), self.language.lm_head(self.model)
+        stack = self.language.stack(self.model)
         if self.drop.method == "dyrate":
-            return PruningDecoder(module, head, self.drop, self.predictor)
-        return ReducedDecoder(module, head, self.drop)
+            return PruningDecoder(stack, self.drop, self.predictor)
+        return ReducedDecoder(stack, self.drop)
 
     def stream(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,
                eos_token_id: int | None = None) -> Iterator[torch.Tensor]:

@@ -20,7 +20,7 @@ from turbo.runtimes.llm_onnx import OnnxVlm
 from turbo.tools.timing import TimingStats, interleaved
 
 Progress = Callable[[str], None]
-PREFIX_TOKENS = 8  # of the prompt's text tokens, before the image (a template); the rest follow it
+PREFIX_TOKENS = 8  # of the prompt's text tokens, before the image (a template; none where the image goes first)
 
 
 class FirstTokenRunner(Runner):
@@ -109,7 +109,8 @@ def time_generation(exports: list[tuple[Path, Manifest]], tokens: int, warmup_s:
     record = exports[0][1].llm
     vocab = [token for token in range(min(record.vocab_size, 1000)) if token != record.image_token_id]
     text = list(map(int, rng.choice(vocab, DEFAULT_TEXT_TOKENS)))
-    prefix, suffix = text[:PREFIX_TOKENS], text[PREFIX_TOKENS:]
+    before = 0 if record.image_first else PREFIX_TOKENS
+    prefix, suffix = text[:before], text[before:]
     if any(m.onnx.pixel_shape != pixel_shape or m.llm.vocab_size != record.vocab_size for _, m in exports):
         raise UsageError("the directories hold different models or inputs; bench one model at a time")
     vlms = {_label(m): OnnxVlm(d, m.onnx.file, m.llm, m.onnx.static_batch, threads) for d, m in exports}

@@ -87,7 +87,7 @@ def _graph_checks(directory: Path, manifest: Manifest, built, report: CheckRepor
                "; ".join(differing) or f"{len(found)} merge blocks, r {found}, opset {summary.opset}")
     if built is not None:
         problems = graph_problems(summary, built.plan, manifest.turbo.merge_kernel, onnx_info.static_batch,
-                                  manifest.onnx.excluded_tokens)
+                                  manifest.onnx.output_tokens)
         report.add("graph vs plan", not problems, "; ".join(problems) or f"final tokens {built.plan.final_tokens}")
     findings = lint(model_path)
     errors = [f for f in findings if f.severity == "error"]

@@ -334,8 +334,8 @@ def run_eval(options: EvalOptions, progress=lambda message: None) -> dict:
     if task is GENERATION:
         return _generation_eval(options, source, manifest, progress)
     if options.llm_drop is not None or options.prompt is not None:
-        raise UsageError(f"--llm-drop and --prompt are for LLM-based VLMs (llava); {source.name} is an {task.name} "
-                         "model")
+        raise UsageError(f"--llm-drop and --prompt are for LLM-based VLMs (llava, blip2); {source.name} is an "
+                         f"{task.name} model")
     if options.questions is not None and not answering:
         raise UsageError(f"--questions is for visual question answering models; {source.name} is an {task.name} "
                          "model")

@@ -1,4 +1,4 @@
-"""`turbo generate`: greedy answers of an LLM-based VLM (LLaVA) to a prompt about one image, the
+"""`turbo generate`: greedy answers of an LLM-based VLM (LLaVA, BLIP-2) to a prompt about one image, the
 vision tower merged and the image tokens reduced inside the language model; PyTorch, streaming."""
 
 import time
@@ -80,7 +80,7 @@ def prepare_generation(options: GenerateOptions) -> PreparedGeneration:
                        tiny=options.tiny)
     language = built.source.adapter.language_model
     if language is None:
-        raise UsageError(f"turbo generate is for LLM-based VLMs (llava); {built.source.name} is a "
+        raise UsageError(f"turbo generate is for LLM-based VLMs (llava, blip2); {built.source.name} is a "
                          f"{built.source.adapter.task_of(built.source.architecture).name} model")
     if options.tiny and not options.random_weights:
         raise UsageError("--tiny models have no weights: add --random-weights")
@@ -88,7 +88,8 @@ def prepare_generation(options: GenerateOptions) -> PreparedGeneration:
     processor, _ = load_image_processor(built.source, built.image_size, options.random_weights)
     config = built.source.config
     image_tokens = language.image_tokens(config, built.plan.final_tokens)
-    ids = image_prompt_ids(tokenizer, options.prompt, language.image_token_id(config), image_tokens)
+    ids = image_prompt_ids(tokenizer, options.prompt, language.image_token_id(config), image_tokens,
+                           language.image_first)
     plan = llm_plan(built, drop, len(ids) - image_tokens)
     pixels = torch.from_numpy(pixel_batch([Sample(options.image)], processor, built.pixel_shape[0]))
     model, _ = build_merged_model(built, options.random_weights, seed=options.seed)
@@ -105,14 +106,15 @@ def _prepare_export(options: GenerateOptions) -> PreparedGeneration:
     """An export directory: its vision graph and language-model graphs on ONNX Runtime, with the
     merge and the reduction it was exported with."""
     given = [flag for flag, value in (("--r", options.r), ("--method", options.method), ("--alpha", options.alpha),
-                                      ("--llm-drop", options.llm_drop)) if value is not None]
+                                      ("--threshold", options.threshold), ("--llm-drop", options.llm_drop))
+             if value is not None]
     if given or options.random_weights or options.tiny:
         flags = given + ["--random-weights"] * options.random_weights + ["--tiny"] * options.tiny
         raise UsageError(f"{options.model} is an export: it carries its model, merge and --llm-drop; drop "
                          f"{', '.join(flags)} (or pass a model to run it in PyTorch)")
     vlm = OnnxVlm.open(options.model)
     record = vlm.record
-    prefix, suffix = split_prompt(vlm.tokenizer, options.prompt, record.image_token_id)
+    prefix, suffix = split_prompt(vlm.tokenizer, options.prompt, record.image_token_id, record.image_first)
     built = ExportOptions.from_manifest(vlm.manifest).plan()
     plan = llm_plan(built, parse_llm_drop(record.llm_drop), len(prefix) + len(suffix))
     pixels = pixel_batch([Sample(options.image)], vlm.processor, built.pixel_shape[0])

@@ -26,8 +26,6 @@ from turbo.models.patch import apply_turbo
 from turbo.runtimes.llm_generation import VlmGenerator, image_prompt_ids, split_prompt
 from turbo.runtimes.llm_onnx import OnnxVlm
 
-# LLaVA-1.5's short-answer prompt (its VQAv2 evaluation); {question} is each question
-DEFAULT_PROMPT = "USER: <image>\n{question}\nAnswer the question using a single word or phrase. ASSISTANT:"
 UNLABELED_QUESTION = "What is in the image?"
 
 Answer = Callable[[np.ndarray, str], list[int]]  # (pixels (1, C, H, W), prompt) -> greedy token ids
@@ -41,9 +39,11 @@ class Setting:
 
 def prompts(data: Path, questions: Path | None, template: str, limit: int | None) -> list[Question]:
     """(image, question, human answers) to ask: the questions file's, or each image of `data` with
-    one generic question; the template must hold <image> and {question}."""
+    one generic question; the template must hold {question} (and the image placeholder, where the
+    model takes one)."""
     if "{question}" not in template:
-        raise UsageError("--prompt must hold {question} where each question goes (and <image> once)")
+        raise UsageError("--prompt must hold {question} where each question goes (and <image> once, where the "
+                         "model takes a placeholder)")
     if questions is not None:
         asked = vqa_questions(questions, data)
     else:
@@ -63,7 +63,8 @@ def _torch_answerer(model, built: BuiltPlan, drop_text: str, tokenizer, max_toke
     def answer(pixels: np.ndarray, prompt: str) -> list[int]:
         if getattr(model, "turbo_plan", None) is not built.plan:  # the settings share one model
             apply_turbo(model, built.source.adapter, built.plan, built.merge_config)
-        ids = image_prompt_ids(tokenizer, prompt, language.image_token_id(config), image_tokens)
+        ids = image_prompt_ids(tokenizer, prompt, language.image_token_id(config), image_tokens,
+                               language.image_first)
         return generator.generate(torch.from_numpy(pixels), torch.tensor([ids]), max_tokens, eos)[0].tolist()
 
     return answer
@@ -74,7 +75,7 @@ def _onnx_answerer(directory: Path, max_tokens: int) -> Answer:
     record = vlm.record
 
     def answer(pixels: np.ndarray, prompt: str) -> list[int]:
-        prefix, suffix = split_prompt(vlm.tokenizer, prompt, record.image_token_id)
+        prefix, suffix = split_prompt(vlm.tokenizer, prompt, record.image_token_id, record.image_first)
         return list(vlm.greedy_tokens(pixels, prefix, suffix, max_tokens))
 
     return answer
@@ -90,8 +91,9 @@ def run_generation_eval(model: str, data: Path, rs: list[int], llm_drop: str | N
                         method: str | None, alpha: float | None, threshold: int | None, seed: int,
                         export_dir: Path | None = None, progress=lambda message: None) -> dict:
     """Every setting's answers against the unreduced model's (r=0, --llm-drop none), in PyTorch."""
-    asked = prompts(data, questions, template or DEFAULT_PROMPT, limit)
     base = build_plan(model, 0, method, alpha, "constant", threshold, tiny=tiny)
+    template = template or base.source.adapter.language_model.question_prompt
+    asked = prompts(data, questions, template, limit)
     if export_dir is not None:
         settings = [Setting(rs[0], llm_drop or "none")]
     else:
@@ -140,9 +142,9 @@ def run_generation_eval(model: str, data: Path, rs: list[int], llm_drop: str | N
     return {"model": base.source.name, "source": base.source.location, "task": "image-text-generation",
             "random_weights": random_weights, "export": str(export_dir) if export_dir else None, "data": str(data),
             "samples": len({q.image for q in asked}), "questions": len(asked) if questions else None,
-            "questions_with_answers": len(labelled) if questions else None, "prompt": template or DEFAULT_PROMPT,
+            "questions_with_answers": len(labelled) if questions else None, "prompt": template,
             "max_tokens": max_tokens, "results": results, "auto": None, "choice": None}
 
 
-def template_prompt(template: str | None, question: Question) -> str:
-    return (template or DEFAULT_PROMPT).replace("{question}", question.question)
+def template_prompt(template: str, question: Question) -> str:
+    return template.replace("{question}", question.question)

@@ -10,11 +10,11 @@ NOISE_WARNING = ("random weights (--random-weights): the answer is noise, and th
 
 
 def run_generate_command(model: str, image: str, prompt: str, r: int | None, method: str | None,
-                         alpha: float | None, llm_drop: str | None, max_new_tokens: int, random_weights: bool,
-                         tiny: bool, json_output: bool) -> None:
+                         alpha: float | None, threshold: int | None, llm_drop: str | None, max_new_tokens: int,
+                         random_weights: bool, tiny: bool, json_output: bool) -> None:
     from turbo.tools.generate import GenerateOptions, Generation, prepare_generation, stream_generation
 
-    options = GenerateOptions(model, Path(image), prompt, r, method, alpha, llm_drop=llm_drop,
+    options = GenerateOptions(model, Path(image), prompt, r, method, alpha, threshold=threshold, llm_drop=llm_drop,
                               max_new_tokens=max_new_tokens, random_weights=random_weights, tiny=tiny)
     prepared = prepare_generation(options)
     if prepared.random_weights:

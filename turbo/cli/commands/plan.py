@@ -55,14 +55,12 @@ def print_llm_plan(plan) -> None:
     table = Table(title=f"language model: {plan.drop.label}, {plan.text_tokens} text tokens")
     for column in ("LLM layers", "image tokens", "prefill GFLOPs"):
         table.add_column(column, justify="right")
-    from turbo.merging.llm_drop import llm_layer_flops
-
     layers = plan.image_per_layer
     start = 0
     for index in range(1, len(layers) + 1):
         if index == len(layers) or layers[index] != layers[start]:
             span = str(start) if index - start == 1 else f"{start}-{index - 1}"
-            each = llm_layer_flops(plan.text_tokens + layers[start], plan.hidden_size, plan.intermediate_size)
+            each = plan.layer_flops(layers[start])
             table.add_row(span, str(layers[start]), f"{each * (index - start) / 1e9:.2f}")
             start = index
     stderr.print(table)
