@@ -14,6 +14,7 @@ from tests.conftest import tiny_export
 from turbo.cli.app import app
 from turbo.data.images import Sample, pixel_batch
 from turbo.models.build import build_plan
+from turbo.models.llava import QUESTION_PROMPT
 from turbo.models.llm_vocab import placeholder_tokenizer
 from turbo.models.loading import load_image_processor, load_model, resolve_source
 from turbo.runtimes.llm_generation import image_prompt_ids
@@ -71,6 +72,11 @@ def test_plan_shows_the_language_model():
     (["llava-1.5-7b", "{image}", "<image> vs <image>"], "2 image placeholders"),
     (["llava-1.5-7b", "{image}", PROMPT, "--llm-drop", "pyramid:keep=0.01"], "would drop every image token"),
     (["llava-1.5-7b", "{image}", PROMPT, "--llm-drop", "dyrate:predictor=/no/such.json"], "not a readable predictor"),
+    (["llava-interleave-qwen-0.5b", "{image}", PROMPT, "--llm-drop", "mustdrop:layer=1,every=1,stages=2"],
+     "its tower has no CLS"),
+    (["blip2-opt-2.7b", "{image}", "Question: what? Answer:", "--threshold", "0", "--llm-drop",
+      "mustdrop:layer=1,every=1,stages=2"],
+     "its image tokens are not the tower's"),
 ])
 def test_bad_requests_are_one_line(args, message, image_file):
     result = runner.invoke(app, ["generate", *(a.format(image=image_file) for a in args), "--tiny",
@@ -172,4 +178,22 @@ def test_dyrate_generates_in_pytorch_and_is_not_exported(image_file, tmp_path):
     assert got["llm_drop"] == "dyrate:layer=2,coverage=0.5,min_keep=0.1" and len(got["token_ids"]) == 4
     result = runner.invoke(app, ["export", "--model", "llava-1.5-7b", "--tiny", "--random-weights", "--llm-drop",
                                  "dyrate", "-o", str(tmp_path / "out")])
-    assert result.exit_code == 2 and "run DyRate in PyTorch" in result.stderr and not (tmp_path / "out").exists()
+    assert result.exit_code == 2 and "run it in PyTorch" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_mustdrop_generates_in_pytorch_reports_what_it_read_and_is_not_exported(image_file, tmp_path):
+    drop = "mustdrop:layer=1,every=1,stages=2,global_thr=0.5,individual_thr=0.1,key=0.1"
+    prompt = QUESTION_PROMPT.replace("{question}", "What is in the image?")  # what eval asks of a loose image
+    got = generate("llava-1.5-7b", image_file, prompt, "--r", "0", "--llm-drop", drop, "--max-new-tokens", "4")
+    read = got["image_tokens_per_llm_layer"]
+    assert read[:2] == [36, 36] and 4 <= read[2] == read[3] < 36  # 36 patches; dropped after layers 1 and 2
+    assert got["prefill_flops"] < got["baseline_prefill_flops"] and len(got["token_ids"]) == 4
+    (tmp_path / "images").mkdir()
+    Image.open(image_file).save(tmp_path / "images" / "a.png")
+    report = eval_json("--model", "llava-1.5-7b", "--tiny", "--random-weights", "--data", str(tmp_path / "images"),
+                       "--r", "0", "--llm-drop", drop, "--max-tokens", "3")
+    assert report["results"][1]["image_tokens"] == read  # one prompt: the mean of what it read is what it read
+    assert report["prompt"] == QUESTION_PROMPT
+    result = runner.invoke(app, ["export", "--model", "llava-1.5-7b", "--tiny", "--random-weights", "--llm-drop",
+                                 drop, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "run it in PyTorch" in result.stderr and not (tmp_path / "out").exists()

@@ -11,9 +11,11 @@ from turbo.merging.llm_drop import (
     LlmDropConfig,
     coverage_keep,
     decode_flops,
+    dual_attention_keep,
     fastv_keep,
     image_tokens_per_layer,
     keep_tokens,
+    key_token_set,
     llm_layer_flops,
     parse_llm_drop,
     prefill_flops,
@@ -41,6 +43,22 @@ def test_pyramid_keeps_the_image_tokens_the_last_instruction_attends():
         assert got[b].tolist() == sorted(attention.topk(4).indices.tolist())
 
 
+def test_mustdrop_keeps_the_image_tokens_the_text_attends_to_and_its_key_set():
+    g = torch.Generator().manual_seed(2)
+    attention = torch.rand(1, 3, 12, 12, generator=g).softmax(-1)  # image tokens at 2..7, text 8..11
+    for global_thr, individual_thr in ((0.15, 0.09), (0.2, 0.1), (0.0, 1.0), (1.0, 0.0)):
+        protected = torch.tensor([1])
+        got = dual_attention_keep(attention, 2, 6, global_thr, individual_thr, protected).tolist()
+        text_on_image = [[sum(attention[0, h, q, 2 + n].item() for h in range(3)) / 3 for n in range(6)]
+                         for q in range(8, 12)]
+        received = [sum(row[n] for row in text_on_image) for n in range(6)]
+        goes = [received[n] < global_thr * sum(received) and max(row[n] for row in text_on_image) < individual_thr
+                for n in range(6)]
+        assert got == [n for n in range(6) if not goes[n] or n == 1]
+    assert dual_attention_keep(attention, 2, 6, 1.0, 1.0, torch.tensor([4])).tolist() == [4]  # only the key set
+    assert key_token_set(torch.tensor([0.1, 0.5, 0.05, 0.3, 0.05]), 0.4).tolist() == [1, 3]  # ceil(0.4 · 5) = 2
+
+
 def test_token_plans():
     assert image_tokens_per_layer(LlmDropConfig(), 4, 576) == [576] * 4
     assert image_tokens_per_layer(LlmDropConfig("fastv"), 6, 576) == [576, 576] + [288] * 4
@@ -52,6 +70,7 @@ def test_token_plans():
     (LlmDropConfig("fastv", layer=4), 4, "beyond the language model's 4 layers"),
     (LlmDropConfig("pyramid", stages=5), 4, "need at least as many layers"),
     (LlmDropConfig("pyramid", stages=4, keep=0.01), 8, "would drop every image token"),
+    (LlmDropConfig("mustdrop"), 14, "pruning layers 2, 6, 10, 14 need a later layer"),
 ])
 def test_impossible_plans_are_refused(config, layers, message):
     with pytest.raises(ValueError, match=message):
@@ -87,6 +106,8 @@ def test_llm_drop_settings_parse():
     assert parse_llm_drop("fastv:layer=3,ratio=0.75") == LlmDropConfig("fastv", layer=3, ratio=0.75)
     assert parse_llm_drop("pyramid:stages=2, keep=0.3").label == "pyramid:stages=2,keep=0.3"
     assert parse_llm_drop("none").label == "none"
+    mustdrop = parse_llm_drop("mustdrop:layer=1,every=2,stages=3,global_thr=0.02")
+    assert mustdrop.pruning_layers == [1, 3, 5] and mustdrop.global_thr == 0.02 and mustdrop.key == 0.08
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -95,6 +116,8 @@ def test_llm_drop_settings_parse():
     ("fastv:layer=2.5", "layer must be a whole number"),
     ("fastv:ratio=1", "ratio must be in"),
     ("sparsevlm", "unknown LLM-side reduction"),
+    ("mustdrop:key=0", "key must be in"),
+    ("mustdrop:every=0", "every must be >= 1"),
 ])
 def test_bad_llm_drop_settings_name_the_problem(text, message):
     with pytest.raises(UsageError, match=message):

@@ -15,6 +15,7 @@ from turbo.core.errors import UsageError
 from turbo.merging.llm_drop import LlmDropConfig, RatePredictor, image_tokens_per_layer, token_type_attention
 from turbo.models.blip2 import BLIP2
 from turbo.models.llava import LLAVA
+from turbo.models.llava import tower_tokens as llava_tower_tokens
 from turbo.models.llm_decoder import insert_image_features
 from turbo.models.llm_vocab import placeholder_tokenizer
 from turbo.models.loading import load_model, resolve_source
@@ -275,6 +276,101 @@ def test_a_post_norm_opt_generates_what_transformers_generates():
         features = BLIP2.language_model.image_features(model, x, False)
         embeds, image = insert_image_features(decoder.embed(ids), ids, features, 590)
         torch.testing.assert_close(decoder.prefill(embeds, image).logits, theirs.logits[0], rtol=1e-4, atol=1e-5)
+
+
+def mustdrop_reference(model, embeds: torch.Tensor, image_start: int, image_count: int, drop: LlmDropConfig,
+                       key: list[int]):
+    """MustDrop's prefill as its code runs it, on the upstream blocks (eager): after each pruning
+    layer, mean the layer's attention over heads; an image token goes when the text after the
+    image gives it, summed, less than global_thr of all the text's image attention and, each,
+    less than individual_thr, unless it is in the key set; positions are renumbered. Returns the
+    last token's logits, the surviving image tokens (original indices), and each layer's input,
+    positions and image tokens (original indices) for the decode reference."""
+    upstream = Upstream(model)
+    positions = torch.arange(embeds.shape[1])[None]
+    hidden, images, layers = upstream.start(embeds, positions), list(range(image_count)), []
+    with upstream.eager():
+        for index, layer in enumerate(upstream.lm.layers):
+            length = hidden.shape[1]
+            mask = torch.full((length, length), float("-inf")).triu(1)[None, None]
+            seen = {}
+            handle = layer.self_attn.register_forward_hook(lambda _m, _i, out: seen.update(attention=out[1]))
+            layers.append((hidden, positions, list(images)))
+            hidden = upstream.run(layer, hidden, mask, positions)
+            handle.remove()
+            if index in drop.pruning_layers:
+                attention, end = seen["attention"][0], image_start + len(images)
+                heads = attention.shape[0]
+                text_on = [[sum(float(attention[h, q, image_start + n]) for h in range(heads)) / heads
+                            for n in range(len(images))] for q in range(end, length)]
+                received = [sum(row[n] for row in text_on) for n in range(len(images))]
+                kept = [n for n in range(len(images))
+                        if images[n] in key or not (received[n] < drop.global_thr * sum(received)
+                                                    and max(row[n] for row in text_on) < drop.individual_thr)]
+                rows = [*range(image_start), *(image_start + n for n in kept), *range(end, length)]
+                hidden, images = hidden[:, rows], [images[n] for n in kept]
+                positions = torch.arange(len(rows))[None]
+    return upstream.logits(hidden), images, layers
+
+
+def mustdrop_decode_reference(model, token: torch.Tensor, position: int, layers, image_start: int,
+                              survivors: list[int], first: int) -> torch.Tensor:
+    """One decoded token under MustDrop's output-aware cache: in layers from the first pruning layer
+    on it sees only the final survivors among the image tokens, before it all of them."""
+    upstream = Upstream(model)
+    hidden = upstream.start(upstream.lm.embed_tokens(token), torch.tensor([[position]]))
+    with upstream.eager():
+        for index, (layer, (inputs, positions, images)) in enumerate(zip(upstream.lm.layers, layers)):
+            keep = [n for n, original in enumerate(images) if index < first or original in survivors]
+            rows = [*range(image_start), *(image_start + n for n in keep),
+                    *range(image_start + len(images), inputs.shape[1])]
+            x = torch.cat([inputs[:, rows], hidden], dim=1)
+            mask = torch.full((x.shape[1],) * 2, float("-inf")).triu(1)[None, None]
+            at = torch.cat([positions[:, rows], torch.tensor([[position]])], dim=1)
+            hidden = upstream.run(layer, x, mask, at)[:, -1:]
+    return upstream.logits(hidden)
+
+
+@pytest.mark.parametrize("drop", [
+    LlmDropConfig("mustdrop", layer=1, every=1, stages=2, global_thr=0.5, individual_thr=0.06, key=0.1),
+    LlmDropConfig("mustdrop", layer=1, every=2, stages=1, global_thr=0.9, individual_thr=0.5, key=0.25)])
+def test_mustdrop_prefill_and_decode_equal_the_paper_reference(drop):
+    generator, _, built, ids = setup("llava-1.5-7b", r=2, drop=drop)
+    model, decoder = generator.model, generator.decoder
+    with torch.inference_mode():
+        features, key = generator.image_tokens(pixels("llava-1.5-7b", batch=1, seed=11))
+        embeds, image = insert_image_features(decoder.embed(ids), ids, features, 590)
+        prefill = decoder.prefill(embeds, image, key)
+        want, survivors, layers = mustdrop_reference(model, embeds, image.start, image.count, drop, key.tolist())
+        torch.testing.assert_close(prefill.logits, want, rtol=1e-4, atol=1e-5)
+        assert set(key.tolist()) <= set(survivors) and len(survivors) < image.count  # it dropped, kept the key set
+        text = ids.shape[1] - image.count
+        assert [keys.shape[2] - text for keys, _ in prefill.cache] == \
+            [image.count] * drop.layer + [len(survivors)] * (len(layers) - drop.layer)  # the output-aware cache
+        token = prefill.logits.argmax(dim=-1, keepdim=True)
+        logits, _ = decoder.decode(token, torch.tensor([[prefill.next_position]]), prefill.cache)
+        torch.testing.assert_close(logits, mustdrop_decode_reference(model, token, prefill.next_position, layers,
+                                                                     image.start, survivors, drop.layer),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_mustdrop_key_set_is_what_the_cls_attends_to_most_after_the_feature_layer():
+    generator, _, built, _ = setup("llava-1.5-7b", r=2, drop=LlmDropConfig("mustdrop", key=0.25))
+    model, x = generator.model, pixels("llava-1.5-7b", batch=1, seed=12)
+    with torch.inference_mode():
+        features, key = generator.image_tokens(x)
+        torch.testing.assert_close(features, generator.language.image_features(model, x, False))
+        hidden = llava_tower_tokens(model, x, False)  # (1, N_final, C), CLS first
+        tower = model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        block = layers[4]  # the block after the feature layer (-2)
+        x_norm = block.layer_norm1(hidden)[0]
+        attn, heads = block.self_attn, block.self_attn.num_heads
+        q, k = attn.q_proj(x_norm).view(-1, heads, 8), attn.k_proj(x_norm).view(-1, heads, 8)
+        sizes = layers[3].turbo_state.size[0, :, 0]
+        rows = [torch.softmax(k[:, h] @ q[0, h] * attn.scale + sizes.log(), 0) for h in range(heads)]
+        received = torch.stack(rows).mean(0)[1:]  # on the image tokens (the CLS is not one)
+    assert key.tolist() == sorted(received.topk(math.ceil(0.25 * features.shape[1])).indices.tolist())
 
 
 def dyrate_reference(model, embeds: torch.Tensor, image_start: int, layer_k: int, visible: list[list[int]],

@@ -41,6 +41,13 @@ def proportional_attention(
     return context.reshape(batch, tokens, heads * dim), cls_attn
 
 
+def cls_attention(q: torch.Tensor, k: torch.Tensor, size: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The CLS query's attention in a block with proportional attention, averaged over heads: q, k
+    (B, H, N, d), size (B, N, 1) or None -> (B, N)."""
+    bias = None if size is None else size.log().to(q.dtype)[:, None, None, :, 0]  # (B, 1, 1, N)
+    return _cls_row_attention(q, k, bias, scale)
+
+
 def _cls_row_attention(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Softmax of the CLS query row alone, averaged over heads: (B, N)."""
     # k @ qᵀ rather than q @ kᵀ: exported graphs then need no transposed copy of k for one row.

@@ -8,9 +8,11 @@ LLM layer keeps, from attention scores, and what that saves. Pure torch, no mode
   fraction λ of the image tokens, ranked by the attention of the last instruction token's query
   on their keys (that one query row only; softmax over the image keys, mean over heads), so the
   count falls as N·λ^s. Defaults S = 4, λ = 0.5.
+- DyRate (decoding) and MustDrop (Liu et al., 2024; prefill and decoding): counts decided per
+  input at run time, see `dual_attention_keep` and the decoders.
 
-Survivors keep their order and their position ids, as both papers' code does. Counts are Python
-ints fixed at build time, so exported graphs have static shapes.
+FastV's and PyramidDrop's survivors keep their order and their position ids, as both papers' code
+does; their counts are Python ints fixed at build time, so exported graphs have static shapes.
 """
 
 import json
@@ -22,7 +24,8 @@ import torch
 
 from turbo.core.errors import UsageError
 
-LLM_DROPS = ("none", "fastv", "pyramid", "dyrate")
+LLM_DROPS = ("none", "fastv", "pyramid", "dyrate", "mustdrop")
+RUN_TIME_COUNTS = ("dyrate", "mustdrop")  # image-token counts decided per input: PyTorch only
 TOKEN_TYPES = ("system", "image", "instruction", "response")  # DyRate's four token types
 
 
@@ -36,6 +39,10 @@ class LlmDropConfig:
     coverage: float = 0.95  # DyRate's schedule: keep the image tokens holding this much of a step's image attention
     min_keep: float = 0.1  # DyRate: never fewer than this fraction of the prompt's image tokens
     predictor: str = ""  # DyRate: a rate predictor file (JSON) instead of the training-free schedule
+    every: int = 4  # MustDrop: layers between its pruning layers (layer, layer + every, ...; `stages` of them)
+    global_thr: float = 0.011  # MustDrop: an image token with less of the text's summed attention may go...
+    individual_thr: float = 0.01  # ...if no text token gives it this much either
+    key: float = 0.08  # MustDrop: the share of image tokens in the key set (the tower's CLS attention), never dropped
 
     def __post_init__(self) -> None:
         if self.method not in LLM_DROPS:
@@ -46,14 +53,23 @@ class LlmDropConfig:
         if not 0 < self.coverage <= 1 or not 0 < self.min_keep <= 1:
             raise ValueError(f"DyRate's coverage and min_keep must be in (0, 1]; got {self.coverage} and "
                              f"{self.min_keep}")
-        if self.layer < 1 or self.stages < 1:
-            raise ValueError(f"FastV's layer and PyramidDrop's stages must be >= 1; got {self.layer} and {self.stages}")
+        if self.layer < 1 or self.stages < 1 or self.every < 1:
+            raise ValueError(f"layer, stages and every must be >= 1; got {self.layer}, {self.stages} and {self.every}")
+        if not 0 < self.key <= 1 or self.global_thr < 0 or self.individual_thr < 0:
+            raise ValueError(f"MustDrop's key must be in (0, 1] (its key set keeps image tokens whatever the "
+                             f"thresholds) and its thresholds >= 0; got key {self.key}, "
+                             f"global_thr {self.global_thr}, individual_thr {self.individual_thr}")
 
+    @property
+    def pruning_layers(self) -> list[int]:
+        """MustDrop's layers whose attention prunes the image tokens the next layers see."""
+        return [self.layer + stage * self.every for stage in range(self.stages)]
 
     def parameters(self) -> dict[str, float]:
         """The settings its method reads."""
         names = {"none": (), "fastv": ("layer", "ratio"), "pyramid": ("stages", "keep"),
-                 "dyrate": ("layer", "coverage", "min_keep", "predictor")}[self.method]
+                 "dyrate": ("layer", "coverage", "min_keep", "predictor"),
+                 "mustdrop": ("layer", "every", "stages", "global_thr", "individual_thr", "key")}[self.method]
         return {name: getattr(self, name) for name in names if name != "predictor" or self.predictor}
 
     @property
@@ -106,9 +122,13 @@ def _parse(text: str) -> LlmDropConfig:
 def image_tokens_per_layer(config: LlmDropConfig, num_layers: int, image_tokens: int) -> list[int]:
     """How many image tokens each of the LLM's layers sees; ValueError for a plan that cannot run
     (FastV's layer beyond the model, more stages than layers) or that drops every image token."""
-    if config.method in ("none", "dyrate"):  # DyRate prunes while decoding, not in the prefill
+    if config.method in ("none", "dyrate", "mustdrop"):  # the last two decide their counts per input
         if config.method == "dyrate" and config.layer >= num_layers:
             raise ValueError(f"DyRate's layer {config.layer} is beyond the language model's {num_layers} layers")
+        if config.method == "mustdrop" and config.pruning_layers[-1] >= num_layers - 1:
+            layers = ", ".join(map(str, config.pruning_layers))
+            raise ValueError(f"MustDrop's pruning layers {layers} need a later layer to prune for; the language model "
+                             f"has {num_layers} (lower layer, every or stages)")
         return [image_tokens] * num_layers
     if config.method == "fastv":
         if config.layer >= num_layers:
@@ -197,6 +217,29 @@ def coverage_keep(image_attention: torch.Tensor, coverage: float, floor: int) ->
     cumulative = share.sort(dim=-1, descending=True).values.cumsum(dim=-1)  # (B, n)
     needed = int((cumulative < coverage).sum(dim=-1).max()) + 1
     return min(max(needed, floor), image_attention.shape[-1])
+
+
+def dual_attention_keep(attention: torch.Tensor, image_start: int, image_tokens: int, global_thr: float,
+                        individual_thr: float, protected: torch.Tensor) -> torch.Tensor:
+    """MustDrop's prefill filter. attention (1, H, T, T): one layer's probabilities, the image at
+    T-axis positions image_start .. + image_tokens − 1, the text after it the queries that judge.
+    Mean over heads; an image token may go when both the text's summed attention on it is below
+    global_thr of the whole text-to-image attention and no text token's attention on it reaches
+    individual_thr. `protected` (K,): indices among the image tokens kept whatever (the key set).
+    Returns the kept indices (n,), ascending."""
+    end = image_start + image_tokens
+    text_on_image = attention[0, :, end:, image_start:end].mean(dim=0)  # (T_text, N)
+    received = text_on_image.sum(dim=0)  # (N,) the global attention
+    droppable = (received < received.sum() * global_thr) & (text_on_image.amax(dim=0) < individual_thr)
+    droppable[protected] = False
+    return (~droppable).nonzero()[:, 0]
+
+
+def key_token_set(cls_attention: torch.Tensor, share: float) -> torch.Tensor:
+    """MustDrop's key set: cls_attention (N,), the tower's CLS attention on each image token ->
+    the indices (ceil(share · N),) of those it attends to most, ascending."""
+    count = math.ceil(share * cls_attention.shape[0])
+    return cls_attention.topk(count).indices.sort().values
 
 
 @dataclass(frozen=True)

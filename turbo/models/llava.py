@@ -14,6 +14,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
+from turbo.merging.attention import cls_attention
 from turbo.models.adapters import GENERATION, FamilyAdapter, LanguageModel, fixed_size_processor
 from turbo.models.clip import clip_block_parts
 from turbo.models.decoder_stacks import LlamaStack
@@ -67,6 +68,15 @@ def tower_tokens(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool
     return hidden
 
 
+def feature_cls_attention(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The CLS query's attention over the feature-layer tokens hidden (B, N_final, C), averaged over
+    heads, in the block after the feature layer (MustDrop reads LLaVA-1.5's last CLIP block so), or
+    the last block when the feature layer is the last; merged tokens weigh by their sizes. (B, N_final)."""
+    layers, used = _vision(model).encoder.layers, used_layers(model.config)
+    parts = clip_block_parts(layers[min(used, len(layers) - 1)])
+    q, k, _ = parts.qkv(parts.norm1(hidden))
+    state = getattr(layers[used - 1], "turbo_state", None)  # a merged tower: the sizes of its output tokens
+    return cls_attention(q, k, state.size if state else None, parts.scale)
 def _dropped_cls(config) -> int:
     """Tokens the "default" feature strategy leaves out: the CLS token."""
     return int(config.vision_feature_select_strategy == "default")
@@ -75,6 +85,17 @@ def _dropped_cls(config) -> int:
 def image_features(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> torch.Tensor:
     """The image tokens the LLM reads: the projected feature-layer tokens, (B, N_image, C_text)."""
     return _export_outputs(model, pixel_values, interpolate)["image_features"]
+
+
+def image_features_and_cls_attention(model: nn.Module, pixel_values: torch.Tensor,
+                                     interpolate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The image tokens the LLM reads and the tower's CLS attention on each (B, N_image), None for
+    a tower without CLS (SigLIP)."""
+    hidden, dropped = tower_tokens(model, pixel_values, interpolate), _dropped_cls(model.config)
+    features = model.model.multi_modal_projector(hidden[:, dropped:])
+    if model.config.vision_config.model_type != "clip_vision_model":
+        return features, None
+    return features, feature_cls_attention(model, hidden)[:, dropped:]
 
 
 def _export_outputs(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> dict[str, torch.Tensor]:
@@ -109,6 +130,7 @@ LLAVA = FamilyAdapter(
         text_config=lambda config: config.text_config,
         image_token_id=lambda config: config.image_token_id,
         image_features=image_features,
+        cls_attention=image_features_and_cls_attention,
         image_tokens=lambda config, tokens: tokens - _dropped_cls(config),
         special_ids=special_ids,
         placeholder_tokenizer=placeholder_tokenizer,

@@ -16,6 +16,7 @@ from turbo.merging.llm_drop import (
     LlmDropConfig,
     RatePredictor,
     coverage_keep,
+    dual_attention_keep,
     fastv_keep,
     image_tokens_per_layer,
     keep_tokens,
@@ -71,9 +72,10 @@ class ReducedDecoder:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.stack.embed(input_ids)
 
-    def prefill(self, embeds: torch.Tensor, image: ImageSpan) -> Prefill:
+    def prefill(self, embeds: torch.Tensor, image: ImageSpan, key_tokens: torch.Tensor | None = None) -> Prefill:
         """embeds (B, T, C): the prompt with its image tokens. Runs every block, dropping image
-        tokens where the plan says; returns the last token's logits and each block's cache."""
+        tokens where the plan says; returns the last token's logits and each block's cache.
+        `key_tokens`: image tokens MustDrop never drops; the other reductions take none."""
         batch, length, _ = embeds.shape
         counts = [*self.plan(image.count), None]
         positions = torch.arange(length, device=embeds.device).expand(batch, -1)  # (B, T)
@@ -160,14 +162,60 @@ class PruningDecoder(ReducedDecoder):
         if keep == present:
             return cache, images
         order = received.topk(keep, dim=-1).indices.sort(dim=-1).values  # (B, keep) among the present ones
-        pruned = list(cache[:self.drop.layer])
-        for keys, values in cache[self.drop.layer:]:
-            batch, _, length, _ = keys.shape
-            before = torch.arange(images.start, device=keys.device).expand(batch, -1)
-            after = torch.arange(images.start + present, length, device=keys.device).expand(batch, -1)
-            rows = torch.cat([before, order + images.start, after], dim=1)[:, None, :, None]  # (B, 1, T', 1)
-            pruned.append(tuple(t.gather(2, rows.expand(-1, t.shape[1], -1, t.shape[3])) for t in (keys, values)))
+        pruned = cache[:self.drop.layer] + [keep_cached(pair, images.start, present, order)
+                                            for pair in cache[self.drop.layer:]]
         return pruned, replace(images, kept=images.kept.gather(1, order))
+
+
+def keep_cached(pair: tuple[torch.Tensor, torch.Tensor], image_start: int, image_tokens: int,
+                kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block's keys and values (B, H_kv, T, d) without the image tokens not in `kept` (B, K)
+    (indices among its `image_tokens`, ascending): text before, kept image tokens, text after."""
+    keys = pair[0]
+    batch, _, length, _ = keys.shape
+    before = torch.arange(image_start, device=keys.device).expand(batch, -1)
+    after = torch.arange(image_start + image_tokens, length, device=keys.device).expand(batch, -1)
+    rows = torch.cat([before, kept + image_start, after], dim=1)[:, None, :, None]  # (B, 1, T', 1)
+    return tuple(t.gather(2, rows.expand(-1, t.shape[1], -1, t.shape[3])) for t in pair)
+
+
+class MustDropDecoder(ReducedDecoder):
+    """MustDrop inside the language model (batch 1: its counts are decided per prompt).
+
+    Prefill: after each pruning layer, the image tokens that layer's text tokens (the prompt after
+    the image) attend to too little, summed and each, leave the sequence (dual-attention
+    filtering); the key set never does. The paper's code renumbers the survivors' positions
+    consecutively, and so does this. Decoding (its output-aware cache policy): the caches of the
+    pruning layers and every layer between them hold only the image tokens that survived the
+    last pruning layer; the layers before the first keep them all. Decoded tokens continue from
+    the whole prompt's length."""
+
+    def prefill(self, embeds: torch.Tensor, image: ImageSpan, key_tokens: torch.Tensor | None = None) -> Prefill:
+        if embeds.shape[0] != 1:
+            raise ValueError(f"MustDrop decides how many image tokens stay per prompt: batch 1, not {embeds.shape[0]}")
+        drop, stack = self.drop, self.stack
+        pruning = set(drop.pruning_layers)
+        key = key_tokens if key_tokens is not None else torch.empty(0, dtype=torch.long, device=embeds.device)
+        positions = torch.arange(embeds.shape[1], device=embeds.device)[None]  # (1, T)
+        present = torch.arange(image.count, device=embeds.device)  # original indices of the image tokens still in
+        hidden, cache, seen, held = stack.start(embeds, positions), [], [], []
+        for index, layer in enumerate(stack.layers):
+            out = stack.block(layer, hidden, stack.positional(hidden, positions), attention=index in pruning)
+            cache.append((out.keys, out.values))
+            seen.append(positions)
+            held.append(present)
+            hidden = out.hidden
+            if index in pruning:
+                protected = torch.isin(present, key).nonzero()[:, 0]
+                kept = dual_attention_keep(out.attention, image.start, len(present), drop.global_thr,
+                                           drop.individual_thr, protected)
+                hidden, _ = keep_tokens(hidden, positions, image.start, len(present), kept[None])
+                present = present[kept]
+                positions = torch.arange(hidden.shape[1], device=hidden.device)[None]  # renumbered
+        for index in range(drop.layer, len(cache)):  # the output-aware cache policy
+            survivors = torch.isin(held[index], present).nonzero()[:, 0]
+            cache[index] = keep_cached(cache[index], image.start, len(held[index]), survivors[None])
+        return Prefill(stack.logits(hidden[:, -1:]), cache, seen, embeds.shape[1])
 
 
 def insert_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,

@@ -67,6 +67,11 @@ def llm_plan(built: BuiltPlan, drop: LlmDropConfig, text_tokens: int = DEFAULT_T
     if language is None:
         raise UsageError(f"{source.name} has no language model reading its image tokens ({source.adapter.family}); "
                          "--llm-drop is for LLM-based VLMs (llava, blip2)")
+    if drop.method == "mustdrop" and (language.cls_attention is None
+                                      or not source.adapter.has_cls_token(source.config)):
+        what = "its image tokens are not the tower's" if language.cls_attention is None else "its tower has no CLS"
+        raise UsageError(f"--llm-drop mustdrop: MustDrop's key set is the vision tower's CLS attention on the image "
+                         f"tokens, and {source.name} has none ({what}); use fastv, pyramid or dyrate")
     text = language.text_config(source.config)
     merged = language.image_tokens(source.config, built.plan.final_tokens)
     unmerged = language.image_tokens(source.config, built.plan.tokens_in)

@@ -155,8 +155,8 @@ _TINY_BLIP2 = dict(
     text_config=dict(vocab_size=600, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64,
                      max_position_embeddings=512, word_embed_proj_dim=32, eos_token_id=598),
     num_query_tokens=8, image_token_index=590)
-_LLAVA_NOTES = ("Turbo in the vision tower; --llm-drop fastv|pyramid|dyrate reduces the image tokens inside the "
-                "language model")
+_LLAVA_NOTES = ("Turbo in the vision tower; --llm-drop fastv|pyramid|dyrate|mustdrop reduces the image tokens inside "
+                "the language model")
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from turbo.core.errors import UsageError
-from turbo.merging.llm_drop import LlmDropConfig, RatePredictor
+from turbo.merging.llm_drop import LlmDropConfig, RatePredictor, key_token_set
 from turbo.models.adapters import LanguageModel
-from turbo.models.llm_decoder import PruningDecoder, ReducedDecoder, insert_image_features
+from turbo.models.llm_decoder import MustDropDecoder, PruningDecoder, ReducedDecoder, insert_image_features
 
 
 def image_prompt_ids(tokenizer, prompt: str, image_token_id: int, image_tokens: int,
@@ -50,6 +50,7 @@ class VlmGenerator:
     interpolate_pos_encoding: bool = False
 
     def __post_init__(self) -> None:
+        self.image_per_layer: list[int] = []  # image tokens each LLM layer read in the last prefill
         self.predictor = None  # DyRate's rate predictor, read once (a bad file: UsageError before any run)
         if self.drop.predictor:
             heads = self.language.text_config(self.model.config).num_attention_heads
@@ -60,17 +61,29 @@ class VlmGenerator:
         stack = self.language.stack(self.model)
         if self.drop.method == "dyrate":
             return PruningDecoder(stack, self.drop, self.predictor)
+        if self.drop.method == "mustdrop":
+            return MustDropDecoder(stack, self.drop)
         return ReducedDecoder(stack, self.drop)
+
+    def image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image features the LLM reads (B, N, C) and, for MustDrop, its key set (K,): the image
+        tokens the tower's CLS attends to most (batch 1)."""
+        if self.drop.method != "mustdrop":
+            return self.language.image_features(self.model, pixel_values, self.interpolate_pos_encoding), None
+        features, attention = self.language.cls_attention(self.model, pixel_values, self.interpolate_pos_encoding)
+        return features, key_token_set(attention[0], self.drop.key)
 
     def stream(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,
                eos_token_id: int | None = None) -> Iterator[torch.Tensor]:
         """Yields each step's tokens (B,) until every row ended (eos) or max_new_tokens."""
         decoder = self.decoder
         with torch.inference_mode():
-            features = self.language.image_features(self.model, pixel_values, self.interpolate_pos_encoding)
+            features, key = self.image_tokens(pixel_values)
             image_token_id = self.language.image_token_id(self.model.config)
             embeds, image = insert_image_features(decoder.embed(input_ids), input_ids, features, image_token_id)
-            prefill = decoder.prefill(embeds, image)
+            prefill = decoder.prefill(embeds, image, key)
+            text = input_ids.shape[1] - image.count
+            self.image_per_layer = [seen.shape[1] - text for seen in prefill.positions]
             logits, cache, position = prefill.logits, prefill.cache, prefill.next_position
             images = decoder.images(prefill, image) if isinstance(decoder, PruningDecoder) else None
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)

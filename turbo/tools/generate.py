@@ -3,7 +3,7 @@ vision tower merged and the image tokens reduced inside the language model; PyTo
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -64,6 +64,7 @@ class PreparedGeneration:
     plan: LlmPlan
     runtime: str  # pytorch | onnxruntime
     random_weights: bool
+    read: Callable[[], list[int]] = list  # image tokens each LLM layer read in the last run (PyTorch)
 
 
 def prepare_generation(options: GenerateOptions) -> PreparedGeneration:
@@ -99,7 +100,8 @@ def prepare_generation(options: GenerateOptions) -> PreparedGeneration:
     def tokens(max_new_tokens: int) -> Iterator[int]:
         return (int(step[0]) for step in generator.stream(pixels, torch.tensor([ids]), max_new_tokens, eos))
 
-    return PreparedGeneration(tokens, tokenizer, len(ids), plan, "pytorch", options.random_weights)
+    return PreparedGeneration(tokens, tokenizer, len(ids), plan, "pytorch", options.random_weights,
+                              lambda: generator.image_per_layer)
 
 
 def _prepare_export(options: GenerateOptions) -> PreparedGeneration:
@@ -141,6 +143,8 @@ def stream_generation(prepared: PreparedGeneration, max_new_tokens: int, result:
             yield text[len(shown):]
             shown = text
         result.seconds = time.perf_counter() - begin
+    if prepared.plan.drop.method == "mustdrop":  # its counts are the prompt's: those it read
+        result.plan = replace(prepared.plan, image_per_layer=tuple(prepared.read()))
     result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
     if len(result.text) > len(shown):  # an incomplete character at the end, as the tokenizer decodes it
         yield result.text[len(shown):]

@@ -9,7 +9,7 @@ too. The baseline runs in PyTorch; a setting runs in PyTorch, or an export on ON
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +52,10 @@ def prompts(data: Path, questions: Path | None, template: str, limit: int | None
     return asked[:limit] if limit else asked
 
 
-def _torch_answerer(model, built: BuiltPlan, drop_text: str, tokenizer, max_tokens: int) -> Answer:
-    """Greedy answers of `model` re-patched for `built`'s merge, with `drop_text` inside its LLM."""
+def _torch_answerer(model, built: BuiltPlan, drop_text: str, tokenizer, max_tokens: int,
+                    read: list[list[int]] | None = None) -> Answer:
+    """Greedy answers of `model` re-patched for `built`'s merge, with `drop_text` inside its LLM;
+    `read` gets the image tokens each LLM layer read, per answer."""
     language = built.source.adapter.language_model
     config = built.source.config
     image_tokens = language.image_tokens(config, built.plan.final_tokens)
@@ -65,7 +67,10 @@ def _torch_answerer(model, built: BuiltPlan, drop_text: str, tokenizer, max_toke
             apply_turbo(model, built.source.adapter, built.plan, built.merge_config)
         ids = image_prompt_ids(tokenizer, prompt, language.image_token_id(config), image_tokens,
                                language.image_first)
-        return generator.generate(torch.from_numpy(pixels), torch.tensor([ids]), max_tokens, eos)[0].tolist()
+        tokens = generator.generate(torch.from_numpy(pixels), torch.tensor([ids]), max_tokens, eos)[0].tolist()
+        if read is not None:
+            read.append(generator.image_per_layer)
+        return tokens
 
     return answer
 
@@ -106,9 +111,10 @@ def run_generation_eval(model: str, data: Path, rs: list[int], llm_drop: str | N
     processor, _ = load_image_processor(base.source, base.image_size, random_weights)
     torch_model = load_model(base.source, random_weights=random_weights, seed=seed)
     answerers = {Setting(0, "none"): _torch_answerer(torch_model, base, "none", tokenizer, max_tokens)}
+    read: dict[Setting, list[list[int]]] = {setting: [] for setting in plans}  # image tokens per LLM layer
     for setting, built in plans.items():
         answerers[setting] = _onnx_answerer(export_dir, max_tokens) if export_dir is not None else \
-            _torch_answerer(torch_model, built, setting.llm_drop, tokenizer, max_tokens)
+            _torch_answerer(torch_model, built, setting.llm_drop, tokenizer, max_tokens, read[setting])
     pixels = {question.image: pixel_batch([Sample(question.image)], processor, base.pixel_shape[0])
               for question in asked}
     answers, seconds = {}, {}
@@ -124,6 +130,8 @@ def run_generation_eval(model: str, data: Path, rs: list[int], llm_drop: str | N
     for setting, given in answers.items():
         built = base if setting == Setting(0, "none") else plans[setting]
         plan = llm_plan(built, parse_llm_drop(setting.llm_drop))
+        if plan.drop.method == "mustdrop":  # counts decided per prompt: the mean of what each read
+            plan = replace(plan, image_per_layer=tuple(round(float(np.mean(layer))) for layer in zip(*read[setting])))
         texts = [decode(ids) for ids in given]
         metrics = {
             "token_agreement": float(np.mean([token_agreement(a, b) for a, b in zip(given, reference)])),

@@ -67,6 +67,11 @@ def print_llm_plan(plan) -> None:
     if plan.drop.method == "dyrate":
         stderr.print("DyRate prunes while decoding, each step as its attention decides: the prefill keeps every "
                      "image token, and the decode FLOPs below are before any pruning", highlight=False)
+    if plan.drop.method == "mustdrop":
+        layers = ", ".join(map(str, plan.drop.pruning_layers))
+        stderr.print(f"MustDrop drops, after layers {layers}, the image tokens each prompt's text attends to below "
+                     "its thresholds (its key set stays): the counts are decided per prompt, and the figures below "
+                     "are before any drop", highlight=False)
     stderr.print(f"image tokens into the LLM {plan.image_tokens} of {plan.unmerged_image_tokens}; prefill "
                  f"{plan.prefill_flops / 1e9:.1f} GFLOPs vs {plan.baseline_prefill_flops / 1e9:.1f} unreduced "
                  f"([bold]{plan.baseline_prefill_flops / plan.prefill_flops:.2f}x[/] bound); first decoded token "
