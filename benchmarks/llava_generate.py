@@ -4,6 +4,8 @@ interleaved round by round (A B C A B C ...), medians.
 
     python benchmarks/llava_generate.py --model llava-interleave-qwen-0.5b --rounds 3 \\
         --settings 0:none 12:none 0:fastv 0:pyramid 12:pyramid
+    python benchmarks/llava_generate.py --model blip2-opt-2.7b --rounds 2 --new-tokens 8 \\
+        --settings 0:none 16:none 16:pyramid
 
 Each setting is R:LLM_DROP (LLM_DROP as `turbo generate --llm-drop` takes it). Decoding runs a
 fixed number of tokens (no end-of-text stop), so every setting decodes as many.
@@ -50,7 +52,8 @@ def main() -> None:
         plan = llm_plan(built, drop, TEXT_TOKENS)
         text = torch.randint(0, 1000, (1, TEXT_TOKENS), generator=torch.Generator().manual_seed(1)) % vocab
         image = torch.full((1, plan.image_tokens), language.image_token_id(config))
-        ids = torch.cat([text[:, :8], image, text[:, 8:]], dim=1)  # a template, the image, the question
+        before = 0 if language.image_first else 8  # a template before the image (BLIP-2: none), the question
+        ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
         runs.append({"setting": setting, "built": built, "drop": drop, "plan": plan, "ids": ids,
                      "first_token_s": [], "decode_tokens_per_s": []})
     for _ in range(args.rounds):
