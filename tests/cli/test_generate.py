@@ -72,6 +72,10 @@ def test_plan_shows_the_language_model():
     (["llava-1.5-7b", "{image}", "<image> vs <image>"], "2 image placeholders"),
     (["llava-1.5-7b", "{image}", PROMPT, "--llm-drop", "pyramid:keep=0.01"], "would drop every image token"),
     (["llava-1.5-7b", "{image}", PROMPT, "--llm-drop", "dyrate:predictor=/no/such.json"], "not a readable predictor"),
+    (["llava-1.5-7b", "{image}", PROMPT, "--r", "2", "--llm-drop", "mustdrop:layer=1,every=1,stages=2"],
+     "use --r 0, or window=0"),
+    (["llava-1.5-7b", "{image}", PROMPT, "--r", "0", "--llm-drop", "mustdrop:layer=1,every=1,stages=2,window=4"],
+     "the 6×6 patch grid to split into 4×4 windows"),
     (["llava-interleave-qwen-0.5b", "{image}", PROMPT, "--llm-drop", "mustdrop:layer=1,every=1,stages=2"],
      "its tower has no CLS"),
     (["blip2-opt-2.7b", "{image}", "Question: what? Answer:", "--threshold", "0", "--llm-drop",
@@ -194,6 +198,6 @@ def test_mustdrop_generates_in_pytorch_reports_what_it_read_and_is_not_exported(
                        "--r", "0", "--llm-drop", drop, "--max-tokens", "3")
     assert report["results"][1]["image_tokens"] == read  # one prompt: the mean of what it read is what it read
     assert report["prompt"] == QUESTION_PROMPT
-    result = runner.invoke(app, ["export", "--model", "llava-1.5-7b", "--tiny", "--random-weights", "--llm-drop",
-                                 drop, "-o", str(tmp_path / "out")])
+    result = runner.invoke(app, ["export", "--model", "llava-1.5-7b", "--tiny", "--random-weights", "--r", "0",
+                                 "--llm-drop", drop, "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "run it in PyTorch" in result.stderr and not (tmp_path / "out").exists()

@@ -11,8 +11,10 @@ import torch
 from transformers import MistralConfig, OPTConfig
 
 from tests.conftest import pixels, tiny_pair
+from tests.merging.test_spatial import reference_merge
 from turbo.core.errors import UsageError
 from turbo.merging.llm_drop import LlmDropConfig, RatePredictor, image_tokens_per_layer, token_type_attention
+from turbo.merging.spatial import window_similarity
 from turbo.models.blip2 import BLIP2
 from turbo.models.llava import LLAVA
 from turbo.models.llava import tower_tokens as llava_tower_tokens
@@ -332,8 +334,8 @@ def mustdrop_decode_reference(model, token: torch.Tensor, position: int, layers,
 
 
 @pytest.mark.parametrize("drop", [
-    LlmDropConfig("mustdrop", layer=1, every=1, stages=2, global_thr=0.5, individual_thr=0.06, key=0.1),
-    LlmDropConfig("mustdrop", layer=1, every=2, stages=1, global_thr=0.9, individual_thr=0.5, key=0.25)])
+    LlmDropConfig("mustdrop", layer=1, every=1, stages=2, global_thr=0.5, individual_thr=0.06, key=0.1, window=0),
+    LlmDropConfig("mustdrop", layer=1, every=2, stages=1, global_thr=0.9, individual_thr=0.5, key=0.25, window=0)])
 def test_mustdrop_prefill_and_decode_equal_the_paper_reference(drop):
     generator, _, built, ids = setup("llava-1.5-7b", r=2, drop=drop)
     model, decoder = generator.model, generator.decoder
@@ -355,7 +357,7 @@ def test_mustdrop_prefill_and_decode_equal_the_paper_reference(drop):
 
 
 def test_mustdrop_key_set_is_what_the_cls_attends_to_most_after_the_feature_layer():
-    generator, _, built, _ = setup("llava-1.5-7b", r=2, drop=LlmDropConfig("mustdrop", key=0.25))
+    generator, _, built, _ = setup("llava-1.5-7b", r=2, drop=LlmDropConfig("mustdrop", key=0.25, window=0))
     model, x = generator.model, pixels("llava-1.5-7b", batch=1, seed=12)
     with torch.inference_mode():
         features, key = generator.image_tokens(x)
@@ -371,6 +373,31 @@ def test_mustdrop_key_set_is_what_the_cls_attends_to_most_after_the_feature_laye
         rows = [torch.softmax(k[:, h] @ q[0, h] * attn.scale + sizes.log(), 0) for h in range(heads)]
         received = torch.stack(rows).mean(0)[1:]  # on the image tokens (the CLS is not one)
     assert key.tolist() == sorted(received.topk(math.ceil(0.25 * features.shape[1])).indices.tolist())
+
+
+def test_mustdrop_spatial_merge_runs_after_the_towers_first_block():
+    """The upstream CLIP blocks with the reference merge after block 0 give the features; the prompt's
+    image run takes their count."""
+    _, reference, built, ids = setup("llava-1.5-7b", r=0)
+    x = pixels("llava-1.5-7b", batch=1, seed=13)
+    tower = reference.model.vision_tower
+    vision = getattr(tower, "vision_model", tower)
+    with torch.inference_mode():
+        hidden = vision.encoder.layers[0](vision.pre_layrnorm(vision.embeddings(x)), attention_mask=None)
+        scores = window_similarity(hidden[:, 1:], (6, 6), 3)[0].sort(descending=True).values
+        threshold = float(scores[1] + scores[2]) / 2  # the two most similar of the 4 windows merge
+        hidden = reference_merge(hidden, (6, 6), 3, threshold)
+        for layer in vision.encoder.layers[1:4]:  # up to the feature layer (-2 of 5)
+            hidden = layer(hidden, attention_mask=None)
+        want = reference.model.multi_modal_projector(hidden[:, 1:])
+    drop = LlmDropConfig("mustdrop", layer=1, every=1, stages=2, window=3, spatial_thr=threshold)
+    generator = VlmGenerator(reference, built.source.adapter.language_model, drop)
+    with torch.inference_mode():
+        features, key = generator.image_tokens(x)
+    assert features.shape[1] == 36 - 8 * 2 and set(key.tolist()) <= set(range(features.shape[1]))
+    torch.testing.assert_close(features, want, rtol=1e-5, atol=1e-5)
+    tokens = generator.generate(x, ids, 3)  # the prompt holds 36 placeholders; the LLM reads the merged count
+    assert tokens.shape == (1, 3) and generator.image_per_layer[0] == features.shape[1]
 
 
 def dyrate_reference(model, embeds: torch.Tensor, image_start: int, layer_k: int, visible: list[list[int]],

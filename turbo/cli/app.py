@@ -9,7 +9,8 @@ METHOD_HELP = "turbo | tome | semantic | pitome | none (default: the model's; to
 LLM_DROP_HELP = ("Image-token reduction inside the language model: none | fastv[:layer=K,ratio=R] (defaults 2, 0.5) "
                  "| pyramid[:stages=S,keep=λ] (defaults 4, 0.5) | dyrate[:layer=K,coverage=c,min_keep=m,"
                  "predictor=FILE] (defaults 2, 0.95, 0.1; PyTorch only) | mustdrop[:layer=K,every=E,stages=S,"
-                 "global_thr=g,individual_thr=i,key=k] (defaults 2, 4, 4, 0.011, 0.01, 0.08; PyTorch only).")
+                 "global_thr=g,individual_thr=i,key=k,window=w,spatial_thr=t] (defaults 2, 4, 4, 0.011, 0.01, 0.08, "
+                 "3, 0.8; PyTorch only).")
 IMAGE_SIZE_HELP = "Input size, H or HxW like 224x320 (default: the model's image processor's, else its config's)."
 
 app = typer.Typer(

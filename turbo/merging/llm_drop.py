@@ -43,6 +43,8 @@ class LlmDropConfig:
     global_thr: float = 0.011  # MustDrop: an image token with less of the text's summed attention may go...
     individual_thr: float = 0.01  # ...if no text token gives it this much either
     key: float = 0.08  # MustDrop: the share of image tokens in the key set (the tower's CLS attention), never dropped
+    window: int = 3  # MustDrop's spatial merge in the tower: w×w windows (0: off)
+    spatial_thr: float = 0.8  # ...merged when their tokens' mean cosine similarity reaches this
 
     def __post_init__(self) -> None:
         if self.method not in LLM_DROPS:
@@ -53,6 +55,8 @@ class LlmDropConfig:
         if not 0 < self.coverage <= 1 or not 0 < self.min_keep <= 1:
             raise ValueError(f"DyRate's coverage and min_keep must be in (0, 1]; got {self.coverage} and "
                              f"{self.min_keep}")
+        if self.window < 0:
+            raise ValueError(f"MustDrop's window must be >= 0 (0: no spatial merge); got {self.window}")
         if self.layer < 1 or self.stages < 1 or self.every < 1:
             raise ValueError(f"layer, stages and every must be >= 1; got {self.layer}, {self.stages} and {self.every}")
         if not 0 < self.key <= 1 or self.global_thr < 0 or self.individual_thr < 0:
@@ -69,7 +73,8 @@ class LlmDropConfig:
         """The settings its method reads."""
         names = {"none": (), "fastv": ("layer", "ratio"), "pyramid": ("stages", "keep"),
                  "dyrate": ("layer", "coverage", "min_keep", "predictor"),
-                 "mustdrop": ("layer", "every", "stages", "global_thr", "individual_thr", "key")}[self.method]
+                 "mustdrop": ("layer", "every", "stages", "global_thr", "individual_thr", "key", "window",
+                              "spatial_thr")}[self.method]
         return {name: getattr(self, name) for name in names if name != "predictor" or self.predictor}
 
     @property

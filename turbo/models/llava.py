@@ -15,6 +15,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from turbo.merging.attention import cls_attention
+from turbo.merging.spatial import spatial_merge
 from turbo.models.adapters import GENERATION, FamilyAdapter, LanguageModel, fixed_size_processor
 from turbo.models.clip import clip_block_parts
 from turbo.models.decoder_stacks import LlamaStack
@@ -57,14 +58,20 @@ def _vision(model: nn.Module) -> nn.Module:
     return getattr(tower, "vision_model", tower)
 
 
-def tower_tokens(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> torch.Tensor:
-    """The tower's hidden states at the feature layer: (B, N_final, C), CLS included where it has one."""
+def tower_tokens(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool,
+                 spatial: tuple[int, float] | None = None) -> torch.Tensor:
+    """The tower's hidden states at the feature layer: (B, N_final, C), CLS included where it has one.
+    `spatial` (window, threshold): MustDrop's spatial merge after the first block (an unmerged tower)."""
     vision = _vision(model)
     hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
     if hasattr(vision, "pre_layrnorm"):  # CLIP
         hidden = vision.pre_layrnorm(hidden)
-    for layer in vision.encoder.layers[:used_layers(model.config)]:
+    patch = vision.embeddings.patch_size
+    grid = (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)
+    for index, layer in enumerate(vision.encoder.layers[:used_layers(model.config)]):
         hidden = layer(hidden, attention_mask=None)
+        if index == 0 and spatial is not None:
+            hidden = spatial_merge(hidden, grid, *spatial)
     return hidden
 
 
@@ -87,11 +94,12 @@ def image_features(model: nn.Module, pixel_values: torch.Tensor, interpolate: bo
     return _export_outputs(model, pixel_values, interpolate)["image_features"]
 
 
-def image_features_and_cls_attention(model: nn.Module, pixel_values: torch.Tensor,
-                                     interpolate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def image_features_and_cls_attention(
+    model: nn.Module, pixel_values: torch.Tensor, interpolate: bool, spatial: tuple[int, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The image tokens the LLM reads and the tower's CLS attention on each (B, N_image), None for
-    a tower without CLS (SigLIP)."""
-    hidden, dropped = tower_tokens(model, pixel_values, interpolate), _dropped_cls(model.config)
+    a tower without CLS (SigLIP); `spatial` as tower_tokens takes it."""
+    hidden, dropped = tower_tokens(model, pixel_values, interpolate, spatial), _dropped_cls(model.config)
     features = model.model.multi_modal_projector(hidden[:, dropped:])
     if model.config.vision_config.model_type != "clip_vision_model":
         return features, None

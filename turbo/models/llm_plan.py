@@ -72,6 +72,8 @@ def llm_plan(built: BuiltPlan, drop: LlmDropConfig, text_tokens: int = DEFAULT_T
         what = "its image tokens are not the tower's" if language.cls_attention is None else "its tower has no CLS"
         raise UsageError(f"--llm-drop mustdrop: MustDrop's key set is the vision tower's CLS attention on the image "
                          f"tokens, and {source.name} has none ({what}); use fastv, pyramid or dyrate")
+    if drop.method == "mustdrop" and drop.window:
+        _check_spatial_merge(built, drop)
     text = language.text_config(source.config)
     merged = language.image_tokens(source.config, built.plan.final_tokens)
     unmerged = language.image_tokens(source.config, built.plan.tokens_in)
@@ -80,3 +82,17 @@ def llm_plan(built: BuiltPlan, drop: LlmDropConfig, text_tokens: int = DEFAULT_T
     except ValueError as exc:
         raise UsageError(f"--llm-drop {drop.label}: {exc}") from None
     return LlmPlan(drop, text_tokens, unmerged, tuple(per_layer), text.hidden_size, *language.mlp(text))
+
+
+def _check_spatial_merge(built: BuiltPlan, drop: LlmDropConfig) -> None:
+    """MustDrop's spatial merge windows the tower's patch grid after its first block: the grid must
+    split into whole windows and no vision merge may reorder the tokens first."""
+    height, width = built.image_size
+    patch_h, patch_w = built.source.adapter.patch_size(built.source.config)
+    grid = (height // patch_h, width // patch_w)
+    if grid[0] % drop.window or grid[1] % drop.window:
+        raise UsageError(f"--llm-drop mustdrop: its spatial merge needs the {grid[0]}×{grid[1]} patch grid to split "
+                         f"into {drop.window}×{drop.window} windows; set window to a divisor, or window=0")
+    if any(built.plan.r):
+        raise UsageError("--llm-drop mustdrop: its spatial merge is MustDrop's own vision-stage reduction, on the "
+                         "tower's unmerged grid: use --r 0, or window=0 to keep the vision merge")

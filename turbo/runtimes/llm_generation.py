@@ -40,6 +40,17 @@ def split_prompt(tokenizer, prompt: str, image_token_id: int, image_first: bool 
     return ids[:at], ids[at + 1:]
 
 
+def fit_image_run(input_ids: torch.Tensor, image_token_id: int, count: int) -> torch.Tensor:
+    """input_ids (B, T) with their run of image placeholders made `count` long: the image-token
+    count MustDrop's spatial merge decides per image (a batch of 1); unchanged when it is that."""
+    placeholder = (input_ids[0] == image_token_id).nonzero()[:, 0]
+    if len(placeholder) == count or len(placeholder) == 0:
+        return input_ids
+    start, end = int(placeholder[0]), int(placeholder[-1]) + 1
+    image = torch.full((input_ids.shape[0], count), image_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    return torch.cat([input_ids[:, :start], image, input_ids[:, end:]], dim=1)
+
+
 @dataclass
 class VlmGenerator:
     """A model's image encoder and its reduced language model, as one greedy generator."""
@@ -70,7 +81,9 @@ class VlmGenerator:
         tokens the tower's CLS attends to most (batch 1)."""
         if self.drop.method != "mustdrop":
             return self.language.image_features(self.model, pixel_values, self.interpolate_pos_encoding), None
-        features, attention = self.language.cls_attention(self.model, pixel_values, self.interpolate_pos_encoding)
+        spatial = (self.drop.window, self.drop.spatial_thr) if self.drop.window else None
+        features, attention = self.language.cls_attention(self.model, pixel_values, self.interpolate_pos_encoding,
+                                                          spatial)
         return features, key_token_set(attention[0], self.drop.key)
 
     def stream(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,
@@ -80,6 +93,7 @@ class VlmGenerator:
         with torch.inference_mode():
             features, key = self.image_tokens(pixel_values)
             image_token_id = self.language.image_token_id(self.model.config)
+            input_ids = fit_image_run(input_ids, image_token_id, features.shape[1])
             embeds, image = insert_image_features(decoder.embed(input_ids), input_ids, features, image_token_id)
             prefill = decoder.prefill(embeds, image, key)
             text = input_ids.shape[1] - image.count

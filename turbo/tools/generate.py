@@ -144,7 +144,9 @@ def stream_generation(prepared: PreparedGeneration, max_new_tokens: int, result:
             shown = text
         result.seconds = time.perf_counter() - begin
     if prepared.plan.drop.method == "mustdrop":  # its counts are the prompt's: those it read
-        result.plan = replace(prepared.plan, image_per_layer=tuple(prepared.read()))
+        read = prepared.read()
+        result.plan = replace(prepared.plan, image_per_layer=tuple(read))
+        result.prompt_tokens += read[0] - prepared.plan.image_tokens  # its spatial merge decides the first
     result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
     if len(result.text) > len(shown):  # an incomplete character at the end, as the tokenizer decodes it
         yield result.text[len(shown):]
