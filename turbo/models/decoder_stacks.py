@@ -3,6 +3,7 @@ style: LLaMA-style (Llama, Qwen2, Mistral: RMSNorm, rotary positions, gated MLP)
 learned absolute positions added to the input, fc1/fc2 MLP). The model's own modules; SDPA
 attention, eager where the probabilities are wanted."""
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +48,10 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
 
 
-class DecoderStack:
-    """A decoder's embeddings, blocks and head. `start` turns embeddings at position ids into the
-    first block's input; `positional` gives each block what it needs of the positions; `logits`
-    reads the last hidden state."""
+class DecoderStack(ABC):
+    """A decoder's embeddings, blocks and head, one subclass per block style. `start` turns
+    embeddings at position ids into the first block's input; `positional` gives each block what it
+    needs of the positions; `block` runs one; `logits` reads the last hidden state."""
 
     def __init__(self, decoder: nn.Module, lm_head: nn.Linear):
         self.decoder, self.lm_head = decoder, lm_head
@@ -69,13 +70,14 @@ class DecoderStack:
     def positional(self, hidden: torch.Tensor, positions: torch.Tensor) -> object:
         return None
 
+    @abstractmethod
     def block(self, layer: nn.Module, hidden: torch.Tensor, positional: object,
               past: tuple[torch.Tensor, torch.Tensor] | None = None, attention: bool = False) -> BlockOutput:
-        raise NotImplementedError
+        """One block: causal over the new tokens in `hidden` (B, T, C), each seeing the whole past."""
 
+    @abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, 1, C) -> (B, V)."""
-        raise NotImplementedError
 
 
 class LlamaStack(DecoderStack):

@@ -66,12 +66,11 @@ def tower_tokens(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool
     hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
     if hasattr(vision, "pre_layrnorm"):  # CLIP
         hidden = vision.pre_layrnorm(hidden)
-    patch = vision.embeddings.patch_size
-    grid = (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)
     for index, layer in enumerate(vision.encoder.layers[:used_layers(model.config)]):
         hidden = layer(hidden, attention_mask=None)
         if index == 0 and spatial is not None:
-            hidden = spatial_merge(hidden, grid, *spatial)
+            patch = vision.embeddings.patch_size
+            hidden = spatial_merge(hidden, (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch), *spatial)
     return hidden
 
 

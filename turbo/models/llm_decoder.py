@@ -1,9 +1,9 @@
 """A decoder-only language model (a `DecoderStack`) run block by block with an explicit KV cache, so
-that image tokens can leave the sequence between blocks (FastV, PyramidDrop) or its cache while
-decoding (DyRate): each block's cache holds the image tokens that reached it.
+that image tokens can leave the sequence between blocks (FastV, PyramidDrop, MustDrop) or its cache
+while decoding (DyRate, MustDrop): each block's cache holds the image tokens that reached it.
 
-Survivors keep their position ids (the papers' code does so), and decoded tokens continue from the
-full prompt's length, as without reduction.
+FastV's and PyramidDrop's survivors keep their position ids, MustDrop's are renumbered (as each
+paper's code does); decoded tokens continue from the full prompt's length, as without reduction.
 """
 
 import math
@@ -243,14 +243,18 @@ def paired_cache(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> KVCa
     return list(zip(tensors[0::2], tensors[1::2], strict=True))
 
 
-class PrefillGraph(nn.Module):
-    """The prefill as one graph: (prefix_ids (B, P), image_features (B, N, C), suffix_ids (B, S)) ->
-    (logits (B, V), keys 0, values 0, ...), each block's cache (B, H_kv, P + N_block + S, d)."""
+class _DecoderGraph(nn.Module):
+    """A reduced decoder as an exportable module: its decoder and head registered as the weights."""
 
     def __init__(self, decoder: ReducedDecoder):
         super().__init__()
-        self.decoder, self.lm_head = decoder.stack.decoder, decoder.stack.lm_head  # registered: the graph's weights
+        self.decoder, self.lm_head = decoder.stack.decoder, decoder.stack.lm_head
         self.reduced = decoder
+
+
+class PrefillGraph(_DecoderGraph):
+    """The prefill as one graph: (prefix_ids (B, P), image_features (B, N, C), suffix_ids (B, S)) ->
+    (logits (B, V), keys 0, values 0, ...), each block's cache (B, H_kv, P + N_block + S, d)."""
 
     def forward(self, prefix_ids: torch.Tensor, image_features: torch.Tensor,
                 suffix_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -260,14 +264,9 @@ class PrefillGraph(nn.Module):
         return prefill.logits, *flat_cache(prefill.cache)
 
 
-class DecodeGraph(nn.Module):
+class DecodeGraph(_DecoderGraph):
     """One decode step as one graph: (input_ids (B, 1), positions (B, 1), keys 0, values 0, ...) ->
     (logits (B, V), the grown keys 0, values 0, ...)."""
-
-    def __init__(self, decoder: ReducedDecoder):
-        super().__init__()
-        self.decoder, self.lm_head = decoder.stack.decoder, decoder.stack.lm_head  # registered: the graph's weights
-        self.reduced = decoder
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
