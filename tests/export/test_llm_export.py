@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,9 +14,12 @@ from typer.testing import CliRunner
 from tests.conftest import tiny_export
 from turbo.cli.app import app
 from turbo.data.images import Sample, pixel_batch
+from turbo.merging.llm_drop import parse_llm_drop
+from turbo.models.llm_decoder import insert_image_features
 from turbo.models.llm_vocab import placeholder_tokenizer
 from turbo.models.loading import load_image_processor, load_model, resolve_source
-from turbo.runtimes.llm_generation import image_prompt_ids
+from turbo.runtimes.llm_generation import VlmGenerator, image_prompt_ids
+from turbo.runtimes.llm_onnx import OnnxVlm
 
 runner = CliRunner()
 SCHEMA = json.loads((Path(__file__).parents[2] / "docs" / "bench.schema.json").read_text())
@@ -127,3 +131,91 @@ def test_eval_of_an_export_scores_what_the_same_setting_scores_in_pytorch(reduce
     exported, modelled = (json.loads(result.stdout)["results"][1] for result in (on_onnx, in_torch))
     assert exported["runtime"] == "onnxruntime" and modelled["runtime"] == "torch"
     assert exported["metrics"] == modelled["metrics"] and exported["flops_bound"] == modelled["flops_bound"]
+
+
+DYRATE = "dyrate:layer=2,coverage=0.5,min_keep=0.1"
+
+
+@pytest.fixture(scope="module")
+def pruning(tmp_path_factory):
+    return tiny_export(tmp_path_factory, "llava-1.5-7b", 0, decoder=True, llm_drop=DYRATE)
+
+
+def test_a_dyrate_export_prunes_its_caches_as_pytorch_does(pruning, image_file):
+    """The decode graph decides each step's pruning itself: the image tokens its caches of layers
+    K.. hold after every step equal PyTorch's, and so do the generated tokens."""
+    assert pruning.report.passed and pruning.manifest.llm.llm_drop == DYRATE
+    got = generate(str(pruning.directory), image_file, PROMPT, "--max-new-tokens", "6")
+    want = generate("llava-1.5-7b", image_file, PROMPT, "--r", "0", "--llm-drop", DYRATE, "--tiny",
+                    "--random-weights", "--max-new-tokens", "6")
+    assert got["token_ids"] == want["token_ids"] and len(got["token_ids"]) == 6
+    assert want["llm_drop"] == DYRATE
+    vlm = OnnxVlm.open(pruning.directory)
+    source = resolve_source("llava-1.5-7b", tiny=True)
+    generator = VlmGenerator(load_model(source, random_weights=True), source.adapter.language_model,
+                             parse_llm_drop(DYRATE))
+    decoder = generator.decoder
+    features = torch.randn(1, 36, source.config.text_config.hidden_size, generator=torch.Generator().manual_seed(3))
+    prefix, suffix = [1, 20, 30], [40, 50, 60, 70]
+    held, run = [], vlm.decode.run
+
+    def decode_step(feeds: dict) -> dict:
+        held.append(run(feeds))
+        return held[-1]
+
+    vlm.decode.run = decode_step
+    tokens = [int(logits.argmax()) for logits in vlm.stream({"image_features": features.numpy()}, prefix, suffix, 6)]
+    ids = torch.tensor([prefix + [source.config.image_token_id] * 36 + suffix])
+    with torch.inference_mode():
+        embeds, image = insert_image_features(decoder.embed(ids), ids, features, source.config.image_token_id)
+        prefill = decoder.prefill(embeds, image)
+        cache, images = prefill.cache, decoder.images(prefill, image)
+        for step, (token, out) in enumerate(zip(tokens, held)):
+            position = torch.tensor([[prefill.next_position + step]])
+            _, cache, images = decoder.decode_pruning(torch.tensor([[token]]), position, cache, images)
+            assert out["present.image_kept"].tolist() == images.kept.tolist(), step
+            assert [out[f"present.{layer}.key"].shape[2] for layer in range(4)] == \
+                [keys.shape[2] for keys, _ in cache], step
+    assert images.kept.shape[1] < 36  # it pruned
+
+
+MUSTDROP = "mustdrop:layer=1,every=1,stages=2,global_thr=0.03,individual_thr=0.02,key=0.1,window=0"
+
+
+@pytest.fixture(scope="module")
+def dropping(tmp_path_factory):
+    return tiny_export(tmp_path_factory, "llava-1.5-7b", 0, decoder=True, llm_drop=MUSTDROP)
+
+
+def test_a_mustdrop_export_keeps_what_each_prompt_passes_as_pytorch_does(dropping, image_file):
+    """The vision graph gives the CLS attention its key set comes from; the prefill graph decides
+    per prompt which image tokens each layer keeps: its caches' image tokens, and the generated
+    tokens, equal PyTorch's for prompts that keep different counts."""
+    assert dropping.report.passed and dropping.manifest.onnx.outputs[1]["name"] == "cls_attention"
+    got = generate(str(dropping.directory), image_file, PROMPT, "--max-new-tokens", "5")
+    want = generate("llava-1.5-7b", image_file, PROMPT, "--r", "0", "--llm-drop", MUSTDROP, "--tiny",
+                    "--random-weights", "--max-new-tokens", "5")
+    assert got["token_ids"] == want["token_ids"] and len(got["token_ids"]) == 5
+    assert got["image_tokens_per_llm_layer"] == want["image_tokens_per_llm_layer"]
+    vlm = OnnxVlm.open(dropping.directory)
+    source = resolve_source("llava-1.5-7b", tiny=True)
+    decoder = VlmGenerator(load_model(source, random_weights=True), source.adapter.language_model,
+                           parse_llm_drop(MUSTDROP)).decoder
+    counts, run = [], vlm.prefill.run
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(1, 36, 32, generator=generator)
+    attention = torch.rand(1, 36, generator=generator).softmax(dim=-1)
+    for before in (3, 20):  # text before the image: the longer prompt spreads its attention thinner
+        prefix, suffix = list(range(1, before + 1)), [40, 50, 60, 70]
+        out = run({"prefix_ids": np.array([prefix]), "image_features": features.numpy(),
+                   "cls_attention": attention.numpy(), "suffix_ids": np.array([suffix])})
+        ids = torch.tensor([prefix + [source.config.image_token_id] * 36 + suffix])
+        with torch.inference_mode():
+            embeds, image = insert_image_features(decoder.embed(ids), ids, features, source.config.image_token_id)
+            prefill = decoder.prefill(embeds, image, attention)
+        assert out["tokens_per_layer"].tolist() == [seen.shape[1] for seen in prefill.positions]
+        assert [out[f"present.{layer}.key"].shape[2] for layer in range(4)] == \
+            [keys.shape[2] for keys, _ in prefill.cache]  # the output-aware cache: layers 1.. hold the survivors
+        np.testing.assert_allclose(out["logits"], prefill.logits.numpy(), rtol=1e-4, atol=1e-5)
+        counts.append([tokens - len(prefix) - len(suffix) for tokens in out["tokens_per_layer"].tolist()])
+    assert counts == [[36] * 4, [36, 36, 4, 4]]  # decided per prompt: the longer one keeps only the key set

@@ -17,6 +17,7 @@ from turbo.merging.llm_drop import (
     keep_tokens,
     key_token_set,
     llm_layer_flops,
+    most_received,
     parse_llm_drop,
     prefill_flops,
     pyramid_keep,
@@ -136,7 +137,13 @@ def test_dyrate_keeps_every_image_token_in_the_prefill():
 
 def test_coverage_keep_is_the_fewest_tokens_holding_the_coverage():
     attention = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15], [0.2, 0.2, 0.2, 0.2, 0.2]])
-    assert coverage_keep(attention[:1], 0.7, 1) == 2  # 0.4 + 0.3
-    assert coverage_keep(attention[:1], 0.71, 1) == 3  # + 0.15
-    assert coverage_keep(attention, 0.7, 1) == 4  # the uniform row needs 4 of 5: the batch keeps its largest
-    assert coverage_keep(attention[:1], 0.1, 3) == 3  # never below the floor
+    assert coverage_keep(attention[:1], 0.7) == 2  # 0.4 + 0.3
+    assert coverage_keep(attention[:1], 0.71) == 3  # + 0.15
+    assert coverage_keep(attention, 0.7) == 4  # the uniform row needs 4 of 5: the batch keeps its largest
+    assert coverage_keep(attention[:1], 0.1) == 1
+
+
+def test_most_received_keeps_the_top_count_in_each_row_in_order():
+    received = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15], [0.5, 0.1, 0.2, 0.15, 0.05]])
+    assert most_received(received, torch.tensor(3)).tolist() == [[1, 3, 4], [0, 2, 3]]
+    assert most_received(received, torch.tensor(5)).tolist() == [[0, 1, 2, 3, 4]] * 2

@@ -13,7 +13,13 @@ from transformers import MistralConfig, OPTConfig
 from tests.conftest import pixels, tiny_pair
 from tests.merging.test_spatial import reference_merge
 from turbo.core.errors import UsageError
-from turbo.merging.llm_drop import LlmDropConfig, RatePredictor, image_tokens_per_layer, token_type_attention
+from turbo.merging.llm_drop import (
+    LlmDropConfig,
+    RatePredictor,
+    image_tokens_per_layer,
+    key_token_set,
+    token_type_attention,
+)
 from turbo.merging.spatial import window_similarity
 from turbo.models.blip2 import BLIP2
 from turbo.models.llava import LLAVA
@@ -340,9 +346,10 @@ def test_mustdrop_prefill_and_decode_equal_the_paper_reference(drop):
     generator, _, built, ids = setup("llava-1.5-7b", r=2, drop=drop)
     model, decoder = generator.model, generator.decoder
     with torch.inference_mode():
-        features, key = generator.image_tokens(pixels("llava-1.5-7b", batch=1, seed=11))
+        features, attention = generator.image_tokens(pixels("llava-1.5-7b", batch=1, seed=11))
         embeds, image = insert_image_features(decoder.embed(ids), ids, features, 590)
-        prefill = decoder.prefill(embeds, image, key)
+        prefill = decoder.prefill(embeds, image, attention)
+        key = key_token_set(attention[0], drop.key)
         want, survivors, layers = mustdrop_reference(model, embeds, image.start, image.count, drop, key.tolist())
         torch.testing.assert_close(prefill.logits, want, rtol=1e-4, atol=1e-5)
         assert set(key.tolist()) <= set(survivors) and len(survivors) < image.count  # it dropped, kept the key set
@@ -360,7 +367,8 @@ def test_mustdrop_key_set_is_what_the_cls_attends_to_most_after_the_feature_laye
     generator, _, built, _ = setup("llava-1.5-7b", r=2, drop=LlmDropConfig("mustdrop", key=0.25, window=0))
     model, x = generator.model, pixels("llava-1.5-7b", batch=1, seed=12)
     with torch.inference_mode():
-        features, key = generator.image_tokens(x)
+        features, attention = generator.image_tokens(x)
+        key = key_token_set(attention[0], 0.25)
         torch.testing.assert_close(features, generator.language.image_features(model, x, False))
         hidden = llava_tower_tokens(model, x, False)  # (1, N_final, C), CLS first
         tower = model.model.vision_tower
@@ -393,8 +401,8 @@ def test_mustdrop_spatial_merge_runs_after_the_towers_first_block():
     drop = LlmDropConfig("mustdrop", layer=1, every=1, stages=2, window=3, spatial_thr=threshold)
     generator = VlmGenerator(reference, built.source.adapter.language_model, drop)
     with torch.inference_mode():
-        features, key = generator.image_tokens(x)
-    assert features.shape[1] == 36 - 8 * 2 and set(key.tolist()) <= set(range(features.shape[1]))
+        features, attention = generator.image_tokens(x)
+    assert features.shape[1] == 36 - 8 * 2 and attention.shape == (1, features.shape[1])
     torch.testing.assert_close(features, want, rtol=1e-5, atol=1e-5)
     tokens = generator.generate(x, ids, 3)  # the prompt holds 36 placeholders; the LLM reads the merged count
     assert tokens.shape == (1, 3) and generator.image_per_layer[0] == features.shape[1]

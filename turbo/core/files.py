@@ -27,8 +27,13 @@ QUESTION_INPUTS = (*TEXT_INPUTS, "image_embeds")  # the question encoder's: (B, 
 QUESTION_EMBEDS = "question_embeds"  # the question encoder's output (B, L, C), the answer decoder's cross input
 QUESTION_MASK = "question_mask"  # (B, L) int64: which question positions the answer decoder attends
 # Tensor names of the language-model graphs (LLM-based VLMs)
-LLM_PREFILL_INPUTS = ("prefix_ids", "image_features", "suffix_ids")  # (B, P) int64, (B, N, C), (B, S) int64
+IMAGE_FEATURES = "image_features"  # LLM-based VLMs: the vision graph's first output, the image tokens the LLM reads
+LLM_PREFILL_INPUTS = ("prefix_ids", IMAGE_FEATURES, "suffix_ids")  # (B, P) int64, (B, N, C), (B, S) int64
 LLM_DECODE_INPUTS = ("input_ids", "positions")  # (B, 1) int64 each, then past.L.key, past.L.value per layer
+CLS_ATTENTION = "cls_attention"  # MustDrop: the vision graph's (B, N) output its prefill reads the key set from
+TOKENS_READ = "tokens_per_layer"  # MustDrop's prefill: (L,) int64, the tokens each layer read
+LLM_PROMPT_LAYOUT = ("image_start", "prompt_tokens")  # DyRate's decode step: (1,) int64 each
+KEPT_IMAGES = "image_kept"  # DyRate: past./present.image_kept (B, n) int64, the image tokens layers K.. still hold
 TOKEN_SIZES = "token_sizes"  # (B, N_final): patches each output token stands for, the merge fingerprint
 
 

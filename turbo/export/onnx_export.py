@@ -20,7 +20,7 @@ from onnxscript import opset18 as op
 from torch import nn
 
 from turbo.core.errors import TurboError, UsageError, describe_error
-from turbo.core.files import INPUT_NAME, TOKEN_SIZES  # noqa: F401 (re-exported: the graph's tensor names)
+from turbo.core.files import CLS_ATTENTION, IMAGE_FEATURES, INPUT_NAME, TOKEN_SIZES  # noqa: F401 (re-exported)
 from turbo.graph.merge_functions import fold_merge_blocks
 from turbo.graph.shared_weights import save_with_shared_weights
 from turbo.merging.merge import KERNELS  # also registers turbo::gather_tokens
@@ -39,17 +39,23 @@ class ExportError(TurboError):
 class ExportModule(nn.Module):
     """pixel_values (B, C, H, W) -> the family's outputs, plus token_sizes when the plan merges."""
 
-    def __init__(self, model: nn.Module, built: BuiltPlan) -> None:
+    def __init__(self, model: nn.Module, built: BuiltPlan, cls_attention: bool = False) -> None:
         super().__init__()
         self.model = model
         self.adapter = built.source.adapter
+        self.cls_attention = cls_attention  # MustDrop: the image features and the CLS attention on each
         self.interpolate = built.interpolate_pos_encoding
         self.merges = any(built.plan.r)
         self.pixel_shape = built.pixel_shape  # (C, H, W)
         self._output_names: list[str] | None = None
 
     def named_outputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self.adapter.export_outputs(self.model, pixel_values, self.interpolate)
+        if self.cls_attention:
+            language = self.adapter.language_model
+            outputs = dict(zip((IMAGE_FEATURES, CLS_ATTENTION),
+                               language.cls_attention(self.model, pixel_values, self.interpolate, None), strict=True))
+        else:
+            outputs = self.adapter.export_outputs(self.model, pixel_values, self.interpolate)
         if self.merges:
             outputs[TOKEN_SIZES] = self.model.turbo_state.size.squeeze(-1)  # (B, N_final)
         return outputs
@@ -113,11 +119,14 @@ def run_exporter(module: nn.Module, args: tuple, input_names: list[str], output_
                  dynamic_shapes: dict | tuple | None, opset: int):
     """torch.onnx.export (dynamo) without its chatter; an ONNXProgram, or ExportError in one line."""
     chatter = io.StringIO()
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
+    # e.g. "torchvision is not installed. Skipping ...", "Skipped deduplication of initializer ..."
+    logs = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+        # a failed first attempt (non-strict torch.export) prints its graph before the strict one succeeds
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             warnings.simplefilter("ignore")
             return torch.onnx.export(
                 module.eval(), args, input_names=input_names, output_names=output_names,
@@ -128,7 +137,8 @@ def run_exporter(module: nn.Module, args: tuple, input_names: list[str], output_
         sys.stderr.write(chatter.getvalue())
         raise ExportError(f"torch.onnx.export failed: {describe_error(exc)}") from exc
     finally:
-        exporter_log.setLevel(level)
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 @dataclass(frozen=True)

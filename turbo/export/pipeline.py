@@ -37,7 +37,6 @@ from turbo.export.text_export import export_text_tower
 from turbo.export.validate import ValidationReport
 from turbo.export.vqa_export import export_answerer
 from turbo.graph.summary import GraphSummary, summarize
-from turbo.merging.llm_drop import RUN_TIME_COUNTS
 from turbo.models.build import BuiltPlan
 from turbo.models.llm_plan import llm_plan
 from turbo.models.loading import load_image_processor, load_tokenizer
@@ -75,12 +74,11 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
     built = options.plan()
     if built.source.adapter.language_model is not None or options.llm_drop != "none":
         drop = llm_plan(built, options.llm_drop_config()).drop  # a reduction that cannot run: refused here
-        if drop.method in RUN_TIME_COUNTS:
-            decided = {"dyrate": "prunes the KV cache by amounts each decode step decides",
-                       "mustdrop": "keeps the image tokens each prompt's attention passes its thresholds"}[drop.method]
-            raise UsageError(f"--llm-drop {drop.method} {decided}, and the exported graphs keep fixed image-token "
-                             f"counts: run it in PyTorch with `turbo generate MODEL IMAGE PROMPT --llm-drop "
-                             f"{drop.method}`")
+        if drop.method == "mustdrop" and drop.window:
+            raise UsageError(f"--llm-drop {drop.label}: the spatial merge decides each image's token count, and the "
+                             "vision graph keeps the plan's count: export with window=0 (turbo's own merge, --r, "
+                             "reduces the tower), or run the spatial merge in PyTorch with `turbo generate MODEL "
+                             "IMAGE PROMPT --llm-drop mustdrop`")
     check_target(Path(output), force, protect=Path(built.source.location))
     seconds: dict[str, float] = {}
 

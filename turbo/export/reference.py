@@ -53,7 +53,7 @@ def prepare_model(built: BuiltPlan, options: ExportOptions,
         unmerged = copy.deepcopy(model) if keep_unmerged else None
     with stage("patch"):
         apply_turbo(model, built.source.adapter, built.plan, built.merge_config, options.kernel)
-        module = ExportModule(model, built)
+        module = ExportModule(model, built, cls_attention=options.llm_drop_config().method == "mustdrop")
     quantized = None
     if options.quant:
         with stage("quantize"):

@@ -9,10 +9,11 @@ LLM layer keeps, from attention scores, and what that saves. Pure torch, no mode
   on their keys (that one query row only; softmax over the image keys, mean over heads), so the
   count falls as N·λ^s. Defaults S = 4, λ = 0.5.
 - DyRate (decoding) and MustDrop (Liu et al., 2024; prefill and decoding): counts decided per
-  input at run time, see `dual_attention_keep` and the decoders.
+  input at run time, see `coverage_keep`, `dual_attention_keep` and the decoders; they stay
+  tensors, so one exported graph serves every count.
 
 FastV's and PyramidDrop's survivors keep their order and their position ids, as both papers' code
-does; their counts are Python ints fixed at build time, so exported graphs have static shapes.
+does; their counts are Python ints fixed at build time, so their graphs have static TopK sizes.
 """
 
 import json
@@ -25,8 +26,8 @@ import torch
 from turbo.core.errors import UsageError
 
 LLM_DROPS = ("none", "fastv", "pyramid", "dyrate", "mustdrop")
-RUN_TIME_COUNTS = ("dyrate", "mustdrop")  # image-token counts decided per input: PyTorch only
 TOKEN_TYPES = ("system", "image", "instruction", "response")  # DyRate's four token types
+IntOrTensor = int | torch.Tensor  # a count or bound; a 0-d tensor where an exported graph reads it
 
 
 @dataclass(frozen=True)
@@ -206,22 +207,34 @@ def keep_tokens(hidden: torch.Tensor, positions: torch.Tensor, image_start: int,
     return (hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, channels)), positions.gather(1, index))
 
 
-def token_type_attention(row: torch.Tensor, image_start: int, image_tokens: int, prompt_tokens: int) -> torch.Tensor:
+def token_type_attention(row: torch.Tensor, image_start: IntOrTensor, image_tokens: int,
+                         prompt_tokens: IntOrTensor) -> torch.Tensor:
     """DyRate's features: row (B, H, T), one query's attention over a cache that holds every image
     token -> (B, H, 4), each head's attention on the system tokens (before the image), the image,
-    the instruction (the prompt after the image) and the response (generated tokens)."""
-    bounds = (0, image_start, image_start + image_tokens, prompt_tokens, row.shape[-1])
-    return torch.stack([row[..., start:end].sum(dim=-1) for start, end in zip(bounds, bounds[1:])], dim=-1)
+    the instruction (the prompt after the image) and the response (generated tokens). The bounds
+    may be 0-d tensors (an exported decode step reads them as inputs)."""
+    position = torch.arange(row.shape[-1], device=row.device)
+    kind = (position >= image_start).long() + (position >= image_start + image_tokens).long() + \
+        (position >= prompt_tokens).long()  # (T,) 0 system .. 3 response
+    one_hot = (kind[:, None] == torch.arange(len(TOKEN_TYPES), device=row.device)).to(row.dtype)  # (T, 4)
+    return row @ one_hot
 
 
-def coverage_keep(image_attention: torch.Tensor, coverage: float, floor: int) -> int:
+def coverage_keep(image_attention: torch.Tensor, coverage: float) -> torch.Tensor:
     """DyRate's training-free schedule: image_attention (B, n), one step's attention on the image
-    tokens still cached. How many to keep: the fewest holding `coverage` of it (in the row that
-    needs the most), at least `floor`."""
+    tokens still cached. How many to keep (a 0-d tensor): the fewest holding `coverage` of it, in
+    the row that needs the most."""
     share = image_attention / image_attention.sum(dim=-1, keepdim=True)
     cumulative = share.sort(dim=-1, descending=True).values.cumsum(dim=-1)  # (B, n)
-    needed = int((cumulative < coverage).sum(dim=-1).max()) + 1
-    return min(max(needed, floor), image_attention.shape[-1])
+    return (cumulative < coverage).sum(dim=-1).max() + 1
+
+
+def most_received(received: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """received (B, n), keep a 0-d count -> the indices (B, keep), ascending, of the `keep` that
+    received the most in each row. Shapes follow the count's value, so one exported graph serves
+    every count."""
+    rank = received.argsort(dim=-1, descending=True).argsort(dim=-1)  # (B, n): 0 for the most received
+    return (rank < keep).nonzero()[:, 1].reshape(received.shape[0], -1)
 
 
 def dual_attention_keep(attention: torch.Tensor, image_start: int, image_tokens: int, global_thr: float,
@@ -275,7 +288,8 @@ class RatePredictor:
                              f"{tuple(weight.shape)}, bias {tuple(bias.shape)}")
         return cls(rates, weight, bias)
 
-    def rate(self, features: torch.Tensor) -> float:
-        """features (B, H, 4) -> the rate its classifier chooses (the highest among the rows)."""
+    def rate(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, H, 4) -> the rate its classifier chooses, the highest among the rows (0-d)."""
         logits = features.flatten(1).float() @ self.weight.T + self.bias  # (B, R)
-        return max(self.rates[int(index)] for index in logits.argmax(dim=-1))
+        rates = torch.tensor(self.rates, dtype=torch.float64, device=features.device)
+        return rates[logits.argmax(dim=-1)].max()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from turbo.merging.llm_drop import (
+    IntOrTensor,
     LlmDropConfig,
     RatePredictor,
     coverage_keep,
@@ -20,6 +21,8 @@ from turbo.merging.llm_drop import (
     fastv_keep,
     image_tokens_per_layer,
     keep_tokens,
+    key_token_set,
+    most_received,
     pyramid_keep,
     token_type_attention,
 )
@@ -72,10 +75,11 @@ class ReducedDecoder:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.stack.embed(input_ids)
 
-    def prefill(self, embeds: torch.Tensor, image: ImageSpan, key_tokens: torch.Tensor | None = None) -> Prefill:
+    def prefill(self, embeds: torch.Tensor, image: ImageSpan, cls_attention: torch.Tensor | None = None) -> Prefill:
         """embeds (B, T, C): the prompt with its image tokens. Runs every block, dropping image
         tokens where the plan says; returns the last token's logits and each block's cache.
-        `key_tokens`: image tokens MustDrop never drops; the other reductions take none."""
+        `cls_attention` (B, N): the tower's CLS attention on each image token, which MustDrop
+        chooses its key set from; the other reductions read none."""
         batch, length, _ = embeds.shape
         counts = [*self.plan(image.count), None]
         positions = torch.arange(length, device=embeds.device).expand(batch, -1)  # (B, T)
@@ -119,11 +123,12 @@ class ReducedDecoder:
 @dataclass(frozen=True)
 class CachedImages:
     """DyRate's view of the caches while decoding: the prompt's image run, and which of its tokens
-    the layers from K on still hold (the layers before K keep every one)."""
+    the layers from K on still hold (the layers before K keep every one). The bounds are 0-d
+    tensors where an exported decode step reads them as inputs."""
 
-    start: int
+    start: IntOrTensor
     total: int  # the prompt's image tokens
-    prompt_tokens: int
+    prompt_tokens: IntOrTensor
     kept: torch.Tensor  # (B, n): original indices among the image tokens, ascending
 
 
@@ -131,7 +136,8 @@ class PruningDecoder(ReducedDecoder):
     """DyRate: after each decode step, prune image tokens from the caches of layers K.. at a rate
     chosen from that step's attention (layer K − 1's row for the new token): a rate predictor's, or
     the training-free schedule's (keep the fewest holding `coverage` of the image attention). The
-    ones that received the least of that attention go first; survivors keep their order."""
+    ones that received the least of that attention go first; survivors keep their order. Counts
+    stay tensors, so the step exports as one graph whatever they come to."""
 
     def __init__(self, stack: DecoderStack, drop: LlmDropConfig, predictor: RatePredictor | None = None):
         super().__init__(stack, drop)
@@ -151,23 +157,20 @@ class PruningDecoder(ReducedDecoder):
 
     def _prune(self, cache: KVCache, row: torch.Tensor, images: CachedImages) -> tuple[KVCache, CachedImages]:
         present = images.kept.shape[1]
-        received = row.mean(dim=1)[:, images.start:images.start + images.total].gather(1, images.kept)  # (B, n)
-        floor = math.ceil(self.drop.min_keep * images.total)
+        received = row.mean(dim=1).gather(1, images.kept + images.start)  # (B, n)
         if self.predictor is not None:
             features = token_type_attention(row, images.start, images.total, images.prompt_tokens)  # (B, H, 4)
-            keep = present - math.floor(self.predictor.rate(features) * present)
+            keep = present - (self.predictor.rate(features) * present).floor().long()
         else:
-            keep = coverage_keep(received, self.drop.coverage, floor)
-        keep = min(present, max(keep, floor))
-        if keep == present:
-            return cache, images
-        order = received.topk(keep, dim=-1).indices.sort(dim=-1).values  # (B, keep) among the present ones
+            keep = coverage_keep(received, self.drop.coverage)
+        keep = keep.clamp(min=math.ceil(self.drop.min_keep * images.total), max=present)
+        order = most_received(received, keep)  # (B, keep) among the present ones
         pruned = cache[:self.drop.layer] + [keep_cached(pair, images.start, present, order)
                                             for pair in cache[self.drop.layer:]]
         return pruned, replace(images, kept=images.kept.gather(1, order))
 
 
-def keep_cached(pair: tuple[torch.Tensor, torch.Tensor], image_start: int, image_tokens: int,
+def keep_cached(pair: tuple[torch.Tensor, torch.Tensor], image_start: IntOrTensor, image_tokens: int,
                 kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One block's keys and values (B, H_kv, T, d) without the image tokens not in `kept` (B, K)
     (indices among its `image_tokens`, ascending): text before, kept image tokens, text after."""
@@ -190,12 +193,13 @@ class MustDropDecoder(ReducedDecoder):
     last pruning layer; the layers before the first keep them all. Decoded tokens continue from
     the whole prompt's length."""
 
-    def prefill(self, embeds: torch.Tensor, image: ImageSpan, key_tokens: torch.Tensor | None = None) -> Prefill:
-        if embeds.shape[0] != 1:
-            raise ValueError(f"MustDrop decides how many image tokens stay per prompt: batch 1, not {embeds.shape[0]}")
+    def prefill(self, embeds: torch.Tensor, image: ImageSpan, cls_attention: torch.Tensor | None = None) -> Prefill:
+        if embeds.shape[0] != 1 or cls_attention is None:
+            raise ValueError("MustDrop decides how many image tokens stay per prompt, from the tower's CLS attention: "
+                             f"batch 1 with that attention, not {embeds.shape[0]}")
         drop, stack = self.drop, self.stack
         pruning = set(drop.pruning_layers)
-        key = key_tokens if key_tokens is not None else torch.empty(0, dtype=torch.long, device=embeds.device)
+        key = key_token_set(cls_attention[0], drop.key)  # (K,) never dropped
         positions = torch.arange(embeds.shape[1], device=embeds.device)[None]  # (1, T)
         present = torch.arange(image.count, device=embeds.device)  # original indices of the image tokens still in
         hidden, cache, seen, held = stack.start(embeds, positions), [], [], []
@@ -206,15 +210,15 @@ class MustDropDecoder(ReducedDecoder):
             held.append(present)
             hidden = out.hidden
             if index in pruning:
-                protected = torch.isin(present, key).nonzero()[:, 0]
-                kept = dual_attention_keep(out.attention, image.start, len(present), drop.global_thr,
+                protected = (present[:, None] == key).any(dim=1).nonzero()[:, 0]
+                kept = dual_attention_keep(out.attention, image.start, present.shape[0], drop.global_thr,
                                            drop.individual_thr, protected)
-                hidden, _ = keep_tokens(hidden, positions, image.start, len(present), kept[None])
+                hidden, _ = keep_tokens(hidden, positions, image.start, present.shape[0], kept[None])
                 present = present[kept]
                 positions = torch.arange(hidden.shape[1], device=hidden.device)[None]  # renumbered
         for index in range(drop.layer, len(cache)):  # the output-aware cache policy
-            survivors = torch.isin(held[index], present).nonzero()[:, 0]
-            cache[index] = keep_cached(cache[index], image.start, len(held[index]), survivors[None])
+            survivors = (held[index][:, None] == present).any(dim=1).nonzero()[:, 0]
+            cache[index] = keep_cached(cache[index], image.start, held[index].shape[0], survivors[None])
         return Prefill(stack.logits(hidden[:, -1:]), cache, seen, embeds.shape[1])
 
 
@@ -253,14 +257,23 @@ class _DecoderGraph(nn.Module):
 
 
 class PrefillGraph(_DecoderGraph):
-    """The prefill as one graph: (prefix_ids (B, P), image_features (B, N, C), suffix_ids (B, S)) ->
-    (logits (B, V), keys 0, values 0, ...), each block's cache (B, H_kv, P + N_block + S, d)."""
+    """The prefill as one graph: (prefix_ids (B, P), image_features (B, N, C), suffix_ids (B, S)
+    [, MustDrop: cls_attention (1, N)]) -> (logits (B, V), keys 0, values 0, ...), each block's
+    cache (B, H_kv, P + N_block + S, d); for DyRate also the image tokens its caches hold (B, N),
+    which its decode steps carry on; for MustDrop, whose counts are decided inside the graph, the
+    tokens each block read (L,)."""
 
-    def forward(self, prefix_ids: torch.Tensor, image_features: torch.Tensor,
-                suffix_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, prefix_ids: torch.Tensor, image_features: torch.Tensor, suffix_ids: torch.Tensor,
+                *cls_attention: torch.Tensor) -> tuple[torch.Tensor, ...]:
         reduced = self.reduced
         embeds = torch.cat([reduced.embed(prefix_ids), image_features, reduced.embed(suffix_ids)], dim=1)
-        prefill = reduced.prefill(embeds, ImageSpan(prefix_ids.shape[1], image_features.shape[1]))
+        image = ImageSpan(prefix_ids.shape[1], image_features.shape[1])
+        prefill = reduced.prefill(embeds, image, *cls_attention)
+        if isinstance(reduced, PruningDecoder):
+            return prefill.logits, *flat_cache(prefill.cache), reduced.images(prefill, image).kept
+        if isinstance(reduced, MustDropDecoder):  # what each layer read: its cache holds fewer from layer K on
+            return prefill.logits, *flat_cache(prefill.cache), torch.stack([(seen[0] >= 0).sum()
+                                                                           for seen in prefill.positions])
         return prefill.logits, *flat_cache(prefill.cache)
 
 
@@ -272,3 +285,19 @@ class DecodeGraph(_DecoderGraph):
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits, cache = self.reduced.decode(input_ids, positions, paired_cache(past))
         return logits, *flat_cache(cache)
+
+
+class PruningDecodeGraph(_DecoderGraph):
+    """DyRate's decode step as one graph: (input_ids (B, 1), positions (B, 1), image_start (1,),
+    prompt_tokens (1,), image_kept (B, n), keys 0, values 0, ...) -> (logits (B, V), the grown
+    and pruned keys 0, values 0, ..., image_kept (B, n')); n' is decided inside the graph."""
+
+    def __init__(self, decoder: PruningDecoder, image_tokens: int):
+        super().__init__(decoder)
+        self.image_tokens = image_tokens
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, image_start: torch.Tensor,
+                prompt_tokens: torch.Tensor, image_kept: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        images = CachedImages(image_start[0], self.image_tokens, prompt_tokens[0], image_kept)
+        logits, cache, images = self.reduced.decode_pruning(input_ids, positions, paired_cache(past), images)
+        return logits, *flat_cache(cache), images.kept

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from turbo.core.errors import UsageError
-from turbo.merging.llm_drop import LlmDropConfig, RatePredictor, key_token_set
+from turbo.merging.llm_drop import LlmDropConfig, RatePredictor
 from turbo.models.adapters import LanguageModel
 from turbo.models.llm_decoder import MustDropDecoder, PruningDecoder, ReducedDecoder, insert_image_features
 
@@ -77,43 +77,49 @@ class VlmGenerator:
         return ReducedDecoder(stack, self.drop)
 
     def image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The image features the LLM reads (B, N, C) and, for MustDrop, its key set (K,): the image
-        tokens the tower's CLS attends to most (batch 1)."""
+        """The image features the LLM reads (B, N, C) and, for MustDrop, the tower's CLS attention
+        on each (B, N), which its key set comes from."""
         if self.drop.method != "mustdrop":
             return self.language.image_features(self.model, pixel_values, self.interpolate_pos_encoding), None
         spatial = (self.drop.window, self.drop.spatial_thr) if self.drop.window else None
-        features, attention = self.language.cls_attention(self.model, pixel_values, self.interpolate_pos_encoding,
-                                                          spatial)
-        return features, key_token_set(attention[0], self.drop.key)
+        return self.language.cls_attention(self.model, pixel_values, self.interpolate_pos_encoding, spatial)
 
     def stream(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,
                eos_token_id: int | None = None) -> Iterator[torch.Tensor]:
         """Yields each step's tokens (B,) until every row ended (eos) or max_new_tokens."""
-        decoder = self.decoder
         with torch.inference_mode():
-            features, key = self.image_tokens(pixel_values)
-            image_token_id = self.language.image_token_id(self.model.config)
-            input_ids = fit_image_run(input_ids, image_token_id, features.shape[1])
-            embeds, image = insert_image_features(decoder.embed(input_ids), input_ids, features, image_token_id)
-            prefill = decoder.prefill(embeds, image, key)
-            text = input_ids.shape[1] - image.count
-            self.image_per_layer = [seen.shape[1] - text for seen in prefill.positions]
-            logits, cache, position = prefill.logits, prefill.cache, prefill.next_position
-            images = decoder.images(prefill, image) if isinstance(decoder, PruningDecoder) else None
+            features, cls_attention = self.image_tokens(pixel_values)
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-            for step in range(max_new_tokens):
+            for step, logits in enumerate(self.step_logits(features, cls_attention, input_ids)):
                 tokens = logits.argmax(dim=-1)  # (B,)
                 yield tokens
                 if eos_token_id is not None:
                     finished |= tokens == eos_token_id
                 if finished.all() or step == max_new_tokens - 1:
                     return
-                positions = torch.full_like(tokens[:, None], position)
-                if images is None:
-                    logits, cache = decoder.decode(tokens[:, None], positions, cache)
-                else:
-                    logits, cache, images = decoder.decode_pruning(tokens[:, None], positions, cache, images)
-                position += 1
+
+    def step_logits(self, features: torch.Tensor, cls_attention: torch.Tensor | None,
+                    input_ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        """From the image tokens on (see `image_tokens`), each greedy step's logits (B, V): the
+        prefill's, then each decode step's, for as long as the caller reads."""
+        decoder = self.decoder
+        image_token_id = self.language.image_token_id(self.model.config)
+        input_ids = fit_image_run(input_ids, image_token_id, features.shape[1])
+        embeds, image = insert_image_features(decoder.embed(input_ids), input_ids, features, image_token_id)
+        prefill = decoder.prefill(embeds, image, cls_attention)
+        text = input_ids.shape[1] - image.count
+        self.image_per_layer = [seen.shape[1] - text for seen in prefill.positions]
+        logits, cache, position = prefill.logits, prefill.cache, prefill.next_position
+        images = decoder.images(prefill, image) if isinstance(decoder, PruningDecoder) else None
+        while True:
+            yield logits
+            tokens = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            positions = torch.full_like(tokens, position)
+            if images is None:
+                logits, cache = decoder.decode(tokens, positions, cache)
+            else:
+                logits, cache, images = decoder.decode_pruning(tokens, positions, cache, images)
+            position += 1
 
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,
                  eos_token_id: int | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from turbo.core.errors import UsageError
-from turbo.core.files import LLM_DECODE_INPUTS, LLM_PREFILL_INPUTS
+from turbo.core.files import LLM_DECODE_INPUTS, LLM_PREFILL_INPUTS, LLM_PROMPT_LAYOUT, TOKENS_READ
 from turbo.core.manifest import LanguageModelRecord, Manifest
 from turbo.graph.export_dir import open_export
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
@@ -29,8 +29,12 @@ class OnnxVlm:
         self.record, self.static_batch = record, static_batch
         self.tokenizer, self.processor = tokenizer, processor
         self.manifest = manifest  # None while an export is being validated
-        self.past_names = self.decode.input_names[len(LLM_DECODE_INPUTS):]
+        # what each decode step reads back from the step before: the KV caches (DyRate: and the kept image tokens)
+        self.past_names = [name for name in self.decode.input_names if name.startswith("past.")]
         self.present_names = [name.replace("past", "present", 1) for name in self.past_names]
+        self.reads_layout = set(LLM_PROMPT_LAYOUT) <= set(self.decode.input_names)
+        self.image_inputs = [name for name in self.prefill.input_names if name not in (PREFIX, SUFFIX)]
+        self.image_per_layer: list[int] = []  # image tokens each layer read in the last prefill
 
     @classmethod
     def open(cls, directory: str | Path, threads: int | None = None) -> "OnnxVlm":
@@ -49,26 +53,35 @@ class OnnxVlm:
         return OnnxVlm(self.directory, self.vision_file, self.record, self.static_batch, self.threads,
                        self.tokenizer, self.processor, self.manifest, memory_arena=False)
 
-    def image_features(self, pixels: np.ndarray) -> np.ndarray:
-        """pixels (1, C, H, W) -> the image tokens the language model reads (1, N, C_text)."""
+    def image_features(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """pixels (1, C, H, W) -> what the prefill reads of the image: the image tokens (1, N, C_text)
+        and, for MustDrop, the tower's CLS attention on each (1, N)."""
         batch = self.static_batch or 1
-        deployed = self.vision.output_names[0]  # the image features
-        return self.vision.run({"pixel_values": np.repeat(pixels, batch, axis=0)})[deployed][:1]
+        out = self.vision.run({"pixel_values": np.repeat(pixels, batch, axis=0)})
+        return {name: out[name][:1] for name in self.image_inputs}
 
-    def stream(self, features: np.ndarray, prefix: list[int], suffix: list[int], max_new_tokens: int,
+    def stream(self, image: dict[str, np.ndarray], prefix: list[int], suffix: list[int], max_new_tokens: int,
                eos_token_id: int | None = None) -> Iterator[np.ndarray]:
-        """Each step's logits (1, V), greedy, until eos or max_new_tokens."""
-        out = self.prefill.run({PREFIX: np.array([prefix]), FEATURES: features, SUFFIX: np.array([suffix])})
-        logits, cache = out["logits"], [out[name] for name in self.present_names]
-        position = len(prefix) + features.shape[1] + len(suffix)
+        """Each step's logits (1, V), greedy, until eos or max_new_tokens; `image` as
+        `image_features` gives it."""
+        out = self.prefill.run({PREFIX: np.array([prefix]), **image, SUFFIX: np.array([suffix])})
+        logits, state = out["logits"], [out[name] for name in self.present_names]
+        position = len(prefix) + image[FEATURES].shape[1] + len(suffix)
+        # what each layer read: its cache's length, but MustDrop's caches keep fewer from layer K on
+        read = out[TOKENS_READ].tolist() if TOKENS_READ in out else \
+            [out[name].shape[2] for name in self.present_names if name.endswith(".key")]
+        text = len(prefix) + len(suffix)
+        self.image_per_layer = [tokens - text for tokens in read]
+        layout = dict(zip(LLM_PROMPT_LAYOUT, (np.array([len(prefix)]), np.array([position])))) \
+            if self.reads_layout else {}
         for step in range(max_new_tokens):
             yield logits
             token = int(logits[0].argmax())
             if token == eos_token_id or step == max_new_tokens - 1:
                 return
-            out = self.decode.run({IDS: np.array([[token]]), POSITIONS: np.array([[position + step]]),
-                                   **dict(zip(self.past_names, cache))})
-            logits, cache = out["logits"], [out[name] for name in self.present_names]
+            out = self.decode.run({IDS: np.array([[token]]), POSITIONS: np.array([[position + step]]), **layout,
+                                   **dict(zip(self.past_names, state))})
+            logits, state = out["logits"], [out[name] for name in self.present_names]
 
     def greedy_tokens(self, pixels: np.ndarray, prefix: list[int], suffix: list[int],
                       max_new_tokens: int) -> Iterator[int]:

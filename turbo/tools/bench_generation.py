@@ -33,8 +33,8 @@ class FirstTokenRunner(Runner):
         self._inputs, self._outputs = ["pixel_values"], ["logits"]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        features = self.vlm.image_features(feeds["pixel_values"])
-        return {"logits": next(self.vlm.stream(features, self.prefix, self.suffix, 1))}
+        image = self.vlm.image_features(feeds["pixel_values"])
+        return {"logits": next(self.vlm.stream(image, self.prefix, self.suffix, 1))}
 
     def memory_probe(self) -> "FirstTokenRunner":
         return FirstTokenRunner(self.vlm.without_memory_arena(), self.prefix, self.suffix)
@@ -46,10 +46,10 @@ class FirstTokenRunner(Runner):
 def _decode_timer(vlm: OnnxVlm, pixels: np.ndarray, prefix: list[int], suffix: list[int],
                   tokens: int) -> Callable[[], float]:
     """Seconds of `tokens` decode steps after an untimed prefill (no end-of-text stop)."""
-    features = vlm.image_features(pixels)
+    image = vlm.image_features(pixels)
 
     def timed() -> float:
-        steps = vlm.stream(features, prefix, suffix, tokens + 1)
+        steps = vlm.stream(image, prefix, suffix, tokens + 1)
         next(steps)  # the prefill's logits
         begin = time.perf_counter()
         for _ in steps:

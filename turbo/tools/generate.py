@@ -64,7 +64,7 @@ class PreparedGeneration:
     plan: LlmPlan
     runtime: str  # pytorch | onnxruntime
     random_weights: bool
-    read: Callable[[], list[int]] = list  # image tokens each LLM layer read in the last run (PyTorch)
+    read: Callable[[], list[int]] = list  # image tokens each LLM layer read in the last prefill
 
 
 def prepare_generation(options: GenerateOptions) -> PreparedGeneration:
@@ -125,7 +125,7 @@ def _prepare_export(options: GenerateOptions) -> PreparedGeneration:
         return vlm.greedy_tokens(pixels, prefix, suffix, max_new_tokens)
 
     return PreparedGeneration(tokens, vlm.tokenizer, len(prefix) + record.image_tokens + len(suffix), plan,
-                              "onnxruntime", vlm.manifest.model.random_weights)
+                              "onnxruntime", vlm.manifest.model.random_weights, lambda: vlm.image_per_layer)
 
 
 def stream_generation(prepared: PreparedGeneration, max_new_tokens: int, result: Generation) -> Iterator[str]:

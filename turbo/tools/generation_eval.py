@@ -75,13 +75,15 @@ def _torch_answerer(model, built: BuiltPlan, drop_text: str, tokenizer, max_toke
     return answer
 
 
-def _onnx_answerer(directory: Path, max_tokens: int) -> Answer:
+def _onnx_answerer(directory: Path, max_tokens: int, read: list[list[int]]) -> Answer:
     vlm = OnnxVlm.open(directory)
     record = vlm.record
 
     def answer(pixels: np.ndarray, prompt: str) -> list[int]:
         prefix, suffix = split_prompt(vlm.tokenizer, prompt, record.image_token_id, record.image_first)
-        return list(vlm.greedy_tokens(pixels, prefix, suffix, max_tokens))
+        tokens = list(vlm.greedy_tokens(pixels, prefix, suffix, max_tokens))
+        read.append(vlm.image_per_layer)
+        return tokens
 
     return answer
 
@@ -113,7 +115,7 @@ def run_generation_eval(model: str, data: Path, rs: list[int], llm_drop: str | N
     answerers = {Setting(0, "none"): _torch_answerer(torch_model, base, "none", tokenizer, max_tokens)}
     read: dict[Setting, list[list[int]]] = {setting: [] for setting in plans}  # image tokens per LLM layer
     for setting, built in plans.items():
-        answerers[setting] = _onnx_answerer(export_dir, max_tokens) if export_dir is not None else \
+        answerers[setting] = _onnx_answerer(export_dir, max_tokens, read[setting]) if export_dir is not None else \
             _torch_answerer(torch_model, built, setting.llm_drop, tokenizer, max_tokens, read[setting])
     pixels = {question.image: pixel_batch([Sample(question.image)], processor, base.pixel_shape[0])
               for question in asked}
