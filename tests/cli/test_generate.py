@@ -129,7 +129,7 @@ def test_a_vision_only_llava_export_is_validated_and_refuses_what_it_cannot_do(t
     assert result.exit_code == 2 and "has no language model graphs" in result.stderr
     for args, message in ((["eval", str(export.directory), "--data", str(tmp_path)], "no language model graphs"),
                           (["deploy", "triton", str(export.directory), "-o", str(tmp_path / "repository")],
-                           "turbo generate")):
+                           "re-export it with its language model")):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "repository").exists()

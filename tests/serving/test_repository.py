@@ -27,7 +27,8 @@ def config_of(repo, model: str):
 
 def test_every_config_passes_the_schema_and_describes_its_export(repository, served_exports):
     configs = {config.name: config for config in check_repository(repository)}
-    assert set(configs) == {"vit", "vit-encoder", "blip", "blip-encoder", "blip-decoder-first", "blip-decoder-next"}
+    assert set(configs) == {"vit", "vit-encoder", "blip", "blip-encoder", "blip-decoder-first", "blip-decoder-next",
+                            "llava", "llava-encoder", "llava-prefill", "llava-decode"}
     encoder = configs["vit-encoder"]
     assert encoder.backend == "python" and encoder.max_batch_size == 4 and encoder.HasField("dynamic_batching")
     assert [(i.name, list(i.dims), i.data_type) for i in encoder.input] == [("pixel_values", [3, 48, 48],
@@ -42,6 +43,14 @@ def test_every_config_passes_the_schema_and_describes_its_export(repository, ser
     assert [(i.name, i.data_type, i.optional) for i in blip.input] == [("image", pb.TYPE_STRING, False),
                                                                        ("prompt", pb.TYPE_STRING, True)]
     assert (repository / "blip-decoder-first" / "1" / "decoder.onnx.data").is_file()  # its external weights
+    llava, decode = configs["llava"], configs["llava-decode"]
+    assert [(i.name, i.data_type, i.optional) for i in llava.input] == [
+        ("image", pb.TYPE_STRING, False), ("prompt", pb.TYPE_STRING, False), ("max_new_tokens", pb.TYPE_INT32, True)]
+    assert llava.parameters["sample_prompt"].string_value.startswith("USER: <image>")
+    assert decode.max_batch_size == 0 and [i.name for i in decode.input][:5] == [
+        "input_ids", "positions", "image_start", "prompt_tokens", "past.image_kept"]  # DyRate's step
+    assert all(-1 in i.dims for i in decode.input if i.name.startswith("past."))  # the caches' lengths vary
+    assert (repository / "llava-prefill" / "1" / "llm.onnx.data").is_file()
     assert "turbo serve" in (repository / "README.md").read_text() and "InferenceService" in (
         repository / "README.md").read_text()
 

@@ -11,9 +11,13 @@ import pytest
 from PIL import Image
 from transformers import AutoImageProcessor
 
+from turbo.data.images import Sample, pixel_batch
 from turbo.runtimes.caption import CaptionPipeline
+from turbo.runtimes.llm_generation import split_prompt
+from turbo.runtimes.llm_onnx import OnnxVlm
 from turbo.runtimes.onnxrt import OnnxRuntimeRunner
 from turbo.runtimes.triton_client import TritonRunner
+from turbo.tools.load_test import synthetic_feeds
 
 PROTOCOLS = ["http", "grpc"]
 
@@ -74,6 +78,30 @@ def test_served_captions_equal_turbo_caption(server, served_exports, tmp_path, p
     assert [row[0].decode() for row in served] == [c["caption"] for c in local.caption_files(paths)]
     prompted = runner.run({"image": images(3), "prompt": np.array([[b"a photo of"]], dtype=np.object_)})["caption"]
     assert prompted[0][0].decode() == local.caption_files(paths[:1], prompt="a photo of")[0]["caption"]
+
+
+def test_served_answers_equal_turbo_generate(server, served_generation):
+    """Each (image, prompt) row of a request gets the answer the export gives on ONNX Runtime (DyRate
+    pruning its caches at every step through the served decode model); a prompt without the image
+    placeholder is that request's error."""
+    from tritonclient.utils import InferenceServerException
+
+    runner = TritonRunner(url(server, "http"), "llava")
+    prompts = ["USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\nDescribe it. ASSISTANT:"]
+    served = runner.run({"image": images(3, 4), "prompt": np.array([[p.encode()] for p in prompts], dtype=np.object_),
+                         "max_new_tokens": np.array([[6], [3]], dtype=np.int32)})["text"]
+    vlm = OnnxVlm.open(served_generation)
+    for row, (seed, prompt, tokens) in enumerate(zip((3, 4), prompts, (6, 3))):
+        prefix, suffix = split_prompt(vlm.tokenizer, prompt, vlm.record.image_token_id)
+        pixels = pixel_batch([Sample(None, image=Image.open(io.BytesIO(png(seed))))], vlm.processor, 3)
+        answer = vlm.tokenizer.decode(list(vlm.greedy_tokens(pixels, prefix, suffix, tokens)), skip_special_tokens=True)
+        assert served[row][0].decode() == answer and answer
+    with pytest.raises(InferenceServerException) as raised:
+        runner.run({"image": images(3), "prompt": np.array([[b"What is this?"]], dtype=np.object_)})
+    assert "no image placeholder" in raised.value.message()
+    assert server.alive() and server.ready()
+    sample = synthetic_feeds(runner, 1, (40, 60))  # what turbo bench --url sends: the model's sample prompt
+    assert sample["prompt"][0][0].decode().startswith("USER: <image>") and runner.run(sample)["text"].shape == (1, 1)
 
 
 def test_concurrent_clients_all_get_their_own_answers(server, served_exports, tmp_path):

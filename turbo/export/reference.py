@@ -88,7 +88,7 @@ def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportO
         validate_decoder(reference.model, built.source.adapter.caption_decoder, pipeline, report, built.pixel_shape,
                          built.interpolate_pos_encoding, decoder.prompt, exact_text, options.seed)
     if llm is not None:
-        pipeline = OnnxVlm(directory, MODEL_FILE, llm, options.batch)
+        pipeline = OnnxVlm.from_files(directory, MODEL_FILE, llm, options.batch)
         validate_language_model(reference.model, built.source, options.llm_drop_config(), pipeline, report,
                                 built.pixel_shape, built.interpolate_pos_encoding, exact_text, options.seed)
     if text is not None:

@@ -178,8 +178,10 @@ def keep_cached(pair: tuple[torch.Tensor, torch.Tensor], image_start: IntOrTenso
     batch, _, length, _ = keys.shape
     before = torch.arange(image_start, device=keys.device).expand(batch, -1)
     after = torch.arange(image_start + image_tokens, length, device=keys.device).expand(batch, -1)
-    rows = torch.cat([before, kept + image_start, after], dim=1)[:, None, :, None]  # (B, 1, T', 1)
-    return tuple(t.gather(2, rows.expand(-1, t.shape[1], -1, t.shape[3])) for t in pair)
+    rows = torch.cat([before, kept + image_start, after], dim=1)  # (B, T')
+    if batch == 1:  # one index row: a plain gather along the sequence, no per-element index tensor
+        return tuple(t.index_select(2, rows[0]) for t in pair)
+    return tuple(t.gather(2, rows[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])) for t in pair)
 
 
 class MustDropDecoder(ReducedDecoder):
@@ -195,8 +197,9 @@ class MustDropDecoder(ReducedDecoder):
 
     def prefill(self, embeds: torch.Tensor, image: ImageSpan, cls_attention: torch.Tensor | None = None) -> Prefill:
         if embeds.shape[0] != 1 or cls_attention is None:
-            raise ValueError("MustDrop decides how many image tokens stay per prompt, from the tower's CLS attention: "
-                             f"batch 1 with that attention, not {embeds.shape[0]}")
+            missing = "" if cls_attention is not None else " and without the tower's CLS attention"
+            raise ValueError("MustDrop decides per prompt which image tokens stay, from the tower's CLS attention: it "
+                             f"runs at batch 1 with that attention, not batch {embeds.shape[0]}{missing}")
         drop, stack = self.drop, self.stack
         pruning = set(drop.pruning_layers)
         key = key_token_set(cls_attention[0], drop.key)  # (K,) never dropped
@@ -271,9 +274,9 @@ class PrefillGraph(_DecoderGraph):
         prefill = reduced.prefill(embeds, image, *cls_attention)
         if isinstance(reduced, PruningDecoder):
             return prefill.logits, *flat_cache(prefill.cache), reduced.images(prefill, image).kept
-        if isinstance(reduced, MustDropDecoder):  # what each layer read: its cache holds fewer from layer K on
-            return prefill.logits, *flat_cache(prefill.cache), torch.stack([(seen[0] >= 0).sum()
-                                                                           for seen in prefill.positions])
+        if isinstance(reduced, MustDropDecoder):  # what each layer read (its cache holds fewer from layer K on)
+            read = torch.stack([torch.ones_like(seen[0]).sum() for seen in prefill.positions])  # lengths as tensors
+            return prefill.logits, *flat_cache(prefill.cache), read
         return prefill.logits, *flat_cache(prefill.cache)
 
 

@@ -3,7 +3,9 @@
 - ImageModel: images preprocessed with the export's image processor, the encoder model called with
   BLS; labels, classes and scores out for classifiers, the encoder's outputs otherwise;
 - CaptionModel: captions out: BLIP's decode loop over the encoder and decoder models, each step a
-  BLS request.
+  BLS request;
+- GenerateModel: an LLM-based VLM's greedy answer to each (image, prompt) pair: the encoder, prefill
+  and decode models, each a BLS request, as `turbo generate` runs the export.
 """
 
 import json
@@ -12,9 +14,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from turbo.core.manifest import DecoderRecord
+from turbo.core.errors import UsageError
+from turbo.core.manifest import DecoderRecord, LanguageModelRecord
 from turbo.data.images import batches, pixel_batch
 from turbo.runtimes.caption import CaptionPipeline, GraphDecoder, settings_from_config
+from turbo.runtimes.llm_generation import split_prompt
+from turbo.runtimes.llm_onnx import OnnxVlm
 from turbo.serving.backend_utils import (
     BlsRunner,
     RequestError,
@@ -24,6 +29,8 @@ from turbo.serving.backend_utils import (
     prepare_each,
     tensor,
 )
+
+DEFAULT_NEW_TOKENS = 32  # GenerateModel's answer length when a request does not say
 
 
 class ImageModel:
@@ -148,3 +155,49 @@ class CaptionModel:
 
     def finalize(self) -> None:
         self.pipeline = None
+
+
+class GenerateModel:
+    """(image, prompt[, max_new_tokens]) rows -> each row's greedy answer, batch 1 per row."""
+
+    def initialize(self, args: dict) -> None:
+        _, parameters, version = model_parameters(args)
+        graphs = json.loads(parameters["graphs"])  # model name, inputs and outputs of each graph
+        runners = [BlsRunner(graphs[key]["model"], graphs[key]["inputs"], graphs[key]["outputs"])
+                   for key in ("encoder", "prefill", "decode")]
+        self.vlm = OnnxVlm(*runners, LanguageModelRecord(**json.loads(parameters["llm_record"])),
+                           int(parameters.get("static_batch", "0")) or None, AutoTokenizer.from_pretrained(version),
+                           AutoImageProcessor.from_pretrained(version))
+        self.channels = int(parameters["channels"])
+
+    def execute(self, requests) -> list:
+        """Each request's rows in turn; a row that cannot be answered fails only its request."""
+        return answer_each(requests, self._answer)
+
+    def _answer(self, request) -> list:
+        samples = decode_images(request, self.channels)
+        prompts = [bytes(value).decode() for value in
+                   pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy().reshape(-1)]
+        limit = pb_utils.get_input_tensor_by_name(request, "max_new_tokens")
+        limits = limit.as_numpy().reshape(-1).tolist() if limit is not None else [DEFAULT_NEW_TOKENS] * len(prompts)
+        if not len(samples) == len(prompts) == len(limits):
+            raise RequestError(f"send one prompt (and max_new_tokens, if any) per image: {len(samples)} images, "
+                               f"{len(prompts)} prompts, {len(limits)} max_new_tokens")
+        texts = [self._generate(sample, prompt, int(tokens))
+                 for sample, prompt, tokens in zip(samples, prompts, limits, strict=True)]
+        return [tensor("text", np.array([[text.encode()] for text in texts], dtype=np.object_))]
+
+    def _generate(self, sample, prompt: str, max_new_tokens: int) -> str:
+        vlm, record = self.vlm, self.vlm.record
+        if max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        try:
+            prefix, suffix = split_prompt(vlm.tokenizer, prompt, record.image_token_id, record.image_first)
+        except UsageError as exc:
+            raise RequestError(str(exc)) from None
+        pixels = pixel_batch([sample], vlm.processor, self.channels)
+        tokens = list(vlm.greedy_tokens(pixels, prefix, suffix, max_new_tokens))
+        return vlm.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def finalize(self) -> None:
+        self.vlm = None

@@ -3,14 +3,16 @@
 - NAME-encoder: the (merged) vision encoder, on the onnxruntime backend, TensorRT (the export's
   engine) or the python backend (ONNX Runtime in the server's python, with turbo's merge kernel);
 - NAME-decoder-first, NAME-decoder-next (captioning): the decoder's two graphs, likewise;
+- NAME-prefill, NAME-decode (LLM-based VLMs): the language model's two graphs, likewise;
 - NAME: the python-backend model clients call: encoded image bytes in; labels and scores out for
-  classifiers, a caption for captioning, the encoder's outputs for embedding models.
+  classifiers, a caption for captioning, the answer to a prompt for LLM-based VLMs, the encoder's
+  outputs for embedding models.
 """
 
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
@@ -19,7 +21,7 @@ import torch
 from turbo.core.errors import UsageError
 from turbo.core.files import ENGINE_FILE, GENERATION_FILE, MODEL_FILE
 from turbo.core.manifest import Manifest
-from turbo.models.adapters import CAPTIONING, CLASSIFICATION, Task
+from turbo.models.adapters import CAPTIONING, CLASSIFICATION, GENERATION, Task
 from turbo.models.loading import resolve_source
 from turbo.models.registry import adapter_for
 from turbo.serving.model_config import Batching, ModelSpec, TensorSpec, write_config
@@ -31,6 +33,7 @@ ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "flo
 NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 LABELS_FILE = "labels.json"
 TOP_K = 5
+SAMPLE_PROMPT = "sample_prompt"  # a model parameter: a prompt load tests may send
 SHIM = """\"\"\"Written by turbo deploy triton; the model is turbo.serving.{module}.{cls}.\"\"\"
 import os
 import sys
@@ -108,6 +111,9 @@ def deploy_export(directory: Path, manifest: Manifest, repository: Path, options
     if task == CAPTIONING:
         models = _caption_models(repository, name, directory, manifest, backend, options, encoder, inputs, outputs,
                                  client, parameters)
+    elif task == GENERATION:
+        models = _generation_models(repository, name, directory, manifest, backend, options, encoder, inputs,
+                                    outputs, client, parameters)
     else:
         parameters.update(encoder=encoder, encoder_input=inputs[0].name,
                           encoder_outputs=json.dumps([t.name for t in outputs]))
@@ -257,9 +263,8 @@ def _caption_models(repository: Path, name: str, directory: Path, manifest: Mani
         _graph_model(repository / model, directory, file, inputs, outputs, whole, graph_backend, options)
         graphs[key] = {"model": model, "inputs": [t.name for t in inputs], "outputs": [t.name for t in outputs]}
     pipeline = repository / name
-    tokenizer_files = [file for file in manifest.files if file.startswith(("tokenizer", "special_tokens", "vocab"))]
     _assets(pipeline, directory, [manifest.image_processor.file, GENERATION_FILE, decoder.first_step,
-                                  decoder.with_past, *tokenizer_files])
+                                  decoder.with_past, *_tokenizer_files(manifest)])
     record = {key: getattr(decoder, key) for key in decoder.__dataclass_fields__}
     parameters = {**common, "graphs": json.dumps(graphs), "decoder_record": json.dumps(record)}
     _python_model(pipeline, "CaptionModel", [TensorSpec("image", "bytes", (1,)),
@@ -267,3 +272,34 @@ def _caption_models(repository: Path, name: str, directory: Path, manifest: Mani
                   [TensorSpec("caption", "bytes", (1,))], batching, parameters)
     return [graphs["first_step"]["model"], graphs["with_past"]["model"], name]
 
+
+def _generation_models(repository: Path, name: str, directory: Path, manifest: Manifest, backend: str,
+                       options: DeployOptions, encoder: str, encoder_inputs: list[TensorSpec],
+                       encoder_outputs: list[TensorSpec], batching: Batching, common: dict[str, str]) -> list[str]:
+    """An LLM-based VLM: its prefill and decode graphs, taking whole requests (batch 1, dynamic
+    lengths), and the python model answering a prompt about an image with them and the encoder."""
+    llm = manifest.llm
+    graph_backend = "python" if backend == "python" else "onnxruntime"
+    whole = Batching(max_batch=0, dynamic=False, instances=options.instances)
+    graphs = {"encoder": {"model": encoder, "inputs": [encoder_inputs[0].name],
+                          "outputs": [t.name for t in encoder_outputs]}}
+    for key, file in (("prefill", llm.prefill), ("decode", llm.decode)):
+        inputs, outputs = _graph_tensors(directory / file)
+        model = f"{name}-{key}"
+        _graph_model(repository / model, directory, file, inputs, outputs, whole, graph_backend, options)
+        graphs[key] = {"model": model, "inputs": [t.name for t in inputs], "outputs": [t.name for t in outputs]}
+    pipeline = repository / name
+    _assets(pipeline, directory, [manifest.image_processor.file, *_tokenizer_files(manifest)])
+    question = adapter_for(manifest.model.architecture).language_model.question_prompt
+    parameters = {**common, "graphs": json.dumps(graphs), "llm_record": json.dumps(asdict(llm)),
+                  SAMPLE_PROMPT: question.replace("{question}", "What is in the image?")}  # for turbo bench --url
+    _python_model(pipeline, "GenerateModel", [TensorSpec("image", "bytes", (1,)), TensorSpec("prompt", "bytes", (1,)),
+                                              TensorSpec("max_new_tokens", "int32", (1,), optional=True)],
+                  [TensorSpec("text", "bytes", (1,))], batching, parameters)
+    return [graphs["prefill"]["model"], graphs["decode"]["model"], name]
+
+
+def _tokenizer_files(manifest: Manifest) -> list[str]:
+    """The files its tokenizer was saved as (they are among the export's verified files)."""
+    prefixes = ("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")
+    return [file for file in manifest.files if file.startswith(prefixes)]

@@ -113,16 +113,18 @@ def time_generation(exports: list[tuple[Path, Manifest]], tokens: int, warmup_s:
     prefix, suffix = text[:before], text[before:]
     if any(m.onnx.pixel_shape != pixel_shape or m.llm.vocab_size != record.vocab_size for _, m in exports):
         raise UsageError("the directories hold different models or inputs; bench one model at a time")
-    vlms = {_label(m): OnnxVlm(d, m.onnx.file, m.llm, m.onnx.static_batch, threads) for d, m in exports}
+    vlms = {_label(m): OnnxVlm.from_files(d, m.onnx.file, m.llm, m.onnx.static_batch, threads) for d, m in exports}
     plans = {_label(m): (_plan(m), m) for _, m in exports}
     progress(f"timing the first token: {', '.join(vlms)}")
     feeds = {"pixel_values": pixels}
     first = {label: FirstTokenRunner(vlm, prefix, suffix) for label, vlm in vlms.items()}
     first_samples = interleaved({label: runner.timer(feeds) for label, runner in first.items()}, warmup_s, iters,
                                 duration_s)
+    read = {label: runner.vlm.image_per_layer for label, runner in first.items()}  # as the timed runs read
     progress(f"timing {tokens} decode steps: {', '.join(vlms)}")
     decode_samples = interleaved({label: _decode_timer(vlm, pixels, prefix, suffix, tokens)
                                   for label, vlm in vlms.items()}, warmup_s, iters, duration_s)
+    cached = {label: vlm.image_cached for label, vlm in vlms.items()}  # at the last timed step
     rows = []
     base_label = next(iter(vlms))
     base_plan, base_manifest = plans[base_label]
@@ -131,6 +133,10 @@ def time_generation(exports: list[tuple[Path, Manifest]], tokens: int, warmup_s:
         for label, values in samples.items():
             plan, manifest = plans[label]
             stats = TimingStats.from_samples(values, 1)
+            # the image tokens the timed runs read (first token) or cached (decode): DyRate and MustDrop
+            # decide theirs per run, the others hold the plan's
+            images = read[label] if workload == "first_token" else cached[label]
+            plan = replace(plan, image_per_layer=tuple(images))
             if workload == "first_token":
                 flops = manifest.plan.flops + plan.prefill_flops
                 bound = (base_manifest.plan.flops + base_plan.baseline_prefill_flops) / flops
@@ -143,7 +149,7 @@ def time_generation(exports: list[tuple[Path, Manifest]], tokens: int, warmup_s:
                 "runtime": "ort", "workload": workload, "device": "cpu", "precision": manifest.onnx.precision,
                 "batch": 1, "r": manifest.turbo.r_requested if manifest.plan.merges else 0,
                 "final_tokens": manifest.plan.final_tokens, "llm_drop": manifest.llm.llm_drop,
-                "image_tokens": manifest.llm.image_per_layer, "latency": stats.to_dict(), "noisy": stats.noisy,
+                "image_tokens": images, "latency": stats.to_dict(), "noisy": stats.noisy,
                 "speedup": speedup, "flops_bound": bound, "efficiency": speedup / bound, "memory": used,
                 "runner": first[label].describe(),
                 **({"tokens_per_s": tokens / (stats.median_ms / 1000)} if workload == "decode" else {}),

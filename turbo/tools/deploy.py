@@ -34,10 +34,13 @@ def deploy_triton(exports: list[str | Path], output: str | Path, options: Deploy
             raise UsageError(f"{directory} failed validation when exported (turbo check {directory} says why); "
                              "re-export it before serving it")
         task = adapter_for(manifest.model.architecture).task_of(manifest.model.architecture)
-        if task in (VQA, GENERATION):
-            runs = "turbo vqa" if task == VQA else "turbo generate"
-            raise UsageError(f"{directory} exports {task.name}: serving that task is not supported yet (use {runs}); "
-                             "deploy classification, embedding, retrieval (image side) or captioning exports")
+        if task == VQA:
+            raise UsageError(f"{directory} exports {task.name}: serving that task is not supported yet (use turbo "
+                             "vqa); deploy classification, embedding, retrieval (image side), captioning or "
+                             "LLM-based VLM exports")
+        if task == GENERATION and manifest.llm is None:
+            raise UsageError(f"{directory} holds the vision graph alone (exported with --no-decoder): re-export it "
+                             "with its language model to serve it")
         manifests.append(manifest)
     output = Path(output)
     if any(output.resolve() == d.resolve() or output.resolve() in d.resolve().parents for d in directories):

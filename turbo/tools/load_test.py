@@ -12,6 +12,7 @@ from PIL import Image
 
 from turbo.core.errors import TurboError, UsageError
 from turbo.runtimes.triton_client import ServerUnavailableError, TritonRunner, server_ready
+from turbo.serving.repository import SAMPLE_PROMPT
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ def check_load_options(options: LoadOptions) -> None:
 
 
 def synthetic_feeds(runner: TritonRunner, batch: int, image_size: tuple[int, int], seed: int = 0) -> dict:
-    """A request for `runner`'s model: PNG bytes for image inputs, random tensors of its dims otherwise."""
+    """A request for `runner`'s model: PNG bytes for image inputs, the model's sample prompt for a
+    prompt input (LLM-based VLMs), random tensors of its dims otherwise."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for tensor in runner.inputs:
@@ -81,7 +83,9 @@ def synthetic_feeds(runner: TritonRunner, batch: int, image_size: tuple[int, int
         if any(d < 0 for d in dims):
             raise UsageError(f"{runner.model}'s input {name} has dynamic dims {dims}: bench its pipeline model or "
                              "its encoder instead")
-        if datatype == "BYTES":
+        if datatype == "BYTES" and SAMPLE_PROMPT in runner.parameters and name == "prompt":
+            feeds[name] = np.full(dims, runner.parameters[SAMPLE_PROMPT].encode(), dtype=np.object_)
+        elif datatype == "BYTES":
             height, width = image_size
             image = Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
             encoded = io.BytesIO()
