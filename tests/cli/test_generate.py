@@ -176,8 +176,8 @@ def test_eval_refuses_what_it_cannot_choose_for_generation(tmp_path, image_file)
     assert result.exit_code == 2 and "--llm-drop and --prompt are for LLM-based VLMs" in result.stderr
 
 
-def test_mustdrop_generates_in_pytorch_reports_what_it_read_and_exports_without_its_spatial_merge(image_file,
-                                                                                                tmp_path):
+def test_mustdrop_generates_in_pytorch_reports_what_it_read_and_refuses_tensorrt_with_its_spatial_merge(
+        image_file, tmp_path):
     drop = "mustdrop:layer=1,every=1,stages=2,global_thr=0.5,individual_thr=0.1,key=0.1"
     prompt = QUESTION_PROMPT.replace("{question}", "What is in the image?")  # what eval asks of a loose image
     got = generate("llava-1.5-7b", image_file, prompt, "--r", "0", "--llm-drop", drop, "--max-new-tokens", "4")
@@ -191,5 +191,6 @@ def test_mustdrop_generates_in_pytorch_reports_what_it_read_and_exports_without_
     assert report["results"][1]["image_tokens"] == read  # one prompt: the mean of what it read is what it read
     assert report["prompt"] == QUESTION_PROMPT
     result = runner.invoke(app, ["export", "--model", "llava-1.5-7b", "--tiny", "--random-weights", "--r", "0",
-                                 "--llm-drop", drop, "-o", str(tmp_path / "out")])  # window 3: the spatial merge
-    assert result.exit_code == 2 and "export with window=0" in result.stderr and not (tmp_path / "out").exists()
+                                 "--llm-drop", drop, "--trt", "-o", str(tmp_path / "out")])  # window 3
+    assert result.exit_code == 2 and "--trt: MustDrop's spatial merge decides" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -13,13 +13,18 @@ from typer.testing import CliRunner
 
 from tests.conftest import tiny_export
 from turbo.cli.app import app
+from turbo.core.manifest import OutputTokens
 from turbo.data.images import Sample, pixel_batch
+from turbo.export.validate import graph_problems, seeded_pixels
+from turbo.graph.summary import summarize
 from turbo.merging.llm_drop import parse_llm_drop
+from turbo.models.build import build_plan
 from turbo.models.llm_decoder import insert_image_features
 from turbo.models.llm_vocab import placeholder_tokenizer
 from turbo.models.loading import load_image_processor, load_model, resolve_source
 from turbo.runtimes.llm_generation import VlmGenerator, image_prompt_ids
 from turbo.runtimes.llm_onnx import OnnxVlm
+from turbo.serving.model_config import check_config
 
 runner = CliRunner()
 SCHEMA = json.loads((Path(__file__).parents[2] / "docs" / "bench.schema.json").read_text())
@@ -219,3 +224,54 @@ def test_a_mustdrop_export_keeps_what_each_prompt_passes_as_pytorch_does(droppin
         np.testing.assert_allclose(out["logits"], prefill.logits.numpy(), rtol=1e-4, atol=1e-5)
         counts.append([tokens - len(prefix) - len(suffix) for tokens in out["tokens_per_layer"].tolist()])
     assert counts == [[36] * 4, [36, 36, 4, 4]]  # decided per prompt: the longer one keeps only the key set
+
+
+SPATIAL = MUSTDROP.replace("window=0", "window=3,spatial_thr=0.02")  # merges some of the tiny tower's 4 windows
+
+
+@pytest.fixture(scope="module")
+def spatial(tmp_path_factory):
+    return tiny_export(tmp_path_factory, "llava-1.5-7b", 0, decoder=True, llm_drop=SPATIAL)
+
+
+def test_a_mustdrop_export_runs_its_spatial_merge_per_image_as_pytorch_does(spatial, image_file, tmp_path):
+    """The vision graph's spatial merge decides the image-token count from its input: the counts it
+    gives equal PyTorch's, and differ between inputs; generation, `turbo check` and the serving
+    repository (one image per encoder batch) follow them."""
+    assert spatial.report.passed and spatial.manifest.onnx.decided_tokens == ["image_features"]
+    features = next(o for o in spatial.manifest.onnx.outputs if o["name"] == "image_features")
+    assert isinstance(features["shape"][1], str)  # a run-time axis
+    source = resolve_source("llava-1.5-7b", tiny=True)
+    generator = VlmGenerator(load_model(source, random_weights=True), source.adapter.language_model,
+                             parse_llm_drop(SPATIAL))
+    vision, counts = OnnxVlm.open(spatial.directory).vision, set()
+    for batch in (1, 3):
+        pixels = seeded_pixels(batch, tuple(spatial.manifest.onnx.pixel_shape))
+        got = vision.run({"pixel_values": pixels})
+        with torch.inference_mode():
+            want = generator.image_tokens(torch.from_numpy(pixels))
+        for name, expected in zip(("image_features", "cls_attention"), want):
+            np.testing.assert_allclose(got[name], expected.numpy(), rtol=1e-4, atol=1e-5)
+        counts.add(got["image_features"].shape[1])
+    assert len(counts) == 2 and max(counts) == 36  # one graph, counts decided per input
+    got = generate(str(spatial.directory), image_file, PROMPT, "--max-new-tokens", "4")
+    want = generate("llava-1.5-7b", image_file, PROMPT, "--r", "0", "--llm-drop", SPATIAL, "--tiny",
+                    "--random-weights", "--max-new-tokens", "4")
+    assert got["token_ids"] == want["token_ids"]
+    assert got["image_tokens_per_llm_layer"] == want["image_tokens_per_llm_layer"]
+    assert runner.invoke(app, ["check", str(spatial.directory)]).exit_code == 0
+    summary = summarize(spatial.directory / "model.onnx")
+    built = build_plan("llava-1.5-7b", 0, tiny=True)
+    assert graph_problems(summary, built.plan, "matmul", None, spatial.manifest.onnx.output_tokens) == []
+    problems = graph_problems(summary, built.plan, "matmul", None, OutputTokens(excluded={"image_features": 1}))
+    assert any("output image_features has token dim" in p for p in problems)  # a count the plan does not fix
+    result = runner.invoke(app, ["deploy", "triton", str(spatial.directory), "-o", str(tmp_path / "repo")])
+    assert result.exit_code == 0, result.output
+    assert check_config(tmp_path / "repo" / f"{spatial.directory.name}-encoder" / "config.pbtxt").max_batch_size == 1
+
+
+def test_a_graph_without_the_spatial_merge_is_not_taken_for_one(dropping):
+    summary = summarize(dropping.directory / "model.onnx")
+    plan = build_plan("llava-1.5-7b", 0, tiny=True).plan
+    problems = graph_problems(summary, plan, "matmul", None, OutputTokens(decided=("image_features",)))
+    assert any("a spatial merge the graph lacks" in p for p in problems)

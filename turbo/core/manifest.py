@@ -83,9 +83,18 @@ class OutputTokens:
 
     excluded: dict[str, int] = field(default_factory=dict)
     fixed: dict[str, int] = field(default_factory=dict)
+    decided: tuple[str, ...] = ()  # outputs whose count the graph decides per image (MustDrop's spatial merge)
 
-    def expected(self, name: str, final_tokens: int) -> int:
+    def expected(self, name: str, final_tokens: int) -> int | None:
+        """The token dim output `name` should have; None: a run-time axis, decided per image."""
+        if name in self.decided:
+            return None
         return self.fixed.get(name, final_tokens - self.excluded.get(name, 0))
+
+    def holds(self, name: str, dim: int | str, final_tokens: int) -> bool:
+        """Whether a token dim `dim` (a name where it is a run-time axis) is what output `name` should have."""
+        expected = self.expected(name, final_tokens)
+        return isinstance(dim, str) if expected is None else dim == expected
 
 
 @dataclass
@@ -106,10 +115,11 @@ class OnnxRecord:
     op_counts: dict[str, int] = field(default_factory=dict)
     excluded_tokens: dict[str, int] = field(default_factory=dict)  # outputs without some final tokens (LLaVA's CLS)
     fixed_tokens: dict[str, int] = field(default_factory=dict)  # outputs the merge leaves alone (BLIP-2's queries)
+    decided_tokens: list[str] = field(default_factory=list)  # outputs MustDrop's spatial merge sizes per image
 
     @property
     def output_tokens(self) -> OutputTokens:
-        return OutputTokens(self.excluded_tokens, self.fixed_tokens)
+        return OutputTokens(self.excluded_tokens, self.fixed_tokens, tuple(self.decided_tokens))
 
     @property
     def static_batch(self) -> int | None:

@@ -24,6 +24,7 @@ from turbo.core.files import CLS_ATTENTION, IMAGE_FEATURES, INPUT_NAME, TOKEN_SI
 from turbo.graph.merge_functions import fold_merge_blocks
 from turbo.graph.shared_weights import save_with_shared_weights
 from turbo.merging.merge import KERNELS  # also registers turbo::gather_tokens
+from turbo.merging.spatial import SpatialMerge
 from turbo.models.build import BuiltPlan
 
 MIN_OPSET, MAX_OPSET = 18, 23
@@ -39,11 +40,13 @@ class ExportError(TurboError):
 class ExportModule(nn.Module):
     """pixel_values (B, C, H, W) -> the family's outputs, plus token_sizes when the plan merges."""
 
-    def __init__(self, model: nn.Module, built: BuiltPlan, cls_attention: bool = False) -> None:
+    def __init__(self, model: nn.Module, built: BuiltPlan, cls_attention: bool = False,
+                 spatial: SpatialMerge | None = None) -> None:
         super().__init__()
         self.model = model
         self.adapter = built.source.adapter
         self.cls_attention = cls_attention  # MustDrop: the image features and the CLS attention on each
+        self.spatial = spatial  # ...after its spatial merge in the tower, where it merges
         self.interpolate = built.interpolate_pos_encoding
         self.merges = any(built.plan.r)
         self.pixel_shape = built.pixel_shape  # (C, H, W)
@@ -53,7 +56,8 @@ class ExportModule(nn.Module):
         if self.cls_attention:
             language = self.adapter.language_model
             outputs = dict(zip((IMAGE_FEATURES, CLS_ATTENTION),
-                               language.cls_attention(self.model, pixel_values, self.interpolate, None), strict=True))
+                               language.cls_attention(self.model, pixel_values, self.interpolate, self.spatial),
+                               strict=True))
         else:
             outputs = self.adapter.export_outputs(self.model, pixel_values, self.interpolate)
         if self.merges:

@@ -3,9 +3,10 @@
 import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from turbo.core.manifest import Manifest, QuantizationRecord
+from turbo.core.files import IMAGE_FEATURES
+from turbo.core.manifest import Manifest, OutputTokens, QuantizationRecord
 from turbo.export.onnx_export import DEFAULT_OPSET
 from turbo.export.quant_export import QuantOptions
 from turbo.export.tensorrt.stage import TrtOptions
@@ -81,6 +82,12 @@ class ExportOptions:
 
     def llm_drop_config(self) -> LlmDropConfig:
         return parse_llm_drop(self.llm_drop)
+
+    def output_tokens(self, built: BuiltPlan) -> OutputTokens:
+        """What each token output of the vision graph holds: the family's counts; the image
+        features' count is decided per image where MustDrop's spatial merge runs."""
+        tokens = built.source.adapter.output_tokens(built.source.config)
+        return replace(tokens, decided=(IMAGE_FEATURES,) if self.llm_drop_config().spatial_merge() else ())
 
     def plan(self) -> BuiltPlan:
         return build_plan(self.model, self.r, self.method, self.alpha, self.schedule, self.threshold, self.fusion,

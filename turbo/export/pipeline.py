@@ -73,12 +73,11 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
         check_trt_options(options.trt, options.batch, options.quant, tensorrt_version())
     built = options.plan()
     if built.source.adapter.language_model is not None or options.llm_drop != "none":
-        drop = llm_plan(built, options.llm_drop_config()).drop  # a reduction that cannot run: refused here
-        if drop.method == "mustdrop" and drop.window:
-            raise UsageError(f"--llm-drop {drop.label}: the spatial merge decides each image's token count, and the "
-                             "vision graph keeps the plan's count: export with window=0 (turbo's own merge, --r, "
-                             "reduces the tower), or run the spatial merge in PyTorch with `turbo generate MODEL "
-                             "IMAGE PROMPT --llm-drop mustdrop`")
+        llm_plan(built, options.llm_drop_config())  # a reduction that cannot run: refused here
+        if options.trt is not None and options.llm_drop_config().spatial_merge():
+            raise UsageError("--trt: MustDrop's spatial merge decides each image's token count, and turbo builds "
+                             "TensorRT engines for the plan's counts; export with window=0 (turbo's --r merges the "
+                             "tower instead), or without --trt (ONNX Runtime runs the merge)")
     check_target(Path(output), force, protect=Path(built.source.location))
     seconds: dict[str, float] = {}
 
@@ -176,6 +175,7 @@ def _manifest(built: BuiltPlan, options: ExportOptions, model, summary: GraphSum
               started: str, command_line: str | None) -> Manifest:
     status = "not validated" if report is None else "passed" if report.passed else "failed"
     data_files = sorted(p.name for p in staging.iterdir() if p.name.startswith(MODEL_FILE) and p.name != MODEL_FILE)
+    tokens = options.output_tokens(built)
     return Manifest(
         status=status,
         model=ModelRecord(
@@ -192,8 +192,8 @@ def _manifest(built: BuiltPlan, options: ExportOptions, model, summary: GraphSum
         onnx=OnnxRecord(file=MODEL_FILE, opset=options.opset, precision=options.precision,
                         batch=options.batch or "dynamic", image_size=list(built.image_size), external_data=data_files,
                         merge_op=options.merge_op,
-                        excluded_tokens=built.source.adapter.excluded_tokens(built.source.config),
-                        fixed_tokens=built.source.adapter.fixed_tokens(built.source.config), **summary.to_dict()),
+                        excluded_tokens=tokens.excluded, fixed_tokens=tokens.fixed,
+                        decided_tokens=list(tokens.decided), **summary.to_dict()),
         image_processor=ImageProcessorRecord(PROCESSOR_FILE, processor_origin),
         validation=report.to_dict() if report else {"skipped": True},
         versions=versions(),

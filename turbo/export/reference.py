@@ -53,7 +53,8 @@ def prepare_model(built: BuiltPlan, options: ExportOptions,
         unmerged = copy.deepcopy(model) if keep_unmerged else None
     with stage("patch"):
         apply_turbo(model, built.source.adapter, built.plan, built.merge_config, options.kernel)
-        module = ExportModule(model, built, cls_attention=options.llm_drop_config().method == "mustdrop")
+        module = ExportModule(model, built, cls_attention=options.llm_drop_config().method == "mustdrop",
+                              spatial=options.llm_drop_config().spatial_merge())
     quantized = None
     if options.quant:
         with stage("quantize"):
@@ -76,7 +77,7 @@ def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportO
     report = validate_export(reference.module, reference.module.output_names(), path, summary,
                              built.plan, options.kernel, options.batch, options.precision, built.pixel_shape,
                              options.seed, static_checks=static_checks, compare=options.quant != INT8,
-                             tokens=built.source.adapter.output_tokens(built.source.config))
+                             tokens=options.output_tokens(built))
     quantized = reference.quantized
     exact_text = captions_are_exact(options.precision, options.quant)
     if question is not None:

@@ -202,9 +202,12 @@ def graph_problems(summary: GraphSummary, plan: TokenPlan, kernel: str, batch: i
     """Where the exported graph disagrees with the plan or breaks the export rules.
 
     Token outputs are (B, N, C) ones and token_sizes (B, N); batch None means a dynamic axis.
-    `tokens`: what each token output holds (the family's).
+    `tokens`: what each token output holds (the family's); a decided output's count is a run-time
+    axis, its graph's spatial merge the only place sorts and scatters may decide it.
     """
     problems = []
+    if tokens.decided and not summary.spatial_nodes:
+        problems.append(f"{', '.join(tokens.decided)} should be sized per image by a spatial merge the graph lacks")
     merging = [layer for layer in plan.layers if layer.r > 0]
     blocks = summary.merge_blocks
     if len(blocks) != len(merging):
@@ -232,8 +235,9 @@ def graph_problems(summary: GraphSummary, plan: TokenPlan, kernel: str, batch: i
                             f"{batch if batch else 'a dynamic axis'}")
         is_token_output = len(output.shape) == 3 or output.name == TOKEN_SIZES
         expected = tokens.expected(output.name, plan.final_tokens)
-        if is_token_output and output.shape[1] != expected:
-            part = f"; it should hold {expected}" if expected != plan.final_tokens else ""
+        if is_token_output and not tokens.holds(output.name, output.shape[1], plan.final_tokens):
+            part = "; its spatial merge should decide it per image" if expected is None \
+                else f"; it should hold {expected}" if expected != plan.final_tokens else ""
             problems.append(f"output {output.name} has token dim {output.shape[1]!r} but the plan ends with "
                             f"{plan.final_tokens} tokens{part}")
     return problems

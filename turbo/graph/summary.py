@@ -30,6 +30,7 @@ class TensorInfo:
 
 MERGE_CLASS = "turbo.merging.module.TokenMerge"
 WEIGHTED_MERGE_CLASS = "turbo.merging.module.WeightedMerge"  # the part a TurboMerge node replaces
+SPATIAL_CLASS = "turbo.merging.spatial.SpatialMerge"  # MustDrop's spatial merge: it sorts and scatters per image
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # the exporter's node metadata: module paths, outermost first
 
 
@@ -63,6 +64,7 @@ class GraphSummary:
     unscoped_topk: int  # constant-K TopK nodes outside any merge block (or without scope metadata)
     dynamic_topk: int  # TopK nodes whose K is computed at run time
     scatter_reductions: tuple[str, ...]  # the reduction of every ScatterElements node
+    spatial_nodes: int  # nodes of MustDrop's spatial merge, which the TopK and scatter counts leave out
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     opset: int  # of the default ONNX domain
@@ -134,9 +136,12 @@ def summarize(path: str | Path) -> GraphSummary:
     graph = model.graph
     ks_by_scope: dict[str, list[int]] = {}
     unscoped = dynamic = 0
+    def spatial(node: onnx.NodeProto) -> bool:
+        return module_scope(node, SPATIAL_CLASS) is not None
+
     for nodes, constants in node_scopes(model):
         for node in nodes:
-            if node.op_type != "TopK":
+            if node.op_type != "TopK" or spatial(node):
                 continue
             if node.input[1] not in constants:
                 dynamic += 1
@@ -149,7 +154,7 @@ def summarize(path: str | Path) -> GraphSummary:
     blocks = tuple(MergeBlock(scope, tuple(ks)) for scope, ks in ks_by_scope.items())
     reductions = tuple(
         next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
-        for node in all_nodes(model) if node.op_type == "ScatterElements"
+        for node in all_nodes(model) if node.op_type == "ScatterElements" and not spatial(node)
     )
     return GraphSummary(
         op_counts=dict(Counter(node.op_type for node in all_nodes(model))),
@@ -157,6 +162,7 @@ def summarize(path: str | Path) -> GraphSummary:
         unscoped_topk=unscoped,
         dynamic_topk=dynamic,
         scatter_reductions=reductions,
+        spatial_nodes=sum(map(spatial, all_nodes(model))),
         inputs=tuple(_tensor_info(v) for v in graph.input),
         outputs=tuple(_tensor_info(v) for v in graph.output),
         opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0),

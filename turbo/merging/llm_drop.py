@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from turbo.core.errors import UsageError
+from turbo.merging.spatial import SpatialMerge
 
 LLM_DROPS = ("none", "fastv", "pyramid", "dyrate", "mustdrop")
 TOKEN_TYPES = ("system", "image", "instruction", "response")  # DyRate's four token types
@@ -64,6 +65,10 @@ class LlmDropConfig:
             raise ValueError(f"MustDrop's key must be in (0, 1] (its key set keeps image tokens whatever the "
                              f"thresholds) and its thresholds >= 0; got key {self.key}, "
                              f"global_thr {self.global_thr}, individual_thr {self.individual_thr}")
+
+    def spatial_merge(self) -> SpatialMerge | None:
+        """MustDrop's spatial merge in the tower, where it merges."""
+        return SpatialMerge(self.window, self.spatial_thr) if self.method == "mustdrop" and self.window else None
 
     @property
     def pruning_layers(self) -> list[int]:

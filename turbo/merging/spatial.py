@@ -4,6 +4,7 @@ becomes one token, their mean. Pure torch, no model knowledge."""
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def window_similarity(patches: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
@@ -32,13 +33,28 @@ def spatial_merge(hidden: torch.Tensor, grid: tuple[int, int], window: int, thre
     become their tokens' mean. Returns (B, 1 + n_merged + n_rest, C): CLS, the merged windows in
     that order, the other patches in grid order, as MustDrop's code lays them out."""
     cls, patches = hidden[:, :1], hidden[:, 1:]
+    batch, tokens, channels = patches.shape
     similarity = window_similarity(patches, grid, window)  # (B, windows)
-    count = int((similarity >= threshold).sum(dim=1).min())
-    chosen = similarity.topk(count, dim=1).indices  # (B, n) most similar first
-    members = window_members(grid, window, hidden.device)[chosen]  # (B, n, w²)
-    merged = patches.gather(1, members.flatten(1)[..., None].expand(-1, -1, patches.shape[-1]))
-    merged = merged.view(*members.shape, patches.shape[-1]).mean(dim=2)  # (B, n, C)
-    rest = torch.ones(patches.shape[:2], dtype=torch.bool, device=hidden.device)
-    rest.scatter_(1, members.flatten(1), False)
-    others = patches[rest].view(patches.shape[0], -1, patches.shape[-1])  # grid order
+    count = (similarity >= threshold).sum(dim=1).min()  # a 0-d tensor: one graph serves every count
+    ranked = similarity.topk(similarity.shape[1], dim=1).indices  # (B, windows) most similar first; a constant K
+    chosen = ranked[:, torch.arange(ranked.shape[1], device=hidden.device) < count]  # (B, n)
+    members = window_members(grid, window, hidden.device)[chosen].flatten(1)  # (B, n · w²)
+    merged = patches.gather(1, members[..., None].expand(-1, -1, channels))
+    merged = merged.view(batch, -1, window * window, channels).mean(dim=2)  # (B, n, C)
+    inside = torch.zeros(batch, tokens, dtype=torch.long, device=hidden.device).scatter(1, members, tokens)
+    order = inside + torch.arange(tokens, device=hidden.device)  # distinct keys: the others first, in grid order
+    rest = order.topk(tokens, dim=1, largest=False).indices[:, :tokens - members.shape[1]]
+    others = patches.gather(1, rest[..., None].expand(-1, -1, channels))
     return torch.cat([cls, merged, others], dim=1)
+
+
+class SpatialMerge(nn.Module):
+    """spatial_merge as a module, so an exported graph names the nodes it emits (their counts are
+    decided per image, unlike the merge blocks' plan constants)."""
+
+    def __init__(self, window: int, threshold: float) -> None:
+        super().__init__()
+        self.window, self.threshold = window, threshold
+
+    def forward(self, hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return spatial_merge(hidden, grid, self.window, self.threshold)

@@ -8,6 +8,7 @@ from torch import nn
 
 from turbo.core.manifest import OutputTokens
 from turbo.merging.plan import ArchSpec
+from turbo.merging.spatial import SpatialMerge
 from turbo.models.decoder_stacks import DecoderStack
 
 
@@ -122,10 +123,10 @@ class LanguageModel:
     mlp: Callable[[object], tuple[int, int]]  # text config -> (FFN width, FFN matrices) for FLOPs counts
     question_prompt: str  # the family's short-answer prompt, {question} where each question goes
     image_first: bool = False  # the image goes before the prompt, which has no placeholder (BLIP-2)
-    # (model, pixel_values, interpolate_pos_encoding, MustDrop's spatial merge (window, threshold) or None)
+    # (model, pixel_values, interpolate_pos_encoding, MustDrop's spatial merge or None)
     # -> the image features and the vision tower's CLS attention on each (B, N_image), None where the
     # tower has no CLS; None: image tokens that are not the tower's (BLIP-2's queries). For MustDrop.
-    cls_attention: Callable[[nn.Module, torch.Tensor, bool, tuple[int, float] | None],
+    cls_attention: Callable[[nn.Module, torch.Tensor, bool, SpatialMerge | None],
                             tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
 

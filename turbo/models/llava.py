@@ -15,7 +15,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from turbo.merging.attention import cls_attention
-from turbo.merging.spatial import spatial_merge
+from turbo.merging.spatial import SpatialMerge
 from turbo.models.adapters import GENERATION, FamilyAdapter, LanguageModel, fixed_size_processor
 from turbo.models.clip import clip_block_parts
 from turbo.models.decoder_stacks import LlamaStack
@@ -59,9 +59,9 @@ def _vision(model: nn.Module) -> nn.Module:
 
 
 def tower_tokens(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool,
-                 spatial: tuple[int, float] | None = None) -> torch.Tensor:
+                 spatial: SpatialMerge | None = None) -> torch.Tensor:
     """The tower's hidden states at the feature layer: (B, N_final, C), CLS included where it has one.
-    `spatial` (window, threshold): MustDrop's spatial merge after the first block (an unmerged tower)."""
+    `spatial`: MustDrop's spatial merge, run after the first block (an unmerged tower)."""
     vision = _vision(model)
     hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
     if hasattr(vision, "pre_layrnorm"):  # CLIP
@@ -70,7 +70,7 @@ def tower_tokens(model: nn.Module, pixel_values: torch.Tensor, interpolate: bool
         hidden = layer(hidden, attention_mask=None)
         if index == 0 and spatial is not None:
             patch = vision.embeddings.patch_size
-            hidden = spatial_merge(hidden, (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch), *spatial)
+            hidden = spatial(hidden, (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch))
     return hidden
 
 
@@ -94,7 +94,7 @@ def image_features(model: nn.Module, pixel_values: torch.Tensor, interpolate: bo
 
 
 def image_features_and_cls_attention(
-    model: nn.Module, pixel_values: torch.Tensor, interpolate: bool, spatial: tuple[int, float] | None = None,
+    model: nn.Module, pixel_values: torch.Tensor, interpolate: bool, spatial: SpatialMerge | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The image tokens the LLM reads and the tower's CLS attention on each (B, N_image), None for
     a tower without CLS (SigLIP); `spatial` as tower_tokens takes it."""

@@ -81,8 +81,8 @@ class VlmGenerator:
         on each (B, N), which its key set comes from."""
         if self.drop.method != "mustdrop":
             return self.language.image_features(self.model, pixel_values, self.interpolate_pos_encoding), None
-        spatial = (self.drop.window, self.drop.spatial_thr) if self.drop.window else None
-        return self.language.cls_attention(self.model, pixel_values, self.interpolate_pos_encoding, spatial)
+        return self.language.cls_attention(self.model, pixel_values, self.interpolate_pos_encoding,
+                                           self.drop.spatial_merge())
 
     def stream(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,
                eos_token_id: int | None = None) -> Iterator[torch.Tensor]:

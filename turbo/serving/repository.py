@@ -97,7 +97,8 @@ def deploy_export(directory: Path, manifest: Manifest, repository: Path, options
     facts = {"turbo_r": str(manifest.turbo.r_requested), "turbo_export": str(directory.resolve()),
              "turbo_flops_bound": str(manifest.plan.speedup_bound)}  # read by turbo bench --url
     inputs, outputs = _tensors(manifest.onnx.inputs, not static), _tensors(manifest.onnx.outputs, not static)
-    batching = Batching(max_batch=0 if static else options.max_batch, dynamic=options.dynamic_batching,
+    alone = bool(manifest.onnx.output_tokens.decided)  # a batch's images would share the fewest's token count
+    batching = Batching(max_batch=0 if static else 1 if alone else options.max_batch, dynamic=options.dynamic_batching,
                         max_queue_delay_us=options.max_queue_delay_us, preferred=options.preferred_batch,
                         instances=options.instances, kind="KIND_GPU" if backend == "tensorrt" else "KIND_CPU")
     _graph_model(repository / encoder, directory, manifest.onnx.file, inputs, outputs, batching, backend, options,
@@ -119,7 +120,9 @@ def deploy_export(directory: Path, manifest: Manifest, repository: Path, options
                           encoder_outputs=json.dumps([t.name for t in outputs]))
         labels = _image_model(repository / name, directory, manifest, task, outputs, static, client, parameters)
         models = [name]
-    described = (f"dynamic, up to {options.max_batch} per batch" if not static else
+    described = (f"dynamic, up to {options.max_batch} per batch" if not static and not alone else
+                 f"one image per batch to {encoder}: MustDrop's spatial merge decides each image's token count"
+                 if alone else
                  f"static batch {static}: max_batch_size 0, clients send {static} images per request to {encoder}; "
                  f"{name} pads smaller requests")
     return DeployedModel(str(directory), name, task.name, encoder, backend, (encoder, *models), described, labels)
