@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jsonschema
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +16,7 @@ from tests.conftest import tiny_export
 from turbo.cli.app import app
 from turbo.core.manifest import OutputTokens
 from turbo.data.images import Sample, pixel_batch
+from turbo.export.llm_quant import answer_agreement
 from turbo.export.validate import graph_problems, seeded_pixels
 from turbo.graph.summary import summarize
 from turbo.merging.llm_drop import parse_llm_drop
@@ -275,3 +277,47 @@ def test_a_graph_without_the_spatial_merge_is_not_taken_for_one(dropping):
     plan = build_plan("llava-1.5-7b", 0, tiny=True).plan
     problems = graph_problems(summary, plan, "matmul", None, OutputTokens(decided=("image_features",)))
     assert any("a spatial merge the graph lacks" in p for p in problems)
+
+
+QUANT = {"quant": "gptq-int4", "group_size": 16, "calib": "synthetic", "calib_size": 4}
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    return tiny_export(tmp_path_factory, "llava-1.5-7b", 0, decoder=True, llm_drop="pyramid:stages=2,keep=0.5",
+                       **QUANT)  # r=0: int4 on a random tiny tower moves merge decisions
+
+
+def test_a_quantized_language_model_equals_its_fake_quantized_pytorch_model(quantized, reduced, image_file):
+    """--quant also quantizes the language model's block Linears (GPTQ, calibrated block after
+    block): both of its graphs read them as INT4 + DequantizeLinear from one smaller weights file,
+    equal the fake-quantized PyTorch model, and agree with fp32 on its answers' next tokens;
+    `turbo generate` runs it and `turbo check` quantizes again to the same result."""
+    assert quantized.report.passed
+    record = quantized.manifest.quantization
+    assert record.decoder["quantized_linears"] == 4 * 7  # q, k, v, o, gate, up, down in each of 4 blocks
+    assert "own greedy answers" in record.decoder["calibration_text"]
+    for graph in ("llm_prefill.onnx", "llm_decode.onnx"):
+        model = onnx.load(str(quantized.directory / graph))
+        assert sum(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer) == 4 * 7
+    assert quantized.manifest.llm.weights_bytes < reduced.manifest.llm.weights_bytes  # the same LLM, unquantized
+    checks = {c.run: c for c in quantized.report.outputs if c.run.startswith("language model")}
+    assert len(checks) == 2 and all(c.passed for c in checks.values())
+    agreement = next(q for q in quantized.report.quality if q.name.startswith("answer next-token"))
+    assert agreement.value > 0.5 and not agreement.gated  # random weights: measured, not gated
+    got = generate(str(quantized.directory), image_file, PROMPT, "--max-new-tokens", "4")  # default kernels
+    assert len(got["token_ids"]) == 4
+    check = runner.invoke(app, ["check", str(quantized.directory), "--json"])
+    assert check.exit_code == 0, check.output
+    detail = {c["name"]: c["detail"] for c in json.loads(check.stdout)["checks"]}["quantized vs fp32"]
+    assert f"answer next-token agreement with fp32 {agreement.value:.4f}" in detail
+
+
+def test_answer_agreement_tells_another_model_apart(quantized):
+    """The agreement gate can fail: against a model with other weights it is low."""
+    source = resolve_source("llava-1.5-7b", tiny=True)
+    pipeline = OnnxVlm.open(quantized.directory)
+    other = load_model(source, random_weights=True, seed=7)
+    agreement = answer_agreement(other, source, parse_llm_drop("pyramid:stages=2,keep=0.5"), pipeline,
+                                 pipeline.tokenizer, tuple(quantized.manifest.onnx.pixel_shape), False)
+    assert agreement < 0.5

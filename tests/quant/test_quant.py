@@ -1,6 +1,8 @@
 """Weight-only quantization: GPTQ against plain rounding, the block-by-block driver on a merged
 model, and the blocked DequantizeLinear graph in ONNX Runtime against the fake-quantized model."""
 
+import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,7 +14,7 @@ from turbo.export.onnx_export import ExportModule, export_onnx
 from turbo.graph.weight_quant import insert_dequantize
 from turbo.models.build import build_merged_model
 from turbo.quant.gptq import HessianAccumulator, gptq, quantize_rtn
-from turbo.quant.quantize import quantize_blocks
+from turbo.quant.quantize import quantize_blocks, quantize_sequential
 
 
 def correlated_inputs(tokens: int = 4096, features: int = 256, rank: int = 16) -> torch.Tensor:
@@ -69,6 +71,32 @@ def test_blockwise_quantization_covers_every_encoder_linear():
             torch.testing.assert_close(module.weight, weights[name].dequantize())
             assert not torch.equal(module.weight, before[name])
     assert all(0 < report.relative_error < 0.1 for report in reports)
+
+
+def test_sequential_quantization_equals_the_whole_model_driver():
+    """Blocks run one after another (a language model's): feeding each block the quantized blocks'
+    outputs quantizes exactly as re-running the whole model up to it does."""
+    generator = torch.Generator().manual_seed(2)
+    blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+                                 for _ in range(3))
+    for parameter in blocks.parameters():
+        parameter.data = torch.randn(parameter.shape, generator=generator) * 0.2
+    inputs = list(correlated_inputs(72, 32, 4).view(3, 1, 24, 32))  # three batches (1, 24, 32)
+    twin = copy.deepcopy(blocks)
+
+    def whole(x: torch.Tensor) -> torch.Tensor:
+        for block in twin:
+            x = block(x)
+        return x
+
+    want, _ = quantize_blocks(twin, whole, inputs, "gptq-int4", group=8)
+    got, reports, outputs = quantize_sequential(blocks, inputs, lambda block, x: block(x), "gptq-int4", group=8)
+    assert set(got) == set(want) == {f"{i}.{j}" for i in range(3) for j in (0, 2)} and len(reports) == 6
+    for name in want:
+        torch.testing.assert_close(got[name].q, want[name].q)
+        torch.testing.assert_close(got[name].scales, want[name].scales)
+    with torch.inference_mode():
+        torch.testing.assert_close(outputs[0], whole(inputs[0]))  # the last block's outputs, quantized
 
 
 def test_dequantize_graph_equals_the_fake_quantized_model(tmp_path):

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from turbo.core.errors import TurboError
 from turbo.core.files import DECODER_WEIGHTS_FILE as WEIGHTS_FILE
 from turbo.core.files import (
     FIRST_STEP_FILE,
@@ -25,7 +24,7 @@ from turbo.core.files import (
 )
 from turbo.core.manifest import DecoderRecord
 from turbo.export.onnx_export import GraphSpec, export_sharing_weights
-from turbo.graph.weight_quant import insert_dequantize
+from turbo.graph.weight_quant import dequantizing
 from turbo.models.blip_decoder import (
     CROSS_KV,
     SELF_KV,
@@ -94,7 +93,7 @@ def export_decoder(text_decoder: nn.Module, directory: Path, image_tokens: int |
         [GraphSpec(first, (ids, *cross_inputs), graphs.first_inputs, graphs.first_outputs, first_dynamic,
                    FIRST_STEP_FILE),
          GraphSpec(with_past, past_args, graphs.past_inputs, graphs.past_outputs, past_dynamic, WITH_PAST_FILE)],
-        directory, WEIGHTS_FILE, opset, (lambda protos: _dequantize_weights(protos, quantized)) if quantized else None)
+        directory, WEIGHTS_FILE, opset, dequantizing(quantized, "decoder"))
     return {
         "first_step": FIRST_STEP_FILE,
         "with_past": WITH_PAST_FILE,
@@ -106,19 +105,6 @@ def export_decoder(text_decoder: nn.Module, directory: Path, image_tokens: int |
         "weights_bytes": stats["data_bytes"],
         "shared_bytes": stats["shared_bytes"],
     }
-
-
-def _dequantize_weights(protos: dict, quantized: dict) -> None:
-    """Integer weights in both graphs; every quantized Linear must appear in one of them (the
-    with-past graph has no cross-attention key/value projections: they are cached)."""
-
-    missing = set(quantized)
-    for path, proto in protos.items():
-        protos[path], absent = insert_dequantize(proto, quantized)
-        missing &= set(absent)
-    if missing:
-        raise TurboError(f"{len(missing)} quantized decoder Linears were not found in the decoder graphs "
-                         f"(first: {sorted(missing)[0]})")
 
 
 def write_generation_config(directory: Path, ids: dict[str, int], max_new_tokens: int = 20) -> None:

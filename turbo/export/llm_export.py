@@ -34,6 +34,7 @@ from turbo.core.manifest import LanguageModelRecord
 from turbo.export.decoder_validate import CaptionCheck
 from turbo.export.onnx_export import GraphSpec, export_sharing_weights
 from turbo.export.validate import ValidationReport, exact_check, seeded_pixels
+from turbo.graph.weight_quant import QuantizedWeight, dequantizing
 from turbo.merging.llm_drop import LlmDropConfig
 from turbo.models.llm_decoder import (
     DecodeGraph,
@@ -59,9 +60,12 @@ def reduced_decoder(model: nn.Module, source: ModelSource, drop: LlmDropConfig) 
 
 
 def export_language_model(model: nn.Module, source: ModelSource, tokenizer: tuple[object, str], directory: Path,
-                          image_tokens: int, drop: LlmDropConfig, opset: int) -> LanguageModelRecord:
+                          image_tokens: int, drop: LlmDropConfig, opset: int,
+                          quantized: dict[str, QuantizedWeight] | None = None) -> LanguageModelRecord:
     """Write LLM_PREFILL_FILE, LLM_DECODE_FILE, their shared LLM_WEIGHTS_FILE and the tokenizer into
-    `directory`; returns the manifest's `llm` section. fp32, whatever the vision part's precision."""
+    `directory`; returns the manifest's `llm` section. fp32, whatever the vision part's precision;
+    `quantized` (name -> QuantizedWeight, already fake-quantized in `model`) become integer weights
+    + DequantizeLinear in both graphs."""
     language = source.adapter.language_model
     decoder = reduced_decoder(model, source, drop)
     text = language.text_config(source.config)
@@ -75,7 +79,8 @@ def export_language_model(model: nn.Module, source: ModelSource, tokenizer: tupl
         outputs = prefill.module(*prefill.args)
     position = torch.tensor([[prefix.shape[1] + image_tokens + suffix.shape[1]]])
     decode = _decode_spec(decoder, outputs, prefix[:, :1], position, prefix.shape[1], image_tokens)
-    stats = export_sharing_weights([prefill, decode], directory, LLM_WEIGHTS_FILE, opset)
+    stats = export_sharing_weights([prefill, decode], directory, LLM_WEIGHTS_FILE, opset,
+                                   dequantizing(quantized, "language model"))
     tokenizer, origin = tokenizer
     tokenizer.save_pretrained(directory)
     keys = outputs[1]  # layer 0's (1, H_kv, T, d)

@@ -78,7 +78,7 @@ class ExportOptions:
         if self.quant is None:
             return None
         return QuantOptions(self.quant, self.calib, self.group_size, self.act_order, self.calib_size, self.calib_seed,
-                            self.calib_images, self.quant_heads)
+                            self.calib_images, self.quant_heads, language_model=self.decoder)
 
     def llm_drop_config(self) -> LlmDropConfig:
         return parse_llm_drop(self.llm_drop)

@@ -129,7 +129,8 @@ def run_export(options: ExportOptions, output: str | Path, force: bool = False, 
                 image_tokens = built.source.adapter.language_model.image_tokens(built.source.config,
                                                                                built.plan.final_tokens)
                 llm = export_language_model(model, built.source, reference.tokenizer, staging, image_tokens,
-                                            options.llm_drop_config(), options.opset)
+                                            options.llm_drop_config(), options.opset,
+                                            quantized.decoder_weights if quantized else None)
         summary = summarize(staging / MODEL_FILE)
         report = None
         if options.validate:

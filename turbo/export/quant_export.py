@@ -16,6 +16,7 @@ from turbo.core.errors import TurboError, UsageError
 from turbo.core.manifest import CalibrationRecord, QuantizationRecord
 from turbo.data.images import SYNTHETIC, batches, calibration_set
 from turbo.export.decoder_validate import reference_ids
+from turbo.export.llm_quant import language_model_linears, quantize_language_model
 from turbo.export.onnx_export import rewrite_onnx
 from turbo.export.validate import mean_cosine, seeded_pixels, weighted_mean_token
 from turbo.graph.weight_quant import MIN_OPSET, QuantizedWeight, insert_dequantize
@@ -35,7 +36,7 @@ BITS = {**{mode: bits for mode, (bits, _) in WEIGHT_ONLY.items()}, INT8: 8}
 # near ties, so any perturbation reorders them.
 MIN_COSINE = {8: 0.995, 4: 0.95}
 MIN_TOP1_AGREEMENT = {8: 0.95, 4: 0.80}
-MIN_CAPTION_AGREEMENT = {8: 0.95, 4: 0.80}  # next tokens equal to fp32's, teacher-forced on fp32 captions
+MIN_CAPTION_AGREEMENT = {8: 0.95, 4: 0.80}  # next tokens equal to fp32's, teacher-forced on fp32 captions/answers
 
 
 def check_quant_options(quant: str | None, calib: str | None, opset: int, precision: str, group: int,
@@ -69,7 +70,8 @@ class QuantOptions:
     calib_size: int = 128
     calib_seed: int = 0
     calib_images: str | None = None  # image root of a captions file (default: its folder)
-    heads: bool = False  # also the classifier (ViT) and the LM head (BLIP)
+    heads: bool = False  # also the classifier (ViT) and the LM head (BLIP, LLM-based VLMs)
+    language_model: bool = False  # also an LLM-based VLM's language model (exported with it)
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,8 @@ class QuantizedModel:
     random_weights: bool
     quality: list[QualityCheck] = field(default_factory=list)
     pixels: np.ndarray | None = None  # INT8: the calibration images, for activation ranges
-    decoder_weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # captioning models
-    decoder_text: str | None = None  # what the decoder was calibrated on
+    decoder_weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # BLIP's decoder, an LLM
+    decoder_text: str | None = None  # what the decoder or language model was calibrated on
     heads: bool = False  # the classifier / LM head quantized too
     float_heads: tuple[np.ndarray, ...] = ()  # INT8: head weights left float
 
@@ -164,6 +166,13 @@ class QuantizedModel:
         self.quality.append(check)
         report.quality.append(check)
 
+    def check_answers(self, agreement: float, report) -> None:
+        """The language model's next-token agreement with fp32 (llm_quant.answer_agreement)."""
+        check = QualityCheck("answer next-token agreement with fp32", agreement, MIN_CAPTION_AGREEMENT[BITS[self.mode]],
+                             not self.random_weights)
+        self.quality.append(check)
+        report.quality.append(check)
+
     def record(self) -> QuantizationRecord:
         weight_only = self.mode in WEIGHT_ONLY
         return QuantizationRecord(
@@ -216,9 +225,12 @@ def quantize_model(model: nn.Module, built, options: QuantOptions, random_weight
     caption = adapter.caption_decoder
     decoder = caption.module(model) if caption is not None else None
     processor, _ = load_image_processor(built.source, built.image_size, random_weights)
+    language = options.language_model and adapter.language_model is not None
     if options.mode != INT8:
         quantized_modules = [layers, *([caption.layers(decoder)] if decoder is not None else [])]
         widths = {m.in_features for blocks in quantized_modules for m in blocks.modules() if isinstance(m, nn.Linear)}
+        if language:
+            widths |= {m.in_features for m in language_model_linears(model, built.source)}
         if any(width % options.group_size for width in widths):
             raise UsageError(f"--group-size {options.group_size} must divide every quantized layer's input width "
                              f"({', '.join(map(str, sorted(widths)))})")
@@ -247,6 +259,11 @@ def quantize_model(model: nn.Module, built, options: QuantOptions, random_weight
         quantized.decoder_weights, decoder_reports, quantized.decoder_text = _quantize_decoder(
             model, decoder, built, calibration, tokenizer, options)
         quantized.layers += decoder_reports
+    if language:
+        quantized.decoder_weights, language_reports, quantized.decoder_text = quantize_language_model(
+            model, built.source, built.interpolate_pos_encoding, calibration.pixels, calibration.texts, tokenizer,
+            options.mode, options.group_size, options.act_order, options.heads)
+        quantized.layers += language_reports
     return quantized
 
 

@@ -15,6 +15,7 @@ from turbo.core.files import MODEL_FILE
 from turbo.core.manifest import DecoderRecord, LanguageModelRecord, QuestionRecord, TextRecord
 from turbo.export.decoder_validate import captions_are_exact, validate_decoder
 from turbo.export.llm_export import validate_language_model
+from turbo.export.llm_quant import answer_agreement
 from turbo.export.onnx_export import ExportModule
 from turbo.export.options import ExportOptions, Stage, no_stage
 from turbo.export.quant_export import INT8, QuantizedModel, quantize_model
@@ -89,7 +90,7 @@ def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportO
         validate_decoder(reference.model, built.source.adapter.caption_decoder, pipeline, report, built.pixel_shape,
                          built.interpolate_pos_encoding, decoder.prompt, exact_text, options.seed)
     if llm is not None:
-        pipeline = OnnxVlm.from_files(directory, MODEL_FILE, llm, options.batch)
+        pipeline = OnnxVlm.from_files(directory, MODEL_FILE, llm, options.batch, exact=True)
         validate_language_model(reference.model, built.source, options.llm_drop_config(), pipeline, report,
                                 built.pixel_shape, built.interpolate_pos_encoding, exact_text, options.seed)
     if text is not None:
@@ -98,6 +99,11 @@ def validate_files(reference: ReferenceModel, built: BuiltPlan, options: ExportO
                             adapter.vision_config(built.source.config).hidden_size, report)
     if quantized is not None:
         quantized.check_quality(reference.module, report, path, built.pixel_shape, options.batch)
+        if llm is not None and quantized.decoder_weights:  # as deployed: ONNX Runtime's default kernels
+            pipeline = OnnxVlm.from_files(directory, MODEL_FILE, llm, options.batch)
+            quantized.check_answers(answer_agreement(quantized.reference, built.source, options.llm_drop_config(),
+                                                     pipeline, reference.tokenizer[0], built.pixel_shape,
+                                                     built.interpolate_pos_encoding), report)
         if decoder is not None and question is None:  # as deployed: ONNX Runtime's default kernels
             quantized.check_captions(CaptionPipeline.load(directory, MODEL_FILE, decoder, options.batch), report,
                                      built.pixel_shape, built.interpolate_pos_encoding, decoder.prompt)

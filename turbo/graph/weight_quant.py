@@ -8,12 +8,15 @@ initializers (`val_13`) and stores Linear weights transposed, (in, out).
 """
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
+from turbo.core.errors import TurboError
 
 MIN_OPSET = 21  # blocked DequantizeLinear and INT4
 
@@ -93,3 +96,22 @@ def insert_dequantize(model, weights: dict[str, QuantizedWeight]) -> tuple[objec
     model.ir_version = max(model.ir_version, 10)
     onnx.checker.check_model(model)
     return model, sorted(set(weights) - found)
+
+
+def dequantizing(weights: dict[str, QuantizedWeight] | None, what: str) -> Callable[[dict], None] | None:
+    """For graphs sharing weights (path -> model, replaced in place): insert_dequantize in each,
+    every quantized Linear found in one of them (a with-past graph lacks what it caches). None
+    without weights."""
+    if not weights:
+        return None
+
+    def rewrite(protos: dict) -> None:
+        missing = set(weights)
+        for path, proto in protos.items():
+            protos[path], absent = insert_dequantize(proto, weights)
+            missing &= set(absent)
+        if missing:
+            raise TurboError(f"{len(missing)} quantized {what} Linears were not found in its graphs "
+                             f"(first: {sorted(missing)[0]}); report this with the model name")
+
+    return rewrite

@@ -38,26 +38,61 @@ def quantize_blocks(blocks: nn.ModuleList, run: Callable[[object], object], batc
     Returns the quantized weights by module name (`prefix` + name inside `blocks`) and per-layer
     errors.
     """
-    bits, method = WEIGHT_ONLY[mode]
     batches = list(batches)
+
+    def calibrate(block: nn.Module) -> None:
+        def stop(*_):
+            raise _BlockDone
+
+        handle = block.register_forward_hook(stop)
+        try:
+            for batch in batches:
+                try:
+                    run(batch)
+                except _BlockDone:
+                    pass
+        finally:
+            handle.remove()
+
+    return _quantize_each(blocks, calibrate, lambda _: None, mode, group, act_order, prefix)
+
+
+def quantize_sequential(blocks: nn.ModuleList, inputs: Iterable[object], step: Callable[[nn.Module, object], object],
+                        mode: str, group: int, act_order: bool = False,
+                        prefix: str = "") -> tuple[dict[str, QuantizedWeight], list[LayerReport], list[object]]:
+    """quantize_blocks for blocks run one after another: `inputs` are the first block's, one per
+    calibration batch, and `step(block, x)` runs one block, giving the next one's input. Each block
+    runs twice per batch (to calibrate, then quantized, to feed the next), not the whole model.
+    Also returns the last block's outputs."""
+    states = list(inputs)
+
+    def calibrate(block: nn.Module) -> None:
+        for x in states:
+            step(block, x)
+
+    def advance(block: nn.Module) -> None:
+        with torch.inference_mode():
+            states[:] = [step(block, x) for x in states]
+
+    weights, reports = _quantize_each(blocks, calibrate, advance, mode, group, act_order, prefix)
+    return weights, reports, states
+
+
+def _quantize_each(blocks: nn.ModuleList, calibrate: Callable[[nn.Module], None], after: Callable[[nn.Module], None],
+                   mode: str, group: int, act_order: bool,
+                   prefix: str) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
+    """Per block: `calibrate` feeds it (its Linears' inputs give their Hessians), its Linears are
+    quantized in place, then `after` sees the quantized block."""
+    bits, method = WEIGHT_ONLY[mode]
     weights, reports = {}, []
     for index, block in enumerate(blocks):
         linears = {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
         accumulators = {name: HessianAccumulator(m.in_features) for name, m in linears.items()}
         hooks = [m.register_forward_pre_hook(lambda _, args, a=accumulators[name]: a.add(args[0]))
                  for name, m in linears.items()]
-
-        def stop(*_):
-            raise _BlockDone
-
-        hooks.append(block.register_forward_hook(stop))
         try:
             with torch.inference_mode():
-                for batch in batches:
-                    try:
-                        run(batch)
-                    except _BlockDone:
-                        pass
+                calibrate(block)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -70,4 +105,5 @@ def quantize_blocks(blocks: nn.ModuleList, run: Callable[[object], object], batc
             reports.append(LayerReport(full_name, _relative_error(weight, dequantized, hessian)))
             module.weight.data = dequantized.to(module.weight.dtype)
             weights[full_name] = quantized
+        after(block)
     return weights, reports

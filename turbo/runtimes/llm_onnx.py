@@ -42,13 +42,14 @@ class OnnxVlm:
     @classmethod
     def from_files(cls, directory: Path, vision_file: str, record: LanguageModelRecord, static_batch: int | None,
                    threads: int | None = None, tokenizer=None, processor=None, manifest: Manifest | None = None,
-                   memory_arena: bool = True) -> "OnnxVlm":
-        """On ONNX Runtime sessions of the directory's graphs."""
-        runners = [OnnxRuntimeRunner(directory / file, threads=threads, memory_arena=memory_arena)
+                   memory_arena: bool = True, exact: bool = False) -> "OnnxVlm":
+        """On ONNX Runtime sessions of the directory's graphs; `exact` as OnnxRuntimeRunner takes it
+        (quantized weights multiplied in fp32, for validation)."""
+        runners = [OnnxRuntimeRunner(directory / file, threads=threads, memory_arena=memory_arena, exact=exact)
                    for file in (vision_file, record.prefill, record.decode)]
         vlm = cls(*runners, record, static_batch, tokenizer, processor, manifest)
         vlm._reopen = functools.partial(cls.from_files, directory, vision_file, record, static_batch, threads,
-                                        tokenizer, processor, manifest)
+                                        tokenizer, processor, manifest, exact=exact)
         return vlm
 
     @classmethod
@@ -81,7 +82,8 @@ class OnnxVlm:
     def stream(self, image: dict[str, np.ndarray], prefix: list[int], suffix: list[int], max_new_tokens: int,
                eos_token_id: int | None = None) -> Iterator[np.ndarray]:
         """Each step's logits (1, V), greedy, until eos or max_new_tokens; `image` as
-        `image_features` gives it."""
+        `image_features` gives it. A token sent in (`send`) is decoded instead of the greedy one
+        (teacher forcing)."""
         out = self.prefill.run({PREFIX: np.array([prefix]), **image, SUFFIX: np.array([suffix])})
         logits, state = out["logits"], [out[name] for name in self.present_names]
         position = len(prefix) + image[FEATURES].shape[1] + len(suffix)
@@ -93,8 +95,8 @@ class OnnxVlm:
         layout = dict(zip(LLM_PROMPT_LAYOUT, (np.array([len(prefix)]), np.array([position])))) \
             if self.reads_layout else {}
         for step in range(max_new_tokens):
-            yield logits
-            token = int(logits[0].argmax())
+            forced = yield logits
+            token = int(logits[0].argmax()) if forced is None else int(forced)
             if token == eos_token_id or step == max_new_tokens - 1:
                 return
             out = self.decode.run({IDS: np.array([[token]]), POSITIONS: np.array([[position + step]]), **layout,

@@ -204,9 +204,9 @@ def _revalidate(directory: Path, manifest: Manifest, built, report: CheckReport,
     comparisons), when the weights can be had; then the gates."""
     options = ExportOptions.from_manifest(manifest)
     gated = max_diff is not None or min_agreement is not None
-    try:  # a quantized captioner's decoder calibrates on captions tokenized as at export
+    try:  # a quantized decoder or language model calibrates on text tokenized as at export
         tokenizer = ((lambda: (AutoTokenizer.from_pretrained(directory), "the export's"))
-                     if manifest.decoder and manifest.quantization else None)
+                     if (manifest.decoder or manifest.llm) and manifest.quantization else None)
         reference = prepare_model(built, options, tokenizer, keep_unmerged=min_agreement is not None)
     except TurboError as exc:
         report.add("ORT vs PyTorch", False if gated else None, f"skipped, no reference model: {exc}")
