@@ -311,6 +311,13 @@ def test_a_quantized_language_model_equals_its_fake_quantized_pytorch_model(quan
     assert check.exit_code == 0, check.output
     detail = {c["name"]: c["detail"] for c in json.loads(check.stdout)["checks"]}["quantized vs fp32"]
     assert f"answer next-token agreement with fp32 {agreement.value:.4f}" in detail
+    bench = runner.invoke(app, ["bench", str(quantized.directory), "--iters", "1", "--warmup", "0",
+                                "--caption-tokens", "2", "--json"])  # against an unreduced export built alike
+    assert bench.exit_code == 0, bench.output
+    report = json.loads(bench.stdout)
+    jsonschema.validate(report, SCHEMA)
+    assert {(row["llm_drop"], row["quant"]) for row in report["results"]} == {
+        ("none", "gptq-int4"), ("pyramid:stages=2,keep=0.5", "gptq-int4")}
 
 
 def test_answer_agreement_tells_another_model_apart(quantized):

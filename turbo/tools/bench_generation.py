@@ -60,7 +60,8 @@ def _decode_timer(vlm: OnnxVlm, pixels: np.ndarray, prefix: list[int], suffix: l
 
 
 def _label(manifest: Manifest) -> str:
-    return f"r={manifest.turbo.r_requested if manifest.plan.merges else 0} {manifest.llm.llm_drop}"
+    quant = f" {manifest.quantization.mode}" if manifest.quantization else ""
+    return f"r={manifest.turbo.r_requested if manifest.plan.merges else 0} {manifest.llm.llm_drop}{quant}"
 
 
 def _plan(manifest: Manifest) -> LlmPlan:
@@ -149,6 +150,7 @@ def time_generation(exports: list[tuple[Path, Manifest]], tokens: int, warmup_s:
                 "runtime": "ort", "workload": workload, "device": "cpu", "precision": manifest.onnx.precision,
                 "batch": 1, "r": manifest.turbo.r_requested if manifest.plan.merges else 0,
                 "final_tokens": manifest.plan.final_tokens, "llm_drop": manifest.llm.llm_drop,
+                "quant": manifest.quantization.mode if manifest.quantization else None,
                 "image_tokens": images, "latency": stats.to_dict(), "noisy": stats.noisy,
                 "speedup": speedup, "flops_bound": bound, "efficiency": speedup / bound, "memory": used,
                 "runner": first[label].describe(),

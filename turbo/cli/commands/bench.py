@@ -104,16 +104,17 @@ def save_figure(plt, figure, axes, path: str) -> None:
 
 
 def _generation_table(rows: list[dict], title: str) -> Table:
-    """An LLM-based VLM's first token or decode steps: one row per (r, --llm-drop) export."""
+    """An LLM-based VLM's first token or decode steps: one row per (r, --llm-drop, --quant) export."""
     decode = rows[0]["workload"] == "decode"
     table = Table(title=title)
-    for column in ("r", "--llm-drop", "image tokens (first, last layer)", "median ms", "CV",
+    for column in ("r", "--llm-drop", "--quant", "image tokens (first, last layer)", "median ms", "CV",
                    "tokens/s" if decode else "memory MB", "speedup", "FLOPs bound", "efficiency"):
         table.add_column(column, justify="right")
     for row in rows:
         latency, images = row["latency"], row["image_tokens"]
         table.add_row(
-            str(row["r"]), row["llm_drop"], f"{images[0]}, {images[-1]}", f"{latency['median_ms']:.1f}",
+            str(row["r"]), row["llm_drop"], row["quant"] or "—", f"{images[0]}, {images[-1]}",
+            f"{latency['median_ms']:.1f}",
             f"[yellow]{latency['cv']:.1%}[/]" if row["noisy"] else f"{latency['cv']:.1%}",
             f"{row['tokens_per_s']:.1f}" if decode else
             ("—" if row["memory"]["peak_mb"] is None else f"{row['memory']['peak_mb']:.1f}"),
