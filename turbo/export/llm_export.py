@@ -100,11 +100,11 @@ def _prefill_spec(decoder: ReducedDecoder, prefix: torch.Tensor, features: torch
     args, names = (prefix, features, suffix), list(LLM_PREFILL_INPUTS)
     dims = ({1: torch.export.Dim("prefix", min=0)}, {}, {1: torch.export.Dim("suffix", min=0)})
     outputs = [LOGITS, *cache_names("present", decoder.num_layers, KV)]
-    if isinstance(decoder, MustDropDecoder):  # its spatial merge decides the image-token count per image
-        image = torch.export.Dim("image", min=2)
+    if isinstance(decoder, MustDropDecoder):
+        image = {1: torch.export.Dim("image", min=2)} if decoder.drop.spatial_merge() else {}  # decided per image
         args += (torch.rand(features.shape[:2], generator=generator).softmax(dim=-1),)
         names.append(CLS_ATTENTION)
-        dims = (dims[0], {1: image}, dims[2], ({1: image},))  # the last: PrefillGraph's *cls_attention
+        dims = (dims[0], image, dims[2], (image,))  # the last: PrefillGraph's *cls_attention
         outputs.append(TOKENS_READ)
     if isinstance(decoder, PruningDecoder):
         outputs.append(f"present.{KEPT_IMAGES}")
