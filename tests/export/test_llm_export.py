@@ -186,28 +186,29 @@ def test_a_dyrate_export_prunes_its_caches_as_pytorch_does(pruning, image_file):
     assert images.kept.shape[1] < 36  # it pruned
 
 
-MUSTDROP = "mustdrop:layer=1,every=1,stages=2,global_thr=0.03,individual_thr=0.02,key=0.1,window=0"
+# the spatial merge's threshold merges some of the tiny tower's 4 windows
+SPATIAL = "mustdrop:layer=1,every=1,stages=2,global_thr=0.03,individual_thr=0.02,key=0.1,window=3,spatial_thr=0.02"
 
 
 @pytest.fixture(scope="module")
-def dropping(tmp_path_factory):
-    return tiny_export(tmp_path_factory, "llava-1.5-7b", 0, decoder=True, llm_drop=MUSTDROP)
+def spatial(tmp_path_factory):
+    return tiny_export(tmp_path_factory, "llava-1.5-7b", 0, decoder=True, llm_drop=SPATIAL)
 
 
-def test_a_mustdrop_export_keeps_what_each_prompt_passes_as_pytorch_does(dropping, image_file):
+def test_a_mustdrop_export_keeps_what_each_prompt_passes_as_pytorch_does(spatial, image_file):
     """The vision graph gives the CLS attention its key set comes from; the prefill graph decides
     per prompt which image tokens each layer keeps: its caches' image tokens, and the generated
     tokens, equal PyTorch's for prompts that keep different counts."""
-    assert dropping.report.passed and dropping.manifest.onnx.outputs[1]["name"] == "cls_attention"
-    got = generate(str(dropping.directory), image_file, PROMPT, "--max-new-tokens", "5")
-    want = generate("llava-1.5-7b", image_file, PROMPT, "--r", "0", "--llm-drop", MUSTDROP, "--tiny",
+    assert spatial.report.passed and spatial.manifest.onnx.outputs[1]["name"] == "cls_attention"
+    got = generate(str(spatial.directory), image_file, PROMPT, "--max-new-tokens", "5")
+    want = generate("llava-1.5-7b", image_file, PROMPT, "--r", "0", "--llm-drop", SPATIAL, "--tiny",
                     "--random-weights", "--max-new-tokens", "5")
     assert got["token_ids"] == want["token_ids"] and len(got["token_ids"]) == 5
     assert got["image_tokens_per_llm_layer"] == want["image_tokens_per_llm_layer"]
-    vlm = OnnxVlm.open(dropping.directory)
+    vlm = OnnxVlm.open(spatial.directory)
     source = resolve_source("llava-1.5-7b", tiny=True)
     decoder = VlmGenerator(load_model(source, random_weights=True), source.adapter.language_model,
-                           parse_llm_drop(MUSTDROP)).decoder
+                           parse_llm_drop(SPATIAL)).decoder
     counts, run = [], vlm.prefill.run
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(1, 36, 32, generator=generator)
@@ -226,14 +227,6 @@ def test_a_mustdrop_export_keeps_what_each_prompt_passes_as_pytorch_does(droppin
         np.testing.assert_allclose(out["logits"], prefill.logits.numpy(), rtol=1e-4, atol=1e-5)
         counts.append([tokens - len(prefix) - len(suffix) for tokens in out["tokens_per_layer"].tolist()])
     assert counts == [[36] * 4, [36, 36, 4, 4]]  # decided per prompt: the longer one keeps only the key set
-
-
-SPATIAL = MUSTDROP.replace("window=0", "window=3,spatial_thr=0.02")  # merges some of the tiny tower's 4 windows
-
-
-@pytest.fixture(scope="module")
-def spatial(tmp_path_factory):
-    return tiny_export(tmp_path_factory, "llava-1.5-7b", 0, decoder=True, llm_drop=SPATIAL)
 
 
 def test_a_mustdrop_export_runs_its_spatial_merge_per_image_as_pytorch_does(spatial, image_file, tmp_path):
@@ -272,8 +265,8 @@ def test_a_mustdrop_export_runs_its_spatial_merge_per_image_as_pytorch_does(spat
     assert check_config(tmp_path / "repo" / f"{spatial.directory.name}-encoder" / "config.pbtxt").max_batch_size == 1
 
 
-def test_a_graph_without_the_spatial_merge_is_not_taken_for_one(dropping):
-    summary = summarize(dropping.directory / "model.onnx")
+def test_a_graph_without_the_spatial_merge_is_not_taken_for_one(reduced):
+    summary = summarize(reduced.directory / "model.onnx")
     plan = build_plan("llava-1.5-7b", 0, tiny=True).plan
     problems = graph_problems(summary, plan, "matmul", None, OutputTokens(decided=("image_features",)))
     assert any("a spatial merge the graph lacks" in p for p in problems)
@@ -284,7 +277,7 @@ QUANT = {"quant": "gptq-int4", "group_size": 16, "calib": "synthetic", "calib_si
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    return tiny_export(tmp_path_factory, "llava-1.5-7b", 0, decoder=True, llm_drop="pyramid:stages=2,keep=0.5",
+    return tiny_export(tmp_path_factory, "llava-1.5-7b", 0, decoder=True,
                        **QUANT)  # r=0: int4 on a random tiny tower moves merge decisions
 
 
@@ -312,12 +305,12 @@ def test_a_quantized_language_model_equals_its_fake_quantized_pytorch_model(quan
     detail = {c["name"]: c["detail"] for c in json.loads(check.stdout)["checks"]}["quantized vs fp32"]
     assert f"answer next-token agreement with fp32 {agreement.value:.4f}" in detail
     bench = runner.invoke(app, ["bench", str(quantized.directory), "--iters", "1", "--warmup", "0",
-                                "--caption-tokens", "2", "--json"])  # against an unreduced export built alike
+                                "--caption-tokens", "2", "--json"])  # unreduced: its own baseline
     assert bench.exit_code == 0, bench.output
     report = json.loads(bench.stdout)
     jsonschema.validate(report, SCHEMA)
-    assert {(row["llm_drop"], row["quant"]) for row in report["results"]} == {
-        ("none", "gptq-int4"), ("pyramid:stages=2,keep=0.5", "gptq-int4")}
+    assert [(row["workload"], row["quant"]) for row in report["results"]] == [
+        ("first_token", "gptq-int4"), ("decode", "gptq-int4")]
 
 
 def test_answer_agreement_tells_another_model_apart(quantized):
@@ -325,6 +318,6 @@ def test_answer_agreement_tells_another_model_apart(quantized):
     source = resolve_source("llava-1.5-7b", tiny=True)
     pipeline = OnnxVlm.open(quantized.directory)
     other = load_model(source, random_weights=True, seed=7)
-    agreement = answer_agreement(other, source, parse_llm_drop("pyramid:stages=2,keep=0.5"), pipeline,
+    agreement = answer_agreement(other, source, parse_llm_drop("none"), pipeline,
                                  pipeline.tokenizer, tuple(quantized.manifest.onnx.pixel_shape), False)
     assert agreement < 0.5
