@@ -61,12 +61,10 @@ def _calibration_states(model: nn.Module, source: ModelSource, interpolate: bool
     """Each calibration image's first-block input: the family's prompt asking for a description,
     the image's tokens (from the tower as quantized so far, as deployed) in place of its
     placeholder, then the image's calibration caption or else the model's own greedy answer."""
-    language, config = source.adapter.language_model, source.config
-    image_token_id = language.image_token_id(config)
-    prompt = language.question_prompt.replace("{question}", CALIBRATION_QUESTION)
-    before, after = split_prompt(tokenizer, prompt, image_token_id, language.image_first)
+    language = source.adapter.language_model
+    image_token_id, before, after = _question_prompt(source, tokenizer)
     generator = VlmGenerator(model, language, LlmDropConfig(), interpolate)
-    decoder, eos = generator.decoder, language.special_ids(config).get("eos_token_id")
+    decoder, eos = generator.decoder, language.special_ids(source.config).get("eos_token_id")
     states = []
     with torch.inference_mode():
         for index, image in enumerate(torch.from_numpy(pixels).split(1)):
@@ -75,7 +73,7 @@ def _calibration_states(model: nn.Module, source: ModelSource, interpolate: bool
             if texts is not None:
                 answer = tokenizer(texts[index], add_special_tokens=False)["input_ids"]
             else:
-                answer = generator.generate(image, ids, ANSWER_TOKENS, eos)[0].tolist()
+                answer = [int(t) for t in generator.stream_from(features, None, ids, ANSWER_TOKENS, eos)]
             ids = torch.cat([ids, torch.tensor([answer], dtype=ids.dtype)], dim=1)
             embeds, _ = insert_image_features(decoder.embed(ids), ids, features, image_token_id)
             positions = torch.arange(ids.shape[1])[None]
@@ -92,19 +90,16 @@ def answer_agreement(reference: nn.Module, source: ModelSource, drop: LlmDropCon
     model (the same reduction), teacher-forced on the fp32 model's greedy answers to the
     calibration question about seeded images: at each position up to its end of text, does the
     export pick the fp32 model's token?"""
-    language = source.adapter.language_model
-    image_token_id = language.image_token_id(source.config)
-    prompt = language.question_prompt.replace("{question}", CALIBRATION_QUESTION)
-    prefix, suffix = split_prompt(tokenizer, prompt, image_token_id, language.image_first)
-    generator = VlmGenerator(reference, language, drop, interpolate)
+    image_token_id, prefix, suffix = _question_prompt(source, tokenizer)
+    generator = VlmGenerator(reference, source.adapter.language_model, drop, interpolate)
     eos = pipeline.record.eos_token_id
     agreed = counted = 0
     for image in seeded_pixels(QUALITY_IMAGES, pixel_shape, seed=5):
         pixels = image[None]
         with torch.inference_mode():
-            count = generator.image_tokens(torch.from_numpy(pixels))[0].shape[1]
-            ids = torch.tensor([prefix + [image_token_id] * count + suffix])
-            want = generator.generate(torch.from_numpy(pixels), ids, QUALITY_TOKENS, eos)[0].tolist()
+            features, cls_attention = generator.image_tokens(torch.from_numpy(pixels))
+            ids = torch.tensor([prefix + [image_token_id] * features.shape[1] + suffix])
+            want = [int(t) for t in generator.stream_from(features, cls_attention, ids, QUALITY_TOKENS, eos)]
         steps = pipeline.stream(pipeline.image_features(pixels), prefix, suffix, len(want))
         logits = next(steps)
         for position, token in enumerate(want):
@@ -114,3 +109,12 @@ def answer_agreement(reference: nn.Module, source: ModelSource, drop: LlmDropCon
                 break
             logits = steps.send(token)  # the fp32 model's token, whatever the export picked
     return agreed / counted
+
+
+def _question_prompt(source: ModelSource, tokenizer) -> tuple[int, list[int], list[int]]:
+    """The image token id and the ids before and after the image in the family's prompt asking
+    CALIBRATION_QUESTION."""
+    language = source.adapter.language_model
+    image_token_id = language.image_token_id(source.config)
+    prompt = language.question_prompt.replace("{question}", CALIBRATION_QUESTION)
+    return image_token_id, *split_prompt(tokenizer, prompt, image_token_id, language.image_first)

@@ -54,8 +54,8 @@ def prepare_model(built: BuiltPlan, options: ExportOptions,
         unmerged = copy.deepcopy(model) if keep_unmerged else None
     with stage("patch"):
         apply_turbo(model, built.source.adapter, built.plan, built.merge_config, options.kernel)
-        module = ExportModule(model, built, cls_attention=options.llm_drop_config().method == "mustdrop",
-                              spatial=options.llm_drop_config().spatial_merge())
+        drop = options.llm_drop_config()
+        module = ExportModule(model, built, cls_attention=drop.method == "mustdrop", spatial=drop.spatial_merge())
     quantized = None
     if options.quant:
         with stage("quantize"):

@@ -88,15 +88,19 @@ class VlmGenerator:
                eos_token_id: int | None = None) -> Iterator[torch.Tensor]:
         """Yields each step's tokens (B,) until every row ended (eos) or max_new_tokens."""
         with torch.inference_mode():
-            features, cls_attention = self.image_tokens(pixel_values)
-            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-            for step, logits in enumerate(self.step_logits(features, cls_attention, input_ids)):
-                tokens = logits.argmax(dim=-1)  # (B,)
-                yield tokens
-                if eos_token_id is not None:
-                    finished |= tokens == eos_token_id
-                if finished.all() or step == max_new_tokens - 1:
-                    return
+            yield from self.stream_from(*self.image_tokens(pixel_values), input_ids, max_new_tokens, eos_token_id)
+
+    def stream_from(self, features: torch.Tensor, cls_attention: torch.Tensor | None, input_ids: torch.Tensor,
+                    max_new_tokens: int, eos_token_id: int | None = None) -> Iterator[torch.Tensor]:
+        """`stream` from the image tokens on (see `image_tokens`)."""
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for step, logits in enumerate(self.step_logits(features, cls_attention, input_ids)):
+            tokens = logits.argmax(dim=-1)  # (B,)
+            yield tokens
+            if eos_token_id is not None:
+                finished |= tokens == eos_token_id
+            if finished.all() or step == max_new_tokens - 1:
+                return
 
     def step_logits(self, features: torch.Tensor, cls_attention: torch.Tensor | None,
                     input_ids: torch.Tensor) -> Iterator[torch.Tensor]:
